@@ -1,0 +1,266 @@
+//! Task vectors τ = θ_ft − θ0 over a manifest: validated on the way in, stored at half precision
+//! (or f32), written as safetensors with their provenance in the metadata.
+
+use crate::buffer::{Buffer, StoreDType};
+use crate::manifest::Manifest;
+use crate::safetensors_io::{self, OutTensor, RawTensor};
+use crate::{CoreError, Result};
+use safetensors::Dtype;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Where a task vector came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TaskVectorMeta {
+    pub name: String,
+    /// Id of the pre-trained model the deltas are relative to (e.g. a hub id).
+    pub base_model: String,
+    /// Digest of the base image-tower weights.
+    pub base_digest: String,
+    /// What the fine-tuned weights were (a path, a hub id, "delta file ...").
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskVector {
+    pub meta: TaskVectorMeta,
+    manifest_digest: String,
+    dtype: StoreDType,
+    blocks: Vec<Buffer>,
+    digest: String,
+}
+
+/// A named delta, f32.
+pub struct Delta {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl From<RawTensor> for Delta {
+    fn from(t: RawTensor) -> Self {
+        Delta {
+            name: t.name,
+            shape: t.shape,
+            data: t.data,
+        }
+    }
+}
+
+const FORMAT: &str = "atlas-task-vector/1";
+
+impl TaskVector {
+    /// Builds a task vector from named deltas. Every delta must name a manifest tensor with the
+    /// manifest's shape; a manifest tensor with no delta is an error unless `may_be_missing`
+    /// says it is absent from such checkpoints (it is then a zero delta).
+    pub fn from_deltas(
+        manifest: &Manifest,
+        meta: TaskVectorMeta,
+        dtype: StoreDType,
+        deltas: impl IntoIterator<Item = Delta>,
+        may_be_missing: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let mut by_name: HashMap<String, Delta> = HashMap::new();
+        for d in deltas {
+            let spec = manifest.spec(&d.name).ok_or_else(|| {
+                CoreError::tensor(&d.name, "is not a tensor of the backbone's image tower")
+            })?;
+            if spec.shape != d.shape {
+                return Err(CoreError::tensor(
+                    &d.name,
+                    format!("has shape {:?}, the backbone has {:?}", d.shape, spec.shape),
+                ));
+            }
+            if d.data.len() != spec.numel() {
+                return Err(CoreError::tensor(
+                    &d.name,
+                    "data length does not match its shape",
+                ));
+            }
+            if let Some(i) = d.data.iter().position(|x| !x.is_finite()) {
+                return Err(CoreError::tensor(
+                    &d.name,
+                    format!("element {i} is not finite"),
+                ));
+            }
+            let name = d.name.clone();
+            if by_name.insert(name.clone(), d).is_some() {
+                return Err(CoreError::tensor(name, "appears twice"));
+            }
+        }
+        let mut blocks = Vec::with_capacity(manifest.len());
+        for block in manifest.blocks() {
+            let mut data = Vec::with_capacity(block.numel());
+            for t in &block.tensors {
+                match by_name.remove(&t.name) {
+                    Some(d) => data.extend_from_slice(&d.data),
+                    None if may_be_missing(&t.name) => data.resize(data.len() + t.numel(), 0.0),
+                    None => {
+                        return Err(CoreError::tensor(
+                            &t.name,
+                            format!("missing from {}", meta.source),
+                        ))
+                    }
+                }
+            }
+            blocks.push(Buffer::from_f32(&data, dtype));
+        }
+        Ok(Self::assemble(manifest, meta, dtype, blocks))
+    }
+
+    fn assemble(
+        manifest: &Manifest,
+        meta: TaskVectorMeta,
+        dtype: StoreDType,
+        blocks: Vec<Buffer>,
+    ) -> Self {
+        let mut h = Sha256::new();
+        h.update(manifest.digest());
+        h.update(format!("{dtype:?}"));
+        for (block, buf) in manifest.blocks().iter().zip(&blocks) {
+            h.update(&block.name);
+            h.update(buf.le_bytes());
+        }
+        let digest = hex::encode(h.finalize());
+        TaskVector {
+            meta,
+            manifest_digest: manifest.digest().to_string(),
+            dtype,
+            blocks,
+            digest,
+        }
+    }
+
+    /// Loads a delta safetensors file written in the manifest's tensor names. Integer tensors
+    /// (buffers such as position ids) are skipped; other non-float tensors are errors.
+    pub fn load(
+        path: &Path,
+        manifest: &Manifest,
+        dtype: StoreDType,
+        may_be_missing: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let (tensors, md) = safetensors_io::read_file(path)?;
+        let meta = TaskVectorMeta {
+            name: md.get("name").cloned().unwrap_or_else(|| file_stem(path)),
+            base_model: md.get("base_model").cloned().unwrap_or_default(),
+            base_digest: md.get("base_digest").cloned().unwrap_or_default(),
+            source: md
+                .get("source")
+                .cloned()
+                .unwrap_or_else(|| path.display().to_string()),
+        };
+        let deltas = float_deltas(tensors, manifest).map_err(|e| in_file(e, path))?;
+        Self::from_deltas(manifest, meta, dtype, deltas, may_be_missing)
+            .map_err(|e| in_file(e, path))
+    }
+
+    /// Writes the task vector as safetensors at its storage dtype, with provenance metadata.
+    pub fn save(&self, path: &Path, manifest: &Manifest) -> Result<()> {
+        self.check_manifest(manifest)?;
+        let st_dtype = match self.dtype {
+            StoreDType::F32 => Dtype::F32,
+            StoreDType::F16 => Dtype::F16,
+            StoreDType::BF16 => Dtype::BF16,
+        };
+        let mut out = Vec::new();
+        for (block, buf) in manifest.blocks().iter().zip(&self.blocks) {
+            let stored = Buffer::from_f32(&buf.to_f32_vec(), self.dtype);
+            let bytes = match stored {
+                Buffer::Zero(n) => vec![0u8; n * self.dtype.size_in_bytes()],
+                b => b.le_bytes(),
+            };
+            let mut offset = 0;
+            for t in &block.tensors {
+                let n = t.numel() * self.dtype.size_in_bytes();
+                out.push(OutTensor {
+                    name: t.name.clone(),
+                    dtype: st_dtype,
+                    shape: t.shape.clone(),
+                    bytes: bytes[offset..offset + n].to_vec(),
+                });
+                offset += n;
+            }
+        }
+        let md = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("name".to_string(), self.meta.name.clone()),
+            ("base_model".to_string(), self.meta.base_model.clone()),
+            ("base_digest".to_string(), self.meta.base_digest.clone()),
+            ("source".to_string(), self.meta.source.clone()),
+            ("manifest_digest".to_string(), self.manifest_digest.clone()),
+            ("digest".to_string(), self.digest.clone()),
+        ]);
+        safetensors_io::write_file(path, &out, md)
+    }
+
+    pub fn check_manifest(&self, manifest: &Manifest) -> Result<()> {
+        if self.manifest_digest != manifest.digest() {
+            return Err(CoreError::Invalid(format!(
+                "task vector {} was built for another block manifest",
+                self.meta.name
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+    pub fn block(&self, b: usize) -> &Buffer {
+        &self.blocks[b]
+    }
+    pub fn blocks(&self) -> &[Buffer] {
+        &self.blocks
+    }
+    pub fn dtype(&self) -> StoreDType {
+        self.dtype
+    }
+    /// SHA-256 of the stored deltas (and the manifest they are over).
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+    pub fn manifest_digest(&self) -> &str {
+        &self.manifest_digest
+    }
+    /// Bytes held in memory.
+    pub fn nbytes(&self) -> usize {
+        self.blocks.iter().map(Buffer::nbytes).sum()
+    }
+    /// The delta of one tensor, as f32.
+    pub fn tensor_f32(&self, manifest: &Manifest, name: &str) -> Option<Vec<f32>> {
+        let loc = manifest.locate(name)?;
+        let mut out = vec![0.0; loc.numel];
+        self.blocks.get(loc.block)?.read_f32(loc.offset, &mut out);
+        Some(out)
+    }
+}
+
+/// Keeps float tensors; skips integer buffers that are not manifest tensors.
+pub fn float_deltas(tensors: Vec<RawTensor>, manifest: &Manifest) -> Result<Vec<Delta>> {
+    let mut out = Vec::new();
+    for t in tensors {
+        if t.is_float() {
+            out.push(Delta::from(t));
+        } else if manifest.locate(&t.name).is_some() {
+            return Err(CoreError::tensor(
+                &t.name,
+                format!("has dtype {:?}, expected a float type", t.dtype),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn in_file(e: CoreError, path: &Path) -> CoreError {
+    match e {
+        CoreError::File { .. } => e,
+        other => CoreError::file(path, other),
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
