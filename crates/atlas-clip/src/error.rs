@@ -26,9 +26,15 @@ pub type Result<T> = std::result::Result<T, ClipError>;
 
 impl ClipError {
     pub fn file(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        ClipError::File { path: path.into(), message: message.to_string() }
+        ClipError::File {
+            path: path.into(),
+            message: message.to_string(),
+        }
     }
     pub fn tensor(name: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        ClipError::Tensor { name: name.into(), message: message.to_string() }
+        ClipError::Tensor {
+            name: name.into(),
+            message: message.to_string(),
+        }
     }
 }

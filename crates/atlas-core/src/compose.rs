@@ -117,8 +117,9 @@ fn part_keys(manifest: &Manifest, layout: Layout) -> Vec<u64> {
     }
 }
 
-/// Composes every block: returns θ per block (tensors of a block concatenated in manifest order).
-pub fn compose<T: Real, B: AsRef<[T]> + Sync>(
+/// Composes every block: returns θ per block (tensors of a block concatenated in manifest order)
+/// in the compute type `T`; θ0 is given per block as f32.
+pub fn compose<T: Real, B: AsRef<[f32]> + Sync>(
     manifest: &Manifest,
     base: &[B],
     tvs: &[Arc<TaskVector>],
@@ -131,7 +132,9 @@ pub fn compose<T: Real, B: AsRef<[T]> + Sync>(
     chunks(&mut out)
         .into_par_iter()
         .for_each(|(b, start, dst)| {
-            dst.copy_from_slice(&base[b].as_ref()[start..start + dst.len()]);
+            for (d, &x) in dst.iter_mut().zip(&base[b].as_ref()[start..]) {
+                *d = T::from_f32(x);
+            }
             add_chunk(b, start, dst, tvs, coefs, keys[b]);
         });
     Ok(out)
@@ -310,7 +313,7 @@ mod tests {
     /// The definition, one element at a time.
     fn naive(
         m: &Manifest,
-        base: &[Vec<f64>],
+        base: &[Vec<f32>],
         tvs: &[Arc<TaskVector>],
         c: &Coefficients,
     ) -> Vec<Vec<f64>> {
@@ -326,7 +329,7 @@ mod tests {
                 (0..block.numel())
                     .map(|j| {
                         let p = if k > 1 { part_of(key, j, k) } else { 0 };
-                        base[b][j]
+                        base[b][j] as f64
                             + tvs
                                 .iter()
                                 .enumerate()
@@ -361,20 +364,15 @@ mod tests {
     #[test]
     fn compose_matches_the_definition() {
         let m = manifest();
-        let base: Vec<Vec<f64>> = m
+        let base: Vec<Vec<f32>> = m
             .blocks()
             .iter()
             .enumerate()
-            .map(|(b, bl)| {
-                pseudo(100 + b as u64, bl.numel())
-                    .iter()
-                    .map(|&x| x as f64)
-                    .collect()
-            })
+            .map(|(b, bl)| pseudo(100 + b as u64, bl.numel()))
             .collect();
         let tvs = vec![tv(&m, 1), tv(&m, 2)];
         for c in layouts(m.len()) {
-            let got = compose(&m, &base, &tvs, &c).unwrap();
+            let got: Vec<Vec<f64>> = compose(&m, &base, &tvs, &c).unwrap();
             let want = naive(&m, &base, &tvs, &c);
             for (g, w) in got.iter().zip(&want) {
                 for (a, b) in g.iter().zip(w) {
@@ -390,7 +388,7 @@ mod tests {
         let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| pseudo(5, bl.numel())).collect();
         let tvs = vec![tv(&m, 1)];
         let c = Coefficients::zeros(Layout::PerBlock, 1, m.len()).unwrap();
-        assert_eq!(compose(&m, &base, &tvs, &c).unwrap(), base);
+        assert_eq!(compose::<f32, _>(&m, &base, &tvs, &c).unwrap(), base);
     }
 
     /// The composition is linear in Λ, so the reduction must equal the exact directional
@@ -398,7 +396,7 @@ mod tests {
     #[test]
     fn reduction_is_the_gradient_of_the_composition() {
         let m = manifest();
-        let base: Vec<Vec<f64>> = m.blocks().iter().map(|bl| vec![0.0; bl.numel()]).collect();
+        let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| vec![0.0; bl.numel()]).collect();
         let g: Vec<Vec<f64>> = m
             .blocks()
             .iter()
@@ -415,7 +413,7 @@ mod tests {
             let full = reduce_gradient(&m, &g, &tvs, &c).unwrap();
             let got = c.fold_gradient(&full);
             let f = |c: &Coefficients| -> f64 {
-                let th = compose(&m, &base, &tvs, c).unwrap();
+                let th: Vec<Vec<f64>> = compose(&m, &base, &tvs, c).unwrap();
                 th.iter()
                     .zip(&g)
                     .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>())
@@ -441,12 +439,12 @@ mod tests {
         let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| vec![0.0; bl.numel()]).collect();
         let tvs = vec![tv(&m, 1)];
         let c = Coefficients::zeros(Layout::PerBlock, 2, m.len()).unwrap();
-        assert!(compose(&m, &base, &tvs, &c)
+        assert!(compose::<f32, _>(&m, &base, &tvs, &c)
             .unwrap_err()
             .to_string()
             .contains("2 task vectors"));
         let short = vec![vec![0.0f32; 3]];
         let c = Coefficients::zeros(Layout::PerBlock, 1, m.len()).unwrap();
-        assert!(compose(&m, &short, &tvs, &c).is_err());
+        assert!(compose::<f32, _>(&m, &short, &tvs, &c).is_err());
     }
 }

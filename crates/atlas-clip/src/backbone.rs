@@ -1,0 +1,362 @@
+//! The resident backbone: the pre-trained image tower kept as composable blocks (θ0), the frozen
+//! text tower, the logit scale and the tokenizer; builds image towers over θ0 or over a
+//! composition θ0 + Σ Λ τ, and task vectors relative to θ0.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ClipConfig;
+use crate::manifest::{vision_manifest, QkvBlocks, VISUAL_PROJECTION};
+use crate::model::{TextTower, VisionTower, WeightSource};
+use crate::tokenizer::ClipTokenizer;
+use crate::{openclip, ClipError, Result};
+use atlas_core::safetensors_io::{self, RawTensor};
+use atlas_core::task_vector::{float_deltas, Delta};
+use atlas_core::{compose, Coefficients, Manifest, Real, StoreDType, TaskVector, TaskVectorMeta};
+use candle_core::{DType, Device, Tensor, WithDType};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype of the towers (f32, f16 or bf16); composition always runs in f32.
+    pub dtype: DType,
+    pub qkv: QkvBlocks,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            qkv: QkvBlocks::Separate,
+        }
+    }
+}
+
+pub struct Backbone {
+    pub id: String,
+    pub config: ClipConfig,
+    manifest: Arc<Manifest>,
+    base: Vec<Vec<f32>>,
+    base_digest: String,
+    text: Option<TextTower>,
+    logit_scale: f64,
+    tokenizer: Option<ClipTokenizer>,
+    opts: LoadOptions,
+}
+
+impl Backbone {
+    /// Loads a full `CLIPModel` checkpoint (directory or hub id).
+    pub fn load(model: &str, opts: LoadOptions) -> Result<Self> {
+        Self::from_checkpoint(Checkpoint::open(model)?, opts)
+    }
+
+    pub fn from_checkpoint(ckpt: Checkpoint, opts: LoadOptions) -> Result<Self> {
+        let cfg = ckpt.config.clone();
+        let text_cfg = cfg.text.clone().ok_or_else(|| {
+            ClipError::file(
+                &ckpt.files.config,
+                "is a vision-only config; the backbone needs a full CLIPModel",
+            )
+        })?;
+        let manifest = Arc::new(vision_manifest(&cfg.vision, cfg.projection_dim, opts.qkv));
+        let mut by_name: HashMap<String, RawTensor> = ckpt
+            .tensors
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let base = base_blocks(&manifest, &mut by_name)?;
+        let base_digest = digest_blocks(&base);
+        let logit_scale = match by_name.get("logit_scale") {
+            Some(t) if t.data.len() == 1 => t.data[0] as f64,
+            _ => {
+                return Err(ClipError::tensor(
+                    "logit_scale",
+                    "missing from the checkpoint or not a scalar",
+                ))
+            }
+        };
+        let text_src = RawSource {
+            tensors: &by_name,
+            device: &opts.device,
+            dtype: opts.dtype,
+        };
+        let text = TextTower::new(&text_cfg, cfg.projection_dim, &text_src)?;
+        let tokenizer = match &ckpt.files.tokenizer {
+            Some(p) => Some(ClipTokenizer::from_file(p)?),
+            None => None,
+        };
+        Ok(Backbone {
+            id: ckpt.files.id.clone(),
+            config: cfg,
+            manifest,
+            base,
+            base_digest,
+            text: Some(text),
+            logit_scale,
+            tokenizer,
+            opts,
+        })
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+    /// SHA-256 of θ0 (the image-tower blocks as f32).
+    pub fn base_digest(&self) -> &str {
+        &self.base_digest
+    }
+    /// θ0, one vector per block (tensors of a block concatenated).
+    pub fn base_blocks(&self) -> &[Vec<f32>] {
+        &self.base
+    }
+    pub fn text(&self) -> Option<&TextTower> {
+        self.text.as_ref()
+    }
+    pub fn tokenizer(&self) -> Option<&ClipTokenizer> {
+        self.tokenizer.as_ref()
+    }
+    pub fn logit_scale(&self) -> f64 {
+        self.logit_scale
+    }
+    pub fn device(&self) -> &Device {
+        &self.opts.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.opts.dtype
+    }
+
+    /// The image tower over any weight source that has the manifest's tensors.
+    pub fn vision(&self, src: &dyn WeightSource) -> Result<VisionTower> {
+        VisionTower::new(&self.config.vision, Some(self.config.projection_dim), src)
+    }
+
+    /// The pre-trained image tower.
+    pub fn base_vision(&self) -> Result<VisionTower> {
+        let w = block_tensors(
+            &self.manifest,
+            self.base.clone(),
+            &self.opts.device,
+            self.opts.dtype,
+        )?;
+        self.vision(&w)
+    }
+
+    /// θ0 + Σ Λ τ as tensors, composed on the CPU in f32 without an autograd graph.
+    pub fn compose(
+        &self,
+        tvs: &[Arc<TaskVector>],
+        coefs: &Coefficients,
+    ) -> Result<HashMap<String, Tensor>> {
+        let blocks: Vec<Vec<f32>> = compose(&self.manifest, &self.base, tvs, coefs)?;
+        block_tensors(&self.manifest, blocks, &self.opts.device, self.opts.dtype)
+    }
+
+    /// The image tower of a composition.
+    pub fn composed_vision(
+        &self,
+        tvs: &[Arc<TaskVector>],
+        coefs: &Coefficients,
+    ) -> Result<VisionTower> {
+        self.vision(&self.compose(tvs, coefs)?)
+    }
+
+    /// A task vector τ = θ_ft − θ0 from a fine-tuned checkpoint (a `CLIPVisionModel` or a full
+    /// `CLIPModel`; only image-tower tensors are used, a missing visual projection is a zero
+    /// delta).
+    pub fn task_vector_from_checkpoint(
+        &self,
+        ft: Checkpoint,
+        name: &str,
+        dtype: StoreDType,
+    ) -> Result<TaskVector> {
+        if ft.config.vision != self.config.vision {
+            return Err(ClipError::file(
+                &ft.files.config,
+                "the image tower's configuration differs from the backbone's",
+            ));
+        }
+        let path = ft.files.weights.clone();
+        let deltas: Vec<Delta> = ft
+            .tensors
+            .into_iter()
+            .filter(|t| t.name.starts_with("vision_model.") || t.name == VISUAL_PROJECTION)
+            .filter(|t| t.is_float() || self.manifest.locate(&t.name).is_some())
+            .map(|t| self.delta_from_weights(t))
+            .collect::<Result<_>>()
+            .map_err(|e| ClipError::file(&path, e))?;
+        let meta = self.meta(name, &ft.files.id);
+        Ok(TaskVector::from_deltas(
+            &self.manifest,
+            meta,
+            dtype,
+            deltas,
+            &may_be_missing,
+        )?)
+    }
+
+    fn delta_from_weights(&self, t: RawTensor) -> Result<Delta> {
+        let loc = self
+            .manifest
+            .locate(&t.name)
+            .ok_or_else(|| ClipError::tensor(&t.name, "is not an image-tower tensor"))?;
+        if !t.is_float() {
+            return Err(ClipError::tensor(
+                &t.name,
+                format!("has dtype {:?}, expected a float type", t.dtype),
+            ));
+        }
+        let spec = self.manifest.spec(&t.name).expect("located");
+        if spec.shape != t.shape {
+            return Err(ClipError::tensor(
+                &t.name,
+                format!("has shape {:?}, the backbone has {:?}", t.shape, spec.shape),
+            ));
+        }
+        let base = &self.base[loc.block][loc.offset..loc.offset + loc.numel];
+        let data = t.data.iter().zip(base).map(|(f, b)| f - b).collect();
+        Ok(Delta {
+            name: t.name,
+            shape: t.shape,
+            data,
+        })
+    }
+
+    /// Loads a delta safetensors file, in Hugging Face or open_clip naming.
+    pub fn load_task_vector(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        dtype: StoreDType,
+    ) -> Result<TaskVector> {
+        let (tensors, md) = safetensors_io::read_file(path)?;
+        let name = name
+            .map(str::to_string)
+            .or_else(|| md.get("name").cloned())
+            .unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+        let deltas = if openclip::is_open_clip(&tensors) {
+            openclip::to_hf(tensors)
+        } else {
+            float_deltas(tensors, &self.manifest).map_err(ClipError::from)
+        }
+        .map_err(|e| ClipError::file(path, e))?;
+        let mut meta = self.meta(
+            &name,
+            md.get("source").map_or(&path.display().to_string(), |s| s),
+        );
+        if let Some(d) = md.get("base_digest") {
+            meta.base_digest = d.clone();
+        }
+        if let Some(m) = md.get("base_model") {
+            meta.base_model = m.clone();
+        }
+        TaskVector::from_deltas(&self.manifest, meta, dtype, deltas, &may_be_missing)
+            .map_err(|e| ClipError::file(path, e))
+    }
+
+    fn meta(&self, name: &str, source: &str) -> TaskVectorMeta {
+        TaskVectorMeta {
+            name: name.to_string(),
+            base_model: self.id.clone(),
+            base_digest: self.base_digest.clone(),
+            source: source.to_string(),
+        }
+    }
+}
+
+/// Fine-tuned `CLIPVisionModel` checkpoints have no visual projection: it stays θ0's.
+pub fn may_be_missing(name: &str) -> bool {
+    name == VISUAL_PROJECTION
+}
+
+fn base_blocks(
+    manifest: &Manifest,
+    by_name: &mut HashMap<String, RawTensor>,
+) -> Result<Vec<Vec<f32>>> {
+    manifest
+        .blocks()
+        .iter()
+        .map(|block| {
+            let mut data = Vec::with_capacity(block.numel());
+            for spec in &block.tensors {
+                let t = by_name
+                    .remove(&spec.name)
+                    .ok_or_else(|| ClipError::tensor(&spec.name, "missing from the checkpoint"))?;
+                if t.shape != spec.shape {
+                    return Err(ClipError::tensor(
+                        &spec.name,
+                        format!("has shape {:?}, expected {:?}", t.shape, spec.shape),
+                    ));
+                }
+                if !t.is_float() {
+                    return Err(ClipError::tensor(
+                        &spec.name,
+                        format!("has dtype {:?}, expected a float type", t.dtype),
+                    ));
+                }
+                data.extend_from_slice(&t.data);
+            }
+            Ok(data)
+        })
+        .collect()
+}
+
+fn digest_blocks(blocks: &[Vec<f32>]) -> String {
+    let mut h = Sha256::new();
+    for b in blocks {
+        for x in b {
+            h.update(x.to_le_bytes());
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// Splits per-block vectors (as atlas-core lays them out) into named tensors.
+pub fn block_tensors<T: Real + WithDType>(
+    manifest: &Manifest,
+    blocks: Vec<Vec<T>>,
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (block, data) in manifest.blocks().iter().zip(blocks) {
+        if block.tensors.len() == 1 {
+            let spec = &block.tensors[0];
+            let t = Tensor::from_vec(data, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
+            out.insert(spec.name.clone(), t);
+            continue;
+        }
+        let mut offset = 0;
+        for spec in &block.tensors {
+            let n = spec.numel();
+            let t = Tensor::from_slice(&data[offset..offset + n], spec.shape.as_slice(), device)?
+                .to_dtype(dtype)?;
+            out.insert(spec.name.clone(), t);
+            offset += n;
+        }
+    }
+    Ok(out)
+}
+
+/// Weights straight from a checkpoint's raw tensors.
+struct RawSource<'a> {
+    tensors: &'a HashMap<String, RawTensor>,
+    device: &'a Device,
+    dtype: DType,
+}
+
+impl WeightSource for RawSource<'_> {
+    fn find(&self, name: &str) -> Option<Tensor> {
+        let t = self.tensors.get(name)?;
+        Tensor::from_slice(&t.data, t.shape.as_slice(), self.device)
+            .ok()?
+            .to_dtype(self.dtype)
+            .ok()
+    }
+}

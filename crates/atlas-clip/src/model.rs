@@ -1,0 +1,438 @@
+//! The CLIP towers with the Hugging Face math (pre-LN transformer, quick_gelu, class token,
+//! causal text mask, EOS pooling), written with primitive candle ops only.
+//!
+//! candle's fused LayerNorm and softmax kernels record no backward op, so gradients through
+//! them are silently dropped; everything here is differentiable end to end, which the learner
+//! relies on when the composed image-tower weights are the gradient leaves.
+
+use crate::config::{Activation, TextConfig, VisionConfig};
+use crate::manifest::{layer_prefix, vision_tensors, VISUAL_PROJECTION};
+use crate::{ClipError, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use std::collections::HashMap;
+
+/// Where tower weights come from: a loaded checkpoint, or a composition.
+pub trait WeightSource {
+    /// The tensor called `name`, or None when absent.
+    fn find(&self, name: &str) -> Option<Tensor>;
+
+    /// The tensor called `name` with the expected shape; the error names the tensor.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .find(name)
+            .ok_or_else(|| ClipError::tensor(name, "missing from the checkpoint"))?;
+        if t.dims() != shape {
+            return Err(ClipError::tensor(
+                name,
+                format!("has shape {:?}, expected {shape:?}", t.dims()),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn find(&self, name: &str) -> Option<Tensor> {
+        self.get(name).cloned()
+    }
+}
+
+/// LayerNorm from primitive ops (differentiable), computed in at least f32.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = upcast(x)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let y = xn.broadcast_mul(&upcast(w)?)?.broadcast_add(&upcast(b)?)?;
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// Softmax over the last dimension from primitive ops, computed in at least f32. The max is
+/// detached: softmax is shift invariant, so the gradient is unchanged.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = upcast(x)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .to_dtype(dtype)?)
+}
+
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    })
+}
+
+fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        // quick_gelu(x) = x·σ(1.702x) = silu(1.702x) / 1.702
+        Activation::QuickGelu => ((x * 1.702)?.silu()? / 1.702)?,
+        Activation::Gelu => x.gelu_erf()?,
+    })
+}
+
+/// y = x Wᵀ + b over the last dimension of a 2-D or 3-D input.
+#[derive(Debug, Clone)]
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let w = src.get(&format!("{name}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(src.get(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = dims[dims.len() - 1];
+        let flat = x.reshape(((), last))?;
+        let mut y = flat.matmul(&self.w.t()?)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out = dims;
+        *out.last_mut().expect("non-empty") = self.w.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(src: &dyn WeightSource, name: &str, d: usize, eps: f64) -> Result<Self> {
+        Ok(Norm {
+            w: src.get(&format!("{name}.weight"), &[d])?,
+            b: src.get(&format!("{name}.bias"), &[d])?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.w, &self.b, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln1: Norm,
+    ln2: Norm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        d: usize,
+        m: usize,
+        heads: usize,
+        act: Activation,
+        eps: f64,
+    ) -> Result<Self> {
+        let lin = |n: &str, o, i| Linear::load(src, &format!("{p}.{n}"), o, i, true);
+        Ok(EncoderLayer {
+            q: lin("self_attn.q_proj", d, d)?,
+            k: lin("self_attn.k_proj", d, d)?,
+            v: lin("self_attn.v_proj", d, d)?,
+            out: lin("self_attn.out_proj", d, d)?,
+            ln1: Norm::load(src, &format!("{p}.layer_norm1"), d, eps)?,
+            ln2: Norm::load(src, &format!("{p}.layer_norm2"), d, eps)?,
+            fc1: lin("mlp.fc1", m, d)?,
+            fc2: lin("mlp.fc2", d, m)?,
+            heads,
+            act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = (x + self.attention(&self.ln1.forward(x)?, mask)?)?;
+        let m = self.fc2.forward(&activate(
+            &self.fc1.forward(&self.ln2.forward(&h)?)?,
+            self.act,
+        )?)?;
+        Ok((h + m)?)
+    }
+
+    fn attention(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split((self.q.forward(x)? * (hd as f64).powf(-0.5))?)?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let ctx = softmax_last(&scores)?.matmul(&v)?;
+        let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, n, d))?;
+        Ok(self.out.forward(&ctx)?)
+    }
+}
+
+fn load_layers(
+    src: &dyn WeightSource,
+    prefix: impl Fn(usize) -> String,
+    n: usize,
+    d: usize,
+    m: usize,
+    heads: usize,
+    act: Activation,
+    eps: f64,
+) -> Result<Vec<EncoderLayer>> {
+    (0..n)
+        .map(|i| EncoderLayer::load(src, &prefix(i), d, m, heads, act, eps))
+        .collect()
+}
+
+/// The image tower (+ visual projection when present).
+#[derive(Debug, Clone)]
+pub struct VisionTower {
+    cfg: VisionConfig,
+    class_embedding: Tensor,
+    patch: Tensor,
+    position: Tensor,
+    pre: Norm,
+    layers: Vec<EncoderLayer>,
+    post: Norm,
+    projection: Option<Tensor>,
+}
+
+impl VisionTower {
+    /// Builds the tower from `src`, checking every tensor's shape. With `projection_dim`, the
+    /// visual projection is required and applied.
+    pub fn new(
+        cfg: &VisionConfig,
+        projection_dim: Option<usize>,
+        src: &dyn WeightSource,
+    ) -> Result<Self> {
+        let specs = vision_tensors(cfg, projection_dim.unwrap_or(0));
+        let get = |i: usize| src.get(&specs[i].name, &specs[i].shape);
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let eps = cfg.layer_norm_eps;
+        let projection = match projection_dim {
+            Some(pd) => Some(src.get(VISUAL_PROJECTION, &[pd, d])?),
+            None => None,
+        };
+        Ok(VisionTower {
+            cfg: cfg.clone(),
+            class_embedding: get(0)?,
+            // Stride = kernel = patch size, so the conv is a matmul over flattened patches.
+            patch: get(1)?.reshape((d, c * p * p))?,
+            position: get(2)?,
+            pre: Norm::load(src, "vision_model.pre_layrnorm", d, eps)?,
+            layers: load_layers(
+                src,
+                layer_prefix,
+                cfg.num_hidden_layers,
+                d,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.hidden_act,
+                eps,
+            )?,
+            post: Norm::load(src, "vision_model.post_layernorm", d, eps)?,
+            projection,
+        })
+    }
+
+    /// Image embeddings (projected when the tower has a projection), not normalised:
+    /// `pixels` is `[B, C, H, W]` at the config's image size.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let (p, s) = (self.cfg.patch_size, self.cfg.image_size);
+        if c != self.cfg.num_channels || h != s || w != s {
+            return Err(ClipError::Image(format!(
+                "pixel batch has shape {:?}, expected [B, {}, {s}, {s}]",
+                pixels.dims(),
+                self.cfg.num_channels
+            )));
+        }
+        let pixels = pixels.to_dtype(self.patch.dtype())?;
+        let (gh, gw) = (h / p, w / p);
+        let patches = pixels
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        let tokens = Linear {
+            w: self.patch.clone(),
+            b: None,
+        }
+        .forward(&patches)?;
+        let d = self.cfg.hidden_size;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?;
+        let mut x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.position)?;
+        x = self.pre.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, None)?;
+        }
+        let pooled = self.post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        match &self.projection {
+            Some(proj) => Ok(Linear {
+                w: proj.clone(),
+                b: None,
+            }
+            .forward(&pooled)?),
+            None => Ok(pooled),
+        }
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+}
+
+/// The text tower + text projection.
+#[derive(Debug, Clone)]
+pub struct TextTower {
+    cfg: TextConfig,
+    token: Tensor,
+    position: Tensor,
+    layers: Vec<EncoderLayer>,
+    last: Norm,
+    projection: Tensor,
+}
+
+impl TextTower {
+    pub fn new(cfg: &TextConfig, projection_dim: usize, src: &dyn WeightSource) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let e = "text_model.embeddings";
+        Ok(TextTower {
+            cfg: cfg.clone(),
+            token: src.get(&format!("{e}.token_embedding.weight"), &[cfg.vocab_size, d])?,
+            position: src.get(
+                &format!("{e}.position_embedding.weight"),
+                &[cfg.max_position_embeddings, d],
+            )?,
+            layers: load_layers(
+                src,
+                |i| format!("text_model.encoder.layers.{i}"),
+                cfg.num_hidden_layers,
+                d,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.hidden_act,
+                cfg.layer_norm_eps,
+            )?,
+            last: Norm::load(src, "text_model.final_layer_norm", d, cfg.layer_norm_eps)?,
+            projection: src.get("text_projection.weight", &[projection_dim, d])?,
+        })
+    }
+
+    /// Text embeddings (projected, not normalised) for token ids `[N, L]` (u32), padded after
+    /// the end-of-text token; the causal mask keeps padding out of the pooled position.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (n, l) = ids.dims2()?;
+        if l > self.cfg.max_position_embeddings {
+            return Err(ClipError::Tokenizer(format!(
+                "{l} tokens, the text tower takes at most {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let d = self.cfg.hidden_size;
+        let ids = ids.to_dtype(DType::U32)?;
+        let tokens = self
+            .token
+            .embedding(&ids.flatten_all()?)?
+            .reshape((n, l, d))?;
+        let mut x = tokens.broadcast_add(&self.position.narrow(0, 0, l)?)?;
+        let mask = causal_mask(l, x.dtype(), x.device())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, Some(&mask))?;
+        }
+        x = self.last.forward(&x)?;
+        let rows = self.pool_positions(&ids)?;
+        let index = Tensor::from_vec(rows, n, x.device())?;
+        let pooled = x.reshape((n * l, d))?.index_select(&index, 0)?;
+        Ok(Linear {
+            w: self.projection.clone(),
+            b: None,
+        }
+        .forward(&pooled)?)
+    }
+
+    /// Flat row index (i·L + position) of each sequence's end-of-text token, as transformers
+    /// picks it: the first `eos_token_id`, or the highest id under the legacy config.
+    fn pool_positions(&self, ids: &Tensor) -> Result<Vec<u32>> {
+        let rows = ids.to_vec2::<u32>()?;
+        let l = rows.first().map_or(0, Vec::len);
+        rows.iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let pos = if self.cfg.pools_at_argmax() {
+                    row.iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0)))
+                        .map(|(p, _)| p)
+                } else {
+                    row.iter().position(|&t| t == self.cfg.eos_token_id)
+                };
+                let pos = pos.ok_or_else(|| {
+                    ClipError::Tokenizer(format!("sequence {i} has no end-of-text token"))
+                })?;
+                Ok((i * l + pos) as u32)
+            })
+            .collect()
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+}
+
+fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..l * l)
+        .map(|k| {
+            if k % l > k / l {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (l, l), device)?.to_dtype(dtype)?)
+}
+
+/// L2-normalises rows.
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}
