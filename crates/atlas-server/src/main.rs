@@ -1,1 +1,39 @@
-fn main(){}
+//! The `atlas-serve` binary: one subcommand per job.
+
+mod bench;
+mod demo;
+mod learn;
+mod task_vector;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "atlas-serve", version, about = "Model merging with learned anisotropic task-vector scaling (aTLAS) for CLIP")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, convert or inspect task vectors.
+    #[command(subcommand, name = "task-vector")]
+    TaskVector(task_vector::Command),
+    /// Learn aTLAS coefficients on an ImageFolder directory.
+    Learn(learn::Args),
+    /// The offline demo world: build it, fine-tune, replicate the paper's experiments.
+    #[command(subcommand)]
+    Demo(demo::Command),
+    /// Benchmarks (composition bandwidth, learning step).
+    #[command(subcommand)]
+    Bench(bench::Command),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::TaskVector(c) => task_vector::run(c),
+        Command::Learn(a) => learn::run(a),
+        Command::Demo(c) => demo::run(c),
+        Command::Bench(c) => bench::run(c),
+    }
+}

@@ -1,0 +1,1 @@
+//! atlas-demo: a small world in which everything is real (see the crate description).
