@@ -72,19 +72,8 @@ pub fn encode_texts(backbone: &Backbone, texts: &[String]) -> Result<Tensor> {
         .ok_or_else(|| ClipError::Config("the backbone has no text tower".into()))?;
     let mut parts = Vec::new();
     for chunk in texts.chunks(TEXT_BATCH) {
-        let ids = tokenizer.encode_batch(chunk)?;
-        let tensor = pad(&ids, tokenizer.pad_id(), backbone.device())?;
-        parts.push(text.forward(&tensor)?);
+        let ids = tokenizer.encode_padded(chunk, backbone.device())?;
+        parts.push(text.forward(&ids)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
-}
-
-/// `[N, L]` u32 ids, padded after each sequence.
-pub fn pad(ids: &[Vec<u32>], pad_id: u32, device: &candle_core::Device) -> Result<Tensor> {
-    let l = ids.iter().map(Vec::len).max().unwrap_or(0);
-    let flat: Vec<u32> = ids
-        .iter()
-        .flat_map(|s| s.iter().copied().chain(std::iter::repeat(pad_id)).take(l))
-        .collect();
-    Ok(Tensor::from_vec(flat, (ids.len(), l), device)?)
 }

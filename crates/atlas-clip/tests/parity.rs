@@ -3,7 +3,6 @@
 
 mod common;
 
-use atlas_clip::heads::pad;
 use atlas_clip::model::normalize;
 use atlas_clip::{vision_manifest, QkvBlocks};
 use atlas_core::parts::{block_key, part_of};
@@ -135,8 +134,7 @@ fn tokenizer_reproduces_the_reference_ids() {
         .iter()
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
-    let ids = tok.encode_batch(&texts).unwrap();
-    let got = pad(&ids, tok.pad_id(), &Device::Cpu).unwrap();
+    let got = tok.encode_padded(&texts, &Device::Cpu).unwrap();
     assert_eq!(
         got.to_vec2::<u32>().unwrap(),
         r.ids().to_vec2::<u32>().unwrap()

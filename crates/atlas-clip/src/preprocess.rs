@@ -1,0 +1,433 @@
+//! OpenAI CLIP image preprocessing, matching Hugging Face's `CLIPImageProcessor` with the PIL
+//! backend (`CLIPImageProcessorPil` in transformers >= 5) value for value:
+//!
+//! 1. decode JPEG / PNG / WebP; images with alpha are composited over white, as HF's
+//!    `convert_to_rgb` does (PIL `alpha_composite`), everything else goes to 8-bit RGB;
+//! 2. resize so the shorter side is `size`, longer side `int(size * long / short)`, with PIL's
+//!    bicubic `Image.resize` reproduced bit for bit (see [`resize_bicubic`]);
+//! 3. centre crop `crop` x `crop` (zero padding if the image is smaller, like HF);
+//! 4. scale by 1/255 and normalise with `mean` / `std`; output CHW `f32`.
+//!
+//! EXIF orientation is ignored, as in HF when it is handed a PIL image. 16-bit inputs are
+//! reduced to 8 bits by the `image` crate and are not covered by the parity tests.
+
+use std::io::Cursor;
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+
+use crate::{ClipError, Result};
+
+/// OpenAI CLIP normalisation constants (`OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD` in
+/// transformers). Written as f64 narrowed to f32, which is how numpy gets its float32 copies.
+pub const OPENAI_CLIP_MEAN: [f32; 3] = [
+    0.48145466_f64 as f32,
+    0.4578275_f64 as f32,
+    0.40821073_f64 as f32,
+];
+pub const OPENAI_CLIP_STD: [f32; 3] = [
+    0.26862954_f64 as f32,
+    0.26130258_f64 as f32,
+    0.27577711_f64 as f32,
+];
+
+/// Largest image `decode` accepts (width x height), against decompression bombs.
+pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// CLIP preprocessing settings. `Default` is OpenAI's 224 / 224 with the OpenAI mean and std.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    /// Target length of the shorter side after resizing.
+    pub size: usize,
+    /// Side of the square centre crop.
+    pub crop: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Self::from_config(224)
+    }
+}
+
+impl Preprocess {
+    /// Settings for a vision tower with input resolution `image_size` (resize and crop to it).
+    pub fn from_config(image_size: usize) -> Self {
+        Self {
+            size: image_size,
+            crop: image_size,
+            mean: OPENAI_CLIP_MEAN,
+            std: OPENAI_CLIP_STD,
+        }
+    }
+
+    /// Size `(width, height)` the image is resized to before cropping, computed like HF's
+    /// `get_resize_output_image_size(default_to_square=False)`.
+    pub fn resized_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let (short, long) = (width.min(height) as u64, width.max(height) as u64);
+        if short == 0 {
+            return (0, 0);
+        }
+        let size = self.size as u64;
+        // Python: int(size * long / short), a float division truncated.
+        let new_long = (size.saturating_mul(long) as f64 / short as f64) as u64;
+        let (size, new_long) = (clamp_u32(size), clamp_u32(new_long));
+        if width <= height {
+            (size, new_long)
+        } else {
+            (new_long, size)
+        }
+    }
+
+    /// Preprocessed pixels of a decoded image: CHW `f32`, length `3 * crop * crop`.
+    pub fn pixels(&self, img: &RgbImage) -> Vec<f32> {
+        let (out_w, out_h) = self.resized_size(img.width(), img.height());
+        let (x_start, x_range) = crop_window(out_w as usize, self.crop);
+        let (y_start, y_range) = crop_window(out_h as usize, self.crop);
+        // Only the part of the resized image that survives the crop is computed: every output
+        // pixel of PIL's resampler depends on its own taps only, so the values are identical.
+        let window = if x_range.is_empty() || y_range.is_empty() {
+            RgbImage::new(0, 0)
+        } else {
+            let xs = Taps::new(img.width() as usize, out_w as usize, x_range.clone());
+            let ys = Taps::new(img.height() as usize, out_h as usize, y_range.clone());
+            resample(img, &xs, &ys)
+        };
+        let lut = self.normalise_table();
+        let crop = self.crop;
+        let mut out = vec![0f32; 3 * crop * crop];
+        for cy in 0..crop {
+            let wy = window_index(y_start, cy, &y_range);
+            for cx in 0..crop {
+                let wx = window_index(x_start, cx, &x_range);
+                let rgb = match (wx, wy) {
+                    (Some(x), Some(y)) => window.get_pixel(x as u32, y as u32).0,
+                    _ => [0, 0, 0], // HF pads with zeros before rescaling
+                };
+                for c in 0..3 {
+                    out[(c * crop + cy) * crop + cx] = lut[c][rgb[c] as usize];
+                }
+            }
+        }
+        out
+    }
+
+    /// Decode and preprocess encoded image bytes.
+    pub fn from_bytes(&self, bytes: &[u8]) -> Result<Vec<f32>> {
+        Ok(self.pixels(&decode(bytes)?))
+    }
+
+    /// Stack preprocessed images into a `[B, 3, crop, crop]` f32 tensor.
+    pub fn batch(&self, images: &[Vec<f32>], device: &Device) -> Result<Tensor> {
+        let per_image = 3 * self.crop * self.crop;
+        let mut data = Vec::with_capacity(images.len() * per_image);
+        for (i, img) in images.iter().enumerate() {
+            if img.len() != per_image {
+                return Err(ClipError::Image(format!(
+                    "batch: image {i} has {} values, expected 3 x {} x {} = {per_image}",
+                    img.len(),
+                    self.crop,
+                    self.crop
+                )));
+            }
+            data.extend_from_slice(img);
+        }
+        Ok(Tensor::from_vec(
+            data,
+            (images.len(), 3, self.crop, self.crop),
+            device,
+        )?)
+    }
+
+    /// For each channel, the normalised value of every 8-bit level. Mirrors HF's arithmetic:
+    /// `float32(uint8 * (1/255 as float64))`, then `(x - mean) / std` in float32.
+    fn normalise_table(&self) -> [[f32; 256]; 3] {
+        let mut lut = [[0f32; 256]; 3];
+        for (c, row) in lut.iter_mut().enumerate() {
+            for (v, slot) in row.iter_mut().enumerate() {
+                let scaled = (v as f64 * (1.0 / 255.0)) as f32;
+                *slot = (scaled - self.mean[c]) / self.std[c];
+            }
+        }
+        lut
+    }
+}
+
+fn clamp_u32(v: u64) -> u32 {
+    v.min(u32::MAX as u64) as u32
+}
+
+/// HF `center_crop` along one axis: the crop starts at `floor((size - crop) / 2)` (negative
+/// when padding). Returns that start and the part of `0..size` the crop covers.
+fn crop_window(size: usize, crop: usize) -> (i64, Range<usize>) {
+    let start = (size as i64 - crop as i64).div_euclid(2);
+    let lo = start.clamp(0, size as i64) as usize;
+    let hi = (start + crop as i64).clamp(lo as i64, size as i64) as usize;
+    (start, lo..hi)
+}
+
+/// Index into the computed window for crop position `c`, or `None` for padding.
+fn window_index(start: i64, c: usize, range: &Range<usize>) -> Option<usize> {
+    let pos = start + c as i64;
+    (pos >= range.start as i64 && pos < range.end as i64).then(|| pos as usize - range.start)
+}
+
+/// Decode JPEG, PNG or WebP bytes into 8-bit RGB the way HF's `convert_to_rgb` does
+/// (alpha composited over white). Refuses images over [`MAX_PIXELS`].
+pub fn decode(bytes: &[u8]) -> Result<RgbImage> {
+    if bytes.is_empty() {
+        return Err(ClipError::Image("cannot decode an empty byte slice".into()));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ClipError::Image(format!("cannot read image bytes: {e}")))?;
+    if reader.format().is_none() {
+        return Err(ClipError::Image(format!(
+            "unrecognised image format ({} bytes; expected JPEG, PNG or WebP)",
+            bytes.len()
+        )));
+    }
+    let decoder = reader.into_decoder().map_err(|e| decode_error(bytes, e))?;
+    let (w, h) = decoder.dimensions();
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(ClipError::Image(format!(
+            "image is {w}x{h} pixels, more than the {MAX_PIXELS} allowed"
+        )));
+    }
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(bytes, e))?;
+    Ok(to_rgb(img))
+}
+
+fn decode_error(bytes: &[u8], e: image::ImageError) -> ClipError {
+    ClipError::Image(format!("cannot decode image ({} bytes): {e}", bytes.len()))
+}
+
+fn to_rgb(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (dst, src) in out.pixels_mut().zip(rgba.pixels()) {
+        let [r, g, b, a] = src.0;
+        dst.0 = [over_white(r, a), over_white(g, a), over_white(b, a)];
+    }
+    out
+}
+
+/// One channel of PIL's `ImagingAlphaComposite` with an opaque white destination
+/// (integer arithmetic with 7 extra bits, as in Pillow's AlphaComposite.c).
+fn over_white(c: u8, a: u8) -> u8 {
+    const BITS: u32 = 7;
+    if a == 0 {
+        return 255;
+    }
+    let (c, a) = (c as u32, a as u32);
+    let blend = 255 * (255 - a);
+    let outa255 = a * 255 + blend;
+    let coef1 = a * 255 * 255 * (1 << BITS) / outa255;
+    let coef2 = 255 * (1 << BITS) - coef1;
+    let tmp = c * coef1 + 255 * coef2 + (0x80 << BITS);
+    ((((tmp >> 8) + tmp) >> 8) >> BITS) as u8
+}
+
+/// Resize with PIL's bicubic `Image.resize((w, h), BICUBIC)`, bit-exact: separable
+/// convolution (a = -0.5, support widened by the downscale factor), 22-bit fixed-point
+/// weights, horizontal pass first with a rounded and clipped 8-bit intermediate.
+pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    if width == 0 || height == 0 || img.width() == 0 || img.height() == 0 {
+        return RgbImage::new(width, height);
+    }
+    let (w, h) = (width as usize, height as usize);
+    let xs = Taps::new(img.width() as usize, w, 0..w);
+    let ys = Taps::new(img.height() as usize, h, 0..h);
+    resample(img, &xs, &ys)
+}
+
+/// Fixed-point precision of PIL's 8-bit resampler: 32 - 8 - 2 bits.
+const PRECISION_BITS: u32 = 22;
+
+/// Filter taps of one axis for a range of output positions, like PIL's `precompute_coeffs`
+/// followed by `normalize_coeffs_8bpc`.
+struct Taps {
+    /// First input index used by each output position.
+    starts: Vec<usize>,
+    /// Number of input indices used by each output position.
+    lens: Vec<usize>,
+    /// `ksize` fixed-point weights per output position.
+    weights: Vec<i32>,
+    ksize: usize,
+}
+
+impl Taps {
+    /// Taps for output positions `range` of a resize from `in_size` to `out_size` (> 0).
+    fn new(in_size: usize, out_size: usize, range: Range<usize>) -> Self {
+        // PIL computes the box width in float32 before widening to double.
+        let scale = (in_size as f32) as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = 2.0 * filterscale;
+        let ss = 1.0 / filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let n = range.len();
+        let mut taps = Taps {
+            starts: Vec::with_capacity(n),
+            lens: Vec::with_capacity(n),
+            weights: vec![0; n * ksize],
+            ksize,
+        };
+        let mut k = vec![0f64; ksize];
+        for (i, xx) in range.enumerate() {
+            let center = (xx as f64 + 0.5) * scale;
+            // C casts truncate toward zero; the clamps make that equal to PIL's bounds.
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64);
+            let len = (xmax - xmin).clamp(0, ksize as i64) as usize;
+            let mut ww = 0.0;
+            for (x, kx) in k.iter_mut().enumerate().take(len) {
+                let w = bicubic(((x as i64 + xmin) as f64 - center + 0.5) * ss);
+                *kx = w;
+                ww += w;
+            }
+            let row = &mut taps.weights[i * ksize..i * ksize + len];
+            for (dst, &w) in row.iter_mut().zip(&k) {
+                let w = if ww != 0.0 { w / ww } else { w };
+                *dst = to_fixed(w);
+            }
+            taps.starts.push(xmin as usize);
+            taps.lens.push(len);
+        }
+        taps
+    }
+
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Input span and weights of output position `i`.
+    fn get(&self, i: usize) -> (usize, &[i32]) {
+        let w = &self.weights[i * self.ksize..i * self.ksize + self.lens[i]];
+        (self.starts[i], w)
+    }
+
+    /// Smallest input range covering every tap.
+    fn span(&self) -> Range<usize> {
+        let lo = self.starts.iter().copied().min().unwrap_or(0);
+        let hi = (0..self.len())
+            .map(|i| self.starts[i] + self.lens[i])
+            .max()
+            .unwrap_or(lo);
+        lo..hi.max(lo)
+    }
+}
+
+/// PIL's bicubic kernel with a = -0.5, support 2.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// PIL's rounding of a normalised weight to fixed point (half away from zero, then truncate).
+fn to_fixed(w: f64) -> i32 {
+    let scaled = w * (1u32 << PRECISION_BITS) as f64;
+    if w < 0.0 {
+        (scaled - 0.5) as i32
+    } else {
+        (scaled + 0.5) as i32
+    }
+}
+
+/// Round a fixed-point accumulator to 8 bits like PIL's `clip8`.
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Two-pass resample: horizontal into an 8-bit buffer covering only the rows the vertical
+/// taps read, then vertical. Output is `xs.len()` x `ys.len()`.
+fn resample(img: &RgbImage, xs: &Taps, ys: &Taps) -> RgbImage {
+    let (in_w, out_w, out_h) = (img.width() as usize, xs.len(), ys.len());
+    let rows = ys.span();
+    let src = img.as_raw();
+    let half = 1i64 << (PRECISION_BITS - 1);
+
+    let mut tmp = vec![0u8; rows.len() * out_w * 3];
+    for (t, y) in rows.clone().enumerate() {
+        let line = &src[y * in_w * 3..(y + 1) * in_w * 3];
+        let out = &mut tmp[t * out_w * 3..(t + 1) * out_w * 3];
+        for xx in 0..out_w {
+            let (start, k) = xs.get(xx);
+            let mut acc = [half; 3];
+            for (j, &kj) in k.iter().enumerate() {
+                let p = &line[(start + j) * 3..(start + j) * 3 + 3];
+                for c in 0..3 {
+                    acc[c] += p[c] as i64 * kj as i64;
+                }
+            }
+            for c in 0..3 {
+                out[xx * 3 + c] = clip8(acc[c]);
+            }
+        }
+    }
+
+    let row_len = out_w * 3;
+    let mut dst = vec![0u8; out_h * row_len];
+    let mut acc = vec![0i64; row_len];
+    for yy in 0..out_h {
+        let (start, k) = ys.get(yy);
+        acc.fill(half);
+        for (j, &kj) in k.iter().enumerate() {
+            let r = start + j - rows.start;
+            let line = &tmp[r * row_len..(r + 1) * row_len];
+            for (a, &p) in acc.iter_mut().zip(line) {
+                *a += p as i64 * kj as i64;
+            }
+        }
+        for (d, &a) in dst[yy * row_len..(yy + 1) * row_len].iter_mut().zip(&acc) {
+            *d = clip8(a);
+        }
+    }
+    // The buffer length is exactly out_w * out_h * 3, so this cannot fail.
+    RgbImage::from_raw(out_w as u32, out_h as u32, dst).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resized_size_follows_hf() {
+        let p = Preprocess::default();
+        assert_eq!(p.resized_size(300, 200), (336, 224));
+        assert_eq!(p.resized_size(200, 300), (224, 336));
+        assert_eq!(p.resized_size(50, 37), (302, 224));
+        assert_eq!(p.resized_size(1, 1), (224, 224));
+    }
+
+    #[test]
+    fn crop_window_matches_hf_center_crop() {
+        assert_eq!(crop_window(43, 32), (5, 5..37));
+        assert_eq!(crop_window(32, 32), (0, 0..32));
+        // Smaller than the crop: HF pads, ceil((32 - 29) / 2) = 2 zeros before.
+        assert_eq!(crop_window(29, 32), (-2, 0..29));
+    }
+
+    #[test]
+    fn identity_resize_is_exact() {
+        let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([(x * 30) as u8, (y * 50) as u8, 9]));
+        assert_eq!(resize_bicubic(&img, 7, 5), img);
+    }
+
+    #[test]
+    fn over_white_endpoints() {
+        assert_eq!(over_white(10, 255), 10);
+        assert_eq!(over_white(10, 0), 255);
+    }
+}
