@@ -109,6 +109,32 @@ impl TaskVector {
         Ok(Self::assemble(manifest, meta, dtype, blocks))
     }
 
+    /// Assembles a task vector from per-block buffers already in manifest layout (used to mix
+    /// blocks of several task vectors).
+    pub fn from_buffers(
+        manifest: &Manifest,
+        meta: TaskVectorMeta,
+        dtype: StoreDType,
+        blocks: Vec<Buffer>,
+    ) -> Result<Self> {
+        if blocks.len() != manifest.len() {
+            return Err(CoreError::Invalid(format!(
+                "{} blocks given, the manifest has {}",
+                blocks.len(),
+                manifest.len()
+            )));
+        }
+        for (block, buf) in manifest.blocks().iter().zip(&blocks) {
+            if buf.len() != block.numel() {
+                return Err(CoreError::tensor(
+                    &block.name,
+                    format!("has {} elements, expected {}", buf.len(), block.numel()),
+                ));
+            }
+        }
+        Ok(Self::assemble(manifest, meta, dtype, blocks))
+    }
+
     fn assemble(
         manifest: &Manifest,
         meta: TaskVectorMeta,

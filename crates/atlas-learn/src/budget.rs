@@ -1,0 +1,103 @@
+//! Budget selection: with more task vectors than the budget allows, one gradient pass at Λ = 0
+//! ranks them by accumulated |∂L/∂Λ|; keep the top b whole, or, per block, build b mixed task
+//! vectors from the b highest-ranked task vectors of that block.
+
+use crate::job::{Job, LearnConfig};
+use crate::learner::abs_gradient_pass;
+use crate::{LearnError, Result};
+use atlas_clip::Backbone;
+use atlas_core::{Buffer, Coefficients, Layout, TaskVector, TaskVectorMeta};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    /// Keep the b task vectors with the largest total |∂L/∂Λ|.
+    Whole(usize),
+    /// Per block, keep the blocks of the b task vectors with the largest |∂L/∂Λ| there.
+    Blockwise(usize),
+}
+
+/// The task vectors to learn on under `budget` (fewer than or as many as the budget: unchanged).
+pub fn select(
+    backbone: &Backbone,
+    tvs: &[Arc<TaskVector>],
+    job: &Job,
+    config: &LearnConfig,
+    budget: Budget,
+) -> Result<Vec<Arc<TaskVector>>> {
+    let b = match budget {
+        Budget::Whole(b) | Budget::Blockwise(b) => b,
+    };
+    if b == 0 {
+        return Err(LearnError::Job(
+            "the budget must be at least one task vector".into(),
+        ));
+    }
+    if tvs.len() <= b {
+        return Ok(tvs.to_vec());
+    }
+    let n_blocks = backbone.manifest().len();
+    let zero = Coefficients::zeros(Layout::PerBlock, tvs.len(), n_blocks)?;
+    let scores = abs_gradient_pass(backbone, tvs, job, config, &zero)?;
+    Ok(match budget {
+        Budget::Whole(b) => top_whole(tvs, &scores, n_blocks, b),
+        Budget::Blockwise(b) => mixed(backbone, tvs, &scores, n_blocks, b)?,
+    })
+}
+
+fn top_whole(
+    tvs: &[Arc<TaskVector>],
+    scores: &[f64],
+    n_blocks: usize,
+    b: usize,
+) -> Vec<Arc<TaskVector>> {
+    let totals: Vec<f64> = scores
+        .chunks(n_blocks)
+        .map(|row| row.iter().sum())
+        .collect();
+    let mut order: Vec<usize> = (0..tvs.len()).collect();
+    order.sort_by(|&x, &y| totals[y].total_cmp(&totals[x]).then(x.cmp(&y)));
+    order.into_iter().take(b).map(|i| tvs[i].clone()).collect()
+}
+
+fn mixed(
+    backbone: &Backbone,
+    tvs: &[Arc<TaskVector>],
+    scores: &[f64],
+    n_blocks: usize,
+    b: usize,
+) -> Result<Vec<Arc<TaskVector>>> {
+    let manifest = backbone.manifest();
+    let ranked: Vec<Vec<usize>> = (0..n_blocks)
+        .map(|blk| {
+            let mut order: Vec<usize> = (0..tvs.len()).collect();
+            order.sort_by(|&x, &y| {
+                scores[y * n_blocks + blk]
+                    .total_cmp(&scores[x * n_blocks + blk])
+                    .then(x.cmp(&y))
+            });
+            order
+        })
+        .collect();
+    (0..b)
+        .map(|j| {
+            let blocks: Vec<Buffer> = (0..n_blocks)
+                .map(|blk| tvs[ranked[blk][j]].block(blk).clone())
+                .collect();
+            let sources: Vec<&str> = ranked.iter().map(|r| tvs[r[j]].name()).collect();
+            let meta = TaskVectorMeta {
+                name: format!("mixed-{j}"),
+                base_model: tvs[0].meta.base_model.clone(),
+                base_digest: tvs[0].meta.base_digest.clone(),
+                source: format!("blockwise budget rank {j}: {}", sources.join(",")),
+            };
+            Ok(Arc::new(TaskVector::from_buffers(
+                manifest,
+                meta,
+                tvs[0].dtype(),
+                blocks,
+            )?))
+        })
+        .collect()
+}
