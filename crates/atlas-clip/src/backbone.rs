@@ -3,14 +3,16 @@
 //! composition θ0 + Σ Λ τ, and task vectors relative to θ0.
 
 use crate::checkpoint::Checkpoint;
-use crate::config::ClipConfig;
-use crate::manifest::{vision_manifest, QkvBlocks, VISUAL_PROJECTION};
+use crate::config::{ClipConfig, VisionConfig};
+use crate::manifest::{vision_manifest, vision_tensors, QkvBlocks, VISUAL_PROJECTION};
 use crate::model::{TextTower, VisionTower, WeightSource};
 use crate::tokenizer::ClipTokenizer;
 use crate::{openclip, ClipError, Result};
 use atlas_core::safetensors_io::{self, RawTensor};
 use atlas_core::task_vector::{float_deltas, Delta};
-use atlas_core::{compose, Coefficients, Manifest, Real, StoreDType, TaskVector, TaskVectorMeta};
+use atlas_core::{
+    compose, Coefficients, Manifest, Real, StoreDType, TaskVector, TaskVectorMeta, TensorSpec,
+};
 use candle_core::{DType, Device, Tensor, WithDType};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -68,7 +70,11 @@ impl Backbone {
             .map(|t| (t.name.clone(), t))
             .collect();
         let base = base_blocks(&manifest, &mut by_name)?;
-        let base_digest = digest_blocks(&base);
+        let base_digest = digest_base(
+            &manifest,
+            &base,
+            &vision_tensors(&cfg.vision, cfg.projection_dim),
+        );
         let logit_scale = match by_name.get("logit_scale") {
             Some(t) if t.data.len() == 1 => t.data[0] as f64,
             _ => {
@@ -172,7 +178,7 @@ impl Backbone {
         name: &str,
         dtype: StoreDType,
     ) -> Result<TaskVector> {
-        if ft.config.vision != self.config.vision {
+        if !same_tower(&ft.config.vision, &self.config.vision) {
             return Err(ClipError::file(
                 &ft.files.config,
                 "the image tower's configuration differs from the backbone's",
@@ -270,6 +276,17 @@ impl Backbone {
     }
 }
 
+/// Whether two configs describe the same image tower. `projection_dim` is left out: it sizes a
+/// head a `CLIPVisionModel` does not have (configs that omit it read as 512), and a projection
+/// that is present has its shape checked against the manifest.
+fn same_tower(a: &VisionConfig, b: &VisionConfig) -> bool {
+    let a = VisionConfig {
+        projection_dim: b.projection_dim,
+        ..a.clone()
+    };
+    a == *b
+}
+
 /// Fine-tuned `CLIPVisionModel` checkpoints have no visual projection: it stays θ0's.
 pub fn may_be_missing(name: &str) -> bool {
     name == VISUAL_PROJECTION
@@ -307,10 +324,13 @@ fn base_blocks(
         .collect()
 }
 
-fn digest_blocks(blocks: &[Vec<f32>]) -> String {
+/// SHA-256 of θ0's tensors in Hugging Face parameter order (`order`), whatever the q/k/v block
+/// grouping: a task vector saved over one layout is relative to the same base under the other.
+fn digest_base(manifest: &Manifest, blocks: &[Vec<f32>], order: &[TensorSpec]) -> String {
     let mut h = Sha256::new();
-    for b in blocks {
-        for x in b {
+    for spec in order {
+        let loc = manifest.locate(&spec.name).expect("manifest tensor");
+        for x in &blocks[loc.block][loc.offset..loc.offset + loc.numel] {
             h.update(x.to_le_bytes());
         }
     }

@@ -27,6 +27,13 @@ pub fn resolve(model: &str) -> Result<CheckpointFiles> {
     if dir.is_dir() {
         return from_dir(dir);
     }
+    if dir.exists() {
+        // An existing file is never a hub id, even when it reads like `org/name`.
+        return Err(ClipError::file(
+            dir,
+            "is a file; expected a checkpoint directory (config.json, model.safetensors) or a hub model id (org/name)",
+        ));
+    }
     if !looks_like_hub_id(model) {
         return Err(ClipError::file(
             dir,
@@ -72,8 +79,12 @@ pub fn hub_cache() -> hf_hub::Cache {
 }
 
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        let v = v.trim();
+        ["1", "true", "yes", "on"]
+            .iter()
+            .any(|t| v.eq_ignore_ascii_case(t))
+    })
 }
 
 fn from_hub(model: &str) -> Result<CheckpointFiles> {
@@ -88,7 +99,7 @@ fn from_hub(model: &str) -> Result<CheckpointFiles> {
     );
     let cache = hub_cache();
     let fetch = |file: &str| -> Result<PathBuf> {
-        if let Some(p) = cache.repo(repo.clone()).get(file) {
+        if let Some(p) = cached_file(&cache, &repo, revision, file) {
             return Ok(p);
         }
         if offline() {
@@ -111,6 +122,25 @@ fn from_hub(model: &str) -> Result<CheckpointFiles> {
         weights: fetch(WEIGHTS)?,
         tokenizer: fetch(TOKENIZER).ok(),
     })
+}
+
+/// A file of the cache's snapshot for `revision`. hf-hub only follows `refs/<revision>`, which
+/// exists for branches and tags; a commit hash names its snapshot folder directly.
+fn cached_file(
+    cache: &hf_hub::Cache,
+    repo: &hf_hub::Repo,
+    revision: &str,
+    file: &str,
+) -> Option<PathBuf> {
+    let cached = cache.repo(repo.clone());
+    if let Some(p) = cached.get(file) {
+        return Some(p);
+    }
+    let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+    if !is_commit {
+        return None;
+    }
+    Some(cached.pointer_path(revision).join(file)).filter(|p| p.exists())
 }
 
 /// A checkpoint read into memory: its config and its tensors (f32), names normalised to
