@@ -17,6 +17,7 @@ pub mod finetune;
 pub mod job;
 pub mod learner;
 pub mod optim;
+pub mod output;
 
 pub use data::Dataset;
 pub use error::{LearnError, Result};
