@@ -107,6 +107,47 @@ impl Backbone {
         })
     }
 
+    /// A backbone with only an image tower, from θ0 given per block (benchmarks and tests on
+    /// random weights; no text tower, so no zero-shot heads).
+    pub fn from_vision_blocks(
+        id: &str,
+        config: ClipConfig,
+        base: Vec<Vec<f32>>,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let manifest = Arc::new(vision_manifest(
+            &config.vision,
+            config.projection_dim,
+            opts.qkv,
+        ));
+        if base.len() != manifest.len()
+            || base
+                .iter()
+                .zip(manifest.blocks())
+                .any(|(b, m)| b.len() != m.numel())
+        {
+            return Err(ClipError::Config(
+                "the base blocks do not match the image tower's manifest".into(),
+            ));
+        }
+        let base_digest = digest_base(
+            &manifest,
+            &base,
+            &vision_tensors(&config.vision, config.projection_dim),
+        );
+        Ok(Backbone {
+            id: id.to_string(),
+            config,
+            manifest,
+            base,
+            base_digest,
+            text: None,
+            logit_scale: 100f64.ln(),
+            tokenizer: None,
+            opts,
+        })
+    }
+
     pub fn manifest(&self) -> &Arc<Manifest> {
         &self.manifest
     }

@@ -136,9 +136,18 @@ pub struct LearnConfig {
     pub eval_batch: usize,
 }
 
+/// The recipe for a job kind ("few_shot", "multi_task", "negation", "entropy", "ufm").
+pub fn recipe_for_kind(kind: &str) -> LearnConfig {
+    LearnConfig::recipe_kind(kind)
+}
+
 impl LearnConfig {
     /// The paper's recipe for the job (method notes: AdamW, cosine, grad-norm clip 1.0).
     pub fn recipe(job: &Job) -> Self {
+        Self::recipe_kind(job.kind())
+    }
+
+    fn recipe_kind(kind: &str) -> Self {
         let base = LearnConfig {
             layout: Layout::PerBlock,
             optimizer: AdamWConfig {
@@ -161,24 +170,24 @@ impl LearnConfig {
             sharpen_temperature: 0.5,
             eval_batch: 64,
         };
-        match job {
-            Job::FewShot(_) => LearnConfig {
+        match kind {
+            "few_shot" => LearnConfig {
                 optimizer: AdamWConfig {
                     lr: 1e-1,
                     ..base.optimizer
                 },
                 ..base
             },
-            Job::MultiTask(_) => LearnConfig {
+            "multi_task" => LearnConfig {
                 epochs: 20,
                 batch_size: 16,
                 ..base
             },
-            Job::Negation { .. } => LearnConfig {
+            "negation" => LearnConfig {
                 batch_size: 16,
                 ..base
             },
-            Job::Entropy(_) | Job::Ufm(_) => LearnConfig {
+            _ => LearnConfig {
                 view: View::Plain,
                 ..base
             },

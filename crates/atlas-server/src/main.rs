@@ -1,14 +1,21 @@
 //! The `atlas-serve` binary: one subcommand per job.
 
 mod bench;
+mod bench_learn;
 mod demo;
 mod learn;
+mod serve;
+mod server;
 mod task_vector;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "atlas-serve", version, about = "Model merging with learned anisotropic task-vector scaling (aTLAS) for CLIP")]
+#[command(
+    name = "atlas-serve",
+    version,
+    about = "Model merging with learned anisotropic task-vector scaling (aTLAS) for CLIP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve zero-shot classification from compositions over HTTP (the demo world when no
+    /// model is given).
+    Serve(serve::Args),
     /// Build, convert or inspect task vectors.
     #[command(subcommand, name = "task-vector")]
     TaskVector(task_vector::Command),
@@ -27,13 +37,18 @@ enum Command {
     /// Benchmarks (composition bandwidth, learning step).
     #[command(subcommand)]
     Bench(bench::Command),
+    /// One learning step on ViT-B/32-shaped random weights: time and peak memory.
+    #[command(name = "bench-learn")]
+    BenchLearn(bench_learn::LearnArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Serve(a) => serve::run(a),
         Command::TaskVector(c) => task_vector::run(c),
         Command::Learn(a) => learn::run(a),
         Command::Demo(c) => demo::run(c),
         Command::Bench(c) => bench::run(c),
+        Command::BenchLearn(a) => bench_learn::run_learn(a),
     }
 }

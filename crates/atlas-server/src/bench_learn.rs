@@ -1,0 +1,252 @@
+//! `atlas-serve bench learn`: one aTLAS learning step on ViT-B/32-shaped random weights (image
+//! tower + projection, 8 task vectors by default), timed, with peak memory. `--mode leaves` is
+//! atlas-serve's path (compose without a graph, composed tensors as gradient leaves, fused
+//! block reduction); `--mode graph` builds θ0 + Σ Λ τ inside the autograd graph, as the
+//! reference PyTorch code does, for comparison. Run each mode in its own process: peak RSS
+//! (VmHWM) is per process.
+
+use anyhow::Context;
+use atlas_clip::grad::coefficient_gradient;
+use atlas_clip::loss::cross_entropy;
+use atlas_clip::manifest::vision_tensors;
+use atlas_clip::model::normalize;
+use atlas_clip::{Backbone, ClipConfig, LoadOptions, VisionConfig, VisionTower};
+use atlas_core::{Buffer, Coefficients, Layout, StoreDType, TaskVector, TaskVectorMeta};
+use atlas_learn::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Leaves,
+    Graph,
+}
+
+#[derive(clap::Args)]
+pub struct LearnArgs {
+    #[arg(long, value_enum, default_value = "leaves")]
+    mode: Mode,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 8)]
+    n_tv: usize,
+    /// Timed steps after one warm-up step.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Task-vector storage for --mode leaves (graph mode keeps f32 tensors, as PyTorch does).
+    #[arg(long, default_value = "f16")]
+    store: String,
+    /// A tiny tower instead of ViT-B/32, to check the command quickly.
+    #[arg(long)]
+    tiny: bool,
+}
+
+pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
+    let store = StoreDType::parse(&a.store).context("--store must be f16, bf16 or f32")?;
+    let vision = if a.tiny {
+        VisionConfig {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 32,
+            patch_size: 8,
+            projection_dim: 32,
+            ..VisionConfig::default()
+        }
+    } else {
+        VisionConfig::vit_b32()
+    };
+    let proj = vision.projection_dim;
+    let cfg = ClipConfig {
+        vision: vision.clone(),
+        text: None,
+        projection_dim: proj,
+    };
+    let setup = Instant::now();
+    let base = random_blocks(&cfg, 0, 0.02, true);
+    let bb = Backbone::from_vision_blocks("random", cfg.clone(), base, LoadOptions::default())?;
+    let nb = bb.manifest().len();
+    let tvs: Vec<Arc<TaskVector>> = (0..a.n_tv)
+        .map(|i| {
+            let blocks = random_blocks(&cfg, 1 + i as u64, 1e-3, false)
+                .into_iter()
+                .map(|b| Buffer::from_f32(&b, store))
+                .collect();
+            let meta = TaskVectorMeta {
+                name: format!("tv{i}"),
+                ..Default::default()
+            };
+            Ok(Arc::new(TaskVector::from_buffers(
+                bb.manifest(),
+                meta,
+                store,
+                blocks,
+            )?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let head = normalize(&Tensor::randn(0f32, 1.0, (10, proj), &Device::Cpu)?)?;
+    let labels = Tensor::new(
+        (0..a.batch)
+            .map(|_| rng.gen_range(0..10u32))
+            .collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    let pixels = Tensor::randn(
+        0f32,
+        1.0,
+        (a.batch, 3, vision.image_size, vision.image_size),
+        &Device::Cpu,
+    )?;
+    let loss = |tower: &VisionTower| -> atlas_clip::Result<Tensor> {
+        let emb = normalize(&tower.forward(&pixels)?)?;
+        cross_entropy(&(emb.matmul(&head.t()?)? * 100.0)?, &labels)
+    };
+    let mut coefs = Coefficients::new(
+        Layout::PerBlock,
+        a.n_tv,
+        nb,
+        (0..a.n_tv * nb).map(|_| rng.gen_range(-0.5..0.5)).collect(),
+    )?;
+    let mut adam = AdamW::new(
+        AdamWConfig {
+            lr: 1e-1,
+            ..AdamWConfig::default()
+        },
+        coefs.values.len(),
+    );
+    let graph = match a.mode {
+        Mode::Graph => Some(GraphComposition::new(&bb, &tvs)?),
+        Mode::Leaves => None,
+    };
+    let setup_s = setup.elapsed().as_secs_f64();
+    let rss_setup = peak_rss_gib();
+    let mut times = Vec::new();
+    for i in 0..=a.iters {
+        let t = Instant::now();
+        let (_, mut grad) = match &graph {
+            None => coefficient_gradient::<f32>(&bb, &tvs, &coefs, &loss)?,
+            Some(g) => g.gradient(&bb, &coefs, &loss)?,
+        };
+        clip_grad_norm(&mut grad, 1.0);
+        let mut v = coefs.values.clone();
+        adam.step(&mut v, &grad, 1e-1);
+        coefs = coefs.with_values(v)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let out = serde_json::json!({
+        "mode": a.mode, "batch": a.batch, "n_tv": a.n_tv, "store": a.store, "tiny": a.tiny,
+        "threads": rayon::current_num_threads(), "setup_s": setup_s,
+        "ms_per_step_median": times[times.len() / 2], "ms_per_step_all": times,
+        "peak_rss_gib_after_setup": rss_setup, "peak_rss_gib": peak_rss_gib(),
+        "task_vector_gib": tvs.iter().map(|t| t.nbytes()).sum::<usize>() as f64 / (1u64 << 30) as f64,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// θ0 (or a task vector) per block: N(0, std²)-like uniform values; LayerNorm weights at 1 for θ0.
+fn random_blocks(cfg: &ClipConfig, seed: u64, std: f32, base: bool) -> Vec<Vec<f32>> {
+    let half_width = std * 3f32.sqrt();
+    vision_tensors(&cfg.vision, cfg.projection_dim)
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed << 16 | i as u64);
+            let ln_weight = base && spec.name.contains("norm") && spec.name.ends_with("weight")
+                || spec.name.contains("layrnorm.weight");
+            (0..spec.numel())
+                .map(|_| {
+                    if ln_weight {
+                        1.0
+                    } else {
+                        rng.gen_range(-half_width..half_width)
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// θ = θ0 + Σ_i Λ[i,b] τ_i built from candle ops with Λ a Var: every product and partial sum
+/// stays in the graph until backward.
+struct GraphComposition {
+    base: HashMap<String, Tensor>,
+    taus: Vec<HashMap<String, Tensor>>,
+}
+
+impl GraphComposition {
+    fn new(bb: &Backbone, tvs: &[Arc<TaskVector>]) -> anyhow::Result<Self> {
+        let m = bb.manifest();
+        let tensors = |f: &dyn Fn(usize) -> Vec<f32>| -> anyhow::Result<HashMap<String, Tensor>> {
+            let mut out = HashMap::new();
+            for (b, block) in m.blocks().iter().enumerate() {
+                let spec = &block.tensors[0];
+                out.insert(
+                    spec.name.clone(),
+                    Tensor::from_vec(f(b), spec.shape.as_slice(), &Device::Cpu)?,
+                );
+            }
+            Ok(out)
+        };
+        let base = tensors(&|b| bb.base_blocks()[b].clone())?;
+        let taus = tvs
+            .iter()
+            .map(|tv| tensors(&|b| tv.block(b).to_f32_vec()))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(GraphComposition { base, taus })
+    }
+
+    fn gradient(
+        &self,
+        bb: &Backbone,
+        coefs: &Coefficients,
+        loss: &dyn Fn(&VisionTower) -> atlas_clip::Result<Tensor>,
+    ) -> anyhow::Result<(f64, Vec<f64>)> {
+        let nb = coefs.n_blocks;
+        let lam = Var::from_vec(
+            coefs.values.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            coefs.values.len(),
+            &Device::Cpu,
+        )?;
+        let mut weights = HashMap::new();
+        for (b, block) in bb.manifest().blocks().iter().enumerate() {
+            let name = &block.tensors[0].name;
+            let mut theta = self.base[name].clone();
+            for (i, taus) in self.taus.iter().enumerate() {
+                let c = lam.as_tensor().narrow(0, i * nb + b, 1)?;
+                theta = theta.broadcast_add(&taus[name].broadcast_mul(&c)?)?;
+            }
+            weights.insert(name.clone(), theta);
+        }
+        let tower = bb.vision(&weights)?;
+        let l = loss(&tower)?;
+        let grads = l.backward()?;
+        let g = grads.get(lam.as_tensor()).context("no gradient for Λ")?;
+        Ok((
+            l.to_scalar::<f32>()? as f64,
+            g.to_dtype(DType::F64)?.to_vec1()?,
+        ))
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), GiB.
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    kb / (1u64 << 20) as f64
+}
