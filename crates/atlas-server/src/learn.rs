@@ -83,33 +83,60 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let backbone = Backbone::load(&a.model, LoadOptions::default()).with_context(|| format!("loading the backbone {}", a.model))?;
+    let backbone = Backbone::load(&a.model, LoadOptions::default())
+        .with_context(|| format!("loading the backbone {}", a.model))?;
     let mut tvs = Vec::new();
     for p in &a.tvs {
-        let tv = backbone.load_task_vector(p, None, StoreDType::F16).with_context(|| format!("loading {}", p.display()))?;
+        let tv = backbone
+            .load_task_vector(p, None, StoreDType::F16)
+            .with_context(|| format!("loading {}", p.display()))?;
         tvs.push(Arc::new(tv));
     }
     let job = job(&a, &backbone)?;
     let config = config(&a, &job)?;
     let tvs = match a.budget {
         Some(b) => {
-            let mode = if a.blockwise { Budget::Blockwise(b) } else { Budget::Whole(b) };
+            let mode = if a.blockwise {
+                Budget::Blockwise(b)
+            } else {
+                Budget::Whole(b)
+            };
             budget::select(&backbone, &tvs, &job, &config, mode)?
         }
         None => tvs,
     };
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}, eta {eta}]")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}, eta {eta}]",
+    )?);
     let mut on_event = |e: &Event| report(&bar, e);
-    let out = learn(&backbone, &tvs, &job, &config, &mut on_event, &AtomicBool::new(false), a.checkpoint.as_deref())?;
+    let out = learn(
+        &backbone,
+        &tvs,
+        &job,
+        &config,
+        &mut on_event,
+        &AtomicBool::new(false),
+        a.checkpoint.as_deref(),
+    )?;
     bar.finish();
     let summary = serde_json::json!({
         "objective": job.kind(), "metric": out.metric, "before": out.before, "after": out.after,
         "best_epoch": out.best_epoch, "history": out.history, "config": config,
     });
-    let file = CoefficientsFile::new(backbone.manifest(), &backbone.id, backbone.base_digest(), &tvs, out.coefs, summary);
+    let file = CoefficientsFile::new(
+        backbone.manifest(),
+        &backbone.id,
+        backbone.base_digest(),
+        &tvs,
+        out.coefs,
+        summary,
+    );
     file.save(&a.out)?;
-    println!("validation {}: {:.4} before (Λ = 0, zero-shot), {:.4} after (epoch {})", out.metric, out.before, out.after, out.best_epoch);
+    println!(
+        "validation {}: {:.4} before (Λ = 0, zero-shot), {:.4} after (epoch {})",
+        out.metric, out.before, out.after, out.best_epoch
+    );
     println!("coefficients written to {}", a.out.display());
     Ok(())
 }
@@ -118,10 +145,19 @@ fn report(bar: &ProgressBar, e: &Event) {
     bar.set_length(e.total_steps as u64);
     bar.set_position(e.step as u64);
     match e.kind {
-        EventKind::Step => bar.set_message(format!("epoch {}/{} loss {:.4} lr {:.2e}", e.epoch + 1, e.epochs, e.loss.unwrap_or(f64::NAN), e.lr)),
-        EventKind::Epoch | EventKind::Started | EventKind::Resumed => {
-            bar.println(format!("epoch {}/{}: validation {:.4}", e.epoch, e.epochs, e.val_metric.unwrap_or(f64::NAN)))
-        }
+        EventKind::Step => bar.set_message(format!(
+            "epoch {}/{} loss {:.4} lr {:.2e}",
+            e.epoch + 1,
+            e.epochs,
+            e.loss.unwrap_or(f64::NAN),
+            e.lr
+        )),
+        EventKind::Epoch | EventKind::Started | EventKind::Resumed => bar.println(format!(
+            "epoch {}/{}: validation {:.4}",
+            e.epoch,
+            e.epochs,
+            e.val_metric.unwrap_or(f64::NAN)
+        )),
         EventKind::Finished => {}
     }
 }
@@ -129,18 +165,34 @@ fn report(bar: &ProgressBar, e: &Event) {
 fn job(a: &Args, backbone: &Backbone) -> anyhow::Result<Job> {
     let names: Vec<&str> = match a.templates.as_str() {
         "default" => templates::default_templates().to_vec(),
-        name => templates::templates_for(name).with_context(|| format!("no templates for data set {name}; try one of {:?} or 'default'", templates::dataset_names()))?.to_vec(),
+        name => templates::templates_for(name)
+            .with_context(|| {
+                format!(
+                    "no templates for data set {name}; try one of {:?} or 'default'",
+                    templates::dataset_names()
+                )
+            })?
+            .to_vec(),
     };
     let mut tasks = Vec::new();
     for dir in &a.data {
         let data = Dataset::from_image_folder(dir)?;
-        let name = dir.file_name().map_or("task".into(), |n| n.to_string_lossy().into_owned());
-        let data = if matches!(a.objective, Objective::Entropy | Objective::Ufm) { data.unlabelled() } else { data };
+        let name = dir
+            .file_name()
+            .map_or("task".into(), |n| n.to_string_lossy().into_owned());
+        let data = if matches!(a.objective, Objective::Entropy | Objective::Ufm) {
+            data.unlabelled()
+        } else {
+            data
+        };
         tasks.push(Task::new(backbone, &name, data, &names)?);
     }
     let one = |mut ts: Vec<Task>| -> anyhow::Result<Task> {
         if ts.len() != 1 {
-            bail!("this objective takes exactly one --data directory, got {}", ts.len());
+            bail!(
+                "this objective takes exactly one --data directory, got {}",
+                ts.len()
+            );
         }
         Ok(ts.remove(0))
     };
@@ -154,7 +206,10 @@ fn job(a: &Args, backbone: &Backbone) -> anyhow::Result<Job> {
                 bail!("negation takes two --data directories: the target, then the control");
             }
             let control = tasks.pop().expect("two");
-            Job::Negation { target: tasks.pop().expect("two"), control }
+            Job::Negation {
+                target: tasks.pop().expect("two"),
+                control,
+            }
         }
     })
 }
@@ -164,7 +219,10 @@ fn config(a: &Args, job: &Job) -> anyhow::Result<LearnConfig> {
     c.layout = match a.layout {
         LayoutArg::Isotropic => Layout::Isotropic,
         LayoutArg::PerBlock => Layout::PerBlock,
-        LayoutArg::PerPart => Layout::PerPart { k: a.parts, seed: a.part_seed },
+        LayoutArg::PerPart => Layout::PerPart {
+            k: a.parts,
+            seed: a.part_seed,
+        },
     };
     if let Some(v) = a.epochs {
         c.epochs = v;
