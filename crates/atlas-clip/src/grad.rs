@@ -34,15 +34,25 @@ impl Leaves {
         let blocks: Vec<Vec<T>> = compose(manifest, backbone.base_blocks(), tvs, coefs)?;
         let mut vars = Vec::new();
         for (block, data) in manifest.blocks().iter().zip(blocks) {
+            if let [spec] = block.tensors.as_slice() {
+                // One tensor: hand the composed vector over without a copy.
+                vars.push((
+                    spec.name.clone(),
+                    Var::from_vec(data, spec.shape.as_slice(), backbone.device())?,
+                ));
+                continue;
+            }
             let mut offset = 0;
             for spec in &block.tensors {
                 let n = spec.numel();
-                let t = Tensor::from_slice(
-                    &data[offset..offset + n],
-                    spec.shape.as_slice(),
-                    backbone.device(),
-                )?;
-                vars.push((spec.name.clone(), Var::from_tensor(&t)?));
+                vars.push((
+                    spec.name.clone(),
+                    Var::from_slice(
+                        &data[offset..offset + n],
+                        spec.shape.as_slice(),
+                        backbone.device(),
+                    )?,
+                ));
                 offset += n;
             }
         }
