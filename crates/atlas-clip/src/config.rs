@@ -64,7 +64,7 @@ impl VisionConfig {
     }
     pub fn validate(&self) -> Result<()> {
         check_heads("vision", self.hidden_size, self.num_attention_heads)?;
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(ClipError::Config(format!(
                 "vision image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
@@ -191,7 +191,7 @@ impl ClipConfig {
 }
 
 fn check_heads(tower: &str, hidden: usize, heads: usize) -> Result<()> {
-    if heads == 0 || hidden % heads != 0 {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(ClipError::Config(format!(
             "{tower} hidden_size {hidden} is not divisible by num_attention_heads {heads}"
         )));

@@ -204,16 +204,29 @@ impl EncoderLayer {
     }
 }
 
-fn load_layers(
-    src: &dyn WeightSource,
-    prefix: impl Fn(usize) -> String,
-    n: usize,
+/// The sizes an encoder layer is built with.
+#[derive(Clone, Copy)]
+struct LayerDims {
     d: usize,
     m: usize,
     heads: usize,
     act: Activation,
     eps: f64,
+}
+
+fn load_layers(
+    src: &dyn WeightSource,
+    prefix: impl Fn(usize) -> String,
+    n: usize,
+    dims: &LayerDims,
 ) -> Result<Vec<EncoderLayer>> {
+    let LayerDims {
+        d,
+        m,
+        heads,
+        act,
+        eps,
+    } = *dims;
     (0..n)
         .map(|i| EncoderLayer::load(src, &prefix(i), d, m, heads, act, eps))
         .collect()
@@ -259,11 +272,13 @@ impl VisionTower {
                 src,
                 layer_prefix,
                 cfg.num_hidden_layers,
-                d,
-                cfg.intermediate_size,
-                cfg.num_attention_heads,
-                cfg.hidden_act,
-                eps,
+                &LayerDims {
+                    d,
+                    m: cfg.intermediate_size,
+                    heads: cfg.num_attention_heads,
+                    act: cfg.hidden_act,
+                    eps,
+                },
             )?,
             post: Norm::load(src, "vision_model.post_layernorm", d, eps)?,
             projection,
@@ -346,11 +361,13 @@ impl TextTower {
                 src,
                 |i| format!("text_model.encoder.layers.{i}"),
                 cfg.num_hidden_layers,
-                d,
-                cfg.intermediate_size,
-                cfg.num_attention_heads,
-                cfg.hidden_act,
-                cfg.layer_norm_eps,
+                &LayerDims {
+                    d,
+                    m: cfg.intermediate_size,
+                    heads: cfg.num_attention_heads,
+                    act: cfg.hidden_act,
+                    eps: cfg.layer_norm_eps,
+                },
             )?,
             last: Norm::load(src, "text_model.final_layer_norm", d, cfg.layer_norm_eps)?,
             projection: src.get("text_projection.weight", &[projection_dim, d])?,

@@ -28,17 +28,32 @@ pub fn batch_pixels(
     Ok(pre.batch(&px, device)?)
 }
 
+/// Which views of the images to take: random views are keyed by (seed, epoch, index).
+#[derive(Debug, Clone, Copy)]
+pub struct Views {
+    pub view: View,
+    pub seed: u64,
+    pub epoch: usize,
+}
+
+impl Views {
+    pub const PLAIN: Views = Views {
+        view: View::Plain,
+        seed: 0,
+        epoch: 0,
+    };
+}
+
 /// Unnormalised image embeddings `[N, P]` for a whole data set.
 pub fn embed(
     tower: &VisionTower,
     pre: &Preprocess,
     data: &Dataset,
-    view: View,
-    seed: u64,
-    epoch: usize,
+    views: Views,
     batch: usize,
     device: &Device,
 ) -> Result<Tensor> {
+    let Views { view, seed, epoch } = views;
     let indexed: Vec<(usize, &Item)> = data.items.iter().enumerate().collect();
     let mut parts = Vec::new();
     for chunk in indexed.chunks(batch) {
@@ -91,7 +106,7 @@ pub fn logits(
     device: &Device,
 ) -> Result<Tensor> {
     let pre = Preprocess::from_config(tower.config().image_size);
-    let emb = embed(tower, &pre, data, View::Plain, 0, 0, batch, device)?;
+    let emb = embed(tower, &pre, data, Views::PLAIN, batch, device)?;
     Ok(head.to_dtype(DType::F32)?.logits(&emb)?)
 }
 

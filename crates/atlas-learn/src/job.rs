@@ -203,7 +203,8 @@ impl LearnConfig {
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
             return bad("betas must be in [0, 1)");
         }
-        if !(o.eps > 0.0) || !(o.weight_decay >= 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(o.eps) || !o.weight_decay.is_finite() || o.weight_decay < 0.0 {
             return bad("eps must be positive and weight_decay non-negative");
         }
         if self.epochs == 0 || self.batch_size == 0 || self.eval_batch == 0 {
@@ -212,11 +213,12 @@ impl LearnConfig {
         if !(0.0..1.0).contains(&self.val_fraction) {
             return bad("val_fraction must be in [0, 1)");
         }
-        if self.grad_clip.is_some_and(|c| !(c > 0.0)) {
+        if self.grad_clip.is_some_and(|c| !positive(c)) {
             return bad("grad_clip must be positive");
         }
-        if !(self.trusted_fraction > 0.0 && self.trusted_fraction <= 1.0)
-            || !(self.sharpen_temperature > 0.0)
+        if !positive(self.trusted_fraction)
+            || self.trusted_fraction > 1.0
+            || !positive(self.sharpen_temperature)
         {
             return bad("trusted_fraction must be in (0, 1] and sharpen_temperature positive");
         }

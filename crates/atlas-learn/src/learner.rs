@@ -5,7 +5,7 @@
 use crate::augment::View;
 use crate::checkpoint::{self, EpochSummary, State};
 use crate::data::{Dataset, Item};
-use crate::eval::{batch_pixels, embed, logits, metrics};
+use crate::eval::{batch_pixels, embed, logits, metrics, Views};
 use crate::job::{Job, LearnConfig, Task};
 use crate::optim::{clip_grad_norm, cosine_lr, AdamW};
 use crate::{LearnError, Result};
@@ -430,13 +430,16 @@ impl Run<'_> {
         };
         let pool = &self.vals_or_train(task);
         let tower = self.tower(coefs)?;
+        let views = Views {
+            view: View::Weak,
+            seed: self.config.seed,
+            epoch,
+        };
         let emb = embed(
             &tower,
             &self.pre(),
             pool,
-            View::Weak,
-            self.config.seed,
-            epoch,
+            views,
             self.config.eval_batch,
             self.backbone.device(),
         )?;

@@ -150,8 +150,15 @@ fn anchored_task(
     .unwrap();
     let tower = bb.composed_vision(tvs, teacher).unwrap();
     let pre = atlas_clip::preprocess::Preprocess::from_config(32);
-    let emb =
-        atlas_learn::eval::embed(&tower, &pre, &data, View::Plain, 0, 0, 8, bb.device()).unwrap();
+    let emb = atlas_learn::eval::embed(
+        &tower,
+        &pre,
+        &data,
+        atlas_learn::eval::Views::PLAIN,
+        8,
+        bb.device(),
+    )
+    .unwrap();
     let weights = atlas_clip::model::normalize(&emb).unwrap();
     let head = atlas_clip::ZeroShotHead {
         classes: classes(),

@@ -91,8 +91,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })
 }
 
+/// Ctrl-C or SIGTERM (what Kubernetes sends): stop accepting, finish requests in flight.
 async fn shutdown() {
-    let _ = tokio::signal::ctrl_c().await;
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
     eprintln!("atlas-serve: shutting down");
 }
 

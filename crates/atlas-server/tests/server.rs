@@ -250,8 +250,20 @@ fn classify_compose_learn_and_refuse_bad_input() {
         400,
         "expected",
     );
-    let (c, _) = post(&s, "/classify", &json!({"classes": "not a list"}));
-    assert!((400..500).contains(&c));
+    bad(
+        json!({"classes": "not a list"}),
+        "/classify",
+        400,
+        "classes",
+    );
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{}/classify", s.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.json::<Value>().unwrap()["error"].is_string());
 
     // A learning job: queued, then ready with a summary, then servable.
     let examples: Vec<Value> = (0..12)
@@ -284,6 +296,38 @@ fn classify_compose_learn_and_refuse_bad_input() {
     let wrong = json!({"kind": "learn", "objective": "few_shot", "task_vectors": ["delta_c_openclip"],
         "tasks": [{"classes": CLASSES, "examples": [{"image": encoded[0], "label": 9}]}]});
     bad(wrong, "/compositions", 400, "out of range");
+
+    // DELETE removes a finished composition; a long job is cancelled and ends `cancelled`.
+    let r = reqwest::blocking::Client::new()
+        .delete(format!("{}/compositions/{id}", s.base))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(get(&s, &format!("/compositions/{id}")).0, 404);
+    let long = json!({"kind": "learn", "objective": "few_shot", "task_vectors": ["delta_c_openclip"],
+        "tasks": [{"classes": CLASSES, "examples": (0..12).map(|i| json!({"image": b64(&png(i as u8)), "label": i % 4})).collect::<Vec<_>>()}],
+        "config": {"epochs": 100000, "batch_size": 2}});
+    let (code, view) = post(&s, "/compositions", &long);
+    assert_eq!(code, 202, "{view}");
+    let id = view["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = reqwest::blocking::Client::new()
+        .delete(format!("{}/compositions/{id}", s.base))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = get(&s, &format!("/compositions/{id}"));
+        if v["status"] == "cancelled" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && v["status"] != "ready",
+            "not cancelled: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let text = reqwest::blocking::get(format!("{}/metrics", s.base))
         .unwrap()

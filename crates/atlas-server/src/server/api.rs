@@ -125,6 +125,7 @@ pub enum Status {
     Running,
     Ready,
     Failed,
+    Cancelled,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone)]

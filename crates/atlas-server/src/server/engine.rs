@@ -10,6 +10,7 @@ use atlas_clip::{Backbone, VisionTower, ZeroShotHead};
 use atlas_core::Coefficients;
 use candle_core::{Tensor, D};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +30,22 @@ pub struct ClassifyJob {
 #[derive(Clone)]
 pub struct Engine {
     tx: SyncSender<ClassifyJob>,
+    alive: Arc<AtomicBool>,
+}
+
+/// Why a job was not queued.
+pub enum Refused {
+    Full,
+    Stopped,
+}
+
+/// Marks the engine dead when its thread ends, by return or by panic.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 pub struct EngineSettings {
@@ -45,6 +62,8 @@ impl Engine {
         s: EngineSettings,
     ) -> Self {
         let (tx, rx) = sync_channel(s.queue);
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         let mut worker = Worker {
             backbone,
             registry,
@@ -55,17 +74,26 @@ impl Engine {
         };
         std::thread::Builder::new()
             .name("atlas-engine".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || {
+                let _guard = guard;
+                worker.run(rx)
+            })
             .expect("engine thread");
-        Engine { tx }
+        Engine { tx, alive }
     }
 
-    /// Queues a job; Err(job) when the queue is full.
-    pub fn submit(&self, job: ClassifyJob) -> Result<(), ClassifyJob> {
+    /// Queues a job, or says why not.
+    pub fn submit(&self, job: ClassifyJob) -> Result<(), Refused> {
         match self.tx.try_send(job) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => Err(j),
+            Err(TrySendError::Full(_)) => Err(Refused::Full),
+            Err(TrySendError::Disconnected(_)) => Err(Refused::Stopped),
         }
+    }
+
+    /// False once the engine thread has ended (health checks report it).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
     }
 }
 

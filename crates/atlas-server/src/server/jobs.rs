@@ -46,11 +46,16 @@ impl Jobs {
                     let status = match run(&backbone, &registry, spec) {
                         Ok(()) => Status::Ready,
                         Err(e) => {
+                            let status = if matches!(e, LearnError::Cancelled) {
+                                Status::Cancelled
+                            } else {
+                                Status::Failed
+                            };
                             registry.update(&id, |entry| {
-                                entry.view.status = Status::Failed;
+                                entry.view.status = status;
                                 entry.view.error = Some(e.to_string());
                             });
-                            Status::Failed
+                            status
                         }
                     };
                     metrics

@@ -90,6 +90,14 @@ impl Registry {
         }
     }
 
+    pub fn remove(&self, id: &str) -> Option<CompositionView> {
+        self.entries
+            .write()
+            .expect("registry lock")
+            .remove(id)
+            .map(|e| e.view)
+    }
+
     pub fn cancel_flag(&self, id: &str) -> Option<Arc<AtomicBool>> {
         self.entries
             .read()

@@ -2,7 +2,7 @@
 //! model work to the engine (classification) or the learning worker (jobs).
 
 use super::api::*;
-use super::engine::{ClassifyJob, Engine};
+use super::engine::{ClassifyJob, Engine, Refused};
 use super::jobs::{Jobs, LearnSpec, TaskSpec};
 use super::metrics::Metrics;
 use super::registry::Registry;
@@ -63,7 +63,7 @@ pub fn router(state: AppState) -> Router {
             get(get_composition).delete(cancel_composition),
         )
         .route("/task-vectors", get(task_vectors))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -86,6 +86,37 @@ async fn count_requests(State(s): State<AppState>, req: Request, next: Next) -> 
     resp
 }
 
+/// 200 while the engine thread runs; 503 once it has stopped, so liveness probes restart us.
+async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.engine.is_alive() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped")
+    }
+}
+
+/// JSON bodies whose rejections (malformed JSON, wrong shape, wrong content type) come back as
+/// the API's JSON error with status 400, saying what was wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) => {
+                let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    e.status()
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                Err(ApiError(code, e.body_text()))
+            }
+        }
+    }
+}
+
 async fn metrics(State(s): State<AppState>) -> String {
     s.metrics.render()
 }
@@ -95,7 +126,7 @@ async fn task_vectors(State(s): State<AppState>) -> Json<serde_json::Value> {
         .library
         .all()
         .iter()
-        .map(|t| serde_json::json!({"name": t.name(), "digest": t.digest(), "source": t.meta.source, "bytes": t.nbytes()}))
+        .map(|t| serde_json::json!({"name": t.name(), "digest": t.digest(), "bytes": t.nbytes()}))
         .collect();
     Json(
         serde_json::json!({"base_model": s.backbone.id, "blocks": s.backbone.manifest().len(), "task_vectors": tvs}),
@@ -148,7 +179,7 @@ fn b64(s: &str, what: &str) -> ApiResult<Vec<u8>> {
 
 async fn classify(
     State(s): State<AppState>,
-    Json(req): Json<ClassifyRequest>,
+    ApiJson(req): ApiJson<ClassifyRequest>,
 ) -> ApiResult<Json<ClassifyResponse>> {
     check_classes(&req.classes)?;
     if req.images.is_empty() || req.images.len() > MAX_IMAGES {
@@ -194,12 +225,21 @@ async fn classify(
         top_k: req.top_k,
         reply: tx,
     };
-    if s.engine.submit(job).is_err() {
-        s.metrics.rejected.inc();
-        return Err(ApiError(
-            StatusCode::TOO_MANY_REQUESTS,
-            "the engine queue is full; retry later".into(),
-        ));
+    match s.engine.submit(job) {
+        Ok(()) => {}
+        Err(Refused::Full) => {
+            s.metrics.rejected.inc();
+            return Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the engine queue is full; retry later".into(),
+            ));
+        }
+        Err(Refused::Stopped) => {
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine has stopped".into(),
+            ))
+        }
     }
     let predictions = tokio::time::timeout(Duration::from_secs(300), rx)
         .await
@@ -224,7 +264,7 @@ async fn classify(
 
 async fn create_composition(
     State(s): State<AppState>,
-    Json(req): Json<CompositionRequest>,
+    ApiJson(req): ApiJson<CompositionRequest>,
 ) -> ApiResult<(StatusCode, Json<CompositionView>)> {
     match req {
         CompositionRequest::Explicit {
@@ -287,10 +327,8 @@ async fn create_composition(
                 config,
             };
             if s.jobs.submit(spec).is_err() {
-                s.registry.update(&id, |e| {
-                    e.view.status = Status::Failed;
-                    e.view.error = Some("the learning queue was full".into());
-                });
+                s.registry.remove(&id);
+                s.metrics.rejected.inc();
                 return Err(ApiError(
                     StatusCode::TOO_MANY_REQUESTS,
                     "the learning queue is full; retry later".into(),
@@ -412,14 +450,25 @@ async fn get_composition(
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no composition {id}")))
 }
 
+/// Cancels a queued or running learning job (it ends `cancelled`); removes any other
+/// composition. Answers with the composition as it was.
 async fn cancel_composition(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CompositionView>> {
-    let flag = s
+    let view = s
         .registry
-        .cancel_flag(&id)
+        .view(&id)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no composition {id}")))?;
-    flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    Ok(Json(s.registry.view(&id).expect("exists")))
+    match view.status {
+        Status::Queued | Status::Running => {
+            if let Some(flag) = s.registry.cancel_flag(&id) {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        _ => {
+            s.registry.remove(&id);
+        }
+    }
+    Ok(Json(view))
 }
