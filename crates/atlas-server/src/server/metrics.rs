@@ -65,7 +65,7 @@ impl Metrics {
             .expect("gauge"),
             rejected: IntCounter::new(
                 "atlas_rejected_requests_total",
-                "Requests refused because the engine queue was full",
+                "Requests refused because the engine or learning queue was full",
             )
             .expect("counter"),
             jobs: IntCounterVec::new(

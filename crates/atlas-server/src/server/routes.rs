@@ -251,8 +251,8 @@ async fn classify(
         })?
         .map_err(|_| {
             ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the engine stopped".into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine has stopped".into(),
             )
         })?
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
