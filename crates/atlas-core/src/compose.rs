@@ -125,19 +125,39 @@ pub fn compose<T: Real, B: AsRef<[f32]> + Sync>(
     tvs: &[Arc<TaskVector>],
     coefs: &Coefficients,
 ) -> Result<Vec<Vec<T>>> {
+    let mut out: Vec<Vec<T>> = base
+        .iter()
+        .map(|b| vec![T::default(); b.as_ref().len()])
+        .collect();
+    compose_into(manifest, base, tvs, coefs, &mut out)?;
+    Ok(out)
+}
+
+/// [`compose`] into buffers the caller keeps (one per block, manifest sizes): a model cache or a
+/// learning loop that recomposes every step saves allocating and first-touching θ each time.
+pub fn compose_into<T: Real, B: AsRef<[f32]> + Sync>(
+    manifest: &Manifest,
+    base: &[B],
+    tvs: &[Arc<TaskVector>],
+    coefs: &Coefficients,
+    out: &mut [Vec<T>],
+) -> Result<()> {
     let lens: Vec<usize> = base.iter().map(|b| b.as_ref().len()).collect();
     check(manifest, tvs, coefs, &lens)?;
+    let out_lens: Vec<usize> = out.iter().map(Vec::len).collect();
+    if out_lens != lens {
+        return Err(CoreError::Invalid(
+            "output buffers do not match the manifest's block sizes".into(),
+        ));
+    }
     let keys = part_keys(manifest, coefs.layout);
-    let mut out: Vec<Vec<T>> = lens.iter().map(|&n| vec![T::default(); n]).collect();
-    chunks(&mut out)
-        .into_par_iter()
-        .for_each(|(b, start, dst)| {
-            for (d, &x) in dst.iter_mut().zip(&base[b].as_ref()[start..]) {
-                *d = T::from_f32(x);
-            }
-            add_chunk(b, start, dst, tvs, coefs, keys[b]);
-        });
-    Ok(out)
+    chunks(out).into_par_iter().for_each(|(b, start, dst)| {
+        for (d, &x) in dst.iter_mut().zip(&base[b].as_ref()[start..]) {
+            *d = T::from_f32(x);
+        }
+        add_chunk(b, start, dst, tvs, coefs, keys[b]);
+    });
+    Ok(())
 }
 
 fn add_chunk<T: Real>(
@@ -431,6 +451,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn compose_into_reuses_buffers_and_matches_compose() {
+        let m = manifest();
+        let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| pseudo(7, bl.numel())).collect();
+        let tvs = vec![tv(&m, 1), tv(&m, 2)];
+        let mut out: Vec<Vec<f32>> = m.blocks().iter().map(|bl| vec![f32::NAN; bl.numel()]).collect();
+        for c in layouts(m.len()) {
+            compose_into(&m, &base, &tvs, &c, &mut out).unwrap();
+            assert_eq!(out, compose::<f32, _>(&m, &base, &tvs, &c).unwrap());
+        }
+        let mut short = vec![vec![0f32; 1]; m.len()];
+        let c = Coefficients::zeros(Layout::PerBlock, 2, m.len()).unwrap();
+        assert!(compose_into(&m, &base, &tvs, &c, &mut short).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod task_vector;
 
 pub use buffer::{Buffer, StoreDType};
 pub use coefficients::{Coefficients, Layout};
-pub use compose::{compose, reduce_gradient, Real};
+pub use compose::{compose, compose_into, reduce_gradient, Real};
 pub use error::{CoreError, Result};
 pub use library::Library;
 pub use manifest::{Block, Manifest, TensorSpec};
