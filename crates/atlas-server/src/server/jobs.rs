@@ -8,7 +8,7 @@ use super::registry::Registry;
 use atlas_clip::Backbone;
 use atlas_core::TaskVector;
 use atlas_learn::{learn, Dataset, Job, LearnConfig, LearnError, Task};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 
 pub struct TaskSpec {
@@ -68,11 +68,9 @@ impl Jobs {
         Jobs { tx }
     }
 
-    pub fn submit(&self, spec: LearnSpec) -> Result<(), LearnSpec> {
-        match self.tx.try_send(spec) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(s)) | Err(TrySendError::Disconnected(s)) => Err(s),
-        }
+    /// Queues a job; false when the queue is full (or the worker has stopped).
+    pub fn submit(&self, spec: LearnSpec) -> bool {
+        self.tx.try_send(spec).is_ok()
     }
 }
 

@@ -326,7 +326,7 @@ async fn create_composition(
                 tvs,
                 config,
             };
-            if s.jobs.submit(spec).is_err() {
+            if !s.jobs.submit(spec) {
                 s.registry.remove(&id);
                 s.metrics.rejected.inc();
                 return Err(ApiError(
