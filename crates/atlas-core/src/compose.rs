@@ -458,7 +458,11 @@ mod tests {
         let m = manifest();
         let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| pseudo(7, bl.numel())).collect();
         let tvs = vec![tv(&m, 1), tv(&m, 2)];
-        let mut out: Vec<Vec<f32>> = m.blocks().iter().map(|bl| vec![f32::NAN; bl.numel()]).collect();
+        let mut out: Vec<Vec<f32>> = m
+            .blocks()
+            .iter()
+            .map(|bl| vec![f32::NAN; bl.numel()])
+            .collect();
         for c in layouts(m.len()) {
             compose_into(&m, &base, &tvs, &c, &mut out).unwrap();
             assert_eq!(out, compose::<f32, _>(&m, &base, &tvs, &c).unwrap());

@@ -477,7 +477,11 @@ fn enums_match_the_serde_names() {
     ];
     for s in statuses {
         match s {
-            Status::Queued | Status::Running | Status::Ready | Status::Failed | Status::Cancelled => {}
+            Status::Queued
+            | Status::Running
+            | Status::Ready
+            | Status::Failed
+            | Status::Cancelled => {}
         }
     }
     let kinds = [
