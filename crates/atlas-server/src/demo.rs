@@ -1,8 +1,252 @@
-//! (to be written)
+//! `atlas-serve demo …`: the offline demo world (generated scenes + UCI digits, a tiny CLIP
+//! pre-trained here, one fine-tuned task vector per task), built once and cached.
+
+use anyhow::{bail, Context};
+use atlas_demo::replicate::ReplicateConfig;
+use atlas_demo::tasks::{task_specs, Split};
+use atlas_demo::world::{default_cache_root, task_data, world_dir, BuildReport, Progress};
+use atlas_demo::{Preset, World, WorldParams};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 #[derive(clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Build the demo world (or find it in the cache) and print zero-shot and fine-tuned
+    /// accuracy per task.
+    Build(BuildArgs),
+    /// Write one task's split as an ImageFolder directory (one subfolder of PNGs per class),
+    /// e.g. for `atlas-serve finetune`.
+    Export(ExportArgs),
+    /// Run the paper's experiments on the world (building it first if needed) and write a
+    /// Markdown report.
+    Replicate(ReplicateArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ReplicateArgs {
+    #[arg(long, default_value = "full", value_parser = parse_preset)]
+    preset: Preset,
+    /// Cache root (as for `demo build`).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Where to write the report.
+    #[arg(long, default_value = "crates/atlas-demo/results/replicate.md")]
+    out: PathBuf,
+    /// Few-shot seeds (the paper: 3).
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Few-shot k values, comma-separated.
+    #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
+    shots: Vec<usize>,
+}
+
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// `full` (minutes on 2 cores) or `ci` (well under a minute).
+    #[arg(long, default_value = "full", value_parser = parse_preset)]
+    preset: Preset,
+    /// Cache root (default: $ATLAS_CACHE, $XDG_CACHE_HOME/atlas-serve or ~/.cache/atlas-serve).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Delete the cached world first and build it again.
+    #[arg(long)]
+    rebuild: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    #[arg(long, default_value = "full", value_parser = parse_preset)]
+    preset: Preset,
+    /// Task name (colour, shape, texture, count, position, digit).
+    #[arg(long)]
+    task: String,
+    /// train, val or test.
+    #[arg(long, default_value = "train", value_parser = parse_split)]
+    split: Split,
+    /// Output directory (created; must be empty or absent).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    Preset::parse(s).ok_or_else(|| format!("unknown preset {s:?} (expected full or ci)"))
+}
+
+fn parse_split(s: &str) -> Result<Split, String> {
+    match s {
+        "train" => Ok(Split::Train),
+        "val" => Ok(Split::Val),
+        "test" => Ok(Split::Test),
+        _ => Err(format!("unknown split {s:?} (expected train, val or test)")),
+    }
+}
 
 pub fn run(c: Command) -> anyhow::Result<()> {
-    match c {}
+    single_threaded_elementwise();
+    match c {
+        Command::Build(a) => build(a),
+        Command::Export(a) => export(a),
+        Command::Replicate(a) => replicate(a),
+    }
+}
+
+/// The demo's tensors are tiny: candle's spinning worker pool for elementwise ops costs more
+/// than it saves (several times slower on a loaded 2-core machine). Matmuls keep their rayon
+/// threads. Only when the user has not chosen.
+fn single_threaded_elementwise() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+fn build(a: BuildArgs) -> anyhow::Result<()> {
+    let params = WorldParams::preset(a.preset);
+    let root = match a.cache {
+        Some(p) => p,
+        None => default_cache_root()?,
+    };
+    let dir = world_dir(&root, &params);
+    if a.rebuild && dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    let start = Instant::now();
+    let mut bars = Bars::default();
+    let (world, built) = World::open(&params, &root, &mut bars, &AtomicBool::new(false))?;
+    bars.finish();
+    if built {
+        println!(
+            "built the {} world in {:.0} s: {}",
+            a.preset.name(),
+            start.elapsed().as_secs_f64(),
+            world.dir.display()
+        );
+    } else {
+        println!("cached {} world: {}", a.preset.name(), world.dir.display());
+    }
+    print_report(&world.report);
+    Ok(())
+}
+
+fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
+    let params = WorldParams::preset(a.preset);
+    let root = match a.cache {
+        Some(p) => p,
+        None => default_cache_root()?,
+    };
+    let mut bars = Bars::default();
+    let cancel = AtomicBool::new(false);
+    let (world, _) = World::open(&params, &root, &mut bars, &cancel)?;
+    let mut config = ReplicateConfig::paper(world.tasks.len());
+    config.seeds = (0..a.seeds).collect();
+    config.shots = a.shots;
+    let md = atlas_demo::replicate::replicate(&world, &config, &mut bars, &cancel)?;
+    bars.finish();
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&a.out, &md).with_context(|| format!("writing {}", a.out.display()))?;
+    println!("{md}");
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn print_report(r: &BuildReport) {
+    println!(
+        "pre-training {:.0} s (final loss {:.3}); whole build {:.0} s",
+        r.pretrain_secs, r.pretrain_loss, r.total_secs
+    );
+    println!(
+        "{:<10} {:>7} {:>10} {:>11}",
+        "task", "classes", "zero-shot", "fine-tuned"
+    );
+    for t in &r.tasks {
+        println!(
+            "{:<10} {:>7} {:>9.1}% {:>10.1}%",
+            t.name,
+            t.classes,
+            100.0 * t.zero_shot,
+            100.0 * t.finetuned
+        );
+    }
+}
+
+fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let params = WorldParams::preset(a.preset);
+    let Some(index) = task_specs().iter().position(|t| t.name == a.task) else {
+        let names: Vec<_> = task_specs().iter().map(|t| t.name).collect();
+        bail!(
+            "unknown task {:?} (expected one of {})",
+            a.task,
+            names.join(", ")
+        );
+    };
+    if a.out.exists() && a.out.read_dir()?.next().is_some() {
+        bail!("{} exists and is not empty", a.out.display());
+    }
+    let tasks = task_data(&params)?;
+    let task = &tasks[index];
+    for class in &task.spec.classes {
+        let d = a.out.join(class);
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let examples = task.split(a.split);
+    for (i, e) in examples.iter().enumerate() {
+        let class = &task.spec.classes[e.label as usize];
+        let path = a.out.join(class).join(format!("{i:05}.png"));
+        e.image
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "wrote {} images of task {} ({:?}) to {}",
+        examples.len(),
+        a.task,
+        a.split,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// One indicatif bar per build stage.
+#[derive(Default)]
+struct Bars {
+    bar: Option<ProgressBar>,
+}
+
+impl Bars {
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn stage(&mut self, name: &str, total: u64) {
+        self.finish();
+        let bar = ProgressBar::new(total);
+        let style = ProgressStyle::with_template(
+            "{prefix:>22} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(name.to_string());
+        self.bar = Some(bar);
+    }
+    fn tick(&mut self, done: u64, message: &str) {
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+            b.set_message(message.to_string());
+        }
+    }
+    fn note(&mut self, line: &str) {
+        // A hidden bar (stderr not a terminal) drops println; say it plainly then.
+        match &self.bar {
+            Some(b) if !b.is_hidden() => b.println(line),
+            _ => eprintln!("{line}"),
+        }
+    }
 }

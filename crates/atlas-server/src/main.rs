@@ -3,6 +3,7 @@
 mod bench;
 mod bench_learn;
 mod demo;
+mod finetune_cmd;
 mod learn;
 mod serve;
 mod server;
@@ -31,6 +32,8 @@ enum Command {
     TaskVector(task_vector::Command),
     /// Learn aTLAS coefficients on an ImageFolder directory.
     Learn(learn::Args),
+    /// Fine-tune a CLIP image tower on an ImageFolder directory and write its task vector.
+    Finetune(finetune_cmd::Args),
     /// The offline demo world: build it, fine-tune, replicate the paper's experiments.
     #[command(subcommand)]
     Demo(demo::Command),
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::TaskVector(c) => task_vector::run(c),
         Command::Learn(a) => learn::run(a),
+        Command::Finetune(a) => finetune_cmd::run(a),
         Command::Demo(c) => demo::run(c),
         Command::Bench(c) => bench::run(c),
         Command::BenchLearn(a) => bench_learn::run_learn(a),

@@ -43,25 +43,26 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let store = StoreDType::parse(&a.store).context("--store must be f16, bf16 or f32")?;
-    let (model, mut tv_paths) = match &a.model {
-        Some(m) => (m.clone(), Vec::new()),
+    let (backbone, mut library) = match &a.model {
+        Some(model) => {
+            let backbone = Backbone::load(model, LoadOptions::default())
+                .with_context(|| format!("loading {model}"))?;
+            let library = Library::new(backbone.manifest().clone(), backbone.base_digest());
+            (backbone, library)
+        }
         None => demo_world(&a.demo_preset)?,
     };
-    tv_paths.extend(a.tvs.iter().cloned());
+    let mut tv_paths = a.tvs.clone();
     if let Some(dir) = &a.tv_dir {
         tv_paths.extend(safetensors_in(dir)?);
     }
-    let backbone = Arc::new(
-        Backbone::load(&model, LoadOptions::default())
-            .with_context(|| format!("loading {model}"))?,
-    );
-    let mut library = Library::new(backbone.manifest().clone(), backbone.base_digest());
     for p in &tv_paths {
         let tv = backbone
             .load_task_vector(p, None, store)
             .with_context(|| format!("loading {}", p.display()))?;
         library.add(tv)?;
     }
+    let backbone = Arc::new(backbone);
     eprintln!(
         "atlas-serve: backbone {} ({} blocks), {} task vectors ({} MiB), listening on {}",
         backbone.id,
@@ -118,7 +119,46 @@ fn safetensors_in(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The demo world's backbone directory and task vectors, built on first use and cached.
-fn demo_world(preset: &str) -> anyhow::Result<(String, Vec<PathBuf>)> {
-    anyhow::bail!("no --model given and the demo world ({preset}) is not available in this build")
+/// No model configured: the demo world (a tiny CLIP pre-trained here, with fine-tuned task
+/// vectors), built on first use into the cache and loaded from there afterwards.
+fn demo_world(preset: &str) -> anyhow::Result<(Backbone, Library)> {
+    let preset = atlas_demo::Preset::parse(preset)
+        .with_context(|| format!("unknown demo preset {preset:?} (full or ci)"))?;
+    let params = atlas_demo::WorldParams::preset(preset);
+    let root = atlas_demo::world::default_cache_root()?;
+    eprintln!(
+        "atlas-serve: no model configured (--model / ATLAS_MODEL): serving the offline demo world '{}' from {} (built on first use; that takes minutes)",
+        preset.name(),
+        atlas_demo::world::world_dir(&root, &params).display()
+    );
+    let (world, built) = atlas_demo::World::open(
+        &params,
+        &root,
+        &mut LogProgress,
+        &std::sync::atomic::AtomicBool::new(false),
+    )?;
+    if built {
+        eprintln!("atlas-serve: demo world built");
+    }
+    let mut library = Library::new(
+        world.backbone.manifest().clone(),
+        world.backbone.base_digest(),
+    );
+    for tv in &world.task_vectors {
+        library.add((**tv).clone())?;
+    }
+    Ok((world.backbone, library))
+}
+
+/// Build progress of the demo world, as log lines.
+struct LogProgress;
+
+impl atlas_demo::world::Progress for LogProgress {
+    fn stage(&mut self, name: &str, total: u64) {
+        eprintln!("atlas-serve: demo world: {name} ({total} steps)");
+    }
+    fn tick(&mut self, _done: u64, _message: &str) {}
+    fn note(&mut self, line: &str) {
+        eprintln!("atlas-serve: demo world: {line}");
+    }
 }
