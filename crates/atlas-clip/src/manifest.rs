@@ -22,6 +22,27 @@ pub fn layer_prefix(i: usize) -> String {
     format!("vision_model.encoder.layers.{i}")
 }
 
+/// One pre-LN encoder layer's tensors (image or text tower), in transformers' parameter order.
+pub fn encoder_layer_tensors(l: &str, d: usize, m: usize) -> Vec<TensorSpec> {
+    let mut out = Vec::new();
+    for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
+        out.push(TensorSpec::new(
+            format!("{l}.self_attn.{proj}.weight"),
+            &[d, d],
+        ));
+        out.push(TensorSpec::new(format!("{l}.self_attn.{proj}.bias"), &[d]));
+    }
+    out.push(TensorSpec::new(format!("{l}.layer_norm1.weight"), &[d]));
+    out.push(TensorSpec::new(format!("{l}.layer_norm1.bias"), &[d]));
+    out.push(TensorSpec::new(format!("{l}.mlp.fc1.weight"), &[m, d]));
+    out.push(TensorSpec::new(format!("{l}.mlp.fc1.bias"), &[m]));
+    out.push(TensorSpec::new(format!("{l}.mlp.fc2.weight"), &[d, m]));
+    out.push(TensorSpec::new(format!("{l}.mlp.fc2.bias"), &[d]));
+    out.push(TensorSpec::new(format!("{l}.layer_norm2.weight"), &[d]));
+    out.push(TensorSpec::new(format!("{l}.layer_norm2.bias"), &[d]));
+    out
+}
+
 /// The image-tower tensors in order, with shapes.
 pub fn vision_tensors(cfg: &VisionConfig, projection_dim: usize) -> Vec<TensorSpec> {
     let (d, m, p, c) = (
@@ -42,22 +63,7 @@ pub fn vision_tensors(cfg: &VisionConfig, projection_dim: usize) -> Vec<TensorSp
         TensorSpec::new("vision_model.pre_layrnorm.bias", &[d]),
     ];
     for i in 0..cfg.num_hidden_layers {
-        let l = layer_prefix(i);
-        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
-            out.push(TensorSpec::new(
-                format!("{l}.self_attn.{proj}.weight"),
-                &[d, d],
-            ));
-            out.push(TensorSpec::new(format!("{l}.self_attn.{proj}.bias"), &[d]));
-        }
-        out.push(TensorSpec::new(format!("{l}.layer_norm1.weight"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.layer_norm1.bias"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc1.weight"), &[m, d]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc1.bias"), &[m]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc2.weight"), &[d, m]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc2.bias"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.layer_norm2.weight"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.layer_norm2.bias"), &[d]));
+        out.extend(encoder_layer_tensors(&layer_prefix(i), d, m));
     }
     out.push(TensorSpec::new("vision_model.post_layernorm.weight", &[d]));
     out.push(TensorSpec::new("vision_model.post_layernorm.bias", &[d]));

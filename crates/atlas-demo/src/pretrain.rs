@@ -121,21 +121,7 @@ pub fn text_tensors(cfg: &TextConfig, projection_dim: usize) -> Vec<TensorSpec> 
     ];
     for i in 0..cfg.num_hidden_layers {
         let l = format!("text_model.encoder.layers.{i}");
-        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
-            out.push(TensorSpec::new(
-                format!("{l}.self_attn.{proj}.weight"),
-                &[d, d],
-            ));
-            out.push(TensorSpec::new(format!("{l}.self_attn.{proj}.bias"), &[d]));
-        }
-        out.push(TensorSpec::new(format!("{l}.layer_norm1.weight"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.layer_norm1.bias"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc1.weight"), &[m, d]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc1.bias"), &[m]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc2.weight"), &[d, m]));
-        out.push(TensorSpec::new(format!("{l}.mlp.fc2.bias"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.layer_norm2.weight"), &[d]));
-        out.push(TensorSpec::new(format!("{l}.layer_norm2.bias"), &[d]));
+        out.extend(atlas_clip::manifest::encoder_layer_tensors(&l, d, m));
     }
     out.push(TensorSpec::new("text_model.final_layer_norm.weight", &[d]));
     out.push(TensorSpec::new("text_model.final_layer_norm.bias", &[d]));
