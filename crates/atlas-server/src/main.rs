@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_learn;
+mod config;
 mod demo;
 mod finetune_cmd;
 mod learn;

@@ -1,60 +1,65 @@
 //! `atlas-serve serve`: load the backbone and task vectors, start the HTTP service.
 
-use crate::server::{self, engine::EngineSettings, Settings};
+use crate::config::Config;
+use crate::server::AppState;
 use anyhow::Context;
 use atlas_clip::{Backbone, LoadOptions};
 use atlas_core::{Library, StoreDType};
 use std::path::PathBuf;
-use std::sync::Arc;
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "ATLAS_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// Backbone: a CLIPModel directory or hub id. Without one, the demo world is served.
-    #[arg(long, env = "ATLAS_MODEL")]
-    model: Option<String>,
-    /// Task-vector files (repeat), HF or open_clip naming.
-    #[arg(long = "tv")]
-    tvs: Vec<PathBuf>,
-    /// A directory whose *.safetensors files are task vectors.
-    #[arg(long, env = "ATLAS_TV_DIR")]
-    tv_dir: Option<PathBuf>,
-    /// Storage dtype of resident task vectors.
-    #[arg(long, env = "ATLAS_STORE", default_value = "f16")]
-    store: String,
-    /// Bytes of composed models kept (MiB).
-    #[arg(long, env = "ATLAS_CACHE_MIB", default_value_t = 2048)]
-    cache_mib: usize,
-    /// Classification requests waiting for the engine before 429.
-    #[arg(long, env = "ATLAS_QUEUE", default_value_t = 64)]
-    queue: usize,
-    /// Images per forward pass.
-    #[arg(long, env = "ATLAS_MAX_BATCH", default_value_t = 64)]
-    max_batch: usize,
-    /// Learning jobs waiting before 429.
-    #[arg(long, env = "ATLAS_JOB_QUEUE", default_value_t = 16)]
-    job_queue: usize,
-    /// Demo-world preset served when no model is given (full or ci).
-    #[arg(long, env = "ATLAS_DEMO_PRESET", default_value = "full")]
-    demo_preset: String,
+pub type Args = crate::config::Args;
+
+/// Binds the listener first (so /healthz answers and /readyz says "loading"), loads the
+/// backbone and library on a thread, and serves until SIGTERM or Ctrl-C.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let config = Config::load(&a)?;
+    let state = AppState::new(config.clone())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        eprintln!(
+            "atlas-serve: listening on {}, data in {}{}",
+            config.listen,
+            config.data_dir.display(),
+            if config.api_keys.is_empty() { "" } else { ", API keys required" }
+        );
+        let loader = state.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = load(&loader) {
+                eprintln!("atlas-serve: loading failed: {e:#}");
+                loader.fail(format!("{e:#}"));
+            }
+        });
+        axum::serve(listener, state.router())
+            .with_graceful_shutdown(shutdown())
+            .await?;
+        // Requests in flight are done; running jobs go back to the queue at their next step.
+        let s = state.clone();
+        tokio::task::spawn_blocking(move || {
+            s.stop_jobs();
+            s.wait_jobs(std::time::Duration::from_secs(20));
+        })
+        .await?;
+        anyhow::Ok(())
+    })
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let store = StoreDType::parse(&a.store).context("--store must be f16, bf16 or f32")?;
-    let (backbone, mut library) = match &a.model {
-        Some(model) => {
-            let backbone = Backbone::load(model, LoadOptions::default())
-                .with_context(|| format!("loading {model}"))?;
-            let library = Library::new(backbone.manifest().clone(), backbone.base_digest());
-            (backbone, library)
-        }
-        None => demo_world(&a.demo_preset)?,
+fn load(state: &AppState) -> anyhow::Result<()> {
+    let c = &state.config;
+    let store = StoreDType::parse(&c.store).context("store must be f16, bf16 or f32")?;
+    let (backbone, mut library) = if c.model.is_empty() {
+        demo_world(&c.demo_preset)?
+    } else {
+        let backbone = Backbone::load(&c.model, LoadOptions::default())
+            .with_context(|| format!("loading {}", c.model))?;
+        let library = Library::new(backbone.manifest().clone(), backbone.base_digest());
+        (backbone, library)
     };
-    let mut tv_paths = a.tvs.clone();
-    if let Some(dir) = &a.tv_dir {
-        tv_paths.extend(safetensors_in(dir)?);
+    let mut tv_paths: Vec<PathBuf> = c.tvs.iter().map(PathBuf::from).collect();
+    if !c.tv_dir.is_empty() {
+        tv_paths.extend(safetensors_in(std::path::Path::new(&c.tv_dir))?);
     }
     for p in &tv_paths {
         let tv = backbone
@@ -62,34 +67,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .with_context(|| format!("loading {}", p.display()))?;
         library.add(tv)?;
     }
-    let backbone = Arc::new(backbone);
     eprintln!(
-        "atlas-serve: backbone {} ({} blocks), {} task vectors ({} MiB), listening on {}",
+        "atlas-serve: backbone {} ({} blocks), {} task vectors ({} MiB): ready",
         backbone.id,
         backbone.manifest().len(),
         library.len(),
         library.nbytes() >> 20,
-        a.listen
     );
-    let settings = Settings {
-        engine: EngineSettings {
-            queue: a.queue,
-            cache_bytes: a.cache_mib << 20,
-            max_batch: a.max_batch,
-        },
-        job_queue: a.job_queue,
-    };
-    let app = server::app(backbone, Arc::new(library), settings);
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.listen)
-            .await
-            .with_context(|| format!("binding {}", a.listen))?;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown())
-            .await?;
-        anyhow::Ok(())
-    })
+    state.attach(backbone, library, store)
 }
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends): stop accepting, finish requests in flight.

@@ -1,7 +1,9 @@
-//! Request and response types of the HTTP API (JSON; images as base64 strings).
+//! Request and response types of the HTTP API (JSON; images as base64 strings or multipart
+//! file parts). openapi.yaml describes the same shapes; tests/openapi.rs keeps them in step.
 
 use atlas_core::Layout;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Prompt templates: a data-set name ("MNIST", "default") or explicit templates with "{}".
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
@@ -17,15 +19,21 @@ impl Default for Templates {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ClassifyRequest {
-    /// A composition id; absent means the pre-trained model.
+    /// A composition id, or "base" (the default) for the pre-trained model.
     #[serde(default)]
     pub composition: Option<String>,
-    pub classes: Vec<String>,
+    /// A head id from POST /heads; or give `classes` (and `templates`).
+    #[serde(default)]
+    pub head: Option<String>,
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
     #[serde(default)]
     pub templates: Templates,
     /// Base64-encoded JPEG, PNG or WebP bytes.
+    #[serde(default)]
     pub images: Vec<String>,
     #[serde(default = "default_top_k")]
     pub top_k: usize,
@@ -37,25 +45,48 @@ fn default_top_k() -> usize {
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct Prediction {
-    pub class: String,
-    pub score: f32,
+    pub label: String,
+    pub probability: f32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClassifyResponse {
-    pub composition: Option<String>,
+    pub composition: String,
+    pub head: String,
+    /// Per image, the top-k labels, most probable first.
     pub predictions: Vec<Vec<Prediction>>,
 }
 
-/// One labelled (or unlabelled) example of a learning job.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HeadRequest {
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub templates: Templates,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+pub struct HeadView {
+    /// Content hash of the class names and resolved templates.
+    pub id: String,
+    pub classes: Vec<String>,
+    pub templates: Vec<String>,
+}
+
+/// One labelled (or unlabelled) example: base64 bytes, or the filename of a multipart part.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct Example {
-    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     #[serde(default)]
     pub label: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct TaskData {
     #[serde(default)]
     pub name: Option<String>,
@@ -69,14 +100,31 @@ pub struct TaskData {
 #[serde(rename_all = "snake_case")]
 pub enum Objective {
     FewShot,
-    MultiTask,
+    #[serde(alias = "multi_task")]
+    TaskAddition,
     Negation,
     Entropy,
     Ufm,
 }
 
+impl Objective {
+    pub fn recipe_kind(self) -> &'static str {
+        match self {
+            Objective::FewShot => "few_shot",
+            Objective::TaskAddition => "multi_task",
+            Objective::Negation => "negation",
+            Objective::Entropy => "entropy",
+            Objective::Ufm => "ufm",
+        }
+    }
+    pub fn unlabelled(self) -> bool {
+        matches!(self, Objective::Entropy | Objective::Ufm)
+    }
+}
+
 /// Settings of a learning job that override the objective's recipe.
 #[derive(Debug, Default, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct LearnOverrides {
     pub epochs: Option<usize>,
     pub lr: Option<f64>,
@@ -86,36 +134,69 @@ pub struct LearnOverrides {
     pub val_fraction: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum CompositionRequest {
-    /// Explicit coefficients: `values` has n_tv (isotropic), n_tv × n_blocks (per block) or
-    /// n_tv × n_blocks × K (per part) numbers, row-major.
-    Explicit {
+/// A coefficient layout as callers write it: "isotropic", "blockwise", or {"parts": K}.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum LayoutSpec {
+    Named(String),
+    Parts {
+        parts: usize,
         #[serde(default)]
-        name: Option<String>,
-        task_vectors: Vec<String>,
-        layout: Layout,
-        values: Vec<f64>,
-    },
-    /// A learning job on uploaded images.
-    Learn {
-        #[serde(default)]
-        name: Option<String>,
-        objective: Objective,
-        task_vectors: Vec<String>,
-        #[serde(default = "default_layout")]
-        layout: Layout,
-        /// One task (few-shot, entropy, UFM), several (multi-task), or target then control
-        /// (negation).
-        tasks: Vec<TaskData>,
-        #[serde(default)]
-        config: LearnOverrides,
+        seed: u64,
     },
 }
 
-fn default_layout() -> Layout {
-    Layout::PerBlock
+impl Default for LayoutSpec {
+    fn default() -> Self {
+        LayoutSpec::Named("blockwise".into())
+    }
+}
+
+/// A learning request (`objective` present).
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LearnRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub objective: Objective,
+    /// Task-vector names; absent means all of the library.
+    #[serde(default)]
+    pub task_vectors: Option<Vec<String>>,
+    #[serde(default)]
+    pub layout: LayoutSpec,
+    /// One task (few-shot, entropy, UFM), several (task addition), or target then control
+    /// (negation).
+    pub tasks: Vec<TaskData>,
+    #[serde(default)]
+    pub config: LearnOverrides,
+}
+
+/// Coefficients of one task vector in an explicit composition.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum TvCoefficients {
+    /// One scalar (task arithmetic).
+    Scalar(f64),
+    /// One value per block, in manifest order.
+    PerBlock(Vec<f64>),
+    /// K values per block (per-part layout; give `parts_seed` too).
+    PerPart(Vec<Vec<f64>>),
+    /// Values by block name; "*" sets the default for blocks not named (else 0).
+    ByName(BTreeMap<String, f64>),
+}
+
+/// Explicit coefficients (no `objective`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplicitRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub task_vectors: Vec<String>,
+    /// One entry per task vector.
+    pub coefficients: Vec<TvCoefficients>,
+    /// Seed of the part assignment of a per-part layout.
+    #[serde(default)]
+    pub parts_seed: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -123,30 +204,145 @@ fn default_layout() -> Layout {
 pub enum Status {
     Queued,
     Running,
-    Ready,
+    Succeeded,
     Failed,
     Cancelled,
 }
 
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Queued,
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// Where a composition came from: enough to reproduce it.
+#[derive(Debug, Serialize, Deserialize, Clone, Default)]
+pub struct Provenance {
+    pub backbone: String,
+    pub backbone_digest: String,
+    pub task_vector_digests: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<atlas_learn::LearnConfig>,
+}
+
+/// A composition: explicit (succeeded at once) or learned (a job moving through its states).
 #[derive(Debug, Serialize, Deserialize, Clone)]
-pub struct CompositionView {
+pub struct Composition {
     pub id: String,
     pub name: Option<String>,
+    /// "explicit" or the learning objective.
+    pub kind: String,
     pub status: Status,
     pub task_vectors: Vec<String>,
     pub layout: Layout,
-    /// Number of coefficients.
-    pub n_coefficients: usize,
+    /// Row-major Λ, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coefficients: Option<Vec<f64>>,
     /// The latest progress event of a learning job.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<atlas_learn::Event>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Epoch events (training loss, validation metric) so far.
+    #[serde(default)]
+    pub history: Vec<atlas_learn::Event>,
+    /// Outcome of a learning job: metric before and after, best epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    pub provenance: Provenance,
+    /// The learning request without its images (to resume after a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<LearnRequest>,
+    pub created_at: f64,
+    pub updated_at: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
+pub struct CompositionPage {
+    pub items: Vec<Composition>,
+    /// Offset of the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskVectorSummary {
+    pub name: String,
+    pub dtype: String,
+    pub digest: String,
+    pub bytes: usize,
+    pub source: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlockInfo {
+    pub name: String,
+    pub numel: usize,
+    /// L2 norm of the block's delta.
+    pub norm: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskVectorDetail {
+    #[serde(flatten)]
+    pub summary: TaskVectorSummary,
+    pub blocks: Vec<BlockInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskVectorList {
+    pub backbone: String,
+    pub backbone_digest: String,
+    pub blocks: usize,
+    pub task_vectors: Vec<TaskVectorSummary>,
+}
+
+/// POST /task-vectors: exactly one source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskVectorRequest {
+    pub name: String,
+    /// A fine-tuned CLIP checkpoint (hub id or directory under the library directory); the task
+    /// vector is its image tower minus the backbone's.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// A task-vector file name inside the configured library directory.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Base64 safetensors of the deltas (HF or open_clip naming).
+    #[serde(default)]
+    pub safetensors: Option<String>,
+}
+
+/// RFC 9457 problem details: every error of the API.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
 }

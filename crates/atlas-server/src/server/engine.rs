@@ -1,36 +1,52 @@
 //! The engine: one thread that owns model work for serving. Requests arrive on a bounded
-//! channel (full means 429, not an unbounded queue); the thread drains what is waiting, groups
-//! requests by (composition, head) into one forward batch, composes models on a cache miss
-//! (LRU by bytes) and answers each request on its own oneshot channel.
+//! channel (full means 429, not an unbounded queue); the thread waits up to `max_wait` for more,
+//! groups requests by (composition, head) into forward batches, composes models on a cache miss
+//! (LRU by bytes; task-vector digests are part of the key) and answers each request on its own
+//! oneshot channel.
 
-use super::api::Prediction;
+use super::api::{HeadView, Prediction};
 use super::metrics::Metrics;
-use super::registry::Registry;
 use atlas_clip::{Backbone, VisionTower, ZeroShotHead};
-use atlas_core::Coefficients;
+use atlas_core::{Coefficients, TaskVector};
 use candle_core::{Tensor, D};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// What to compose: None is the pre-trained model.
+pub struct Target {
+    /// Composition id plus the digests of its task vectors.
+    pub key: String,
+    pub tvs: Vec<Arc<TaskVector>>,
+    pub coefs: Coefficients,
+}
+
 pub struct ClassifyJob {
-    /// None: the pre-trained model.
-    pub composition: Option<String>,
-    pub classes: Vec<String>,
-    pub templates: Vec<String>,
+    pub target: Option<Arc<Target>>,
+    pub head: HeadView,
     /// CHW pixels at the model's image size, preprocessed off the engine thread.
     pub pixels: Vec<Vec<f32>>,
     pub top_k: usize,
     pub reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, String>>,
 }
 
+impl ClassifyJob {
+    fn group_key(&self) -> (&str, &str) {
+        (
+            self.target.as_ref().map_or("", |t| t.key.as_str()),
+            &self.head.id,
+        )
+    }
+}
+
 #[derive(Clone)]
 pub struct Engine {
     tx: SyncSender<ClassifyJob>,
     alive: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a job was not queued.
@@ -52,25 +68,23 @@ pub struct EngineSettings {
     pub queue: usize,
     pub cache_bytes: usize,
     pub max_batch: usize,
+    pub max_wait: Duration,
 }
 
 impl Engine {
-    pub fn start(
-        backbone: Arc<Backbone>,
-        registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
-        s: EngineSettings,
-    ) -> Self {
+    pub fn start(backbone: Arc<Backbone>, metrics: Arc<Metrics>, s: EngineSettings) -> Self {
         let (tx, rx) = sync_channel(s.queue);
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
+        metrics.queue_capacity.set(s.queue as i64);
+        metrics.cache_capacity.set(s.cache_bytes as i64);
         let mut worker = Worker {
             backbone,
-            registry,
-            metrics,
+            metrics: metrics.clone(),
             cache: Cache::new(s.cache_bytes),
             heads: HashMap::new(),
             max_batch: s.max_batch,
+            max_wait: s.max_wait,
         };
         std::thread::Builder::new()
             .name("atlas-engine".into())
@@ -79,13 +93,16 @@ impl Engine {
                 worker.run(rx)
             })
             .expect("engine thread");
-        Engine { tx, alive }
+        Engine { tx, alive, metrics }
     }
 
     /// Queues a job, or says why not.
     pub fn submit(&self, job: ClassifyJob) -> Result<(), Refused> {
         match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.metrics.queue_depth.inc();
+                Ok(())
+            }
             Err(TrySendError::Full(_)) => Err(Refused::Full),
             Err(TrySendError::Disconnected(_)) => Err(Refused::Stopped),
         }
@@ -97,7 +114,7 @@ impl Engine {
     }
 }
 
-/// Composed image towers by composition id, least recently used evicted past the byte budget.
+/// Composed image towers by key, least recently used evicted past the byte budget.
 struct Cache {
     budget: usize,
     entries: HashMap<String, (Arc<VisionTower>, usize, u64)>,
@@ -120,7 +137,9 @@ impl Cache {
             e.0.clone()
         })
     }
-    fn put(&mut self, key: String, tower: Arc<VisionTower>, bytes: usize) {
+    /// Inserts, evicting least recently used entries first; returns how many were evicted.
+    fn put(&mut self, key: String, tower: Arc<VisionTower>, bytes: usize) -> usize {
+        let mut evicted = 0;
         while !self.entries.is_empty() && self.bytes() + bytes > self.budget {
             let oldest = self
                 .entries
@@ -129,9 +148,11 @@ impl Cache {
                 .map(|e| e.0.clone())
                 .expect("non-empty");
             self.entries.remove(&oldest);
+            evicted += 1;
         }
         self.clock += 1;
         self.entries.insert(key, (tower, bytes, self.clock));
+        evicted
     }
     fn bytes(&self) -> usize {
         self.entries.values().map(|e| e.1).sum()
@@ -140,20 +161,31 @@ impl Cache {
 
 struct Worker {
     backbone: Arc<Backbone>,
-    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     cache: Cache,
-    heads: HashMap<(Vec<String>, Vec<String>), ZeroShotHead>,
+    heads: HashMap<String, ZeroShotHead>,
     max_batch: usize,
+    max_wait: Duration,
 }
 
 impl Worker {
     fn run(&mut self, rx: Receiver<ClassifyJob>) {
         while let Ok(first) = rx.recv() {
             let mut jobs = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                jobs.push(more);
+            let mut images = jobs[0].pixels.len();
+            let deadline = Instant::now() + self.max_wait;
+            while images < self.max_batch {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(more) => {
+                        images += more.pixels.len();
+                        jobs.push(more);
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
             }
+            self.metrics.queue_depth.sub(jobs.len() as i64);
             for group in group_jobs(jobs) {
                 self.serve_group(group);
             }
@@ -161,6 +193,11 @@ impl Worker {
     }
 
     fn serve_group(&mut self, group: Vec<ClassifyJob>) {
+        // Requests whose caller gave up (timeout, closed connection) are not computed.
+        let group: Vec<ClassifyJob> = group.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if group.is_empty() {
+            return;
+        }
         let started = Instant::now();
         let result = self.predict(&group);
         self.metrics
@@ -183,51 +220,59 @@ impl Worker {
 
     fn predict(&mut self, group: &[ClassifyJob]) -> Result<Vec<Vec<Vec<Prediction>>>, String> {
         let first = &group[0];
-        let tower = self.tower(first.composition.as_deref())?;
-        let head = self.head(&first.classes, &first.templates)?;
-        let pixels: Vec<Vec<f32>> = group
-            .iter()
-            .flat_map(|j| j.pixels.iter().cloned())
-            .collect();
+        let tower = self.tower(first.target.as_deref())?;
+        let head = self.head(&first.head)?;
+        let pixels: Vec<&Vec<f32>> = group.iter().flat_map(|j| j.pixels.iter()).collect();
         let pre =
             atlas_clip::preprocess::Preprocess::from_config(self.backbone.config.vision.image_size);
-        let mut probs = Vec::new();
+        let mut probs = Vec::with_capacity(pixels.len());
         for chunk in pixels.chunks(self.max_batch) {
             self.metrics.batch_size.observe(chunk.len() as f64);
+            let owned: Vec<Vec<f32>> = chunk.iter().map(|p| (*p).clone()).collect();
             let batch = pre
-                .batch(chunk, self.backbone.device())
+                .batch(&owned, self.backbone.device())
                 .map_err(|e| e.to_string())?;
             let emb = tower.forward(&batch).map_err(|e| e.to_string())?;
             let logits = head.logits(&emb).map_err(|e| e.to_string())?;
-            let p: Vec<Vec<f32>> = candle_nn_softmax(&logits).map_err(|e| e.to_string())?;
-            probs.extend(p);
+            probs.extend(softmax_rows(&logits).map_err(|e| e.to_string())?);
         }
         self.metrics.images.inc_by(pixels.len() as u64);
+        for p in &probs {
+            self.observe_prediction(p);
+        }
         let mut rows = probs.into_iter();
         Ok(group
             .iter()
             .map(|j| {
                 (0..j.pixels.len())
-                    .map(|_| top_k(&rows.next().expect("row"), &j.classes, j.top_k))
+                    .map(|_| top_k(&rows.next().expect("row"), &j.head.classes, j.top_k))
                     .collect()
             })
             .collect())
     }
 
-    fn tower(&mut self, composition: Option<&str>) -> Result<Arc<VisionTower>, String> {
-        let key = composition.unwrap_or("").to_string();
+    fn observe_prediction(&self, p: &[f32]) {
+        let entropy: f64 = p
+            .iter()
+            .filter(|&&x| x > 0.0)
+            .map(|&x| -(x as f64) * (x as f64).ln())
+            .sum();
+        let top = p.iter().copied().fold(0.0f32, f32::max);
+        self.metrics.prediction_entropy.observe(entropy);
+        self.metrics.prediction_confidence.observe(top as f64);
+    }
+
+    fn tower(&mut self, target: Option<&Target>) -> Result<Arc<VisionTower>, String> {
+        let key = target.map_or("base", |t| t.key.as_str()).to_string();
         if let Some(t) = self.cache.get(&key) {
             self.metrics.cache_hits.inc();
             return Ok(t);
         }
         self.metrics.cache_misses.inc();
         let started = Instant::now();
-        let tower = match composition {
+        let tower = match target {
             None => self.backbone.base_vision(),
-            Some(id) => {
-                let (tvs, coefs): (_, Coefficients) = self.registry.ready(id)?;
-                self.backbone.composed_vision(&tvs, &coefs)
-            }
+            Some(t) => self.backbone.composed_vision(&t.tvs, &t.coefs),
         }
         .map_err(|e| e.to_string())?;
         self.metrics
@@ -235,35 +280,42 @@ impl Worker {
             .observe(started.elapsed().as_secs_f64());
         let bytes = self.backbone.manifest().numel() * self.backbone.dtype().size_in_bytes();
         let tower = Arc::new(tower);
-        self.cache.put(key, tower.clone(), bytes);
-        self.metrics.cache_bytes.set(self.cache.bytes() as i64);
+        let evicted = self.cache.put(key, tower.clone(), bytes);
+        self.metrics.cache_evictions.inc_by(evicted as u64);
+        let resident = self.cache.bytes() as i64;
+        self.metrics.cache_bytes.set(resident);
+        self.metrics
+            .memory
+            .with_label_values(&["cache"])
+            .set(resident);
         Ok(tower)
     }
 
-    fn head(&mut self, classes: &[String], templates: &[String]) -> Result<ZeroShotHead, String> {
-        let key = (classes.to_vec(), templates.to_vec());
-        if let Some(h) = self.heads.get(&key) {
+    fn head(&mut self, view: &HeadView) -> Result<ZeroShotHead, String> {
+        if let Some(h) = self.heads.get(&view.id) {
             return Ok(h.clone());
         }
-        let t: Vec<&str> = templates.iter().map(String::as_str).collect();
-        let head = ZeroShotHead::build(&self.backbone, classes, &t).map_err(|e| e.to_string())?;
-        if self.heads.len() > 256 {
+        let t: Vec<&str> = view.templates.iter().map(String::as_str).collect();
+        let head =
+            ZeroShotHead::build(&self.backbone, &view.classes, &t).map_err(|e| e.to_string())?;
+        // Heads are small (classes × embedding); a crude bound keeps a flood of distinct class
+        // lists from growing memory without end.
+        if self.heads.len() >= 256 {
             self.heads.clear();
         }
-        self.heads.insert(key, head.clone());
+        self.heads.insert(view.id.clone(), head.clone());
         Ok(head)
     }
 }
 
-/// Jobs grouped by (composition, classes, templates), keeping arrival order inside a group.
+/// Jobs grouped by (composition, head), keeping arrival order inside a group.
 fn group_jobs(jobs: Vec<ClassifyJob>) -> Vec<Vec<ClassifyJob>> {
     let mut groups: Vec<Vec<ClassifyJob>> = Vec::new();
     for job in jobs {
-        match groups.iter_mut().find(|g| {
-            g[0].composition == job.composition
-                && g[0].classes == job.classes
-                && g[0].templates == job.templates
-        }) {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].group_key() == job.group_key())
+        {
             Some(g) => g.push(job),
             None => groups.push(vec![job]),
         }
@@ -271,8 +323,8 @@ fn group_jobs(jobs: Vec<ClassifyJob>) -> Vec<Vec<ClassifyJob>> {
     groups
 }
 
-/// Softmax rows of logits (already scaled); inference only, so the fused path is fine.
-fn candle_nn_softmax(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+/// Softmax rows of logits (already scaled); inference only, so no gradient concerns.
+fn softmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
     let max = logits.max_keepdim(D::Minus1)?;
     let e = logits.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
@@ -286,8 +338,8 @@ fn top_k(probs: &[f32], classes: &[String], k: usize) -> Vec<Prediction> {
     idx.into_iter()
         .take(k.max(1))
         .map(|i| Prediction {
-            class: classes[i].clone(),
-            score: probs[i],
+            label: classes[i].clone(),
+            probability: probs[i],
         })
         .collect()
 }

@@ -1,127 +1,263 @@
-//! Learning jobs run on their own worker thread (serving goes on meanwhile): each job builds its
-//! tasks' heads, learns Λ with atlas-learn, publishes progress into the registry and, on
-//! success, makes the composition servable.
+//! Learning jobs: worker threads claim queued jobs from the store (oldest first), learn Λ with
+//! atlas-learn off the serving path, publish progress to the store and to SSE subscribers, and
+//! checkpoint every epoch into the job's directory, so that a job interrupted by a restart
+//! resumes where it was.
 
-use super::api::{Objective, Status};
+use super::api::{Composition, LearnRequest, Objective, Status, TaskData};
 use super::metrics::Metrics;
-use super::registry::Registry;
+use super::store::Store;
 use atlas_clip::Backbone;
-use atlas_core::TaskVector;
-use atlas_learn::{learn, Dataset, Job, LearnConfig, LearnError, Task};
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::Arc;
+use atlas_core::Library;
+use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, LearnError, Task};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
 
-pub struct TaskSpec {
-    pub name: String,
-    pub data: Dataset,
-    pub templates: Vec<String>,
-}
-
-pub struct LearnSpec {
+/// What SSE subscribers receive: a job's status and, while it learns, its latest event.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
     pub id: String,
-    pub objective: Objective,
-    pub tasks: Vec<TaskSpec>,
-    pub tvs: Vec<Arc<TaskVector>>,
-    pub config: LearnConfig,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Event>,
 }
 
-#[derive(Clone)]
 pub struct Jobs {
-    tx: SyncSender<LearnSpec>,
+    store: Arc<Store>,
+    backbone: Arc<Backbone>,
+    library: Arc<RwLock<Library>>,
+    metrics: Arc<Metrics>,
+    wake: (Mutex<()>, Condvar),
+    cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    stopping: AtomicBool,
+    pub events: broadcast::Sender<JobEvent>,
 }
 
 impl Jobs {
+    /// Requeues jobs left running by a previous process and starts `workers` threads.
     pub fn start(
+        store: Arc<Store>,
         backbone: Arc<Backbone>,
-        registry: Arc<Registry>,
+        library: Arc<RwLock<Library>>,
         metrics: Arc<Metrics>,
-        queue: usize,
-    ) -> Self {
-        let (tx, rx) = sync_channel::<LearnSpec>(queue);
-        std::thread::Builder::new()
-            .name("atlas-learn".into())
-            .spawn(move || {
-                while let Ok(spec) = rx.recv() {
-                    let id = spec.id.clone();
-                    let status = match run(&backbone, &registry, spec) {
-                        Ok(()) => Status::Ready,
-                        Err(e) => {
-                            let status = if matches!(e, LearnError::Cancelled) {
-                                Status::Cancelled
-                            } else {
-                                Status::Failed
-                            };
-                            registry.update(&id, |entry| {
-                                entry.view.status = status;
-                                entry.view.error = Some(e.to_string());
-                            });
-                            status
-                        }
-                    };
-                    metrics
-                        .jobs
-                        .with_label_values(&[&format!("{status:?}").to_lowercase()])
-                        .inc();
+        workers: usize,
+    ) -> Result<Arc<Jobs>, super::store::StoreError> {
+        let resumed = store.requeue_running()?;
+        if resumed > 0 {
+            eprintln!("atlas-serve: {resumed} interrupted learning job(s) requeued; they resume from their checkpoints");
+        }
+        let jobs = Arc::new(Jobs {
+            store,
+            backbone,
+            library,
+            metrics,
+            wake: (Mutex::new(()), Condvar::new()),
+            cancels: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            events: broadcast::channel(1024).0,
+        });
+        jobs.refresh_gauges();
+        for i in 0..workers {
+            let j = jobs.clone();
+            std::thread::Builder::new()
+                .name(format!("atlas-learn-{i}"))
+                .spawn(move || j.work())
+                .expect("learning thread");
+        }
+        Ok(jobs)
+    }
+
+    /// A new job is in the store: wake a worker.
+    pub fn notify(&self) {
+        self.refresh_gauges();
+        self.wake.1.notify_one();
+    }
+
+    /// Asks a running job to stop; true when it was running here.
+    pub fn cancel(&self, id: &str) -> bool {
+        match self.lock_cancels().get(id) {
+            Some(flag) => {
+                flag.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Shutdown: running jobs stop at their next step and go back to the queue (their last
+    /// epoch checkpoint is on disk); no new job starts.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        for flag in self.lock_cancels().values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        self.wake.1.notify_all();
+    }
+
+    /// True while some worker is inside a job.
+    pub fn busy(&self) -> bool {
+        !self.lock_cancels().is_empty()
+    }
+
+    fn lock_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn refresh_gauges(&self) {
+        if let Ok(counts) = self.store.count_by_status() {
+            for s in Status::ALL {
+                let n = counts
+                    .iter()
+                    .find(|(k, _)| k == s.as_str())
+                    .map_or(0, |c| c.1);
+                self.metrics.jobs.with_label_values(&[s.as_str()]).set(n);
+            }
+        }
+    }
+
+    fn work(&self) {
+        while !self.stopping.load(Ordering::Relaxed) {
+            match self.store.claim_next() {
+                Ok(Some(c)) => self.run(c),
+                Ok(None) => {
+                    let guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = self.wake.1.wait_timeout(guard, Duration::from_secs(1));
                 }
+                Err(e) => {
+                    eprintln!("atlas-serve: claiming a job: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn run(&self, c: Composition) {
+        let id = c.id.clone();
+        let flag = Arc::new(AtomicBool::new(false));
+        self.lock_cancels().insert(id.clone(), flag.clone());
+        self.publish(&id, Status::Running, None);
+        self.refresh_gauges();
+        let started = Instant::now();
+        let result = self.learn(&c, &flag);
+        self.lock_cancels().remove(&id);
+        let objective = c.kind.clone();
+        let status = match result {
+            Ok(()) => Status::Succeeded,
+            Err(LearnError::Cancelled) if self.stopping.load(Ordering::Relaxed) => Status::Queued,
+            Err(LearnError::Cancelled) => Status::Cancelled,
+            Err(_) => Status::Failed,
+        };
+        let error = match (&status, &result) {
+            (Status::Failed, Err(e)) => Some(e.to_string()),
+            _ => None,
+        };
+        let _ = self.store.update(&id, |c| {
+            c.status = status;
+            c.error = error;
+            c.updated_at = now();
+        });
+        if status.is_final() {
+            self.metrics
+                .job_seconds
+                .with_label_values(&[&objective])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.publish(&id, status, None);
+        self.refresh_gauges();
+    }
+
+    fn publish(&self, id: &str, status: Status, progress: Option<Event>) {
+        let _ = self.events.send(JobEvent {
+            id: id.to_string(),
+            status,
+            progress,
+        });
+    }
+
+    fn learn(&self, c: &Composition, cancel: &AtomicBool) -> Result<(), LearnError> {
+        let req = c
+            .request
+            .as_ref()
+            .ok_or_else(|| LearnError::Job("the job has no stored request".into()))?;
+        let dir = self.store.job_dir(&c.id);
+        let tvs = self
+            .library
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .select(&c.task_vectors)
+            .map_err(|e| LearnError::Job(e.to_string()))?;
+        let job = build_job(&self.backbone, req, &dir)?;
+        let config = c
+            .provenance
+            .config
+            .clone()
+            .ok_or_else(|| LearnError::Job("the job has no stored configuration".into()))?;
+        let mut last_step = Instant::now();
+        let mut on_event = |e: &Event| {
+            if e.kind == EventKind::Step {
+                self.metrics
+                    .step_seconds
+                    .observe(last_step.elapsed().as_secs_f64());
+                last_step = Instant::now();
+            }
+            self.record(&c.id, e);
+        };
+        let out = learn(
+            &self.backbone,
+            &tvs,
+            &job,
+            &config,
+            &mut on_event,
+            cancel,
+            Some(&dir.join("checkpoint.json")),
+        )?;
+        let summary = serde_json::json!({
+            "metric": out.metric, "before": out.before, "after": out.after,
+            "best_epoch": out.best_epoch, "epochs": out.history,
+        });
+        self.store
+            .update(&c.id, |c| {
+                c.coefficients = Some(out.coefs.values.clone());
+                c.summary = Some(summary);
             })
-            .expect("learning thread");
-        Jobs { tx }
+            .map_err(|e| LearnError::Job(e.to_string()))?;
+        Ok(())
     }
 
-    /// Queues a job; false when the queue is full (or the worker has stopped).
-    pub fn submit(&self, spec: LearnSpec) -> bool {
-        self.tx.try_send(spec).is_ok()
+    /// Stores a progress event (epoch events also join the history) and publishes it.
+    fn record(&self, id: &str, e: &Event) {
+        let stored = self.store.update(id, |c| {
+            if matches!(e.kind, EventKind::Epoch) {
+                c.history.push(e.clone());
+            }
+            c.progress = Some(e.clone());
+            c.updated_at = now();
+        });
+        if let Err(err) = stored {
+            eprintln!("atlas-serve: recording progress of {id}: {err}");
+        }
+        self.publish(id, Status::Running, Some(e.clone()));
     }
 }
 
-fn run(backbone: &Backbone, registry: &Registry, spec: LearnSpec) -> Result<(), LearnError> {
-    let id = spec.id.clone();
-    registry.update(&id, |e| e.view.status = Status::Running);
-    let cancel = registry.cancel_flag(&id).unwrap_or_default();
-    let job = build_job(backbone, spec.objective, spec.tasks)?;
-    let mut on_event = |e: &atlas_learn::Event| {
-        registry.update(&id, |entry| entry.view.progress = Some(e.clone()))
-    };
-    let out = learn(
-        backbone,
-        &spec.tvs,
-        &job,
-        &spec.config,
-        &mut on_event,
-        &cancel,
-        None,
-    )?;
-    let summary = serde_json::json!({
-        "objective": job.kind(), "metric": out.metric, "before": out.before, "after": out.after,
-        "best_epoch": out.best_epoch, "history": out.history,
-    });
-    registry.update(&id, |entry| {
-        entry.view.n_coefficients = out.coefs.values.len();
-        entry.coefs = Some(out.coefs);
-        entry.view.summary = Some(summary);
-        entry.view.status = Status::Ready;
-    });
-    Ok(())
-}
-
-fn build_job(
-    backbone: &Backbone,
-    objective: Objective,
-    specs: Vec<TaskSpec>,
-) -> Result<Job, LearnError> {
-    let mut tasks = specs
-        .into_iter()
-        .map(|s| {
-            let t: Vec<&str> = s.templates.iter().map(String::as_str).collect();
-            Task::new(backbone, &s.name, s.data, &t)
-        })
+/// The learning job of a stored request: its examples are files in the job's directory.
+fn build_job(backbone: &Backbone, req: &LearnRequest, dir: &Path) -> Result<Job, LearnError> {
+    let mut tasks = req
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| task(backbone, i, t, dir))
         .collect::<Result<Vec<_>, _>>()?;
     let one = |mut ts: Vec<Task>| ts.remove(0);
-    Ok(match objective {
+    Ok(match req.objective {
         Objective::FewShot => Job::FewShot(one(tasks)),
         Objective::Entropy => Job::Entropy(one(tasks)),
         Objective::Ufm => Job::Ufm(one(tasks)),
-        Objective::MultiTask => Job::MultiTask(tasks),
+        Objective::TaskAddition => Job::MultiTask(tasks),
         Objective::Negation => {
             let control = tasks.pop().expect("validated: two tasks");
             Job::Negation {
@@ -130,4 +266,56 @@ fn build_job(
             }
         }
     })
+}
+
+fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task, LearnError> {
+    let items = t
+        .examples
+        .iter()
+        .map(|e| {
+            let file = e.file.as_deref().unwrap_or_default();
+            let bytes = std::fs::read(dir.join(file))
+                .map_err(|err| LearnError::Data(format!("example file {file}: {err}")))?;
+            Ok((bytes, e.label))
+        })
+        .collect::<Result<Vec<_>, LearnError>>()?;
+    let data = Dataset::from_bytes(t.classes.clone(), items)?;
+    let templates = super::heads::resolve_templates(&t.templates)
+        .map_err(|e| LearnError::Job(e.detail))?;
+    let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
+    let name = t.name.clone().unwrap_or_else(|| format!("task{i}"));
+    Task::new(backbone, &name, data, &t_refs)
+}
+
+/// The recipe of an objective with the request's overrides, validated.
+pub fn learn_config(req: &LearnRequest, layout: atlas_core::Layout) -> Result<LearnConfig, String> {
+    let o = &req.config;
+    let mut c = atlas_learn::job::recipe_for_kind(req.objective.recipe_kind());
+    c.layout = layout;
+    if let Some(v) = o.epochs {
+        c.epochs = v;
+    }
+    if let Some(v) = o.lr {
+        c.optimizer.lr = v;
+    }
+    if let Some(v) = o.weight_decay {
+        c.optimizer.weight_decay = v;
+    }
+    if let Some(v) = o.batch_size {
+        c.batch_size = v;
+    }
+    if let Some(v) = o.seed {
+        c.seed = v;
+    }
+    if let Some(v) = o.val_fraction {
+        c.val_fraction = v;
+    }
+    c.validate().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -1,49 +1,155 @@
-//! The HTTP service: axum routes over an engine thread (serving), a learning worker (jobs), a
-//! registry of compositions and Prometheus metrics.
+//! The HTTP service: axum routes over an engine thread (serving), learning workers (jobs), a
+//! durable store (SQLite + data directory) and Prometheus metrics. The listener comes up
+//! first; the model side attaches once loaded, and /readyz flips then.
 
 pub mod api;
+pub mod body;
+pub mod classify;
+pub mod compositions;
 pub mod engine;
+pub mod error;
+pub mod heads;
+pub mod heatmap;
+pub mod images;
 pub mod jobs;
 pub mod metrics;
-pub mod registry;
 pub mod routes;
+pub mod store;
+pub mod task_vectors;
 
+use crate::config::Config;
 use atlas_clip::Backbone;
-use atlas_core::Library;
+use atlas_core::{Library, StoreDType};
 use engine::{Engine, EngineSettings};
 use jobs::Jobs;
 use metrics::Metrics;
-use registry::Registry;
-use routes::AppState;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+use store::Store;
 
-pub struct Settings {
-    pub engine: EngineSettings,
-    pub job_queue: usize,
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub core: OnceLock<Core>,
+    pub load_error: OnceLock<String>,
 }
 
-/// The application: shared state wired to its worker threads.
-pub fn app(backbone: Arc<Backbone>, library: Arc<Library>, settings: Settings) -> axum::Router {
-    let registry = Arc::new(Registry::default());
-    let metrics = Arc::new(Metrics::new());
-    let engine = Engine::start(
-        backbone.clone(),
-        registry.clone(),
-        metrics.clone(),
-        settings.engine,
-    );
-    let jobs = Jobs::start(
-        backbone.clone(),
-        registry.clone(),
-        metrics.clone(),
-        settings.job_queue,
-    );
-    routes::router(AppState {
-        backbone,
-        library,
-        registry,
-        engine,
-        jobs,
-        metrics,
-    })
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The model side: present once loaded.
+pub struct Core {
+    pub backbone: Arc<Backbone>,
+    pub library: Arc<RwLock<Library>>,
+    pub store_dtype: StoreDType,
+    pub engine: Engine,
+    pub jobs: Arc<Jobs>,
+}
+
+impl Core {
+    pub fn library(&self) -> std::sync::RwLockReadGuard<'_, Library> {
+        self.library.read().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn library_mut(&self) -> std::sync::RwLockWriteGuard<'_, Library> {
+        self.library.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl AppState {
+    /// Opens the store; the model side is attached later with [`AppState::attach`].
+    pub fn new(config: Config) -> anyhow::Result<AppState> {
+        let store = Store::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(AppState(Arc::new(Shared {
+            config,
+            store: Arc::new(store),
+            metrics: Arc::new(Metrics::new()),
+            core: OnceLock::new(),
+            load_error: OnceLock::new(),
+        })))
+    }
+
+    pub fn router(&self) -> axum::Router {
+        routes::router(self.clone())
+    }
+
+    /// Starts the engine and the learning workers over a loaded backbone and library, adds the
+    /// task vectors uploaded earlier, and flips readiness.
+    pub fn attach(
+        &self,
+        backbone: Backbone,
+        mut library: Library,
+        store_dtype: StoreDType,
+    ) -> anyhow::Result<()> {
+        task_vectors::load_uploaded(&self.store, &backbone, &mut library, store_dtype)?;
+        let backbone = Arc::new(backbone);
+        let m = &self.metrics;
+        m.memory
+            .with_label_values(&["backbone"])
+            .set((backbone.manifest().numel() * 4) as i64);
+        m.memory
+            .with_label_values(&["library"])
+            .set(library.nbytes() as i64);
+        let c = &self.config;
+        let engine = Engine::start(
+            backbone.clone(),
+            self.metrics.clone(),
+            EngineSettings {
+                queue: c.queue,
+                cache_bytes: c.cache_mib << 20,
+                max_batch: c.max_batch,
+                max_wait: Duration::from_millis(c.max_wait_ms),
+            },
+        );
+        let library = Arc::new(RwLock::new(library));
+        let jobs = Jobs::start(
+            self.store.clone(),
+            backbone.clone(),
+            library.clone(),
+            self.metrics.clone(),
+            c.workers,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let core = Core {
+            backbone,
+            library,
+            store_dtype,
+            engine,
+            jobs,
+        };
+        if self.core.set(core).is_err() {
+            anyhow::bail!("the model side is already attached");
+        }
+        self.metrics.ready.set(1);
+        Ok(())
+    }
+
+    /// Loading failed: /readyz says why (the process keeps serving /healthz and errors).
+    pub fn fail(&self, why: String) {
+        let _ = self.load_error.set(why);
+    }
+
+    /// Shutdown: running jobs go back to the queue at their next step.
+    pub fn stop_jobs(&self) {
+        if let Some(c) = self.core.get() {
+            c.jobs.stop();
+        }
+    }
+
+    /// Waits (bounded) for running jobs to stop after [`AppState::stop_jobs`].
+    pub fn wait_jobs(&self, limit: Duration) {
+        let Some(c) = self.core.get() else { return };
+        let deadline = std::time::Instant::now() + limit;
+        while c.jobs.busy() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -1,0 +1,246 @@
+//! `serve` settings: config/default.toml (compiled in) under an optional config file, under
+//! ATLAS_* environment variables, under flags. Every key has one default, in that file.
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::path::PathBuf;
+
+const DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub model: String,
+    pub demo_preset: String,
+    pub tv_dir: String,
+    pub tvs: Vec<String>,
+    pub store: String,
+    pub data_dir: PathBuf,
+    pub cache_mib: usize,
+    pub queue: usize,
+    pub max_batch: usize,
+    pub max_wait_ms: u64,
+    pub request_timeout_s: u64,
+    pub workers: usize,
+    pub job_queue: usize,
+    pub api_keys: Vec<String>,
+    pub auth_reads: bool,
+    pub max_body_mib: usize,
+    pub max_image_pixels: u64,
+    pub max_images: usize,
+    pub max_examples: usize,
+    pub max_classes: usize,
+    pub max_parts: usize,
+}
+
+/// Flags of `serve`, one per key of config/default.toml; each also reads ATLAS_<KEY>.
+#[derive(clap::Args, Debug, Default)]
+pub struct Args {
+    /// A TOML file of settings (keys as in config/default.toml).
+    #[arg(long, env = "ATLAS_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "ATLAS_LISTEN")]
+    pub listen: Option<String>,
+    #[arg(long, env = "ATLAS_MODEL")]
+    pub model: Option<String>,
+    #[arg(long, env = "ATLAS_DEMO_PRESET")]
+    pub demo_preset: Option<String>,
+    #[arg(long, env = "ATLAS_TV_DIR")]
+    pub tv_dir: Option<String>,
+    /// Task-vector files, comma-separated.
+    #[arg(long, env = "ATLAS_TVS")]
+    pub tvs: Option<String>,
+    #[arg(long, env = "ATLAS_STORE")]
+    pub store: Option<String>,
+    #[arg(long, env = "ATLAS_DATA_DIR")]
+    pub data_dir: Option<String>,
+    #[arg(long, env = "ATLAS_CACHE_MIB")]
+    pub cache_mib: Option<String>,
+    #[arg(long, env = "ATLAS_QUEUE")]
+    pub queue: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_BATCH")]
+    pub max_batch: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_WAIT_MS")]
+    pub max_wait_ms: Option<String>,
+    #[arg(long, env = "ATLAS_REQUEST_TIMEOUT_S")]
+    pub request_timeout_s: Option<String>,
+    #[arg(long, env = "ATLAS_WORKERS")]
+    pub workers: Option<String>,
+    #[arg(long, env = "ATLAS_JOB_QUEUE")]
+    pub job_queue: Option<String>,
+    /// Comma-separated bearer keys.
+    #[arg(long, env = "ATLAS_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    #[arg(long, env = "ATLAS_AUTH_READS")]
+    pub auth_reads: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_BODY_MIB")]
+    pub max_body_mib: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_IMAGE_PIXELS")]
+    pub max_image_pixels: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_IMAGES")]
+    pub max_images: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_EXAMPLES")]
+    pub max_examples: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_CLASSES")]
+    pub max_classes: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_PARTS")]
+    pub max_parts: Option<String>,
+}
+
+impl Args {
+    fn overrides(&self) -> Vec<(&'static str, &Option<String>)> {
+        vec![
+            ("listen", &self.listen),
+            ("model", &self.model),
+            ("demo_preset", &self.demo_preset),
+            ("tv_dir", &self.tv_dir),
+            ("tvs", &self.tvs),
+            ("store", &self.store),
+            ("data_dir", &self.data_dir),
+            ("cache_mib", &self.cache_mib),
+            ("queue", &self.queue),
+            ("max_batch", &self.max_batch),
+            ("max_wait_ms", &self.max_wait_ms),
+            ("request_timeout_s", &self.request_timeout_s),
+            ("workers", &self.workers),
+            ("job_queue", &self.job_queue),
+            ("api_keys", &self.api_keys),
+            ("auth_reads", &self.auth_reads),
+            ("max_body_mib", &self.max_body_mib),
+            ("max_image_pixels", &self.max_image_pixels),
+            ("max_images", &self.max_images),
+            ("max_examples", &self.max_examples),
+            ("max_classes", &self.max_classes),
+            ("max_parts", &self.max_parts),
+        ]
+    }
+}
+
+impl Config {
+    /// Defaults, then the config file, then flags and environment (clap merges those two).
+    pub fn load(args: &Args) -> anyhow::Result<Config> {
+        let mut table: toml::Table = DEFAULTS.parse().context("config/default.toml")?;
+        if let Some(path) = &args.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let file: toml::Table = text
+                .parse()
+                .with_context(|| format!("parsing config file {}", path.display()))?;
+            for (k, v) in file {
+                if !table.contains_key(&k) {
+                    bail!("{}: unknown setting {k:?}", path.display());
+                }
+                table.insert(k, v);
+            }
+        }
+        for (key, value) in args.overrides() {
+            if let Some(v) = value {
+                let typed = typed_value(&table[key], v)
+                    .with_context(|| format!("setting {key} (flag --{} or ATLAS_{}): {v:?}", key.replace('_', "-"), key.to_uppercase()))?;
+                table.insert(key.to_string(), typed);
+            }
+        }
+        let c: Config = table.try_into().context("invalid settings")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Built from the defaults alone.
+    #[cfg(test)]
+    pub fn defaults() -> Config {
+        Config::load(&Args::default()).expect("config/default.toml is valid")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("queue", self.queue),
+            ("max_batch", self.max_batch),
+            ("workers", self.workers),
+            ("job_queue", self.job_queue),
+            ("max_body_mib", self.max_body_mib),
+            ("max_images", self.max_images),
+            ("max_examples", self.max_examples),
+            ("max_classes", self.max_classes),
+            ("max_parts", self.max_parts),
+            ("request_timeout_s", self.request_timeout_s as usize),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                bail!("setting {k} must be at least 1");
+            }
+        }
+        if self.api_keys.iter().any(|k| k.len() < 16) {
+            bail!("api_keys: each key must be at least 16 characters");
+        }
+        Ok(())
+    }
+}
+
+/// A flag or environment string as a TOML value of the default's type (lists comma-separated).
+fn typed_value(default: &toml::Value, s: &str) -> anyhow::Result<toml::Value> {
+    use toml::Value;
+    Ok(match default {
+        Value::String(_) => Value::String(s.to_string()),
+        Value::Integer(_) => Value::Integer(s.trim().parse().context("expected an integer")?),
+        Value::Float(_) => Value::Float(s.trim().parse().context("expected a number")?),
+        Value::Boolean(_) => Value::Boolean(match s.trim() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => bail!("expected true or false"),
+        }),
+        Value::Array(_) => Value::Array(
+            s.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(|x| Value::String(x.to_string()))
+                .collect(),
+        ),
+        other => bail!("unsupported setting type {}", other.type_str()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_flags_override() {
+        let d = Config::defaults();
+        assert_eq!(d.listen, "127.0.0.1:8080");
+        let args = Args {
+            cache_mib: Some("17".into()),
+            tvs: Some("a.safetensors, b.safetensors".into()),
+            auth_reads: Some("yes".into()),
+            ..Args::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.cache_mib, 17);
+        assert_eq!(c.tvs, vec!["a.safetensors", "b.safetensors"]);
+        assert!(c.auth_reads);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_named() {
+        let args = Args {
+            queue: Some("many".into()),
+            ..Args::default()
+        };
+        let e = format!("{:#}", Config::load(&args).unwrap_err());
+        assert!(e.contains("queue") && e.contains("integer"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "cache_mb = 3\n").unwrap();
+        let args = Args {
+            config: Some(path),
+            ..Args::default()
+        };
+        let e = format!("{:#}", Config::load(&args).unwrap_err());
+        assert!(e.contains("unknown setting \"cache_mb\""), "{e}");
+        let args = Args {
+            api_keys: Some("short".into()),
+            ..Args::default()
+        };
+        assert!(format!("{:#}", Config::load(&args).unwrap_err()).contains("16 characters"));
+    }
+}

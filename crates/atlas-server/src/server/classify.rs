@@ -1,0 +1,169 @@
+//! POST /classify and the heads it uses (POST /heads, GET /heads/{id}).
+
+use super::api::{ClassifyRequest, ClassifyResponse, HeadRequest, HeadView, Status};
+use super::body::{parse, Body};
+use super::engine::{ClassifyJob, Refused, Target};
+use super::error::{ApiError, ApiJson, ApiResult};
+use super::{heads, images, AppState, Core};
+use atlas_core::Coefficients;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn create_head(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<HeadRequest>,
+) -> ApiResult<(StatusCode, Json<HeadView>)> {
+    let head = heads::head(req.classes, &req.templates, s.config.max_classes)?;
+    s.store.put_head(&head)?;
+    Ok((StatusCode::CREATED, Json(head)))
+}
+
+pub async fn get_head(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HeadView>> {
+    s.store
+        .get_head(&id)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no head {id}")))
+}
+
+pub async fn classify(State(s): State<AppState>, body: Body) -> ApiResult<Json<ClassifyResponse>> {
+    let core = s.ready()?;
+    let req: ClassifyRequest = parse(body.json.clone(), "classify request")?;
+    let head = resolve_head(&s, &req)?;
+    let mut raw = Vec::new();
+    for (i, img) in req.images.iter().enumerate() {
+        let what = format!("image {i}");
+        raw.push((what.clone(), images::b64(img, &what)?));
+    }
+    for f in &body.files {
+        raw.push((format!("file {:?}", f.filename), f.bytes.clone()));
+    }
+    if raw.is_empty() || raw.len() > s.config.max_images {
+        return Err(ApiError::bad(format!(
+            "give between 1 and {} images (base64 in \"images\" or multipart file parts), got {}",
+            s.config.max_images,
+            raw.len()
+        )));
+    }
+    if req.top_k == 0 {
+        return Err(ApiError::bad("top_k must be at least 1"));
+    }
+    let composition = req.composition.clone().unwrap_or_else(|| "base".into());
+    let target = resolve_target(&s, core, &composition)?;
+    let size = core.backbone.config.vision.image_size;
+    let pixels = images::preprocess(raw, size, s.config.max_image_pixels).await?;
+    let head_id = head.id.clone();
+    let predictions = run(&s, core, target, head, pixels, req.top_k).await?;
+    Ok(Json(ClassifyResponse {
+        composition,
+        head: head_id,
+        predictions,
+    }))
+}
+
+fn resolve_head(s: &AppState, req: &ClassifyRequest) -> ApiResult<HeadView> {
+    match (&req.head, &req.classes) {
+        (Some(_), Some(_)) => Err(ApiError::bad("give either head or classes, not both")),
+        (Some(id), None) => s
+            .store
+            .get_head(id)?
+            .ok_or_else(|| ApiError::not_found(format!("no head {id}"))),
+        (None, Some(classes)) => {
+            heads::head(classes.clone(), &req.templates, s.config.max_classes)
+        }
+        (None, None) => Err(ApiError::bad(
+            "give a head id (POST /heads) or class names in \"classes\"",
+        )),
+    }
+}
+
+/// The composition to serve: None for "base"; 404 unknown, 409 not (yet) succeeded.
+fn resolve_target(s: &AppState, core: &Core, id: &str) -> ApiResult<Option<Arc<Target>>> {
+    if id == "base" {
+        return Ok(None);
+    }
+    let c = s
+        .store
+        .get(id)?
+        .ok_or_else(|| ApiError::not_found(format!("no composition {id}")))?;
+    let (Status::Succeeded, Some(values)) = (c.status, c.coefficients) else {
+        return Err(ApiError::conflict(format!(
+            "composition {id} is {}, not succeeded: it cannot serve yet",
+            c.status.as_str()
+        )));
+    };
+    let tvs = core
+        .library()
+        .select(&c.task_vectors)
+        .map_err(|e| ApiError::conflict(format!("composition {id}: {e}")))?;
+    let coefs = Coefficients::new(
+        c.layout,
+        tvs.len(),
+        core.backbone.manifest().len(),
+        values,
+    )
+    .map_err(ApiError::internal)?;
+    let digests: Vec<&str> = tvs.iter().map(|t| t.digest()).collect();
+    Ok(Some(Arc::new(Target {
+        key: format!("{id}:{}", digests.join(",")),
+        tvs,
+        coefs,
+    })))
+}
+
+async fn run(
+    s: &AppState,
+    core: &Core,
+    target: Option<Arc<Target>>,
+    head: HeadView,
+    pixels: Vec<Vec<f32>>,
+    top_k: usize,
+) -> ApiResult<Vec<Vec<super::api::Prediction>>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = ClassifyJob {
+        target,
+        head,
+        pixels,
+        top_k,
+        reply: tx,
+    };
+    match core.engine.submit(job) {
+        Ok(()) => {}
+        Err(Refused::Full) => {
+            s.metrics.rejected.with_label_values(&["queue_full"]).inc();
+            return Err(ApiError::busy(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the classification queue is full; retry later",
+                1,
+            ));
+        }
+        Err(Refused::Stopped) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine has stopped",
+            ))
+        }
+    }
+    let timeout = Duration::from_secs(s.config.request_timeout_s);
+    match tokio::time::timeout(timeout, rx).await {
+        Err(_) => {
+            s.metrics.rejected.with_label_values(&["timeout"]).inc();
+            Err(ApiError::busy(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("classification did not finish within {timeout:?}"),
+                1,
+            ))
+        }
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine has stopped",
+        )),
+        Ok(Ok(Err(e))) => Err(ApiError::internal(format!("classification failed: {e}"))),
+        Ok(Ok(Ok(p))) => Ok(p),
+    }
+}

@@ -1,0 +1,122 @@
+//! Zero-shot heads as the API names them: class names plus prompt templates, identified by a
+//! hash of their content (the same classes and templates always give the same id).
+
+use super::api::{HeadView, Templates};
+use super::error::{ApiError, ApiResult};
+use atlas_clip::templates;
+use sha2::{Digest, Sha256};
+
+/// Longest class name or template, in bytes (the tokenizer truncates at 77 tokens anyway).
+const MAX_TEXT: usize = 1000;
+
+pub fn resolve_templates(t: &Templates) -> ApiResult<Vec<String>> {
+    let list: Vec<String> = match t {
+        Templates::Named(n) if n == "default" => templates::default_templates()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        Templates::Named(n) => templates::templates_for(n)
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "no templates for data set {n:?}; known: default, {}",
+                    templates::dataset_names().join(", ")
+                ))
+            })?
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        Templates::List(l) => l.clone(),
+    };
+    if list.is_empty() || list.len() > 100 {
+        return Err(ApiError::bad("give between 1 and 100 templates"));
+    }
+    if let Some(bad) = list
+        .iter()
+        .find(|t| t.matches("{}").count() != 1 || t.len() > MAX_TEXT || t.contains('\0'))
+    {
+        return Err(ApiError::bad(format!(
+            "template {:?} must contain exactly one {{}} for the class name, no NUL, at most {MAX_TEXT} bytes",
+            truncate(bad)
+        )));
+    }
+    Ok(list)
+}
+
+pub fn check_classes(classes: &[String], max: usize) -> ApiResult<()> {
+    if classes.is_empty() || classes.len() > max {
+        return Err(ApiError::bad(format!(
+            "give between 1 and {max} class names, got {}",
+            classes.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in classes {
+        if c.trim().is_empty() {
+            return Err(ApiError::bad("class names must not be empty"));
+        }
+        if c.len() > MAX_TEXT || c.contains('\0') {
+            return Err(ApiError::bad(format!(
+                "class name {:?} is longer than {MAX_TEXT} bytes or contains NUL",
+                truncate(c)
+            )));
+        }
+        if !seen.insert(c.as_str()) {
+            return Err(ApiError::bad(format!("class name {c:?} appears twice")));
+        }
+    }
+    Ok(())
+}
+
+/// The head of these classes and templates, validated, with its content id.
+pub fn head(classes: Vec<String>, templates: &Templates, max_classes: usize) -> ApiResult<HeadView> {
+    check_classes(&classes, max_classes)?;
+    let templates = resolve_templates(templates)?;
+    let mut h = Sha256::new();
+    for part in classes.iter().chain([&String::new()]).chain(templates.iter()) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let id = format!("h{}", &hex::encode(h.finalize())[..16]);
+    Ok(HeadView {
+        id,
+        classes,
+        templates,
+    })
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_depend_on_content_only() {
+        let a = head(vec!["cat".into(), "dog".into()], &Templates::default(), 10).unwrap();
+        let b = head(vec!["cat".into(), "dog".into()], &Templates::default(), 10).unwrap();
+        let c = head(vec!["dog".into(), "cat".into()], &Templates::default(), 10).unwrap();
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        // Boundaries are part of the hash: ["ab", "c"] is not ["a", "bc"].
+        let d = head(vec!["ab".into(), "c".into()], &Templates::default(), 10).unwrap();
+        let e = head(vec!["a".into(), "bc".into()], &Templates::default(), 10).unwrap();
+        assert_ne!(d.id, e.id);
+    }
+
+    #[test]
+    fn bad_classes_and_templates_say_why() {
+        let err = |r: ApiResult<HeadView>| r.unwrap_err().detail;
+        let t = Templates::default();
+        assert!(err(head(vec![], &t, 10)).contains("between 1 and 10"));
+        assert!(err(head(vec!["a".into(), "a".into()], &t, 10)).contains("twice"));
+        assert!(err(head(vec![" ".into()], &t, 10)).contains("empty"));
+        let nul = Templates::List(vec!["a {} \0".into()]);
+        assert!(err(head(vec!["a".into()], &nul, 10)).contains("NUL"));
+        let none = Templates::List(vec!["no slot".into()]);
+        assert!(err(head(vec!["a".into()], &none, 10)).contains("exactly one {}"));
+        let unknown = Templates::Named("NoSuchSet".into());
+        assert!(err(head(vec!["a".into()], &unknown, 10)).contains("no templates"));
+    }
+}

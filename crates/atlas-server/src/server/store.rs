@@ -1,0 +1,289 @@
+//! The durable store: one SQLite database (WAL) in the data directory, holding compositions
+//! (with their jobs' state), heads and uploaded task vectors; files (job examples, checkpoints,
+//! uploaded task vectors) live beside it. Each record is a JSON document plus the columns
+//! queries need.
+
+use super::api::{Composition, HeadView, Status};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    dir: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "store: {}", self.0)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS compositions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS compositions_status ON compositions(status, seq);
+CREATE TABLE IF NOT EXISTS heads (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS task_vectors (name TEXT PRIMARY KEY, file TEXT NOT NULL, source TEXT NOT NULL);
+";
+
+impl Store {
+    /// Opens (creating) the store in `dir`: `atlas.db` plus `jobs/` and `task-vectors/`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        for sub in ["jobs", "task-vectors"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| StoreError(format!("creating {}: {e}", dir.join(sub).display())))?;
+        }
+        let conn = Connection::open(dir.join("atlas.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("jobs").join(id)
+    }
+
+    pub fn tv_dir(&self) -> PathBuf {
+        self.dir.join("task-vectors")
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (statements are atomic).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Inserts a new composition. With an idempotency key already used, returns the earlier
+    /// composition instead (and inserts nothing).
+    pub fn insert(&self, c: &Composition, key: Option<&str>) -> Result<Option<Composition>> {
+        let conn = self.conn();
+        if let Some(k) = key {
+            let doc: Option<String> = conn
+                .query_row(
+                    "SELECT doc FROM compositions WHERE idempotency_key = ?1",
+                    [k],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(doc) = doc {
+                return Ok(Some(serde_json::from_str(&doc)?));
+            }
+        }
+        conn.execute(
+            "INSERT INTO compositions (id, status, idempotency_key, doc) VALUES (?1, ?2, ?3, ?4)",
+            params![c.id, c.status.as_str(), key, serde_json::to_string(c)?],
+        )?;
+        Ok(None)
+    }
+
+    /// The composition created earlier with this idempotency key.
+    pub fn find_idempotent(&self, key: &str) -> Result<Option<Composition>> {
+        let doc: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT doc FROM compositions WHERE idempotency_key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(doc.map(|d| serde_json::from_str(&d)).transpose()?)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Composition>> {
+        let doc: Option<String> = self
+            .conn()
+            .query_row("SELECT doc FROM compositions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(doc.map(|d| serde_json::from_str(&d)).transpose()?)
+    }
+
+    /// Applies `f` to a stored composition and writes it back; None when it does not exist.
+    pub fn update(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Composition),
+    ) -> Result<Option<Composition>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let doc: Option<String> = tx
+            .query_row("SELECT doc FROM compositions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(doc) = doc else { return Ok(None) };
+        let mut c: Composition = serde_json::from_str(&doc)?;
+        f(&mut c);
+        tx.execute(
+            "UPDATE compositions SET status = ?2, doc = ?3 WHERE id = ?1",
+            params![id, c.status.as_str(), serde_json::to_string(&c)?],
+        )?;
+        tx.commit()?;
+        Ok(Some(c))
+    }
+
+    pub fn delete(&self, id: &str) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM compositions WHERE id = ?1", [id])?;
+        Ok(n > 0)
+    }
+
+    /// A page of compositions in creation order, optionally of one status.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<Composition>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT doc FROM compositions WHERE (?1 IS NULL OR status = ?1)
+             ORDER BY seq LIMIT ?2 OFFSET ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![status.map(|s| s.as_str()), limit as i64, offset as i64],
+            |r| r.get::<_, String>(0),
+        )?;
+        rows.map(|d| Ok(serde_json::from_str(&d?)?)).collect()
+    }
+
+    /// The oldest queued job, marked running in the same transaction (so two workers never
+    /// claim one job).
+    pub fn claim_next(&self) -> Result<Option<Composition>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let row: Option<(String, String)> = tx
+            .query_row(
+                "SELECT id, doc FROM compositions WHERE status = 'queued' ORDER BY seq LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((id, doc)) = row else {
+            return Ok(None);
+        };
+        let mut c: Composition = serde_json::from_str(&doc)?;
+        c.status = Status::Running;
+        tx.execute(
+            "UPDATE compositions SET status = 'running', doc = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(&c)?],
+        )?;
+        tx.commit()?;
+        Ok(Some(c))
+    }
+
+    /// After a restart: jobs that were running go back to the queue (they resume from their
+    /// checkpoints). Returns how many.
+    pub fn requeue_running(&self) -> Result<usize> {
+        let ids: Vec<String> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT id FROM compositions WHERE status = 'running'")?;
+            let ids = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            ids
+        };
+        for id in &ids {
+            self.update(id, |c| c.status = Status::Queued)?;
+        }
+        Ok(ids.len())
+    }
+
+    pub fn count_by_status(&self) -> Result<Vec<(String, i64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM compositions GROUP BY status")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Ids of compositions (any status but failed or cancelled) that use the task vector.
+    pub fn users_of(&self, tv: &str) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, doc FROM compositions WHERE status NOT IN ('failed', 'cancelled')",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, doc) = row?;
+            let c: Composition = serde_json::from_str(&doc)?;
+            if c.task_vectors.iter().any(|t| t == tv) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_head(&self, h: &HeadView) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO heads (id, doc) VALUES (?1, ?2)",
+            params![h.id, serde_json::to_string(h)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_head(&self, id: &str) -> Result<Option<HeadView>> {
+        let doc: Option<String> = self
+            .conn()
+            .query_row("SELECT doc FROM heads WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        Ok(doc.map(|d| serde_json::from_str(&d)).transpose()?)
+    }
+
+    /// Records a task vector the server stored itself (uploads, conversions), so that it is
+    /// loaded again at start.
+    pub fn put_task_vector(&self, name: &str, file: &str, source: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO task_vectors (name, file, source) VALUES (?1, ?2, ?3)",
+            params![name, file, source],
+        )?;
+        Ok(())
+    }
+
+    pub fn task_vectors(&self) -> Result<Vec<(String, String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, file, source FROM task_vectors ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn delete_task_vector(&self, name: &str) -> Result<Option<String>> {
+        let conn = self.conn();
+        let file: Option<String> = conn
+            .query_row(
+                "SELECT file FROM task_vectors WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        conn.execute("DELETE FROM task_vectors WHERE name = ?1", [name])?;
+        Ok(file)
+    }
+}

@@ -1,0 +1,280 @@
+//! The task-vector library over HTTP: list, inspect (block norms), add (from a fine-tuned
+//! checkpoint, a file inside the library directory, or an uploaded safetensors delta; always
+//! validated against the backbone) and delete (refused while a composition uses it).
+
+use super::api::*;
+use super::body::{parse, Body};
+use super::error::{ApiError, ApiResult};
+use super::store::Store;
+use super::{images, AppState, Core};
+use atlas_clip::checkpoint::Checkpoint;
+use atlas_clip::Backbone;
+use atlas_core::{Library, StoreDType, TaskVector};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn summary(t: &TaskVector) -> TaskVectorSummary {
+    TaskVectorSummary {
+        name: t.name().to_string(),
+        dtype: format!("{:?}", t.dtype()).to_lowercase(),
+        digest: t.digest().to_string(),
+        bytes: t.nbytes(),
+        source: t.meta.source.clone(),
+    }
+}
+
+pub async fn list(State(s): State<AppState>) -> ApiResult<Json<TaskVectorList>> {
+    let core = s.ready()?;
+    let lib = core.library();
+    Ok(Json(TaskVectorList {
+        backbone: core.backbone.id.clone(),
+        backbone_digest: core.backbone.base_digest().to_string(),
+        blocks: core.backbone.manifest().len(),
+        task_vectors: lib.all().iter().map(|t| summary(t)).collect(),
+    }))
+}
+
+pub async fn get(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<TaskVectorDetail>> {
+    let core = s.ready()?;
+    let tv = core
+        .library()
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no task vector {name:?}")))?;
+    let backbone = core.backbone.clone();
+    let detail = tokio::task::spawn_blocking(move || detail(&backbone, &tv))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(detail))
+}
+
+fn detail(backbone: &Backbone, tv: &TaskVector) -> TaskVectorDetail {
+    let blocks = backbone
+        .manifest()
+        .blocks()
+        .iter()
+        .zip(tv.blocks())
+        .map(|(b, buf)| BlockInfo {
+            name: b.name.clone(),
+            numel: b.numel(),
+            norm: buf
+                .to_f32_vec()
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt(),
+        })
+        .collect();
+    TaskVectorDetail {
+        summary: summary(tv),
+        blocks,
+    }
+}
+
+/// Names become file names: a conservative alphabet, no leading dot, bounded length.
+fn check_name(name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "task-vector name {:?} must be 1 to 100 characters of A-Z a-z 0-9 - _ . and not start with a dot",
+            name.chars().take(60).collect::<String>()
+        )))
+    }
+}
+
+pub async fn create(
+    State(s): State<AppState>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
+    let core = s.ready()?;
+    let req: TaskVectorRequest = parse(body.json.clone(), "task-vector request")?;
+    check_name(&req.name)?;
+    if core.library().get(&req.name).is_some() {
+        return Err(ApiError::conflict(format!(
+            "a task vector named {:?} exists already",
+            req.name
+        )));
+    }
+    let upload = match (&req.safetensors, body.files.as_slice()) {
+        (Some(b), []) => Some(images::b64(b, "safetensors")?),
+        (None, [f]) => Some(f.bytes.clone()),
+        (None, []) => None,
+        _ => {
+            return Err(ApiError::bad(
+                "give the safetensors once: base64 in \"safetensors\" or one multipart file",
+            ))
+        }
+    };
+    let sources = [req.checkpoint.is_some(), req.file.is_some(), upload.is_some()];
+    if sources.iter().filter(|&&x| x).count() != 1 {
+        return Err(ApiError::bad(
+            "give exactly one source: \"checkpoint\", \"file\" or \"safetensors\" (or one multipart file)",
+        ));
+    }
+    let (backbone, dtype, store, tv_dir) = (
+        core.backbone.clone(),
+        core.store_dtype,
+        s.store.clone(),
+        s.config.tv_dir.clone(),
+    );
+    let name = req.name.clone();
+    let tv = tokio::task::spawn_blocking(move || -> ApiResult<TaskVector> {
+        match (req.checkpoint, req.file, upload) {
+            (Some(ckpt), _, _) => from_checkpoint(&backbone, &ckpt, &tv_dir, &name, dtype),
+            (_, Some(file), _) => {
+                let path = inside_library(&tv_dir, &file)?;
+                load(&backbone, &path, &name, dtype)
+            }
+            (_, _, Some(bytes)) => from_upload(&backbone, &store, &bytes, &name, dtype),
+            _ => unreachable!("one source checked above"),
+        }
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    add(&s, core, tv)
+}
+
+fn add(s: &AppState, core: &Core, tv: TaskVector) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
+    let out = summary(&tv);
+    let mut lib = core.library_mut();
+    lib.add(tv).map_err(|e| ApiError::conflict(e.to_string()))?;
+    s.metrics
+        .memory
+        .with_label_values(&["library"])
+        .set(lib.nbytes() as i64);
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+fn load(backbone: &Backbone, path: &std::path::Path, name: &str, dtype: StoreDType) -> ApiResult<TaskVector> {
+    backbone
+        .load_task_vector(path, Some(name), dtype)
+        .map_err(|e| ApiError::bad(format!("task vector {name:?}: {e}")))
+}
+
+/// A path for `file` that stays inside the library directory (no `..`, no absolute paths, no
+/// links out of it).
+fn inside_library(tv_dir: &str, file: &str) -> ApiResult<PathBuf> {
+    if tv_dir.is_empty() {
+        return Err(ApiError::bad(
+            "no library directory is configured (tv_dir), so \"file\" cannot be used",
+        ));
+    }
+    let root = std::fs::canonicalize(tv_dir).map_err(ApiError::internal)?;
+    let rel = std::path::Path::new(file);
+    let plain = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain || file.contains('\0') {
+        return Err(ApiError::bad(format!(
+            "file {file:?} must be a relative path inside the library directory"
+        )));
+    }
+    let path = std::fs::canonicalize(root.join(rel))
+        .map_err(|_| ApiError::not_found(format!("no file {file:?} in the library directory")))?;
+    if !path.starts_with(&root) {
+        return Err(ApiError::bad(format!(
+            "file {file:?} resolves outside the library directory"
+        )));
+    }
+    Ok(path)
+}
+
+fn from_checkpoint(
+    backbone: &Backbone,
+    ckpt: &str,
+    tv_dir: &str,
+    name: &str,
+    dtype: StoreDType,
+) -> ApiResult<TaskVector> {
+    // A local checkpoint must be inside the library directory; anything else is a hub id.
+    let looks_local = ckpt.starts_with('.') || ckpt.starts_with('/') || ckpt.contains('\\');
+    let model = if looks_local {
+        inside_library(tv_dir, ckpt)?.display().to_string()
+    } else {
+        ckpt.to_string()
+    };
+    let ft = Checkpoint::open(&model)
+        .map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))?;
+    backbone
+        .task_vector_from_checkpoint(ft, name, dtype)
+        .map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))
+}
+
+/// Validates an uploaded delta and keeps it in the data directory, recorded in the store so it
+/// is loaded again after a restart.
+fn from_upload(
+    backbone: &Backbone,
+    store: &Store,
+    bytes: &[u8],
+    name: &str,
+    dtype: StoreDType,
+) -> ApiResult<TaskVector> {
+    let dir = store.tv_dir();
+    let tmp = dir.join(format!(".{name}.upload"));
+    std::fs::write(&tmp, bytes).map_err(ApiError::internal)?;
+    let tv = load(backbone, &tmp, name, dtype);
+    let tv = match tv {
+        Ok(tv) => tv,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let file = format!("{name}.safetensors");
+    std::fs::rename(&tmp, dir.join(&file)).map_err(ApiError::internal)?;
+    store.put_task_vector(name, &file, "upload")?;
+    Ok(tv)
+}
+
+pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let core = s.ready()?;
+    if core.library().get(&name).is_none() {
+        return Err(ApiError::not_found(format!("no task vector {name:?}")));
+    }
+    let users = s.store.users_of(&name)?;
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "task vector {name:?} is used by composition(s) {}; delete them first",
+            users.join(", ")
+        )));
+    }
+    let removed: Option<Arc<TaskVector>> = core.library_mut().remove(&name);
+    if removed.is_some() {
+        if let Some(file) = s.store.delete_task_vector(&name)? {
+            let _ = std::fs::remove_file(s.store.tv_dir().join(file));
+        }
+    }
+    s.metrics
+        .memory
+        .with_label_values(&["library"])
+        .set(core.library().nbytes() as i64);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// At start: the task vectors uploaded earlier join the library.
+pub fn load_uploaded(
+    store: &Store,
+    backbone: &Backbone,
+    library: &mut Library,
+    dtype: StoreDType,
+) -> anyhow::Result<()> {
+    for (name, file, _) in store.task_vectors().map_err(|e| anyhow::anyhow!("{e}"))? {
+        let path = store.tv_dir().join(&file);
+        let tv = backbone.load_task_vector(&path, Some(&name), dtype)?;
+        library.add(tv)?;
+    }
+    Ok(())
+}
