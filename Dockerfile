@@ -1,45 +1,88 @@
 # syntax=docker/dockerfile:1
 #
-# Multi-stage build of the atlas-serve binary (CPU). Build from the repository root:
+# The atlas-serve image, for CPU (default) or NVIDIA GPU. From the repository root:
 #
-#     docker build -t atlas-serve .
-#     docker run --rm -p 8080:8080 -v atlas-data:/data -e ATLAS_MODEL=openai/clip-vit-base-patch32 atlas-serve
+#     docker build -t atlas-serve:cpu .
+#     docker build -t atlas-serve:cuda --build-arg VARIANT=cuda --build-arg CUDA_COMPUTE_CAP=90 .
+#     docker run --rm -p 8080:8080 -v atlas-data:/data -v atlas-cache:/cache atlas-serve:cpu
 #
-# NOT TESTED: this file was written on a machine without a Docker engine; it has never been
-# built. Expect to fix small things the first time it is.
+# CUDA_COMPUTE_CAP is the GPU's compute capability without the dot (80 A100, 86 A10/RTX 30xx,
+# 89 L4/L40, 90 H100): candle compiles its kernels for it, and no GPU can be queried while an
+# image builds. Run the CUDA image with `--gpus all` (NVIDIA Container Toolkit).
 #
-# Only Cargo.toml, Cargo.lock and crates/ are copied, so BuildKit sends just those from the
-# build context (target/ and the test fixtures stay out).
+# Both variants compile with deploy/build-server.sh, which CI runs too (.ci/deploy-checks, in
+# the dev profile). The only network used while building is the base images' registry, Debian's
+# or Ubuntu's package archive and crates.io.
 
-FROM rust:1-bookworm AS builder
+ARG VARIANT=cpu
+ARG RUST_VERSION=1.88
+ARG CUDA_VERSION=12.4.1
+
+# ------------------------------------------------------------------------------ toolchains
+FROM rust:${RUST_VERSION}-bookworm AS build-cpu
+
+# The CUDA devel image has nvcc and the CUDA libraries but no Rust: take the toolchain of the
+# official Rust image (rustup's toolchains run on any glibc this recent).
+FROM rust:${RUST_VERSION}-bookworm AS rust
+FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS build-cuda
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
+COPY --from=rust /usr/local/rustup /usr/local/rustup
+COPY --from=rust /usr/local/cargo /usr/local/cargo
+ARG CUDA_COMPUTE_CAP=80
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} ATLAS_BUILD_CUDA=1
+
+# ------------------------------------------------------------------------------ build
+# hadolint ignore=DL3006
+FROM build-${VARIANT} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
+# Dependencies first, over stand-ins for the workspace's sources: this layer is rebuilt only when
+# a manifest or the lock file changes. CI checks that these COPY lines name every member's
+# manifest and that the stand-ins resolve the same dependencies as the real sources.
 COPY Cargo.toml Cargo.lock ./
+COPY crates/atlas-core/Cargo.toml crates/atlas-core/
+COPY crates/atlas-clip/Cargo.toml crates/atlas-clip/
+COPY crates/atlas-learn/Cargo.toml crates/atlas-learn/
+COPY crates/atlas-demo/Cargo.toml crates/atlas-demo/
+COPY crates/atlas-server/Cargo.toml crates/atlas-server/
+COPY deploy/build-server.sh deploy/
+RUN deploy/build-server.sh --deps-only
+# Then the sources.
 COPY crates ./crates
-# The cache mounts keep the crates.io registry and compiled dependencies between builds.
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p atlas-server \
-    && install -m 0755 target/release/atlas-serve /usr/local/bin/atlas-serve
+RUN deploy/build-server.sh --out /out
 
-FROM debian:bookworm-slim
-# CA certificates for downloads from the Hugging Face hub; nothing else is needed at run time.
+# ------------------------------------------------------------------------------ runtimes
+FROM debian:bookworm-slim AS runtime-cpu
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04 AS runtime-cuda
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# hadolint ignore=DL3006
+FROM runtime-${VARIANT}
+# CA certificates for the Hugging Face hub, curl for HEALTHCHECK. Versions come from the base
+# image's release, which is pinned by the FROM lines.
+# hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
-# A fixed uid/gid (10001) so that Kubernetes' runAsNonRoot/runAsUser can name it (deploy/).
+# A fixed uid/gid, so that Kubernetes' runAsUser and fsGroup can name it (deploy/kubernetes).
 RUN groupadd --system --gid 10001 atlas \
-    && useradd --system --uid 10001 --gid atlas --create-home --home-dir /home/atlas atlas \
-    && mkdir -p /data/hf /data/task-vectors \
-    && chown -R atlas:atlas /data
-COPY --from=builder /usr/local/bin/atlas-serve /usr/local/bin/atlas-serve
-USER atlas
-# Data: the Hugging Face cache (models and checkpoints named by hub id) and task vectors.
-ENV HF_HOME=/data/hf
-VOLUME ["/data"]
-# `serve` listens on 127.0.0.1 by default; in a container it must listen on every interface.
-ENV ATLAS_LISTEN=0.0.0.0:8080
+    && useradd --system --uid 10001 --gid atlas --no-create-home --home-dir /nonexistent atlas \
+    && mkdir -p /data/task-vectors /cache/huggingface /cache/atlas-serve \
+    && chown -R atlas:atlas /data /cache
+COPY --from=build /out/atlas-serve /usr/local/bin/atlas-serve
+USER 10001:10001
+# /data: the server's data (task vectors, the store); /cache: the Hugging Face hub cache and the
+# demo world. The root file system can then be read-only.
+ENV ATLAS_LISTEN=0.0.0.0:8080 \
+    ATLAS_TV_DIR=/data/task-vectors \
+    HF_HOME=/cache/huggingface \
+    ATLAS_CACHE=/cache/atlas-serve
+VOLUME ["/data", "/cache"]
 EXPOSE 8080
+# The process answers (GET /healthz); readiness (/readyz) is for the orchestrator to wait on.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8080/healthz"]
 ENTRYPOINT ["atlas-serve"]
-# The main job. Settings come from flags or ATLAS_* environment variables (config/README.md),
-# e.g. -e ATLAS_MODEL=openai/clip-vit-base-patch32 -e ATLAS_TV_DIR=/data/task-vectors.
+# Settings come from flags or ATLAS_* variables (config/README.md), e.g.
+# -e ATLAS_MODEL=openai/clip-vit-base-patch32; without a model the demo world is served.
 CMD ["serve"]

@@ -1,0 +1,426 @@
+"""Live check of the dashboard and the alert rules against a real server and a real Prometheus.
+
+Starts `atlas-serve serve` on loopback (the tiny CLIP fixture and two task vectors, or the demo
+world with --demo PRESET) and Prometheus with deploy/prometheus/prometheus.yml (the target
+replaced by that server, scraping every 2 s), drives some traffic, waits for scrapes, then
+evaluates every PromQL expression of deploy/grafana/atlas-serve.json (panel queries and
+variable queries) and of the alert rules through Prometheus' HTTP API. Fails when one does not
+evaluate, when one names a metric that the server's /metrics does not export, or when a rule's
+evaluation is unhealthy.
+
+    python3 .ci/deploy/live_check.py --server target/debug/atlas-serve --prometheus PATH
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy/grafana/atlas-serve.json"
+PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
+FIXTURES = ROOT / "tests/fixtures"
+JOB = "atlas-serve"
+SCRAPE = 2  # seconds between scrapes and rule evaluations in the check
+# What Grafana would put in for its variables: every instance of the job, and windows that hold
+# several scrapes of a run that lasts a minute or two.
+GRAFANA_VARS = {
+    "$__rate_interval": "1m",
+    "$__interval": "10s",
+    "$__range": "5m",
+    "${job}": JOB,
+    "$job": JOB,
+    "${instance}": ".*",
+    "$instance": ".*",
+}
+# Series that Prometheus makes itself, not the server.
+SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS"}
+
+
+def log(msg: str) -> None:
+    print(f"live-check: {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body=None, timeout=30.0):
+    """(status, parsed JSON or text) of one request; HTTP errors are answers, not exceptions."""
+    data = None
+    headers = {}
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["content-type"] = "application/json"
+    key = os.environ.get("ATLAS_CHECK_API_KEY")
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def wait_for(what: str, probe, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if probe():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"live-check: {what} did not happen within {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Children started by the check, stopped (and their logs shown on failure) at the end."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.children = []
+
+    def start(self, name: str, argv, env=None) -> subprocess.Popen:
+        out = open(self.workdir / f"{name}.log", "w")
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+        self.children.append((name, p))
+        return p
+
+    def check_alive(self) -> None:
+        for name, p in self.children:
+            if p.poll() is not None:
+                self.show_logs()
+                raise SystemExit(f"live-check: {name} exited with {p.returncode}")
+
+    def show_logs(self) -> None:
+        for name, _ in self.children:
+            text = (self.workdir / f"{name}.log").read_text(errors="replace")
+            print(f"----- last lines of the {name} log -----")
+            print("\n".join(text.splitlines()[-40:]))
+
+    def stop(self) -> None:
+        for _, p in reversed(self.children):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def start_server(procs: Processes, binary: str, port: int, demo: str | None) -> str:
+    base = f"http://127.0.0.1:{port}"
+    data = procs.workdir / "data"
+    data.mkdir()
+    env = dict(os.environ)
+    # Everything the server writes stays in the check's temporary folder.
+    env.update({
+        "ATLAS_CACHE": str(procs.workdir / "cache"),
+        "ATLAS_DATA_DIR": str(data),
+        "HF_HOME": str(procs.workdir / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HOME": str(procs.workdir),
+    })
+    argv = [binary, "serve", "--listen", f"127.0.0.1:{port}"]
+    if demo:
+        argv += ["--demo-preset", demo]
+    else:
+        tiny = FIXTURES / "tiny"
+        argv += ["--model", str(tiny / "clip"), "--store", "f32",
+                 "--tv", str(tiny / "delta_c_openclip.safetensors"),
+                 "--tv", str(tiny / "delta_a_openclip_with_proj.safetensors")]
+    log(f"starting {' '.join(argv[1:])}")
+    procs.start("server", argv, env)
+
+    def up():
+        procs.check_alive()
+        return http("GET", f"{base}/healthz", timeout=2)[0] == 200
+
+    wait_for("the server answering /healthz", up, 900 if demo else 120)
+    return base
+
+
+def start_prometheus(procs: Processes, binary: str, port: int, target: str) -> str:
+    """Prometheus with the shipped configuration, only faster and aimed at the local server."""
+    config = yaml.safe_load(PROM_CONFIG.read_text())
+    config["global"]["scrape_interval"] = f"{SCRAPE}s"
+    config["global"]["evaluation_interval"] = f"{SCRAPE}s"
+    jobs = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
+    if len(jobs) != 1:
+        raise SystemExit(f"live-check: {PROM_CONFIG} has no single job {JOB}")
+    jobs[0]["scrape_timeout"] = f"{SCRAPE}s"
+    jobs[0]["static_configs"] = [{"targets": [target]}]
+    config["rule_files"] = [str(PROM_CONFIG.parent / f) for f in config.get("rule_files", [])]
+    path = procs.workdir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    procs.start("prometheus", [
+        binary,
+        f"--config.file={path}",
+        f"--storage.tsdb.path={procs.workdir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ])
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        procs.check_alive()
+        return http("GET", f"{base}/-/ready", timeout=2)[0] == 200
+
+    wait_for("Prometheus ready", ready, 60)
+    return base
+
+
+# ------------------------------------------------------------------------------------ traffic
+
+
+def traffic(base: str) -> list[str]:
+    """Some of every kind of request that the dashboard shows. Request shapes follow
+    openapi.yaml; this is the one place to change when they change. Returns what went wrong."""
+    problems = []
+
+    def expect(what, got, want):
+        if got[0] != want:
+            problems.append(f"{what}: HTTP {got[0]} (expected {want}): {str(got[1])[:300]}")
+        return got[1]
+
+    images = [base64.b64encode((FIXTURES / "preprocess" / n).read_bytes()).decode()
+              for n in ("gradient_50x37.png", "palette_40x30.png", "photo_41x64.jpg",
+                        "tiny_20x30.png")]
+    classes = ["red circle", "blue square", "green forest", "dog toy"]
+    expect("GET /healthz", http("GET", f"{base}/healthz"), 200)
+    expect("GET /readyz", http("GET", f"{base}/readyz"), 200)
+    tvs = expect("GET /task-vectors", http("GET", f"{base}/task-vectors"), 200)
+    names = [t["name"] for t in tvs["task_vectors"]] if isinstance(tvs, dict) else []
+    for i in range(6):
+        expect("POST /classify", http("POST", f"{base}/classify",
+                                      {"classes": classes, "images": images[: 1 + i % 4]}), 200)
+    expect("POST /classify (bad image)", http("POST", f"{base}/classify",
+                                              {"classes": classes, "images": ["%%%"]}), 400)
+    expect("GET /no-such-route", http("GET", f"{base}/no-such-route"), 404)
+    if len(names) >= 2:
+        comp = expect("POST /compositions (explicit)", http("POST", f"{base}/compositions", {
+            "kind": "explicit", "task_vectors": names[:2], "layout": {"kind": "isotropic"},
+            "values": [0.3, 0.5]}), 201)
+        if isinstance(comp, dict) and "id" in comp:
+            for _ in range(3):  # a miss, then hits
+                expect("POST /classify (composition)", http("POST", f"{base}/classify", {
+                    "composition": comp["id"], "classes": classes, "images": images}), 200)
+        examples = [{"image": images[i % 4], "label": i % 4} for i in range(8)]
+        job = expect("POST /compositions (learn)", http("POST", f"{base}/compositions", {
+            "kind": "learn", "objective": "few_shot", "task_vectors": names[:2],
+            "tasks": [{"classes": classes, "examples": examples}],
+            "config": {"epochs": 2, "batch_size": 4}}), 202)
+        if isinstance(job, dict) and "id" in job:
+            url = f"{base}/compositions/{urllib.parse.quote(job['id'])}"
+            state = {}
+
+            def finished():
+                nonlocal state
+                state = http("GET", url)[1]
+                return isinstance(state, dict) and state.get("status") in (
+                    "ready", "succeeded", "failed", "cancelled")
+
+            wait_for("the learning job finishing", finished, 300)
+            if state.get("status") not in ("ready", "succeeded"):
+                problems.append(f"learning job ended {state.get('status')}: {state}")
+    else:
+        problems.append(f"GET /task-vectors listed {names}: no composition or job was tried")
+    return problems
+
+
+# ---------------------------------------------------------------------------- expressions
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel query and query variable of the dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+
+    def panels(ps):
+        for p in ps:
+            yield p
+            yield from panels(p.get("panels", []))
+
+    for p in panels(dash.get("panels", [])):
+        for t in p.get("targets", []):
+            if t.get("expr"):
+                out.append((f"panel {p.get('title')!r} {t.get('refId')}", t["expr"]))
+    for v in dash.get("templating", {}).get("list", []):
+        if v.get("type") != "query":
+            continue
+        query = v.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        m = re.fullmatch(r"\s*label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\)\s*", query or "")
+        if not m:
+            raise SystemExit(f"live-check: variable {v.get('name')}: cannot check {query!r}")
+        # label_values(selector, label) lists the label's values over the selector's series.
+        out.append((f"variable ${v['name']}", f"count by ({m.group(2)}) ({m.group(1)})"))
+    return out
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    config = yaml.safe_load(PROM_CONFIG.read_text())
+    out = []
+    for f in config.get("rule_files", []):
+        for g in yaml.safe_load((PROM_CONFIG.parent / f).read_text())["groups"]:
+            for r in g["rules"]:
+                out.append((f"rule {r.get('alert') or r.get('record')}", r["expr"]))
+    return out
+
+
+def substitute(expr: str) -> str:
+    for k in sorted(GRAFANA_VARS, key=len, reverse=True):
+        expr = expr.replace(k, GRAFANA_VARS[k])
+    if "$" in expr:
+        raise ValueError(f"unknown Grafana variable in {expr!r}")
+    return expr
+
+
+KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+            "group_left", "group_right", "inf", "nan", "atan2", "start", "end"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names that a PromQL expression selects: identifiers left once strings, label
+    matchers, grouping clauses, ranges and function calls are taken out."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        word = m.group(0)
+        rest = s[m.end():].lstrip()
+        if rest.startswith("(") or word.lower() in KEYWORDS:
+            continue
+        if m.start() > 0 and (s[m.start() - 1].isdigit() or s[m.start() - 1] == "."):
+            continue  # the tail of a number such as 1e3
+        names.add(word)
+    return names
+
+
+def exported_names(base: str) -> set[str]:
+    status, text = http("GET", f"{base}/metrics")
+    if status != 200:
+        raise SystemExit(f"live-check: GET /metrics answered {status}")
+    names = set()
+    for line in str(text).splitlines():
+        if line and not line.startswith("#"):
+            names.add(re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", line).group(0))
+    return names
+
+
+def query(prom: str, expr: str):
+    status, body = http("GET", f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    if status != 200 or not isinstance(body, dict) or body.get("status") != "success":
+        err = body.get("error") if isinstance(body, dict) else body
+        return None, f"HTTP {status}: {err}"
+    return body["data"]["result"], None
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--server", required=True, help="the atlas-serve binary")
+    ap.add_argument("--prometheus", required=True, help="the prometheus binary")
+    ap.add_argument("--demo", metavar="PRESET",
+                    help="serve the demo world (e.g. ci) instead of the tiny fixture model")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    a = ap.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="atlas-live-check-"))
+    procs = Processes(workdir)
+    failures = []
+    try:
+        server = start_server(procs, a.server, free_port(), a.demo)
+        prom = start_prometheus(procs, a.prometheus, free_port(), server.removeprefix("http://"))
+        t0 = time.monotonic()
+        failures += [f"traffic: {p}" for p in traffic(server)]
+        log(f"traffic sent in {time.monotonic() - t0:.0f} s; waiting for scrapes")
+        # Rates need two samples after the traffic: wait for a few more scrapes.
+        time.sleep(4 * SCRAPE)
+        wait_for("a scrape of the server", lambda: (query(prom, f'up{{job="{JOB}"}} == 1')[0]
+                                                     or []) != [], 30)
+        time.sleep(2 * SCRAPE)
+        exported = exported_names(server)
+        log(f"the server exports {len(exported)} series names")
+
+        exprs = dashboard_expressions() + rule_expressions()
+        missing = {}
+        empty = []
+        for where, expr in exprs:
+            try:
+                promql = substitute(expr)
+            except ValueError as e:
+                failures.append(f"{where}: {e}")
+                continue
+            result, err = query(prom, promql)
+            if err:
+                failures.append(f"{where}: does not evaluate: {err}\n    {promql}")
+                continue
+            absent = sorted(metric_names(promql) - SYNTHETIC - exported)
+            for name in absent:
+                missing.setdefault(name, []).append(where)
+            if not result and not absent and not where.startswith("rule "):
+                empty.append(where)
+        for name, wheres in sorted(missing.items()):
+            failures.append(f"metric {name} is not exported by the server; used by "
+                            + ", ".join(sorted(set(wheres))))
+
+        # Prometheus evaluated the rules itself as well: every one must be healthy.
+        status, body = http("GET", f"{prom}/api/v1/rules")
+        rules = [r for g in body["data"]["groups"] for r in g["rules"]] if status == 200 else []
+        for r in rules:
+            if r.get("health") != "ok":
+                failures.append(f"rule {r.get('name')}: health {r.get('health')}: "
+                                f"{r.get('lastError')}")
+        log(f"evaluated {len(exprs)} expressions ({len(dashboard_expressions())} from the "
+            f"dashboard, {len(rule_expressions())} from the rules); Prometheus loaded "
+            f"{len(rules)} rules")
+        if empty:
+            log(f"{len(empty)} dashboard queries evaluated to no series (no such event in the "
+                f"traffic, e.g. 5xx or evictions): " + "; ".join(empty))
+    finally:
+        procs.stop()
+        if failures:
+            procs.show_logs()
+        if a.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for f in failures:
+        print(f"live-check: FAIL {f}")
+    print(f"live-check: {len(failures)} problems")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
