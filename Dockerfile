@@ -67,14 +67,15 @@ RUN apt-get update \
 # A fixed uid/gid, so that Kubernetes' runAsUser and fsGroup can name it (deploy/kubernetes).
 RUN groupadd --system --gid 10001 atlas \
     && useradd --system --uid 10001 --gid atlas --no-create-home --home-dir /nonexistent atlas \
-    && mkdir -p /data/task-vectors /cache/huggingface /cache/atlas-serve \
+    && mkdir -p /data/task-vectors /data/store /cache/huggingface /cache/atlas-serve \
     && chown -R atlas:atlas /data /cache
 COPY --from=build /out/atlas-serve /usr/local/bin/atlas-serve
 USER 10001:10001
-# /data: the server's data (task vectors, the store); /cache: the Hugging Face hub cache and the
-# demo world. The root file system can then be read-only.
+# /data: the server's data (the task-vector library, the store); /cache: the Hugging Face hub
+# cache and the demo world. The root file system can then be read-only.
 ENV ATLAS_LISTEN=0.0.0.0:8080 \
     ATLAS_TV_DIR=/data/task-vectors \
+    ATLAS_DATA_DIR=/data/store \
     HF_HOME=/cache/huggingface \
     ATLAS_CACHE=/cache/atlas-serve
 VOLUME ["/data", "/cache"]

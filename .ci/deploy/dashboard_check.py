@@ -45,8 +45,10 @@ def main() -> int:
         problems.append("the first variable must be the data source")
     for m in sorted(set(problems)):
         print(f"dashboard-check: FAIL {m}")
-    print(f"dashboard-check: {len(panels)} panels, {len(names)} variables, "
-          f"{len(set(problems))} problems")
+    print(
+        f"dashboard-check: {len(panels)} panels, {len(names)} variables, "
+        f"{len(set(problems))} problems"
+    )
     return 1 if problems else 0
 
 

@@ -36,8 +36,11 @@ def main() -> int:
         print(f"usage: {sys.argv[0]} --check|--write", file=sys.stderr)
         return 2
     if not OBJECT.exists() or OBJECT.read_text() != wanted():
-        print(f"{OBJECT.relative_to(ROOT)} differs from {RULES.relative_to(ROOT)}: "
-              "run python3 .ci/deploy/sync_rules.py --write", file=sys.stderr)
+        print(
+            f"{OBJECT.relative_to(ROOT)} differs from {RULES.relative_to(ROOT)}: "
+            "run python3 .ci/deploy/sync_rules.py --write",
+            file=sys.stderr,
+        )
         return 1
     print("PrometheusRule matches the rules file")
     return 0
