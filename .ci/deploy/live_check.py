@@ -36,6 +36,8 @@ PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 FIXTURES = ROOT / "tests/fixtures"
 JOB = "atlas-serve"
 SCRAPE = 2  # seconds between scrapes and rule evaluations in the check
+# The server runs with API keys, as in the deployment (a Secret there); every request sends it.
+API_KEY = "live-check-key-0123456789"
 # What Grafana would put in for its variables: every instance of the job, and windows that hold
 # several scrapes of a run that lasts a minute or two.
 GRAFANA_VARS = {
@@ -68,9 +70,7 @@ def http(method: str, url: str, body=None, timeout=30.0):
     if body is not None:
         data = json.dumps(body).encode()
         headers["content-type"] = "application/json"
-    key = os.environ.get("ATLAS_CHECK_API_KEY")
-    if key:
-        headers["authorization"] = f"Bearer {key}"
+    headers["authorization"] = f"Bearer {API_KEY}"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -121,9 +121,11 @@ class Processes:
 
     def show_logs(self) -> None:
         for name, _ in self.children:
-            text = (self.workdir / f"{name}.log").read_text(errors="replace")
-            print(f"----- last lines of the {name} log -----")
-            print("\n".join(text.splitlines()[-40:]))
+            lines = (self.workdir / f"{name}.log").read_text(errors="replace").splitlines()
+            if len(lines) > 45:  # the start (a start-up error) and the end
+                lines = lines[:15] + ["[...]"] + lines[-30:]
+            print(f"----- the {name} log -----")
+            print("\n".join(lines))
 
     def stop(self) -> None:
         for _, p in reversed(self.children):
@@ -149,6 +151,7 @@ def start_server(procs: Processes, binary: str, port: int, demo: str | None) -> 
             "HF_HOME": str(procs.workdir / "hf"),
             "HF_HUB_OFFLINE": "1",
             "HOME": str(procs.workdir),
+            "ATLAS_API_KEYS": API_KEY,
         }
     )
     argv = [binary, "serve", "--listen", f"127.0.0.1:{port}"]
@@ -156,16 +159,12 @@ def start_server(procs: Processes, binary: str, port: int, demo: str | None) -> 
         argv += ["--demo-preset", demo]
     else:
         tiny = FIXTURES / "tiny"
-        argv += [
-            "--model",
-            str(tiny / "clip"),
-            "--store",
-            "f32",
-            "--tv",
-            str(tiny / "delta_c_openclip.safetensors"),
-            "--tv",
-            str(tiny / "delta_a_openclip_with_proj.safetensors"),
+        tvs = [
+            tiny / "delta_c_openclip.safetensors",
+            tiny / "delta_a_openclip_with_proj.safetensors",
         ]
+        argv += ["--model", str(tiny / "clip"), "--store", "f32"]
+        argv += ["--tvs", ",".join(str(t) for t in tvs)]
     log(f"starting {' '.join(argv[1:])}")
     procs.start("server", argv, env)
 
@@ -399,6 +398,40 @@ def exported_names(base: str) -> set[str]:
     return names
 
 
+# What the traffic must show once scraped: the dashboard's data is there, not just its names.
+EXPECTED = [
+    ('atlas_ready{job="atlas-serve"} == 1', "the server reports ready"),
+    ('sum(atlas_classified_images_total{job="atlas-serve"}) >= 22', "22 images classified"),
+    (
+        'sum(atlas_http_requests_total{job="atlas-serve", route="/compositions/{id}"}) > 0',
+        "requests counted under the route template",
+    ),
+    ('sum(atlas_http_requests_total{job="atlas-serve", status="400"}) > 0', "the 400 counted"),
+    ('sum(atlas_http_requests_total{job="atlas-serve", status="404"}) > 0', "the 404 counted"),
+    ('sum(atlas_http_request_duration_seconds_count{job="atlas-serve"}) > 0', "latencies"),
+    ('sum(atlas_batch_size_count{job="atlas-serve"}) > 0', "engine batches"),
+    ('sum(atlas_cache_misses_total{job="atlas-serve"}) > 0', "a composition on a cache miss"),
+    ('sum(atlas_cache_hits_total{job="atlas-serve"}) > 0', "cache hits"),
+    ('sum(atlas_compose_seconds_count{job="atlas-serve"}) > 0', "compose time"),
+    ('sum(atlas_jobs{job="atlas-serve", state="succeeded"}) >= 1', "the job succeeded"),
+    ('sum(atlas_job_duration_seconds_count{job="atlas-serve"}) >= 1', "job duration"),
+    ('sum(atlas_learning_step_seconds_count{job="atlas-serve"}) > 0', "learning steps"),
+    ('sum(atlas_prediction_entropy_count{job="atlas-serve"}) > 0', "prediction entropy"),
+    ('sum(atlas_prediction_confidence_count{job="atlas-serve"}) > 0', "prediction confidence"),
+    ('sum(atlas_memory_bytes{job="atlas-serve", kind="backbone"}) > 0', "backbone memory"),
+    ('sum(process_resident_memory_bytes{job="atlas-serve"}) > 0', "process memory"),
+]
+
+
+def has_data(result) -> bool:
+    """Some series with a number (a histogram quantile over no observations is NaN)."""
+    for r in result or []:
+        value = r.get("value", [0, "NaN"])[1]
+        if value not in ("NaN", "+Inf", "-Inf"):
+            return True
+    return False
+
+
 def query(prom: str, expr: str):
     status, body = http("GET", f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
     if status != 200 or not isinstance(body, dict) or body.get("status") != "success":
@@ -428,17 +461,19 @@ def main() -> int:
     try:
         server = start_server(procs, a.server, free_port(), a.demo)
         prom = start_prometheus(procs, a.prometheus, free_port(), server.removeprefix("http://"))
-        t0 = time.monotonic()
-        failures += [f"traffic: {p}" for p in traffic(server)]
-        log(f"traffic sent in {time.monotonic() - t0:.0f} s; waiting for scrapes")
-        # Rates need two samples after the traffic: wait for a few more scrapes.
-        time.sleep(4 * SCRAPE)
+        # A rate needs a sample from before the traffic and one after it.
         wait_for(
             "a scrape of the server",
-            lambda: (query(prom, f'up{{job="{JOB}"}} == 1')[0] or []) != [],
+            lambda: has_data(query(prom, f'up{{job="{JOB}"}} == 1')[0]),
             30,
         )
-        time.sleep(2 * SCRAPE)
+        # Twice, with scrapes in between: series with labels (route, status, objective) appear
+        # on their first event, and only a second one gives them a rate.
+        for n in (1, 2):
+            t0 = time.monotonic()
+            failures += [f"traffic: {p}" for p in traffic(server)]
+            log(f"traffic round {n} sent in {time.monotonic() - t0:.1f} s")
+            time.sleep(3 * SCRAPE)
         exported = exported_names(server)
         log(f"the server exports {len(exported)} series names")
 
@@ -458,13 +493,18 @@ def main() -> int:
             absent = sorted(metric_names(promql) - SYNTHETIC - exported)
             for name in absent:
                 missing.setdefault(name, []).append(where)
-            if not result and not absent and not where.startswith("rule "):
+            if not has_data(result) and not absent and not where.startswith("rule "):
                 empty.append(where)
         for name, wheres in sorted(missing.items()):
             failures.append(
                 f"metric {name} is not exported by the server; used by "
                 + ", ".join(sorted(set(wheres)))
             )
+
+        for expr, what in EXPECTED:
+            result, err = query(prom, expr)
+            if err or not has_data(result):
+                failures.append(f"after the traffic, expected {what}: {expr} ({err or 'no'})")
 
         # Prometheus evaluated the rules itself as well: every one must be healthy.
         status, body = http("GET", f"{prom}/api/v1/rules")
@@ -481,8 +521,8 @@ def main() -> int:
         )
         if empty:
             log(
-                f"{len(empty)} dashboard queries evaluated to no series (no such event in the "
-                f"traffic, e.g. 5xx or evictions): " + "; ".join(empty)
+                f"{len(empty)} dashboard queries have no data (no such event in the traffic, "
+                f"e.g. 5xx or evictions): " + "; ".join(empty)
             )
     finally:
         procs.stop()
