@@ -2,20 +2,58 @@
 //! (task vector, block) (aTLAS), or one per (task vector, block, part) (aTLAS×K).
 //!
 //! Values are kept as f64 so finite-difference checks are meaningful; 0 means 0 and negative
-//! values are allowed (negation). NaN and infinities are rejected.
+//! values are allowed (negation). NaN, infinities and magnitudes over
+//! [`MAX_ABS_COEFFICIENT`] are rejected, and so is K outside `1..=`[`MAX_PARTS`], also when
+//! read from JSON.
 
+use crate::library::Library;
+use crate::safetensors_io::printable;
+use crate::task_vector::TaskVector;
 use crate::{CoreError, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "LayoutJson")]
 pub enum Layout {
     Isotropic,
     PerBlock,
     PerPart { k: usize, seed: u64 },
 }
 
+/// What JSON may say; [`Layout`] is this with K checked.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum LayoutJson {
+    Isotropic,
+    PerBlock,
+    PerPart { k: usize, seed: u64 },
+}
+
+impl TryFrom<LayoutJson> for Layout {
+    type Error = CoreError;
+    fn try_from(l: LayoutJson) -> Result<Self> {
+        let layout = match l {
+            LayoutJson::Isotropic => Layout::Isotropic,
+            LayoutJson::PerBlock => Layout::PerBlock,
+            LayoutJson::PerPart { k, seed } => Layout::PerPart { k, seed },
+        };
+        layout.check()?;
+        Ok(layout)
+    }
+}
+
 impl Layout {
+    /// K must be in `1..=MAX_PARTS`.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            Layout::PerPart { k, .. } if k == 0 || k > MAX_PARTS => Err(CoreError::Coefficients(
+                format!("parts per block must be in 1..={MAX_PARTS}, got {k}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Parts per block (1 unless per part).
     pub fn parts(&self) -> usize {
         match self {
@@ -23,12 +61,13 @@ impl Layout {
             _ => 1,
         }
     }
-    /// Number of coefficients for `n_tv` task vectors over `n_blocks` blocks.
+    /// Number of coefficients for `n_tv` task vectors over `n_blocks` blocks (saturating: an
+    /// absurd count fails the length check instead of overflowing).
     pub fn len(&self, n_tv: usize, n_blocks: usize) -> usize {
         match self {
             Layout::Isotropic => n_tv,
-            Layout::PerBlock => n_tv * n_blocks,
-            Layout::PerPart { k, .. } => n_tv * n_blocks * k,
+            Layout::PerBlock => n_tv.saturating_mul(n_blocks),
+            Layout::PerPart { k, .. } => n_tv.saturating_mul(n_blocks).saturating_mul(*k),
         }
     }
 }
@@ -36,7 +75,13 @@ impl Layout {
 /// Largest K: part ids are kept in a byte.
 pub const MAX_PARTS: usize = 256;
 
+/// Largest |Λ| accepted. Far beyond any useful coefficient, and small enough that Λ·τ stays
+/// finite in f32 for any half-precision τ (65504 · 1e6 ≈ 6.6e10), so a composition can never
+/// hold infinities.
+pub const MAX_ABS_COEFFICIENT: f64 = 1e6;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "CoefficientsJson")]
 pub struct Coefficients {
     pub layout: Layout,
     pub n_tv: usize,
@@ -45,15 +90,42 @@ pub struct Coefficients {
     pub values: Vec<f64>,
 }
 
+/// Stored coefficients as JSON gives them; [`Coefficients`] is this validated.
+#[derive(Deserialize)]
+struct CoefficientsJson {
+    layout: Layout,
+    n_tv: usize,
+    n_blocks: usize,
+    values: Vec<f64>,
+}
+
+impl TryFrom<CoefficientsJson> for Coefficients {
+    type Error = CoreError;
+    fn try_from(c: CoefficientsJson) -> Result<Self> {
+        Coefficients::new(c.layout, c.n_tv, c.n_blocks, c.values)
+    }
+}
+
 impl Coefficients {
+    /// Checks K, the number of values and every value (finite, at most
+    /// [`MAX_ABS_COEFFICIENT`]); errors name the task vector and block by index.
     pub fn new(layout: Layout, n_tv: usize, n_blocks: usize, values: Vec<f64>) -> Result<Self> {
-        if let Layout::PerPart { k, .. } = layout {
-            if k == 0 || k > MAX_PARTS {
-                return Err(CoreError::Coefficients(format!(
-                    "parts per block must be in 1..={MAX_PARTS}, got {k}"
-                )));
-            }
-        }
+        let names = Names {
+            tv: &|i| i.to_string(),
+            block: &|b| b.to_string(),
+        };
+        Self::validated(layout, n_tv, n_blocks, values, &names)
+    }
+
+    /// [`Coefficients::new`] with errors naming task vectors and blocks as `names` says.
+    fn validated(
+        layout: Layout,
+        n_tv: usize,
+        n_blocks: usize,
+        values: Vec<f64>,
+        names: &Names<'_>,
+    ) -> Result<Self> {
+        layout.check()?;
         let want = layout.len(n_tv, n_blocks);
         if values.len() != want {
             return Err(CoreError::Coefficients(format!(
@@ -61,10 +133,14 @@ impl Coefficients {
                 values.len()
             )));
         }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        let bad = values
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > MAX_ABS_COEFFICIENT);
+        if let Some(i) = bad {
             return Err(CoreError::Coefficients(format!(
-                "value {} at index {i} is not a finite number",
-                values[i]
+                "value {} at index {i} ({}) is not a finite number of magnitude at most {MAX_ABS_COEFFICIENT:e}",
+                short_number(values[i]),
+                names.place(layout, n_blocks, i)
             )));
         }
         Ok(Coefficients {
@@ -76,6 +152,8 @@ impl Coefficients {
     }
 
     pub fn zeros(layout: Layout, n_tv: usize, n_blocks: usize) -> Result<Self> {
+        // Check K before allocating: K = 10^9 must not allocate 10^9 zeros first.
+        layout.check()?;
         Self::new(
             layout,
             n_tv,
@@ -131,6 +209,110 @@ impl Coefficients {
     pub fn with_values(&self, values: Vec<f64>) -> Result<Self> {
         Self::new(self.layout, self.n_tv, self.n_blocks, values)
     }
+}
+
+/// A number as an error shows it: 1e308 rather than its 309 digits.
+fn short_number(v: f64) -> String {
+    if v.abs() < 1e7 {
+        v.to_string()
+    } else {
+        format!("{v:e}")
+    }
+}
+
+/// How errors name task vector `i` and block `b`.
+struct Names<'a> {
+    tv: &'a dyn Fn(usize) -> String,
+    block: &'a dyn Fn(usize) -> String,
+}
+
+impl Names<'_> {
+    /// The task vector, block and part that value `index` of a layout applies to.
+    fn place(&self, layout: Layout, n_blocks: usize, index: usize) -> String {
+        let n_blocks = n_blocks.max(1);
+        match layout {
+            Layout::Isotropic => format!("task vector {}, every block", (self.tv)(index)),
+            Layout::PerBlock => format!(
+                "task vector {}, block {}",
+                (self.tv)(index / n_blocks),
+                (self.block)(index % n_blocks)
+            ),
+            Layout::PerPart { k, .. } => format!(
+                "task vector {}, block {}, part {}",
+                (self.tv)(index / k / n_blocks),
+                (self.block)(index / k % n_blocks),
+                index % k
+            ),
+        }
+    }
+}
+
+/// Explicit coefficients as a request gives them: task-vector names, a layout and the values,
+/// row-major (`[n_tv]`, `[n_tv, n_blocks]` or `[n_tv, n_blocks, K]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoefficientsRequest {
+    pub task_vectors: Vec<String>,
+    pub layout: Layout,
+    pub values: Vec<f64>,
+}
+
+impl CoefficientsRequest {
+    /// Parses the JSON form; the error names what is wrong (with line and column).
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            CoreError::Coefficients(format!("invalid request: {}", printable(&e.to_string())))
+        })
+    }
+
+    /// Checks the request against a library and returns the named task vectors, in order,
+    /// with their coefficients; see [`resolve`].
+    pub fn resolve(&self, library: &Library) -> Result<(Vec<Arc<TaskVector>>, Coefficients)> {
+        resolve(
+            library,
+            &self.task_vectors,
+            self.layout,
+            self.values.clone(),
+        )
+    }
+}
+
+/// Explicit coefficients checked against a library: at least one task vector, each name known
+/// and given once, K in range, one value per (task vector, block[, part]), every value finite
+/// and at most [`MAX_ABS_COEFFICIENT`] in magnitude. Errors name the task vector and block.
+pub fn resolve(
+    library: &Library,
+    names: &[String],
+    layout: Layout,
+    values: Vec<f64>,
+) -> Result<(Vec<Arc<TaskVector>>, Coefficients)> {
+    if names.is_empty() {
+        return Err(CoreError::Coefficients(
+            "name at least one task vector".into(),
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if library.get(name).is_none() {
+            return Err(CoreError::Coefficients(format!(
+                "no task vector named {}",
+                printable(name)
+            )));
+        }
+        if names[..i].contains(name) {
+            return Err(CoreError::Coefficients(format!(
+                "task vector {} is named twice",
+                printable(name)
+            )));
+        }
+    }
+    let tvs = library.select(names)?;
+    let manifest = library.manifest();
+    let block_names = Names {
+        tv: &|i| printable(&names[i]),
+        block: &|b| manifest.blocks()[b].name.clone(),
+    };
+    let n_blocks = manifest.len();
+    let coefs = Coefficients::validated(layout, tvs.len(), n_blocks, values, &block_names)?;
+    Ok((tvs, coefs))
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 //! (or f32), written as safetensors with their provenance in the metadata.
 
 use crate::buffer::{Buffer, StoreDType};
-use crate::manifest::Manifest;
-use crate::safetensors_io::{self, OutTensor, RawTensor};
+use crate::manifest::{Manifest, TensorSpec};
+use crate::safetensors_io::{self, is_float, printable, OutTensor, RawTensor};
 use crate::{CoreError, Result};
-use safetensors::Dtype;
+use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
@@ -50,6 +50,34 @@ impl From<RawTensor> for Delta {
 
 const FORMAT: &str = "atlas-task-vector/1";
 
+/// Longest task-vector name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// A task-vector name is listed, used in requests and may end up in a file name, so it must
+/// be 1 to [`MAX_NAME_CHARS`] characters with no control characters (NUL, newlines) and no
+/// path separators, and not be `.` or `..`.
+pub fn check_name(name: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(CoreError::Invalid(format!(
+            "task vector name \"{}\" {why}",
+            printable(name)
+        )))
+    };
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS {
+        return bad(&format!(
+            "has {chars} characters, allowed are 1 to {MAX_NAME_CHARS}"
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return bad("contains a control character");
+    }
+    if name.contains(['/', '\\']) || name == "." || name == ".." {
+        return bad("must not be a path (no /, \\, . or ..)");
+    }
+    Ok(())
+}
+
 impl TaskVector {
     /// Builds a task vector from named deltas. Every delta must name a manifest tensor with the
     /// manifest's shape; a manifest tensor with no delta is an error unless `may_be_missing`
@@ -61,17 +89,10 @@ impl TaskVector {
         deltas: impl IntoIterator<Item = Delta>,
         may_be_missing: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
+        check_name(&meta.name)?;
         let mut by_name: HashMap<String, Delta> = HashMap::new();
         for d in deltas {
-            let spec = manifest.spec(&d.name).ok_or_else(|| {
-                CoreError::tensor(&d.name, "is not a tensor of the backbone's image tower")
-            })?;
-            if spec.shape != d.shape {
-                return Err(CoreError::tensor(
-                    &d.name,
-                    format!("has shape {:?}, the backbone has {:?}", d.shape, spec.shape),
-                ));
-            }
+            let spec = check_spec(manifest, &d.name, &d.shape)?;
             if d.data.len() != spec.numel() {
                 return Err(CoreError::tensor(
                     &d.name,
@@ -82,6 +103,17 @@ impl TaskVector {
                 return Err(CoreError::tensor(
                     &d.name,
                     format!("element {i} is not finite"),
+                ));
+            }
+            // A finite f32 can still overflow half precision (65504 for f16) and be stored
+            // as an infinity that would poison every composition.
+            if let Some(i) = d.data.iter().position(|&x| !fits(dtype, x)) {
+                return Err(CoreError::tensor(
+                    &d.name,
+                    format!(
+                        "element {i} is {}, beyond the range of {dtype:?} storage",
+                        d.data[i]
+                    ),
                 ));
             }
             let name = d.name.clone();
@@ -117,6 +149,7 @@ impl TaskVector {
         dtype: StoreDType,
         blocks: Vec<Buffer>,
     ) -> Result<Self> {
+        check_name(&meta.name)?;
         if blocks.len() != manifest.len() {
             return Err(CoreError::Invalid(format!(
                 "{} blocks given, the manifest has {}",
@@ -166,19 +199,39 @@ impl TaskVector {
         dtype: StoreDType,
         may_be_missing: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
-        let (tensors, md) = safetensors_io::read_file(path)?;
-        let meta = TaskVectorMeta {
-            name: md.get("name").cloned().unwrap_or_else(|| file_stem(path)),
-            base_model: md.get("base_model").cloned().unwrap_or_default(),
-            base_digest: md.get("base_digest").cloned().unwrap_or_default(),
-            source: md
-                .get("source")
-                .cloned()
-                .unwrap_or_else(|| path.display().to_string()),
+        let bytes = std::fs::read(path).map_err(|e| CoreError::file(path, e))?;
+        let defaults = TaskVectorMeta {
+            name: file_stem(path),
+            source: path.display().to_string(),
+            ..TaskVectorMeta::default()
         };
-        let deltas = float_deltas(tensors, manifest).map_err(|e| in_file(e, path))?;
-        Self::from_deltas(manifest, meta, dtype, deltas, may_be_missing)
+        Self::from_bytes(&bytes, manifest, dtype, may_be_missing, defaults)
             .map_err(|e| in_file(e, path))
+    }
+
+    /// Parses a task vector from safetensors bytes in the manifest's tensor names (an upload
+    /// or a file's contents). The file's metadata gives the provenance; `defaults` fills what
+    /// it lacks. Integer tensors that are not manifest tensors (buffers such as position ids)
+    /// are skipped. Every tensor's name, dtype and shape are checked against the manifest
+    /// before its data is converted, so memory stays within a small multiple of the input.
+    pub fn from_bytes(
+        bytes: &[u8],
+        manifest: &Manifest,
+        dtype: StoreDType,
+        may_be_missing: &dyn Fn(&str) -> bool,
+        defaults: TaskVectorMeta,
+    ) -> Result<Self> {
+        let (st, md) = safetensors_io::parse(bytes)?;
+        let field = |key: &str, default: String| md.get(key).cloned().unwrap_or(default);
+        let meta = TaskVectorMeta {
+            name: field("name", defaults.name),
+            base_model: field("base_model", defaults.base_model),
+            base_digest: field("base_digest", defaults.base_digest),
+            source: field("source", defaults.source),
+        };
+        check_name(&meta.name)?;
+        let deltas = checked_deltas(&st, manifest)?;
+        Self::from_deltas(manifest, meta, dtype, deltas, may_be_missing)
     }
 
     /// Writes the task vector as safetensors at its storage dtype, with provenance metadata.
@@ -260,6 +313,63 @@ impl TaskVector {
         self.blocks.get(loc.block)?.read_f32(loc.offset, &mut out);
         Some(out)
     }
+}
+
+/// The float tensors of a parsed file as deltas, each checked against the manifest before
+/// conversion; integer tensors that are not manifest tensors are skipped.
+fn checked_deltas(st: &SafeTensors<'_>, manifest: &Manifest) -> Result<Vec<Delta>> {
+    let mut views = st.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::new();
+    for (name, view) in views {
+        let float = is_float(view.dtype());
+        if !float && manifest.locate(&name).is_none() {
+            continue;
+        }
+        check_spec(manifest, &name, view.shape())?;
+        if !float {
+            return Err(CoreError::tensor(
+                &name,
+                format!("has dtype {:?}, expected a float type", view.dtype()),
+            ));
+        }
+        out.push(Delta {
+            data: safetensors_io::to_f32(&view),
+            shape: view.shape().to_vec(),
+            name,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether the finite `x` stays finite when stored at `dtype`.
+fn fits(dtype: StoreDType, x: f32) -> bool {
+    match dtype {
+        StoreDType::F32 => true,
+        StoreDType::F16 => half::f16::from_f32(x).is_finite(),
+        StoreDType::BF16 => half::bf16::from_f32(x).is_finite(),
+    }
+}
+
+/// A delta's name must be a manifest tensor and its shape the manifest's.
+fn check_spec<'m>(manifest: &'m Manifest, name: &str, shape: &[usize]) -> Result<&'m TensorSpec> {
+    let spec = manifest.spec(name).ok_or_else(|| {
+        CoreError::tensor(
+            printable(name),
+            "is not a tensor of the backbone's image tower",
+        )
+    })?;
+    if spec.shape != shape {
+        return Err(CoreError::tensor(
+            name,
+            format!(
+                "has shape {}, the backbone has {:?}",
+                printable(&format!("{shape:?}")),
+                spec.shape
+            ),
+        ));
+    }
+    Ok(spec)
 }
 
 /// Keeps float tensors; skips integer buffers that are not manifest tensors.
