@@ -15,7 +15,7 @@ use std::io::Cursor;
 use std::ops::Range;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::{ClipError, Result};
 
@@ -32,8 +32,9 @@ pub const OPENAI_CLIP_STD: [f32; 3] = [
     0.27577711_f64 as f32,
 ];
 
-/// Largest image `decode` accepts (width x height), against decompression bombs.
-pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+/// Default largest image (width x height) decoded, against decompression bombs: 32 Mi pixels
+/// (8192 x 4096, above most camera photos) decode to at most ~256 MiB (RGBA, 16 bits).
+pub const DEFAULT_MAX_PIXELS: u64 = 32 * 1024 * 1024;
 
 /// CLIP preprocessing settings. `Default` is OpenAI's 224 / 224 with the OpenAI mean and std.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,9 @@ pub struct Preprocess {
     pub crop: usize,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Largest image (width x height) [`Preprocess::from_bytes`] decodes; larger ones are
+    /// refused from their header, before any pixel is decoded.
+    pub max_pixels: u64,
 }
 
 impl Default for Preprocess {
@@ -60,6 +64,7 @@ impl Preprocess {
             crop: image_size,
             mean: OPENAI_CLIP_MEAN,
             std: OPENAI_CLIP_STD,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 
@@ -114,9 +119,9 @@ impl Preprocess {
         out
     }
 
-    /// Decode and preprocess encoded image bytes.
+    /// Decode (at most `max_pixels`) and preprocess encoded image bytes.
     pub fn from_bytes(&self, bytes: &[u8]) -> Result<Vec<f32>> {
-        Ok(self.pixels(&decode(bytes)?))
+        Ok(self.pixels(&decode_limited(bytes, self.max_pixels)?))
     }
 
     /// Stack preprocessed images into a `[B, 3, crop, crop]` f32 tensor.
@@ -175,12 +180,19 @@ fn window_index(start: i64, c: usize, range: &Range<usize>) -> Option<usize> {
 }
 
 /// Decode JPEG, PNG or WebP bytes into 8-bit RGB the way HF's `convert_to_rgb` does
-/// (alpha composited over white). Refuses images over [`MAX_PIXELS`].
+/// (alpha composited over white). Refuses images over [`DEFAULT_MAX_PIXELS`].
 pub fn decode(bytes: &[u8]) -> Result<RgbImage> {
+    decode_limited(bytes, DEFAULT_MAX_PIXELS)
+}
+
+/// [`decode`] refusing images of more than `max_pixels` (width x height). The size is read
+/// from the header and checked before decoding, and the decoder's own allocations are capped
+/// to what such an image needs, so a small file claiming a huge image costs nothing.
+pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(ClipError::Image("cannot decode an empty byte slice".into()));
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ClipError::Image(format!("cannot read image bytes: {e}")))?;
     if reader.format().is_none() {
@@ -189,15 +201,55 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage> {
             bytes.len()
         )));
     }
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        check_jpeg_end(bytes)?;
+    }
+    reader.limits(limits(max_pixels));
     let decoder = reader.into_decoder().map_err(|e| decode_error(bytes, e))?;
     let (w, h) = decoder.dimensions();
-    if w as u64 * h as u64 > MAX_PIXELS {
+    if w as u64 * h as u64 > max_pixels {
         return Err(ClipError::Image(format!(
-            "image is {w}x{h} pixels, more than the {MAX_PIXELS} allowed"
+            "image is {w}x{h} pixels, more than the {max_pixels} allowed"
+        )));
+    }
+    if w == 0 || h == 0 {
+        return Err(ClipError::Image(format!(
+            "image is {w}x{h} pixels, it has none"
         )));
     }
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(bytes, e))?;
     Ok(to_rgb(img))
+}
+
+/// Refuses a JPEG cut short. The decoder fills a truncated scan with grey rather than
+/// failing, so an upload cut in half would be classified as if it were whole. The last
+/// start-of-scan marker must be followed by the end-of-image marker: inside scan data 0xFF is
+/// always escaped, so both markers can only appear as real markers there.
+fn check_jpeg_end(bytes: &[u8]) -> Result<()> {
+    const SOS: [u8; 2] = [0xFF, 0xDA];
+    const EOI: [u8; 2] = [0xFF, 0xD9];
+    let Some(last_scan) = bytes.windows(2).rposition(|w| w == SOS) else {
+        return Ok(()); // no scan at all: the decoder reports what is missing
+    };
+    if bytes[last_scan..].windows(2).any(|w| w == EOI) {
+        Ok(())
+    } else {
+        Err(ClipError::Image(format!(
+            "JPEG data ({} bytes) ends before its end-of-image marker: the file is truncated",
+            bytes.len()
+        )))
+    }
+}
+
+/// Decoder limits for images of at most `max_pixels`: no side longer than that, and
+/// allocations within 8 bytes a pixel (RGBA at 16 bits) plus room for tables and rows.
+fn limits(max_pixels: u64) -> Limits {
+    let mut limits = Limits::default();
+    let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    limits
 }
 
 fn decode_error(bytes: &[u8], e: image::ImageError) -> ClipError {

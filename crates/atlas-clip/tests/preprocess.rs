@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
 
-use atlas_clip::preprocess::{decode, resize_bicubic, Preprocess};
+use atlas_clip::preprocess::{
+    decode, decode_limited, resize_bicubic, Preprocess, DEFAULT_MAX_PIXELS,
+};
 use atlas_clip::ClipError;
 use candle_core::Device;
 use image::RgbImage;
@@ -292,4 +294,57 @@ fn huge_png_header() -> Vec<u8> {
 fn decompression_bombs_are_refused() {
     let message = image_error(&huge_png_header());
     assert!(message.contains("9000x9000"), "{message}");
+}
+
+fn encoded(img: &RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn the_pixel_cap_is_a_setting() {
+    let png = |w, h| encoded(&RgbImage::new(w, h), image::ImageFormat::Png);
+    let capped = Preprocess {
+        max_pixels: 64 * 64,
+        ..Preprocess::from_config(16)
+    };
+    assert!(capped.from_bytes(&png(64, 64)).is_ok());
+    let e = capped.from_bytes(&png(65, 64)).unwrap_err().to_string();
+    assert!(e.contains("65x64") && e.contains("4096 allowed"), "{e}");
+    assert!(decode_limited(&png(65, 64), 64 * 64).is_err());
+    assert!(Preprocess::from_config(16).from_bytes(&png(65, 64)).is_ok());
+    assert_eq!(Preprocess::default().max_pixels, DEFAULT_MAX_PIXELS);
+}
+
+#[test]
+fn truncated_jpeg_is_refused() {
+    let jpg = read_fixture("photo_41x64.jpg");
+    assert!(decode(&jpg).is_ok());
+    // The decoder alone would fill the missing rows with grey and succeed.
+    for cut in [jpg.len() - 2, jpg.len() * 3 / 4, jpg.len() / 2] {
+        let message = image_error(&jpg[..cut]);
+        assert!(message.contains("truncated"), "cut at {cut}: {message}");
+    }
+    // Data after the end-of-image marker (camera trailers) is not truncation.
+    let mut trailer = jpg.clone();
+    trailer.extend_from_slice(b"trailer bytes");
+    assert!(decode(&trailer).is_ok());
+}
+
+#[test]
+fn images_without_pixels_are_refused() {
+    // A lossless WebP whose header says 16384 x 16384: image-webp 0.2.4 reads that side as 0,
+    // which would otherwise decode to an empty image and classify as all padding.
+    let mut webp = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+        .encode(&[7; 16 * 16 * 3], 16, 16, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    assert!(decode(&webp).is_ok());
+    let at = webp.windows(4).position(|w| w == b"VP8L").unwrap() + 9;
+    let bits = u32::from_le_bytes(webp[at..at + 4].try_into().unwrap());
+    let patched = (bits & !((1 << 28) - 1)) | 16383 | (16383 << 14);
+    webp[at..at + 4].copy_from_slice(&patched.to_le_bytes());
+    let message = image_error(&webp);
+    assert!(message.contains("0x0 pixels"), "{message}");
 }
