@@ -443,6 +443,83 @@ def query(prom: str, expr: str):
 # ------------------------------------------------------------------------------------- main
 
 
+def drive(server: str, prom: str) -> list[str]:
+    """The traffic, twice, once Prometheus has a sample from before it."""
+    wait_for(
+        "a scrape of the server",
+        lambda: has_data(query(prom, f'up{{job="{JOB}"}} == 1')[0]),
+        30,
+    )
+    problems = []
+    # Twice, with scrapes in between: series with labels (route, status, objective) appear on
+    # their first event, and only a second one gives them a rate.
+    for n in (1, 2):
+        t0 = time.monotonic()
+        problems += [f"traffic: {p}" for p in traffic(server)]
+        log(f"traffic round {n} sent in {time.monotonic() - t0:.1f} s")
+        time.sleep(3 * SCRAPE)
+    return problems
+
+
+def check_expressions(prom: str, exported: set[str]) -> list[str]:
+    """Every dashboard and rule expression evaluates and names only exported metrics."""
+    problems = []
+    missing = {}
+    empty = []
+    exprs = dashboard_expressions() + rule_expressions()
+    for where, expr in exprs:
+        try:
+            promql = substitute(expr)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        result, err = query(prom, promql)
+        if err:
+            problems.append(f"{where}: does not evaluate: {err}\n    {promql}")
+            continue
+        absent = sorted(metric_names(promql) - SYNTHETIC - exported)
+        for name in absent:
+            missing.setdefault(name, []).append(where)
+        if not has_data(result) and not absent and not where.startswith("rule "):
+            empty.append(where)
+    for name, wheres in sorted(missing.items()):
+        used = ", ".join(sorted(set(wheres)))
+        problems.append(f"metric {name} is not exported by the server; used by {used}")
+    log(
+        f"evaluated {len(exprs)} expressions ({len(exprs) - len(rule_expressions())} from the "
+        f"dashboard, {len(rule_expressions())} from the rules)"
+    )
+    if empty:
+        log(
+            f"{len(empty)} dashboard queries have no data (no such event in the traffic, "
+            f"e.g. 5xx or evictions): " + "; ".join(empty)
+        )
+    return problems
+
+
+def check_expected(prom: str) -> list[str]:
+    problems = []
+    for expr, what in EXPECTED:
+        result, err = query(prom, expr)
+        if err or not has_data(result):
+            problems.append(f"after the traffic, expected {what}: {expr} ({err or 'no'})")
+    return problems
+
+
+def check_rule_health(prom: str) -> list[str]:
+    """Prometheus evaluated the rules itself as well: all loaded, every one healthy."""
+    status, body = http("GET", f"{prom}/api/v1/rules")
+    rules = [r for g in body["data"]["groups"] for r in g["rules"]] if status == 200 else []
+    problems = [
+        f"rule {r.get('name')}: health {r.get('health')}: {r.get('lastError')}"
+        for r in rules
+        if r.get("health") != "ok"
+    ]
+    if len(rules) != len(rule_expressions()):
+        problems.append(f"Prometheus loaded {len(rules)} rules of {len(rule_expressions())}")
+    return problems
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--server", required=True, help="the atlas-serve binary")
@@ -461,69 +538,12 @@ def main() -> int:
     try:
         server = start_server(procs, a.server, free_port(), a.demo)
         prom = start_prometheus(procs, a.prometheus, free_port(), server.removeprefix("http://"))
-        # A rate needs a sample from before the traffic and one after it.
-        wait_for(
-            "a scrape of the server",
-            lambda: has_data(query(prom, f'up{{job="{JOB}"}} == 1')[0]),
-            30,
-        )
-        # Twice, with scrapes in between: series with labels (route, status, objective) appear
-        # on their first event, and only a second one gives them a rate.
-        for n in (1, 2):
-            t0 = time.monotonic()
-            failures += [f"traffic: {p}" for p in traffic(server)]
-            log(f"traffic round {n} sent in {time.monotonic() - t0:.1f} s")
-            time.sleep(3 * SCRAPE)
+        failures += drive(server, prom)
         exported = exported_names(server)
         log(f"the server exports {len(exported)} series names")
-
-        exprs = dashboard_expressions() + rule_expressions()
-        missing = {}
-        empty = []
-        for where, expr in exprs:
-            try:
-                promql = substitute(expr)
-            except ValueError as e:
-                failures.append(f"{where}: {e}")
-                continue
-            result, err = query(prom, promql)
-            if err:
-                failures.append(f"{where}: does not evaluate: {err}\n    {promql}")
-                continue
-            absent = sorted(metric_names(promql) - SYNTHETIC - exported)
-            for name in absent:
-                missing.setdefault(name, []).append(where)
-            if not has_data(result) and not absent and not where.startswith("rule "):
-                empty.append(where)
-        for name, wheres in sorted(missing.items()):
-            failures.append(
-                f"metric {name} is not exported by the server; used by "
-                + ", ".join(sorted(set(wheres)))
-            )
-
-        for expr, what in EXPECTED:
-            result, err = query(prom, expr)
-            if err or not has_data(result):
-                failures.append(f"after the traffic, expected {what}: {expr} ({err or 'no'})")
-
-        # Prometheus evaluated the rules itself as well: every one must be healthy.
-        status, body = http("GET", f"{prom}/api/v1/rules")
-        rules = [r for g in body["data"]["groups"] for r in g["rules"]] if status == 200 else []
-        for r in rules:
-            if r.get("health") != "ok":
-                failures.append(
-                    f"rule {r.get('name')}: health {r.get('health')}: {r.get('lastError')}"
-                )
-        log(
-            f"evaluated {len(exprs)} expressions ({len(dashboard_expressions())} from the "
-            f"dashboard, {len(rule_expressions())} from the rules); Prometheus loaded "
-            f"{len(rules)} rules"
-        )
-        if empty:
-            log(
-                f"{len(empty)} dashboard queries have no data (no such event in the traffic, "
-                f"e.g. 5xx or evictions): " + "; ".join(empty)
-            )
+        failures += check_expressions(prom, exported)
+        failures += check_expected(prom)
+        failures += check_rule_health(prom)
     finally:
         procs.stop()
         if failures:
