@@ -168,11 +168,13 @@ def start_server(procs: Processes, binary: str, port: int, demo: str | None) -> 
     log(f"starting {' '.join(argv[1:])}")
     procs.start("server", argv, env)
 
-    def up():
+    def ready():
         procs.check_alive()
-        return http("GET", f"{base}/healthz", timeout=2)[0] == 200
+        return http("GET", f"{base}/readyz", timeout=2)[0] == 200
 
-    wait_for("the server answering /healthz", up, 900 if demo else 120)
+    # As the start-up probe does: the server answers /healthz at once, /readyz once the
+    # backbone and the library are loaded (the demo world is trained on its first start).
+    wait_for("the server ready (/readyz)", ready, 1200 if demo else 120)
     return base
 
 
