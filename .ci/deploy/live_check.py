@@ -1,12 +1,13 @@
 """Live check of the dashboard and the alert rules against a real server and a real Prometheus.
 
-Starts `atlas-serve serve` on loopback (the tiny CLIP fixture and two task vectors, or the demo
-world with --demo PRESET) and Prometheus with deploy/prometheus/prometheus.yml (the target
-replaced by that server, scraping every 2 s), drives some traffic, waits for scrapes, then
-evaluates every PromQL expression of deploy/grafana/atlas-serve.json (panel queries and
-variable queries) and of the alert rules through Prometheus' HTTP API. Fails when one does not
-evaluate, when one names a metric that the server's /metrics does not export, or when a rule's
-evaluation is unhealthy.
+Starts `atlas-serve serve` on loopback over the tiny CLIP test fixture and two task vectors
+(they load in a second; the demo world takes minutes to train in a debug build), and Prometheus
+with deploy/prometheus/prometheus.yml (the target replaced by that server, scraping every 2 s).
+Drives some traffic, waits for scrapes, then evaluates every PromQL expression of
+deploy/grafana/atlas-serve.json (panel and variable queries) and of the alert rules through
+Prometheus' HTTP API. Fails when one does not evaluate, when one names a metric that the
+server's /metrics does not export, when the traffic left no trace where it must, or when a
+rule's evaluation is unhealthy.
 
     python3 .ci/deploy/live_check.py --server target/debug/atlas-serve --prometheus PATH
 """
@@ -138,7 +139,7 @@ class Processes:
                     p.wait()
 
 
-def start_server(procs: Processes, binary: str, port: int, demo: str | None) -> str:
+def start_server(procs: Processes, binary: str, port: int) -> str:
     base = f"http://127.0.0.1:{port}"
     data = procs.workdir / "data"
     data.mkdir()
@@ -154,17 +155,10 @@ def start_server(procs: Processes, binary: str, port: int, demo: str | None) -> 
             "ATLAS_API_KEYS": API_KEY,
         }
     )
-    argv = [binary, "serve", "--listen", f"127.0.0.1:{port}"]
-    if demo:
-        argv += ["--demo-preset", demo]
-    else:
-        tiny = FIXTURES / "tiny"
-        tvs = [
-            tiny / "delta_c_openclip.safetensors",
-            tiny / "delta_a_openclip_with_proj.safetensors",
-        ]
-        argv += ["--model", str(tiny / "clip"), "--store", "f32"]
-        argv += ["--tvs", ",".join(str(t) for t in tvs)]
+    tiny = FIXTURES / "tiny"
+    tvs = [tiny / "delta_c_openclip.safetensors", tiny / "delta_a_openclip_with_proj.safetensors"]
+    argv = [binary, "serve", "--listen", f"127.0.0.1:{port}", "--model", str(tiny / "clip")]
+    argv += ["--store", "f32", "--tvs", ",".join(str(t) for t in tvs)]
     log(f"starting {' '.join(argv[1:])}")
     procs.start("server", argv, env)
 
@@ -173,8 +167,8 @@ def start_server(procs: Processes, binary: str, port: int, demo: str | None) -> 
         return http("GET", f"{base}/readyz", timeout=2)[0] == 200
 
     # As the start-up probe does: the server answers /healthz at once, /readyz once the
-    # backbone and the library are loaded (the demo world is trained on its first start).
-    wait_for("the server ready (/readyz)", ready, 1200 if demo else 120)
+    # backbone and the library are loaded.
+    wait_for("the server ready (/readyz)", ready, 120)
     return base
 
 
@@ -526,19 +520,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--server", required=True, help="the atlas-serve binary")
     ap.add_argument("--prometheus", required=True, help="the prometheus binary")
-    ap.add_argument(
-        "--demo",
-        metavar="PRESET",
-        help="serve the demo world (e.g. ci) instead of the tiny fixture model",
-    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     a = ap.parse_args()
+    # A CI time-out sends SIGTERM: stop the children on the way out too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     workdir = Path(tempfile.mkdtemp(prefix="atlas-live-check-"))
     procs = Processes(workdir)
     failures = []
     try:
-        server = start_server(procs, a.server, free_port(), a.demo)
+        server = start_server(procs, a.server, free_port())
         prom = start_prometheus(procs, a.prometheus, free_port(), server.removeprefix("http://"))
         failures += drive(server, prom)
         exported = exported_names(server)
