@@ -136,8 +136,13 @@ impl Config {
         }
         for (key, value) in args.overrides() {
             if let Some(v) = value {
-                let typed = typed_value(&table[key], v)
-                    .with_context(|| format!("setting {key} (flag --{} or ATLAS_{}): {v:?}", key.replace('_', "-"), key.to_uppercase()))?;
+                let typed = typed_value(&table[key], v).with_context(|| {
+                    format!(
+                        "setting {key} (flag --{} or ATLAS_{}): {v:?}",
+                        key.replace('_', "-"),
+                        key.to_uppercase()
+                    )
+                })?;
                 table.insert(key.to_string(), typed);
             }
         }
@@ -169,6 +174,12 @@ impl Config {
             if v == 0 {
                 bail!("setting {k} must be at least 1");
             }
+        }
+        if self.max_parts > atlas_core::coefficients::MAX_PARTS {
+            bail!(
+                "setting max_parts must be at most {}",
+                atlas_core::coefficients::MAX_PARTS
+            );
         }
         if self.api_keys.iter().any(|k| k.len() < 16) {
             bail!("api_keys: each key must be at least 16 characters");

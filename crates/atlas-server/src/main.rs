@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Serve zero-shot classification from compositions over HTTP (the demo world when no
     /// model is given).
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
     /// Build, convert or inspect task vectors.
     #[command(subcommand, name = "task-vector")]
     TaskVector(task_vector::Command),
@@ -48,7 +48,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve(a) => serve::run(a),
+        Command::Serve(a) => serve::run(*a),
         Command::TaskVector(c) => task_vector::run(c),
         Command::Learn(a) => learn::run(a),
         Command::Finetune(a) => finetune_cmd::run(a),

@@ -23,7 +23,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "atlas-serve: listening on {}, data in {}{}",
             config.listen,
             config.data_dir.display(),
-            if config.api_keys.is_empty() { "" } else { ", API keys required" }
+            if config.api_keys.is_empty() {
+                ""
+            } else {
+                ", API keys required"
+            }
         );
         let loader = state.clone();
         std::thread::spawn(move || {

@@ -1257,7 +1257,7 @@ fn learn_request(set: bool) -> api::LearnRequest {
         objective: api::Objective::TaskAddition,
         task_vectors: set.then(|| vec!["MNIST".into()]),
         layout: if set {
-            api::LayoutSpec::Parts { parts: 4, seed: 2 }
+            api::LayoutSpec::Parts(api::PartsSpec { parts: 4, seed: 2 })
         } else {
             api::LayoutSpec::default()
         },
@@ -1278,6 +1278,7 @@ fn learn_request(set: bool) -> api::LearnRequest {
             batch_size: set.then_some(8),
             seed: set.then_some(u64::MAX),
             val_fraction: set.then_some(0.5),
+            augment: set.then_some(false),
         },
     }
 }

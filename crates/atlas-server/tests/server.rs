@@ -1,100 +1,16 @@
 //! The HTTP service end to end: the real binary on loopback over the tiny fixture CLIP and two
-//! open_clip-named task vectors; predictions checked against atlas-clip computed directly.
+//! open_clip-named task vectors; predictions checked against atlas-clip computed directly;
+//! responses validated against openapi.yaml.
+
+mod common;
 
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::{templates, Backbone, LoadOptions, ZeroShotHead};
 use atlas_core::{Coefficients, Layout, StoreDType};
-use base64::Engine as _;
+use common::{b64, fixtures, png, spec, start, tiny_flags, Server, TVS, TV_NAMES};
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny")
-}
-
-const TVS: [&str; 2] = [
-    "delta_c_openclip.safetensors",
-    "delta_a_openclip_with_proj.safetensors",
-];
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atlas-serve"));
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--model",
-        fixtures().join("clip").to_str().unwrap(),
-        "--store",
-        "f32",
-    ]);
-    for tv in TVS {
-        cmd.args(["--tv", fixtures().join(tv).to_str().unwrap()]);
-    }
-    let server = Server {
-        child: cmd.spawn().unwrap(),
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while reqwest::blocking::get(format!("{}/healthz", server.base)).is_err() {
-        assert!(Instant::now() < deadline, "server did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    server
-}
-
-fn png(seed: u8) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(40, 36, |x, y| {
-        image::Rgb([
-            (x * 5) as u8 ^ seed,
-            (y * 7) as u8,
-            seed.wrapping_mul(3) ^ (x + y) as u8,
-        ])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::blocking::Client::new()
-        .post(format!("{}{path}", s.base))
-        .json(body)
-        .send()
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
-}
-
-fn get(s: &Server, path: &str) -> (u16, Value) {
-    let r = reqwest::blocking::get(format!("{}{path}", s.base)).unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
-}
 
 const CLASSES: [&str; 4] = ["red circle", "blue square", "green forest", "dog toy"];
 
@@ -134,208 +50,775 @@ fn direct(coefs: Option<&Coefficients>, images: &[Vec<u8>]) -> Vec<Vec<f32>> {
 }
 
 fn check_against(preds: &Value, want: &[Vec<f32>]) {
+    assert_eq!(preds.as_array().unwrap().len(), want.len());
     for (row, probs) in preds.as_array().unwrap().iter().zip(want) {
         let top = &row[0];
         let class = CLASSES
             .iter()
-            .position(|c| *c == top["class"].as_str().unwrap())
+            .position(|c| *c == top["label"].as_str().unwrap())
             .unwrap();
         let best = probs.iter().cloned().fold(f32::MIN, f32::max);
         assert!((probs[class] - best).abs() < 1e-6, "top-1 differs");
-        assert!((top["score"].as_f64().unwrap() as f32 - best).abs() < 1e-5);
+        assert!((top["probability"].as_f64().unwrap() as f32 - best).abs() < 1e-5);
     }
 }
 
-#[test]
-fn classify_compose_learn_and_refuse_bad_input() {
-    let s = start();
-    let images: Vec<Vec<u8>> = (0..3).map(png).collect();
-    let encoded: Vec<String> = images.iter().map(|b| b64(b)).collect();
+fn tiny(dir: &std::path::Path, extra: &[&str]) -> Server {
+    let mut flags = tiny_flags();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    start(&dir.join("data"), &flags, &[])
+}
 
-    let (code, tvs) = get(&s, "/task-vectors");
+fn images() -> (Vec<Vec<u8>>, Vec<String>) {
+    let images: Vec<Vec<u8>> = (0..3).map(png).collect();
+    let encoded = images.iter().map(|b| b64(b)).collect();
+    (images, encoded)
+}
+
+#[test]
+fn classify_explicit_compositions_heads_and_task_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = tiny(dir.path(), &[]);
+    let (images, encoded) = images();
+
+    let (code, tvs) = s.get("/task-vectors");
     assert_eq!(code, 200);
+    spec::validate("TaskVectorList", &tvs);
     assert_eq!(tvs["task_vectors"].as_array().unwrap().len(), 2);
     let n_blocks = tvs["blocks"].as_u64().unwrap() as usize;
+    let (code, tv) = s.get(&format!("/task-vectors/{}", TV_NAMES[0]));
+    assert_eq!(code, 200, "{tv}");
+    spec::validate("TaskVectorDetail", &tv);
+    assert_eq!(tv["blocks"].as_array().unwrap().len(), n_blocks);
+    assert!(tv["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["norm"].as_f64().unwrap() > 0.0));
 
-    // The pre-trained model.
-    let (code, out) = post(
-        &s,
+    // The pre-trained model, by class names and by a head id.
+    let (code, out) = s.post(
         "/classify",
         &json!({"classes": CLASSES, "images": encoded, "top_k": 2}),
     );
     assert_eq!(code, 200, "{out}");
+    spec::validate("ClassifyResponse", &out);
+    assert_eq!(out["composition"], "base");
     assert_eq!(out["predictions"][0].as_array().unwrap().len(), 2);
     check_against(&out["predictions"], &direct(None, &images));
+    let (code, head) = s.post("/heads", &json!({"classes": CLASSES}));
+    assert_eq!(code, 201, "{head}");
+    spec::validate("HeadView", &head);
+    assert_eq!(
+        head["id"], out["head"],
+        "the same content gives the same head id"
+    );
+    let (code, _) = s.post("/heads", &json!({"classes": CLASSES}));
+    assert_eq!(code, 200, "a known head");
+    let hid = head["id"].as_str().unwrap();
+    assert_eq!(s.get(&format!("/heads/{hid}")).1, head);
+    let (code, by_id) = s.post("/classify", &json!({"head": hid, "images": encoded}));
+    assert_eq!(code, 200, "{by_id}");
+    check_against(&by_id["predictions"], &direct(None, &images));
 
-    // An explicit per-block composition.
+    // Explicit per-block coefficients, checked against composing directly.
     let values: Vec<f64> = (0..2 * n_blocks)
         .map(|i| ((i * 37 % 11) as f64 - 4.0) * 0.5)
         .collect();
-    let (code, comp) = post(
-        &s,
+    let rows: Vec<&[f64]> = values.chunks(n_blocks).collect();
+    let (code, comp) = s.post(
         "/compositions",
-        &json!({"kind": "explicit", "task_vectors": ["delta_c_openclip", "delta_a_openclip_with_proj"], "layout": {"kind": "per_block"}, "values": values}),
+        &json!({"name": "mix", "task_vectors": TV_NAMES, "coefficients": rows}),
     );
     assert_eq!(code, 201, "{comp}");
+    spec::validate("Composition", &comp);
+    assert_eq!(comp["status"], "succeeded");
     let id = comp["id"].as_str().unwrap().to_string();
-    let (code, out) = post(
-        &s,
+    let (code, out) = s.post(
         "/classify",
-        &json!({"composition": id, "classes": CLASSES, "images": encoded}),
+        &json!({"composition": id, "head": hid, "images": encoded}),
     );
     assert_eq!(code, 200, "{out}");
     let coefs = Coefficients::new(Layout::PerBlock, 2, n_blocks, values).unwrap();
     check_against(&out["predictions"], &direct(Some(&coefs), &images));
 
-    // Bad input: a 4xx that says what was wrong.
-    let bad = |body: Value, path: &str, code: u16, needle: &str| {
-        let (c, v) = post(&s, path, &body);
-        assert_eq!(c, code, "{body} -> {v}");
-        assert!(
-            v["error"].as_str().unwrap_or("").contains(needle),
-            "{v} lacks {needle:?}"
-        );
+    // Scalars (task arithmetic) and a map by block name widen as documented.
+    let block0 = tv["blocks"][0]["name"].as_str().unwrap();
+    let (code, c2) = s.post(
+        "/compositions",
+        &json!({"task_vectors": TV_NAMES, "coefficients": [0.3, {"*": 0.1, block0: -0.5}]}),
+    );
+    assert_eq!(code, 201, "{c2}");
+    assert_eq!(c2["layout"]["kind"], "per_block");
+    let got = c2["coefficients"].as_array().unwrap();
+    assert_eq!(got.len(), 2 * n_blocks);
+    assert_eq!(
+        (
+            got[0].as_f64(),
+            got[n_blocks].as_f64(),
+            got[n_blocks + 1].as_f64()
+        ),
+        (Some(0.3), Some(-0.5), Some(0.1))
+    );
+    let parts: Vec<Vec<f64>> = (0..n_blocks).map(|b| vec![0.1 * b as f64, -0.2]).collect();
+    let (code, c3) = s.post(
+        "/compositions",
+        &json!({"task_vectors": [TV_NAMES[1]], "coefficients": [parts], "parts_seed": 7}),
+    );
+    assert_eq!(code, 201, "{c3}");
+    assert_eq!(c3["layout"], json!({"kind": "per_part", "k": 2, "seed": 7}));
+    let (code, _) = s.post(
+        "/classify",
+        &json!({"composition": c3["id"], "classes": CLASSES, "images": encoded}),
+    );
+    assert_eq!(code, 200);
+
+    // Paging, status filter, heat maps.
+    let (code, page) = s.get("/compositions?limit=2");
+    assert_eq!(code, 200);
+    spec::validate("CompositionPage", &page);
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next_offset"], 2);
+    let (_, rest) = s.get("/compositions?limit=2&offset=2&status=succeeded");
+    assert_eq!(rest["items"].as_array().unwrap().len(), 1);
+    assert!(rest.get("next_offset").is_none());
+    let svg =
+        reqwest::blocking::get(format!("{}/compositions/{id}/coefficients.svg", s.base)).unwrap();
+    assert_eq!(svg.headers()["content-type"], "image/svg+xml");
+    let svg = svg.text().unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains(TV_NAMES[1]));
+    let png = reqwest::blocking::get(format!("{}/compositions/{id}/coefficients.png", s.base))
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let img = image::load_from_memory(&png).unwrap();
+    assert_eq!(img.width() as usize, n_blocks * 4);
+
+    // Uploading a task vector (base64 safetensors), using it, refusing to delete it while a
+    // composition uses it, then deleting both.
+    let bytes = std::fs::read(fixtures().join(TVS[0])).unwrap();
+    let (code, up) = s.post(
+        "/task-vectors",
+        &json!({"name": "uploaded", "safetensors": b64(&bytes)}),
+    );
+    assert_eq!(code, 201, "{up}");
+    spec::validate("TaskVectorSummary", &up);
+    let (code, uses) = s.post(
+        "/compositions",
+        &json!({"task_vectors": ["uploaded"], "coefficients": [0.5]}),
+    );
+    assert_eq!(code, 201, "{uses}");
+    let (code, p) = s.delete("/task-vectors/uploaded");
+    assert_eq!(code, 409, "{p}");
+    assert!(p["detail"]
+        .as_str()
+        .unwrap()
+        .contains(uses["id"].as_str().unwrap()));
+    assert_eq!(
+        s.delete(&format!("/compositions/{}", uses["id"].as_str().unwrap()))
+            .0,
+        204
+    );
+    assert_eq!(s.delete("/task-vectors/uploaded").0, 204);
+    assert_eq!(s.get("/task-vectors/uploaded").0, 404);
+    assert!(std::fs::read_dir(dir.path().join("data/task-vectors"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+/// A bad request and what its problem's detail must mention.
+fn refused(s: &Server, path: &str, body: Value, code: u16, needle: &str) {
+    let (c, v) = s.post(path, &body);
+    assert_eq!(c, code, "{body} -> {v}");
+    let detail = v["detail"].as_str().unwrap_or("");
+    assert!(detail.contains(needle), "{v} lacks {needle:?}");
+}
+
+#[test]
+fn bad_input_is_refused_with_problems_that_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = tiny(dir.path(), &["--max-body-mib", "1"]);
+    let (_, encoded) = images();
+    let cl = |extra: Value| {
+        let mut v = json!({"classes": CLASSES, "images": encoded});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
     };
-    bad(
-        json!({"classes": CLASSES, "images": ["%%%"]}),
+    refused(
+        &s,
         "/classify",
+        cl(json!({"images": ["%%%"]})),
         400,
         "image 0",
     );
-    bad(
-        json!({"classes": CLASSES, "images": [b64(b"not an image")]}),
+    refused(
+        &s,
         "/classify",
+        cl(json!({"images": [b64(b"not an image")]})),
+        400,
+        "not a JPEG, PNG or WebP",
+    );
+    refused(
+        &s,
+        "/classify",
+        cl(json!({"images": [b64(&png(1)[..40])]})),
         400,
         "image 0",
     );
-    bad(
-        json!({"classes": [], "images": encoded}),
+    refused(
+        &s,
         "/classify",
+        cl(json!({"images": []})),
+        400,
+        "between 1 and",
+    );
+    refused(
+        &s,
+        "/classify",
+        cl(json!({"classes": []})),
         400,
         "class names",
     );
-    bad(
-        json!({"classes": CLASSES, "images": encoded, "top_k": 0}),
+    refused(
+        &s,
         "/classify",
+        cl(json!({"classes": ["a", "a"]})),
         400,
-        "top_k",
+        "twice",
     );
-    bad(
-        json!({"classes": CLASSES, "images": encoded, "templates": ["no placeholder"]}),
+    refused(&s, "/classify", cl(json!({"top_k": 0})), 400, "top_k");
+    refused(
+        &s,
         "/classify",
+        cl(json!({"templates": ["no placeholder"]})),
         400,
         "{}",
     );
-    bad(
-        json!({"classes": CLASSES, "images": encoded, "templates": "NoSuchSet"}),
+    refused(
+        &s,
         "/classify",
+        cl(json!({"templates": "NoSuchSet"})),
         400,
         "NoSuchSet",
     );
-    bad(
-        json!({"composition": "c999", "classes": CLASSES, "images": encoded}),
+    refused(
+        &s,
         "/classify",
+        cl(json!({"composition": "c999"})),
         404,
         "c999",
     );
-    bad(
-        json!({"kind": "explicit", "task_vectors": ["nope"], "layout": {"kind": "isotropic"}, "values": [1.0]}),
-        "/compositions",
-        404,
-        "nope",
-    );
-    bad(
-        json!({"kind": "explicit", "task_vectors": ["delta_c_openclip"], "layout": {"kind": "per_block"}, "values": [1.0]}),
-        "/compositions",
-        400,
-        "expected",
-    );
-    bad(
-        json!({"classes": "not a list"}),
+    refused(&s, "/classify", cl(json!({"head": "h0"})), 400, "not both");
+    refused(
+        &s,
         "/classify",
+        json!({"head": "h0", "images": encoded}),
+        404,
+        "h0",
+    );
+    refused(
+        &s,
+        "/classify",
+        cl(json!({"classes": "not a list"})),
         400,
         "classes",
     );
-    let r = reqwest::blocking::Client::new()
-        .post(format!("{}/classify", s.base))
-        .header("content-type", "application/json")
-        .body("{not json")
+    refused(&s, "/classify", cl(json!({"surprise": 1})), 400, "surprise");
+    let tvs = json!(TV_NAMES);
+    refused(
+        &s,
+        "/compositions",
+        json!({"task_vectors": ["nope"], "coefficients": [1.0]}),
+        400,
+        "nope",
+    );
+    refused(
+        &s,
+        "/compositions",
+        json!({"task_vectors": [TV_NAMES[0], TV_NAMES[0]], "coefficients": [1.0, 1.0]}),
+        400,
+        "twice",
+    );
+    refused(
+        &s,
+        "/compositions",
+        json!({"task_vectors": tvs, "coefficients": [1.0]}),
+        400,
+        "one coefficients entry per task vector",
+    );
+    refused(
+        &s,
+        "/compositions",
+        json!({"task_vectors": [TV_NAMES[0]], "coefficients": [[1.0, 2.0]]}),
+        400,
+        "2 values given",
+    );
+    refused(
+        &s,
+        "/compositions",
+        json!({"task_vectors": [TV_NAMES[0]], "coefficients": [1e308]}),
+        400,
+        "out of range",
+    );
+    refused(
+        &s,
+        "/compositions",
+        json!({"task_vectors": [TV_NAMES[0]], "coefficients": [{"no.such.block": 1.0}]}),
+        400,
+        "no block named",
+    );
+    refused(
+        &s,
+        "/compositions",
+        json!({"task_vectors": [TV_NAMES[0]], "coefficients": [[[]]]}),
+        400,
+        "parts per block",
+    );
+    let ex = json!([{"image": encoded[0], "label": 0}]);
+    let job = |extra: Value| {
+        let mut v =
+            json!({"objective": "few_shot", "tasks": [{"classes": CLASSES, "examples": ex}]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    refused(
+        &s,
+        "/compositions",
+        job(
+            json!({"tasks": [{"classes": CLASSES, "examples": [{"image": encoded[0], "label": 9}]}]}),
+        ),
+        400,
+        "out of range",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"tasks": [{"classes": CLASSES, "examples": [{"image": encoded[0]}]}]})),
+        400,
+        "label is required",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(
+            json!({"tasks": [{"classes": CLASSES, "examples": [{"image": b64(b"GIF89a"), "label": 1}]}]}),
+        ),
+        400,
+        "task 0 example 0",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"layout": {"parts": 0}})),
+        400,
+        "parts must be between",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"layout": {"parts": 1_000_000_000u64}})),
+        400,
+        "parts must be between",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"layout": "diagonal"})),
+        400,
+        "unknown layout",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"objective": "negation"})),
+        400,
+        "two (target, then control)",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"objective": "dream"})),
+        400,
+        "objective",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"config": {"epochs": 1_000_000}})),
+        400,
+        "epochs",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"config": {"lr": -1.0}})),
+        400,
+        "lr",
+    );
+    refused(
+        &s,
+        "/compositions",
+        job(json!({"task_vectors": ["nope"]})),
+        400,
+        "nope",
+    );
+    refused(
+        &s,
+        "/task-vectors",
+        json!({"name": "../evil", "safetensors": b64(b"x")}),
+        400,
+        "must be 1 to 100 characters",
+    );
+    refused(
+        &s,
+        "/task-vectors",
+        json!({"name": "bad", "safetensors": b64(&[255u8; 16])}),
+        400,
+        "bad",
+    );
+    refused(
+        &s,
+        "/task-vectors",
+        json!({"name": "two", "file": "a", "safetensors": "AA=="}),
+        400,
+        "exactly one source",
+    );
+    refused(
+        &s,
+        "/task-vectors",
+        json!({"name": "f", "file": "x.safetensors"}),
+        400,
+        "no library directory",
+    );
+    refused(
+        &s,
+        "/task-vectors",
+        json!({"name": TV_NAMES[0], "safetensors": "AA=="}),
+        409,
+        "exists already",
+    );
+    refused(
+        &s,
+        "/heads",
+        json!({"classes": (0..1001).map(|i| i.to_string()).collect::<Vec<_>>()}),
+        400,
+        "between 1 and 1000",
+    );
+    for path in [
+        "/compositions/nope",
+        "/heads/nope",
+        "/task-vectors/nope",
+        "/compositions/nope/coefficients.svg",
+        "/nowhere",
+    ] {
+        let (code, v) = s.get(path);
+        assert_eq!(code, 404, "{path}: {v}");
+    }
+    assert_eq!(s.post("/compositions/nope/cancel", &json!({})).0, 404);
+    assert_eq!(s.delete("/compositions/nope").0, 404);
+    let (code, v) = s.post_with("/classify", |r| {
+        r.header("content-type", "application/json")
+            .body("{not json")
+    });
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = s.post_with("/classify", |r| r.body("{}"));
+    assert_eq!(code, 415, "{v}");
+    let big = "A".repeat(2 << 20);
+    let (code, v) = s.post("/classify", &json!({"classes": CLASSES, "images": [big]}));
+    assert_eq!(code, 413, "{v}");
+    let (code, _) = s.get("/compositions?limit=0");
+    assert_eq!(code, 400);
+    let (code, _) = s.get("/compositions?status=lost");
+    assert_eq!(code, 400);
+    // Still healthy and serving, with nothing panicking.
+    assert_eq!(
+        s.post("/classify", &json!({"classes": CLASSES, "images": encoded}))
+            .0,
+        200
+    );
+    assert!(!s.log_text().contains("panicked"), "{}", s.log_text());
+}
+
+fn few_shot(encoded: &[String], epochs: usize, n: usize) -> Value {
+    let examples: Vec<Value> = (0..n)
+        .map(|i| json!({"image": encoded[i % encoded.len()], "label": i % 4}))
+        .collect();
+    json!({"objective": "few_shot", "task_vectors": TV_NAMES,
+        "tasks": [{"classes": CLASSES, "examples": examples}], "config": {"epochs": epochs, "batch_size": 4}})
+}
+
+fn distinct_pngs(n: usize) -> Vec<String> {
+    (0..n).map(|i| b64(&png(i as u8 * 7))).collect()
+}
+
+/// Reads an SSE stream until its final status event; returns the events' JSON.
+fn sse_until_final(s: &Server, id: &str) -> Vec<Value> {
+    use std::io::{BufRead, BufReader};
+    let r = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+        .get(format!("{}/compositions/{id}/events", s.base))
         .send()
         .unwrap();
-    assert_eq!(r.status().as_u16(), 400);
-    assert!(r.json::<Value>().unwrap()["error"].is_string());
-
-    // A learning job: queued, then ready with a summary, then servable.
-    let examples: Vec<Value> = (0..12)
-        .map(|i| json!({"image": b64(&png(i as u8 * 20)), "label": i % 4}))
-        .collect();
-    let job = json!({"kind": "learn", "objective": "few_shot", "task_vectors": ["delta_c_openclip", "delta_a_openclip_with_proj"],
-        "tasks": [{"classes": CLASSES, "examples": examples}], "config": {"epochs": 2, "batch_size": 4}});
-    let (code, view) = post(&s, "/compositions", &job);
-    assert_eq!(code, 202, "{view}");
-    let id = view["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done = loop {
-        let (_, v) = get(&s, &format!("/compositions/{id}"));
-        if v["status"] == "ready" || v["status"] == "failed" {
-            break v;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut out = Vec::new();
+    for line in BufReader::new(r).lines() {
+        let line = line.unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(data).unwrap();
+            let done = matches!(
+                v["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            );
+            out.push(v);
+            if done {
+                break;
+            }
         }
-        assert!(Instant::now() < deadline, "job did not finish: {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(done["status"], "ready", "{done}");
+    }
+    out
+}
+
+#[test]
+fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = tiny(dir.path(), &[]);
+    let encoded = distinct_pngs(12);
+
+    let job = few_shot(&encoded, 2, 12);
+    let (code, view) = s.post_with("/compositions", |r| {
+        r.header("Idempotency-Key", "job-1").json(&job)
+    });
+    assert_eq!(code, 202, "{view}");
+    spec::validate("Composition", &view);
+    let id = view["id"].as_str().unwrap().to_string();
+    let (code, again) = s.post_with("/compositions", |r| {
+        r.header("Idempotency-Key", "job-1").json(&job)
+    });
+    assert_eq!(
+        (code, &again["id"]),
+        (202, &view["id"]),
+        "same key, same job"
+    );
+    let other = few_shot(&encoded, 3, 12);
+    let (code, p) = s.post_with("/compositions", |r| {
+        r.header("Idempotency-Key", "job-1").json(&other)
+    });
+    assert_eq!(code, 409, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("different request"));
+    let events = sse_until_final(&s, &id);
+    assert!(
+        events.iter().any(|e| e["progress"]["kind"] == "step"),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap()["status"], "succeeded", "{events:?}");
+    let done = s.wait_final(&id, Duration::from_secs(10));
+    spec::validate("Composition", &done);
     assert_eq!(done["summary"]["metric"], "accuracy");
-    assert_eq!(done["progress"]["kind"], "finished");
-    let (code, out) = post(
-        &s,
+    assert_eq!(done["history"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        done["provenance"]["task_vector_digests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(done["provenance"]["data_hash"].as_str().unwrap().len(), 64);
+    assert!(
+        done["request"]["tasks"][0]["examples"][0]
+            .get("image")
+            .is_none(),
+        "no image bytes in the store's view"
+    );
+    let (code, out) = s.post(
         "/classify",
-        &json!({"composition": id, "classes": CLASSES, "images": encoded}),
+        &json!({"composition": id, "classes": CLASSES, "images": &encoded[..2]}),
     );
     assert_eq!(code, 200, "{out}");
-    // A learning job with a label out of range is refused up front.
-    let wrong = json!({"kind": "learn", "objective": "few_shot", "task_vectors": ["delta_c_openclip"],
-        "tasks": [{"classes": CLASSES, "examples": [{"image": encoded[0], "label": 9}]}]});
-    bad(wrong, "/compositions", 400, "out of range");
+    assert_eq!(
+        s.post(&format!("/compositions/{id}/cancel"), &json!({})).0,
+        409
+    );
 
-    // DELETE removes a finished composition; a long job is cancelled and ends `cancelled`.
-    let r = reqwest::blocking::Client::new()
-        .delete(format!("{}/compositions/{id}", s.base))
-        .send()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(get(&s, &format!("/compositions/{id}")).0, 404);
-    let long = json!({"kind": "learn", "objective": "few_shot", "task_vectors": ["delta_c_openclip"],
-        "tasks": [{"classes": CLASSES, "examples": (0..12).map(|i| json!({"image": b64(&png(i as u8)), "label": i % 4})).collect::<Vec<_>>()}],
-        "config": {"epochs": 100000, "batch_size": 2}});
-    let (code, view) = post(&s, "/compositions", &long);
-    assert_eq!(code, 202, "{view}");
-    let id = view["id"].as_str().unwrap().to_string();
-    std::thread::sleep(Duration::from_millis(300));
-    let r = reqwest::blocking::Client::new()
-        .delete(format!("{}/compositions/{id}", s.base))
-        .send()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    // A long job: cancelled while running; a task vector in use cannot be deleted meanwhile.
+    let (code, long) = s.post("/compositions", &few_shot(&encoded, 1000, 12));
+    assert_eq!(code, 202, "{long}");
+    let lid = long["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
+    while s.get(&format!("/compositions/{lid}")).1["status"] != "running" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.delete(&format!("/task-vectors/{}", TV_NAMES[0])).0, 409);
+    let (code, _) = s.post(&format!("/compositions/{lid}/cancel"), &json!({}));
+    assert_eq!(code, 202);
+    assert_eq!(
+        s.wait_final(&lid, Duration::from_secs(60))["status"],
+        "cancelled"
+    );
+    let (_, cancelled) = s.get("/compositions?status=cancelled");
+    assert_eq!(cancelled["items"][0]["id"], lid.as_str());
+    assert!(s.metrics().contains("atlas_jobs{state=\"cancelled\"} 1"));
+
+    // Multipart: the request as a JSON part, examples as file parts named in it.
+    let form = reqwest::blocking::multipart::Form::new()
+        .part("request", reqwest::blocking::multipart::Part::text(
+            json!({"objective": "few_shot", "task_vectors": [TV_NAMES[0]], "layout": "isotropic",
+                "tasks": [{"classes": ["x", "y"], "examples": [{"file": "a.png", "label": 0}, {"file": "b.png", "label": 1}]}],
+                "config": {"epochs": 1}}).to_string()))
+        .part("files", reqwest::blocking::multipart::Part::bytes(png(3)).file_name("a.png"))
+        .part("files", reqwest::blocking::multipart::Part::bytes(png(4)).file_name("b.png"));
+    let (code, mp) = s.post_with("/compositions", |r| r.multipart(form));
+    assert_eq!(code, 202, "{mp}");
+    let mp = s.wait_final(mp["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(mp["status"], "succeeded", "{mp}");
+    assert_eq!(mp["coefficients"].as_array().unwrap().len(), 1);
+    let form = reqwest::blocking::multipart::Form::new()
+        .part(
+            "request",
+            reqwest::blocking::multipart::Part::text(
+                json!({"classes": CLASSES, "top_k": 1}).to_string(),
+            ),
+        )
+        .part(
+            "image",
+            reqwest::blocking::multipart::Part::bytes(png(9)).file_name("q.png"),
+        );
+    let (code, out) = s.post_with("/classify", |r| r.multipart(form));
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["predictions"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn api_keys_guard_mutations_and_stay_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "k-0123456789abcdef-secret";
+    let mut s = start(
+        &dir.path().join("data"),
+        &tiny_flags(),
+        &[("ATLAS_API_KEYS", &format!("other-key-0123456789,{key}"))],
+    );
+    let body = json!({"classes": CLASSES, "images": [b64(&png(1))]});
+    for (path, b) in [
+        ("/classify", &body),
+        ("/heads", &json!({"classes": ["a"]})),
+        ("/compositions", &json!({})),
+        ("/task-vectors", &json!({})),
+    ] {
+        let (code, v) = s.post(path, b);
+        assert_eq!(code, 401, "{path}: {v}");
+        assert!(v["detail"].as_str().unwrap().contains("bearer"));
+    }
+    assert_eq!(s.delete("/compositions/x").0, 401);
+    s.key = Some("wrong-key-0123456789".into());
+    assert_eq!(s.post("/classify", &body).0, 401);
+    assert_eq!(
+        s.get("/task-vectors").0,
+        200,
+        "reads are open unless auth_reads"
+    );
+    s.key = Some(key.into());
+    assert_eq!(s.post("/classify", &body).0, 200);
+    assert_eq!(s.get("/healthz").0, 200);
+    assert!(!s.metrics().contains(key));
+    assert!(!s.log_text().contains(key), "{}", s.log_text());
+}
+
+#[test]
+fn concurrent_requests_are_batched() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = tiny(dir.path(), &["--max-wait-ms", "200"]);
+    let body = json!({"classes": CLASSES, "images": [b64(&png(5))]});
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| assert_eq!(s.post("/classify", &body).0, 200));
+        }
+    });
+    let m = s.metrics();
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let batches = value("atlas_batch_size_count");
+    assert_eq!(value("atlas_batch_size_sum"), 8.0);
+    assert!(
+        batches < 8.0,
+        "8 concurrent requests ran as {batches} batches\n{m}"
+    );
+    assert!(
+        m.contains(
+            "atlas_http_requests_total{method=\"POST\",route=\"/classify\",status=\"200\"} 8"
+        ),
+        "{m}"
+    );
+}
+
+#[test]
+fn jobs_survive_a_kill_and_compositions_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = start(&data, &tiny_flags(), &[]);
+    let encoded = distinct_pngs(16);
+    let (code, kept) = s.post(
+        "/compositions",
+        &json!({"task_vectors": TV_NAMES, "coefficients": [0.2, -0.1]}),
+    );
+    assert_eq!(code, 201);
+    let (code, job) = s.post("/compositions", &few_shot(&encoded, 6, 64));
+    assert_eq!(code, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let (_, queued) = s.post("/compositions", &few_shot(&encoded, 1, 8));
+    // Kill once the first epoch's checkpoint is written (the epoch event follows it).
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (_, v) = get(&s, &format!("/compositions/{id}"));
-        if v["status"] == "cancelled" {
+        let (_, v) = s.get(&format!("/compositions/{id}"));
+        if !v["history"].as_array().unwrap().is_empty() {
+            assert_eq!(v["status"], "running", "killed too late: {v}");
             break;
         }
-        assert!(
-            Instant::now() < deadline && v["status"] != "ready",
-            "not cancelled: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(Instant::now() < deadline, "no epoch: {v}");
+        std::thread::sleep(Duration::from_millis(20));
     }
-
-    let text = reqwest::blocking::get(format!("{}/metrics", s.base))
+    s.kill();
+    {
+        let conn = rusqlite::Connection::open(data.join("atlas.db")).unwrap();
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+    }
+    let s = start(&data, &tiny_flags(), &[]);
+    assert!(s.log_text().contains("requeued"), "{}", s.log_text());
+    let done = s.wait_final(&id, Duration::from_secs(300));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let kinds: Vec<&str> = done["history"]
+        .as_array()
         .unwrap()
-        .text()
-        .unwrap();
-    assert!(
-        text.contains("atlas_http_requests_total")
-            && text.contains("atlas_classified_images_total"),
-        "{text}"
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"resumed"), "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "epoch").count(),
+        6,
+        "{kinds:?}"
     );
+    assert_eq!(
+        s.wait_final(queued["id"].as_str().unwrap(), Duration::from_secs(120))["status"],
+        "succeeded"
+    );
+    let (code, k) = s.get(&format!("/compositions/{}", kept["id"].as_str().unwrap()));
+    assert_eq!((code, &k["coefficients"]), (200, &kept["coefficients"]));
+    // SIGTERM: a clean exit.
+    assert!(s.terminate().success());
 }

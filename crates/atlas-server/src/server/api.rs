@@ -132,6 +132,9 @@ pub struct LearnOverrides {
     pub batch_size: Option<usize>,
     pub seed: Option<u64>,
     pub val_fraction: Option<f64>,
+    /// Random crops and flips of labelled images (the recipe's default: on). Turn it off when
+    /// they change the label (positions, left/right, digits).
+    pub augment: Option<bool>,
 }
 
 /// A coefficient layout as callers write it: "isotropic", "blockwise", or {"parts": K}.
@@ -139,11 +142,15 @@ pub struct LearnOverrides {
 #[serde(untagged)]
 pub enum LayoutSpec {
     Named(String),
-    Parts {
-        parts: usize,
-        #[serde(default)]
-        seed: u64,
-    },
+    Parts(PartsSpec),
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartsSpec {
+    pub parts: usize,
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl Default for LayoutSpec {
@@ -264,7 +271,7 @@ pub struct Composition {
     /// The latest progress event of a learning job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<atlas_learn::Event>,
-    /// Epoch events (training loss, validation metric) so far.
+    /// Epoch events (training loss, validation metric) so far, and resumptions after restarts.
     #[serde(default)]
     pub history: Vec<atlas_learn::Event>,
     /// Outcome of a learning job: metric before and after, best epoch.

@@ -82,7 +82,14 @@ async fn multipart(mut mp: Multipart) -> ApiResult<Body> {
     })
 }
 
-/// A JSON value as a request type, with serde's message (which names the field) on failure.
+/// A JSON value as a request type; on failure the message names the field that was wrong.
 pub fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> ApiResult<T> {
-    serde_json::from_value(v).map_err(|e| ApiError::bad(format!("invalid {what}: {e}")))
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let at = e.path().to_string();
+        let inner = e.into_inner();
+        match at.as_str() {
+            "." => ApiError::bad(format!("invalid {what}: {inner}")),
+            _ => ApiError::bad(format!("invalid {what}: at {at}: {inner}")),
+        }
+    })
 }

@@ -17,8 +17,12 @@ pub async fn create_head(
     ApiJson(req): ApiJson<HeadRequest>,
 ) -> ApiResult<(StatusCode, Json<HeadView>)> {
     let head = heads::head(req.classes, &req.templates, s.config.max_classes)?;
-    s.store.put_head(&head)?;
-    Ok((StatusCode::CREATED, Json(head)))
+    let status = if s.store.put_head(&head)? {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(head)))
 }
 
 pub async fn get_head(
@@ -73,9 +77,7 @@ fn resolve_head(s: &AppState, req: &ClassifyRequest) -> ApiResult<HeadView> {
             .store
             .get_head(id)?
             .ok_or_else(|| ApiError::not_found(format!("no head {id}"))),
-        (None, Some(classes)) => {
-            heads::head(classes.clone(), &req.templates, s.config.max_classes)
-        }
+        (None, Some(classes)) => heads::head(classes.clone(), &req.templates, s.config.max_classes),
         (None, None) => Err(ApiError::bad(
             "give a head id (POST /heads) or class names in \"classes\"",
         )),
@@ -101,13 +103,8 @@ fn resolve_target(s: &AppState, core: &Core, id: &str) -> ApiResult<Option<Arc<T
         .library()
         .select(&c.task_vectors)
         .map_err(|e| ApiError::conflict(format!("composition {id}: {e}")))?;
-    let coefs = Coefficients::new(
-        c.layout,
-        tvs.len(),
-        core.backbone.manifest().len(),
-        values,
-    )
-    .map_err(ApiError::internal)?;
+    let coefs = Coefficients::new(c.layout, tvs.len(), core.backbone.manifest().len(), values)
+        .map_err(ApiError::internal)?;
     let digests: Vec<&str> = tvs.iter().map(|t| t.digest()).collect();
     Ok(Some(Arc::new(Target {
         key: format!("{id}:{}", digests.join(",")),

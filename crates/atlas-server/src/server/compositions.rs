@@ -21,7 +21,11 @@ use std::sync::Arc;
 const MAX_EPOCHS: usize = 1000;
 const MAX_BATCH: usize = 1024;
 
-pub async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn create(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let core = s.ready()?;
     let learning = body.json.get("objective").is_some();
     let (status, c) = if learning {
@@ -55,7 +59,9 @@ fn new_id() -> String {
 fn select(core: &Core, names: &[String]) -> ApiResult<Vec<Arc<TaskVector>>> {
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
-        return Err(ApiError::bad(format!("task vector {dup:?} is listed twice")));
+        return Err(ApiError::bad(format!(
+            "task vector {dup:?} is listed twice"
+        )));
     }
     let lib = core.library();
     names
@@ -153,14 +159,17 @@ pub fn explicit_coefficients(
         values.extend(entry_values(e, name, manifest, layout)?);
     }
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(ApiError::bad(format!("coefficient {i} is not a finite number")));
+        return Err(ApiError::bad(format!(
+            "coefficient {i} is not a finite number"
+        )));
     }
     if let Some(v) = values.iter().find(|v| v.abs() > 1e6) {
         return Err(ApiError::bad(format!(
             "coefficient {v} is out of range (|λ| ≤ 1e6)"
         )));
     }
-    Coefficients::new(layout, entries.len(), n_blocks, values).map_err(|e| ApiError::bad(e.to_string()))
+    Coefficients::new(layout, entries.len(), n_blocks, values)
+        .map_err(|e| ApiError::bad(e.to_string()))
 }
 
 fn entry_values(
@@ -183,7 +192,10 @@ fn entry_values(
     match e {
         TvCoefficients::Scalar(v) => Ok(widen(*v)),
         TvCoefficients::PerBlock(row) if matches!(layout, Layout::PerPart { .. }) => {
-            Err(wrong(&format!("a per-block row beside per-part entries ({} values)", row.len())))
+            Err(wrong(&format!(
+                "a per-block row beside per-part entries ({} values)",
+                row.len()
+            )))
         }
         TvCoefficients::PerBlock(row) if row.len() != n_blocks => {
             Err(wrong(&format!("{} values given", row.len())))
@@ -191,7 +203,9 @@ fn entry_values(
         TvCoefficients::PerBlock(row) => Ok(row.clone()),
         TvCoefficients::PerPart(rows) => {
             if rows.len() != n_blocks || rows.iter().any(|r| r.len() != per) {
-                return Err(wrong(&format!("per-part rows must be {n_blocks} rows of {per} values")));
+                return Err(wrong(&format!(
+                    "per-part rows must be {n_blocks} rows of {per} values"
+                )));
             }
             Ok(rows.concat())
         }
@@ -218,23 +232,35 @@ async fn learn(
     key: Option<String>,
 ) -> ApiResult<(StatusCode, Composition)> {
     let mut req: LearnRequest = parse(body.json.clone(), "learning request")?;
-    if let Some(k) = &key {
-        if let Some(c) = s.store.find_idempotent(k)? {
-            return Ok((StatusCode::ACCEPTED, c));
+    let key = key.map(|k| (k, request_hash(&body)));
+    if let Some((k, hash)) = &key {
+        if let Some((earlier, earlier_hash)) = s.store.find_idempotent(k)? {
+            return replay(k, hash, earlier, &earlier_hash);
         }
     }
-    let names = req
-        .task_vectors
-        .clone()
-        .unwrap_or_else(|| core.library().names().iter().map(|n| n.to_string()).collect());
+    let names = req.task_vectors.clone().unwrap_or_else(|| {
+        core.library()
+            .names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
+    });
     if names.is_empty() {
-        return Err(ApiError::bad("a learning job needs at least one task vector"));
+        return Err(ApiError::bad(
+            "a learning job needs at least one task vector",
+        ));
     }
     let tvs = select(core, &names)?;
     let layout = layout(&req.layout, s.config.max_parts)?;
     check_tasks(s, &req)?;
     check_overrides(&req.config)?;
-    let queued = s.store.count_by_status()?.iter().filter(|(k, _)| k == "queued").map(|c| c.1).sum::<i64>();
+    let queued = s
+        .store
+        .count_by_status()?
+        .iter()
+        .filter(|(k, _)| k == "queued")
+        .map(|c| c.1)
+        .sum::<i64>();
     if queued as usize >= s.config.job_queue {
         s.metrics.rejected.with_label_values(&["jobs_full"]).inc();
         return Err(ApiError::busy(
@@ -250,7 +276,10 @@ async fn learn(
     let c = Composition {
         id: id.clone(),
         name: req.name.clone(),
-        kind: req.objective.recipe_kind().replace("multi_task", "task_addition"),
+        kind: req
+            .objective
+            .recipe_kind()
+            .replace("multi_task", "task_addition"),
         status: Status::Queued,
         task_vectors: names,
         layout,
@@ -269,13 +298,44 @@ async fn learn(
         created_at: t,
         updated_at: t,
     };
-    if let Some(earlier) = s.store.insert(&c, key.as_deref())? {
+    let key_ref = key.as_ref().map(|(k, h)| (k.as_str(), h.as_str()));
+    if let Some((earlier, earlier_hash)) = s.store.insert(&c, key_ref)? {
         // Lost a race with the same key: keep the first job.
         let _ = std::fs::remove_dir_all(s.store.job_dir(&id));
-        return Ok((StatusCode::ACCEPTED, earlier));
+        let (k, hash) = key.as_ref().expect("a key was given");
+        return replay(k, hash, earlier, &earlier_hash);
     }
     core.jobs.notify();
     Ok((StatusCode::ACCEPTED, c))
+}
+
+/// The same key again: the earlier job if the request is the same, else a conflict.
+fn replay(
+    key: &str,
+    hash: &str,
+    earlier: Composition,
+    earlier_hash: &str,
+) -> ApiResult<(StatusCode, Composition)> {
+    if hash != earlier_hash {
+        return Err(ApiError::conflict(format!(
+            "Idempotency-Key {key:?} was used for a different request (composition {})",
+            earlier.id
+        )));
+    }
+    Ok((StatusCode::ACCEPTED, earlier))
+}
+
+/// Hash of a request: its JSON (keys sorted by serde_json's map) and its file parts.
+fn request_hash(body: &Body) -> String {
+    let mut h = Sha256::new();
+    h.update(body.json.to_string().as_bytes());
+    for f in &body.files {
+        for part in [f.filename.as_bytes(), &f.bytes] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 fn layout(spec: &LayoutSpec, max_parts: usize) -> ApiResult<Layout> {
@@ -285,10 +345,14 @@ fn layout(spec: &LayoutSpec, max_parts: usize) -> ApiResult<Layout> {
         LayoutSpec::Named(n) => Err(ApiError::bad(format!(
             "unknown layout {n:?}: use \"isotropic\", \"blockwise\" or {{\"parts\": K}}"
         ))),
-        LayoutSpec::Parts { parts, .. } if *parts == 0 || *parts > max_parts => Err(ApiError::bad(
-            format!("parts must be between 1 and {max_parts}, got {parts}"),
-        )),
-        LayoutSpec::Parts { parts, seed } => Ok(Layout::PerPart { k: *parts, seed: *seed }),
+        LayoutSpec::Parts(p) if p.parts == 0 || p.parts > max_parts => Err(ApiError::bad(format!(
+            "parts must be between 1 and {max_parts}, got {}",
+            p.parts
+        ))),
+        LayoutSpec::Parts(p) => Ok(Layout::PerPart {
+            k: p.parts,
+            seed: p.seed,
+        }),
     }
 }
 
@@ -347,10 +411,14 @@ fn check_label(o: Objective, i: usize, j: usize, label: Option<u32>, n: usize) -
 
 fn check_overrides(o: &LearnOverrides) -> ApiResult<()> {
     if o.epochs.is_some_and(|e| e > MAX_EPOCHS) {
-        return Err(ApiError::bad(format!("epochs must be at most {MAX_EPOCHS}")));
+        return Err(ApiError::bad(format!(
+            "epochs must be at most {MAX_EPOCHS}"
+        )));
     }
     if o.batch_size.is_some_and(|b| b > MAX_BATCH) {
-        return Err(ApiError::bad(format!("batch_size must be at most {MAX_BATCH}")));
+        return Err(ApiError::bad(format!(
+            "batch_size must be at most {MAX_BATCH}"
+        )));
     }
     if o.val_fraction.is_some_and(|v| !(0.0..1.0).contains(&v)) {
         return Err(ApiError::bad("val_fraction must be in [0, 1)"));
@@ -469,7 +537,10 @@ fn find(s: &AppState, id: &str) -> ApiResult<Composition> {
         .ok_or_else(|| ApiError::not_found(format!("no composition {id}")))
 }
 
-pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Composition>> {
+pub async fn get(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Composition>> {
     find(&s, &id).map(Json)
 }
 
@@ -496,6 +567,9 @@ pub async fn cancel(
     core.jobs.cancel(&id);
     core.jobs.refresh_gauges();
     let c = updated.unwrap_or(c);
+    if c.status == Status::Cancelled {
+        core.jobs.publish(&id, c.status, None);
+    }
     Ok((StatusCode::ACCEPTED, Json(c)))
 }
 
@@ -554,7 +628,12 @@ pub async fn events(
 }
 
 fn sse(e: &super::jobs::JobEvent) -> SseEvent {
-    let name = if e.progress.is_some() { "progress" } else { "status" };
+    // "status" whenever the status is news (the first event, the end); "progress" in between.
+    let name = if e.progress.is_some() && e.status == Status::Running {
+        "progress"
+    } else {
+        "status"
+    };
     SseEvent::default()
         .event(name)
         .json_data(e)

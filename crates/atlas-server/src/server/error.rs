@@ -61,10 +61,7 @@ impl IntoResponse for ApiError {
 pub fn problem(status: StatusCode, detail: String, retry_after: Option<u64>) -> Response {
     let body = Problem {
         kind: "about:blank".into(),
-        title: status
-            .canonical_reason()
-            .unwrap_or("Error")
-            .to_string(),
+        title: status.canonical_reason().unwrap_or("Error").to_string(),
         status: status.as_u16(),
         detail,
     };

@@ -68,11 +68,19 @@ pub fn check_classes(classes: &[String], max: usize) -> ApiResult<()> {
 }
 
 /// The head of these classes and templates, validated, with its content id.
-pub fn head(classes: Vec<String>, templates: &Templates, max_classes: usize) -> ApiResult<HeadView> {
+pub fn head(
+    classes: Vec<String>,
+    templates: &Templates,
+    max_classes: usize,
+) -> ApiResult<HeadView> {
     check_classes(&classes, max_classes)?;
     let templates = resolve_templates(templates)?;
     let mut h = Sha256::new();
-    for part in classes.iter().chain([&String::new()]).chain(templates.iter()) {
+    for part in classes
+        .iter()
+        .chain([&String::new()])
+        .chain(templates.iter())
+    {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }

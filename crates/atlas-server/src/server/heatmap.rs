@@ -36,10 +36,7 @@ impl Heatmap {
                     .collect()
             })
             .collect();
-        let max_abs = values
-            .iter()
-            .flatten()
-            .fold(0.0f64, |m, v| m.max(v.abs()));
+        let max_abs = values.iter().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
         Ok(Heatmap {
             rows,
             values,
@@ -187,21 +184,32 @@ mod tests {
         )
         .unwrap();
         let labels: Vec<_> = h.groups.iter().map(|g| (g.0.as_str(), g.1, g.2)).collect();
-        assert_eq!(labels, [("emb", 0, 1), ("L0", 1, 3), ("L1", 3, 4), ("out", 4, 5)]);
+        assert_eq!(
+            labels,
+            [("emb", 0, 1), ("L0", 1, 3), ("L1", 3, 4), ("out", 4, 5)]
+        );
         assert_eq!(h.colour(1.0), [255, 0, 0]);
         assert_eq!(h.colour(-1.0), [0, 0, 255]);
         assert_eq!(h.colour(0.0), [255, 255, 255]);
         let svg = h.svg();
         assert!(svg.contains("a&lt;b") && svg.matches("<rect").count() == 10);
         let png = image::load_from_memory(&h.png().unwrap()).unwrap();
-        assert_eq!((png.width(), png.height()), (5 * CELL_W as u32, 2 * CELL_H as u32));
+        assert_eq!(
+            (png.width(), png.height()),
+            (5 * CELL_W as u32, 2 * CELL_H as u32)
+        );
     }
 
     #[test]
     fn per_part_values_average_per_block() {
         let values: Vec<f64> = (0..10).map(|i| i as f64).collect();
-        let h = Heatmap::new(vec!["a".into()], blocks(), Layout::PerPart { k: 2, seed: 0 }, &values)
-            .unwrap();
+        let h = Heatmap::new(
+            vec!["a".into()],
+            blocks(),
+            Layout::PerPart { k: 2, seed: 0 },
+            &values,
+        )
+        .unwrap();
         assert_eq!(h.values[0], vec![0.5, 2.5, 4.5, 6.5, 8.5]);
         assert!(Heatmap::new(vec!["a".into()], blocks(), Layout::PerBlock, &[1.0]).is_err());
     }

@@ -170,7 +170,7 @@ impl Jobs {
         self.refresh_gauges();
     }
 
-    fn publish(&self, id: &str, status: Status, progress: Option<Event>) {
+    pub fn publish(&self, id: &str, status: Status, progress: Option<Event>) {
         let _ = self.events.send(JobEvent {
             id: id.to_string(),
             status,
@@ -231,7 +231,7 @@ impl Jobs {
     /// Stores a progress event (epoch events also join the history) and publishes it.
     fn record(&self, id: &str, e: &Event) {
         let stored = self.store.update(id, |c| {
-            if matches!(e.kind, EventKind::Epoch) {
+            if matches!(e.kind, EventKind::Epoch | EventKind::Resumed) {
                 c.history.push(e.clone());
             }
             c.progress = Some(e.clone());
@@ -280,8 +280,8 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
         })
         .collect::<Result<Vec<_>, LearnError>>()?;
     let data = Dataset::from_bytes(t.classes.clone(), items)?;
-    let templates = super::heads::resolve_templates(&t.templates)
-        .map_err(|e| LearnError::Job(e.detail))?;
+    let templates =
+        super::heads::resolve_templates(&t.templates).map_err(|e| LearnError::Job(e.detail))?;
     let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
     let name = t.name.clone().unwrap_or_else(|| format!("task{i}"));
     Task::new(backbone, &name, data, &t_refs)
@@ -309,6 +309,13 @@ pub fn learn_config(req: &LearnRequest, layout: atlas_core::Layout) -> Result<Le
     }
     if let Some(v) = o.val_fraction {
         c.val_fraction = v;
+    }
+    if let Some(on) = o.augment {
+        c.view = if on {
+            atlas_learn::augment::View::Train
+        } else {
+            atlas_learn::augment::View::Plain
+        };
     }
     c.validate().map_err(|e| e.to_string())?;
     Ok(c)

@@ -53,18 +53,27 @@ impl Metrics {
         let unit: Vec<f64> = (1..=20).map(|i| i as f64 / 20.0).collect();
         let m = Metrics {
             requests: IntCounterVec::new(
-                Opts::new("atlas_http_requests_total", "HTTP requests by route, method and status"),
+                Opts::new(
+                    "atlas_http_requests_total",
+                    "HTTP requests by route, method and status",
+                ),
                 &["route", "method", "status"],
             )
             .expect("counter"),
             request_seconds: HistogramVec::new(
-                HistogramOpts::new("atlas_http_request_duration_seconds", "HTTP request latency")
-                    .buckets(seconds_buckets()),
+                HistogramOpts::new(
+                    "atlas_http_request_duration_seconds",
+                    "HTTP request latency",
+                )
+                .buckets(seconds_buckets()),
                 &["route", "method"],
             )
             .expect("histogram"),
             ready: gauge("atlas_ready", "1 once the backbone and library are loaded"),
-            queue_depth: gauge("atlas_queue_depth", "Classify requests waiting for the engine"),
+            queue_depth: gauge(
+                "atlas_queue_depth",
+                "Classify requests waiting for the engine",
+            ),
             queue_capacity: gauge("atlas_queue_capacity", "Classify requests the queue holds"),
             batch_size: histogram(
                 "atlas_batch_size",
@@ -93,7 +102,10 @@ impl Metrics {
                 "atlas_cache_evictions_total",
                 "Composed models evicted from the cache",
             ),
-            cache_bytes: gauge("atlas_cache_resident_bytes", "Bytes of composed models held"),
+            cache_bytes: gauge(
+                "atlas_cache_resident_bytes",
+                "Bytes of composed models held",
+            ),
             cache_capacity: gauge("atlas_cache_capacity_bytes", "Byte budget of the cache"),
             jobs: IntGaugeVec::new(
                 Opts::new("atlas_jobs", "Learning jobs by state"),

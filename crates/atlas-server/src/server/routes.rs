@@ -120,9 +120,11 @@ fn unauthorized(detail: &str) -> Response {
 /// 200 while the process serves HTTP and, once loaded, while the engine thread runs.
 async fn healthz(State(s): State<AppState>) -> Response {
     match s.core.get() {
-        Some(c) if !c.engine.is_alive() => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped".into(), None)
-        }
+        Some(c) if !c.engine.is_alive() => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine has stopped".into(),
+            None,
+        ),
         _ => (StatusCode::OK, "ok").into_response(),
     }
 }
@@ -149,12 +151,17 @@ impl AppState {
         if let Some(c) = self.core.get() {
             return Ok(c);
         }
-        let why = self
-            .load_error
-            .get()
-            .map_or("the backbone and task vectors are still loading".to_string(), |e| {
-                format!("loading failed: {e}")
-            });
-        Err(ApiError::busy(StatusCode::SERVICE_UNAVAILABLE, why, 5))
+        // A failed load is permanent: no Retry-After then.
+        match self.load_error.get() {
+            Some(e) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("loading failed: {e}"),
+            )),
+            None => Err(ApiError::busy(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the backbone and task vectors are still loading",
+                5,
+            )),
+        }
     }
 }

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS compositions (
     id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
     idempotency_key TEXT UNIQUE,
+    request_hash TEXT,
     doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS compositions_status ON compositions(status, seq);
@@ -80,40 +81,46 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Inserts a new composition. With an idempotency key already used, returns the earlier
-    /// composition instead (and inserts nothing).
-    pub fn insert(&self, c: &Composition, key: Option<&str>) -> Result<Option<Composition>> {
-        let conn = self.conn();
-        if let Some(k) = key {
-            let doc: Option<String> = conn
-                .query_row(
-                    "SELECT doc FROM compositions WHERE idempotency_key = ?1",
-                    [k],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(doc) = doc {
-                return Ok(Some(serde_json::from_str(&doc)?));
-            }
+    /// Inserts a new composition, with an optional (idempotency key, request hash). With the
+    /// key already used, inserts nothing and returns the earlier composition and its hash.
+    pub fn insert(
+        &self,
+        c: &Composition,
+        key: Option<(&str, &str)>,
+    ) -> Result<Option<(Composition, String)>> {
+        if let Some(earlier) = key
+            .map(|k| self.find_idempotent(k.0))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(Some(earlier));
         }
-        conn.execute(
-            "INSERT INTO compositions (id, status, idempotency_key, doc) VALUES (?1, ?2, ?3, ?4)",
-            params![c.id, c.status.as_str(), key, serde_json::to_string(c)?],
+        self.conn().execute(
+            "INSERT INTO compositions (id, status, idempotency_key, request_hash, doc)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                c.id,
+                c.status.as_str(),
+                key.map(|k| k.0),
+                key.map(|k| k.1),
+                serde_json::to_string(c)?
+            ],
         )?;
         Ok(None)
     }
 
-    /// The composition created earlier with this idempotency key.
-    pub fn find_idempotent(&self, key: &str) -> Result<Option<Composition>> {
-        let doc: Option<String> = self
+    /// The composition created earlier with this idempotency key, and its request's hash.
+    pub fn find_idempotent(&self, key: &str) -> Result<Option<(Composition, String)>> {
+        let row: Option<(String, Option<String>)> = self
             .conn()
             .query_row(
-                "SELECT doc FROM compositions WHERE idempotency_key = ?1",
+                "SELECT doc, request_hash FROM compositions WHERE idempotency_key = ?1",
                 [key],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(doc.map(|d| serde_json::from_str(&d)).transpose()?)
+        row.map(|(doc, hash)| Ok((serde_json::from_str(&doc)?, hash.unwrap_or_default())))
+            .transpose()
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Composition>> {
@@ -207,7 +214,9 @@ impl Store {
         let ids: Vec<String> = {
             let conn = self.conn();
             let mut stmt = conn.prepare("SELECT id FROM compositions WHERE status = 'running'")?;
-            let ids = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
             ids
         };
         for id in &ids {
@@ -241,12 +250,13 @@ impl Store {
         Ok(out)
     }
 
-    pub fn put_head(&self, h: &HeadView) -> Result<()> {
-        self.conn().execute(
+    /// Stores a head; false when it was there already (same content, same id).
+    pub fn put_head(&self, h: &HeadView) -> Result<bool> {
+        let n = self.conn().execute(
             "INSERT OR IGNORE INTO heads (id, doc) VALUES (?1, ?2)",
             params![h.id, serde_json::to_string(h)?],
         )?;
-        Ok(())
+        Ok(n > 0)
     }
 
     pub fn get_head(&self, id: &str) -> Result<Option<HeadView>> {

@@ -118,7 +118,11 @@ pub async fn create(
             ))
         }
     };
-    let sources = [req.checkpoint.is_some(), req.file.is_some(), upload.is_some()];
+    let sources = [
+        req.checkpoint.is_some(),
+        req.file.is_some(),
+        upload.is_some(),
+    ];
     if sources.iter().filter(|&&x| x).count() != 1 {
         return Err(ApiError::bad(
             "give exactly one source: \"checkpoint\", \"file\" or \"safetensors\" (or one multipart file)",
@@ -147,7 +151,11 @@ pub async fn create(
     add(&s, core, tv)
 }
 
-fn add(s: &AppState, core: &Core, tv: TaskVector) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
+fn add(
+    s: &AppState,
+    core: &Core,
+    tv: TaskVector,
+) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
     let out = summary(&tv);
     let mut lib = core.library_mut();
     lib.add(tv).map_err(|e| ApiError::conflict(e.to_string()))?;
@@ -158,7 +166,12 @@ fn add(s: &AppState, core: &Core, tv: TaskVector) -> ApiResult<(StatusCode, Json
     Ok((StatusCode::CREATED, Json(out)))
 }
 
-fn load(backbone: &Backbone, path: &std::path::Path, name: &str, dtype: StoreDType) -> ApiResult<TaskVector> {
+fn load(
+    backbone: &Backbone,
+    path: &std::path::Path,
+    name: &str,
+    dtype: StoreDType,
+) -> ApiResult<TaskVector> {
     backbone
         .load_task_vector(path, Some(name), dtype)
         .map_err(|e| ApiError::bad(format!("task vector {name:?}: {e}")))
@@ -206,8 +219,8 @@ fn from_checkpoint(
     } else {
         ckpt.to_string()
     };
-    let ft = Checkpoint::open(&model)
-        .map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))?;
+    let ft =
+        Checkpoint::open(&model).map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))?;
     backbone
         .task_vector_from_checkpoint(ft, name, dtype)
         .map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))
