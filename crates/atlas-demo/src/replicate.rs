@@ -37,6 +37,10 @@ pub struct ReplicateConfig {
     /// Epochs of the merge (the paper: 20) and of the other jobs (the paper: 10).
     pub merge_epochs: usize,
     pub epochs: usize,
+    /// Learning rate of the merge, negation and test-time adaptation. The paper's 1e-3 assumes
+    /// thousands of steps over large validation sets; the world's small splits give about a
+    /// hundred, so coefficients would barely leave 0. Few-shot keeps the recipe's 1e-1.
+    pub lr: f64,
 }
 
 impl ReplicateConfig {
@@ -48,6 +52,7 @@ impl ReplicateConfig {
             shifted_task: 1,
             merge_epochs: 20,
             epochs: 10,
+            lr: 1e-2,
         }
     }
 }
@@ -196,6 +201,9 @@ impl Runner<'_> {
         let mut config = LearnConfig::recipe(job);
         config.view = View::Plain;
         config.epochs = self.config.epochs;
+        if !matches!(job, Job::FewShot(_)) {
+            config.optimizer.lr = self.config.lr;
+        }
         edit(&mut config);
         progress.stage(label, config.epochs as u64);
         let mut on_event = |e: &Event| {

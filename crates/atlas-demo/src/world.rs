@@ -119,7 +119,7 @@ impl WorldParams {
             max: 0,
         };
         let data = DataParams {
-            train_per_class: 120,
+            train_per_class: 200,
             val_per_class: 30,
             test_per_class: 60,
             digit_fraction: 0.4,
@@ -138,7 +138,7 @@ impl WorldParams {
             position_init_std: 0.3,
         };
         let finetune = FinetuneParams {
-            epochs: 5,
+            epochs: 10,
             batch_size: 32,
             lr: 1e-3,
             weight_decay: 0.1,

@@ -20,9 +20,10 @@ struct Built {
 fn built() -> &'static Built {
     static WORLD: OnceLock<Built> = OnceLock::new();
     WORLD.get_or_init(|| {
-        // Tiny tensors: candle's spinning elementwise pool only slows them down (see the
-        // `demo` command). Set before the first candle op of this process.
+        // Tiny tensors: candle's spinning elementwise pool and rayon's matmul threads only
+        // slow them down (see the `demo` command). Set before the first candle or rayon use.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+        std::env::set_var("RAYON_NUM_THREADS", "1");
         let root = tempfile::tempdir().unwrap();
         let params = WorldParams::preset(Preset::Ci);
         let start = Instant::now();

@@ -84,7 +84,7 @@ fn parse_split(s: &str) -> Result<Split, String> {
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
-    single_threaded_elementwise();
+    single_threaded();
     match c {
         Command::Build(a) => build(a),
         Command::Export(a) => export(a),
@@ -92,12 +92,14 @@ pub fn run(c: Command) -> anyhow::Result<()> {
     }
 }
 
-/// The demo's tensors are tiny: candle's spinning worker pool for elementwise ops costs more
-/// than it saves (several times slower on a loaded 2-core machine). Matmuls keep their rayon
-/// threads. Only when the user has not chosen.
-fn single_threaded_elementwise() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+/// The demo's tensors are tiny: candle's spinning worker pool for elementwise ops, and rayon
+/// threads for its small matmuls, cost more than they save (the ci build: 73 s with them, 52 s
+/// without, on a loaded 2-core machine). Only where the user has not chosen.
+fn single_threaded() {
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, "1");
+        }
     }
 }
 
