@@ -1,8 +1,10 @@
 //! The ci world end to end: it builds from scratch in well under a minute, every task's
-//! zero-shot head is above chance, fine-tuning beats zero-shot on its task, and a second open
-//! loads the cached world instead of rebuilding.
+//! zero-shot head is above chance, fine-tuning beats zero-shot on its task, aTLAS task addition
+//! beats task arithmetic with a searched scalar, 16 shots beat zero-shot on a task whose own
+//! task vector is left out, and a second open loads the cached world instead of rebuilding.
 
 use atlas_core::{Coefficients, Layout};
+use atlas_demo::replicate::{few_shot, task_addition, ReplicateConfig};
 use atlas_demo::world::{labels, Quiet};
 use atlas_demo::{Preset, World, WorldParams};
 use atlas_learn::finetune::{accuracy, Labelled};
@@ -15,6 +17,8 @@ struct Built {
     _root: tempfile::TempDir,
     world: World,
     secs: f64,
+    /// CPU seconds of the build, where the platform says.
+    cpu_secs: Option<f64>,
 }
 
 fn built() -> &'static Built {
@@ -27,30 +31,54 @@ fn built() -> &'static Built {
         let root = tempfile::tempdir().unwrap();
         let params = WorldParams::preset(Preset::Ci);
         let start = Instant::now();
+        let cpu_start = cpu_secs();
         let (world, fresh) =
             World::open(&params, root.path(), &mut Quiet, &AtomicBool::new(false)).unwrap();
         let secs = start.elapsed().as_secs_f64();
+        let cpu_secs = cpu_secs().zip(cpu_start).map(|(b, a)| b - a);
         assert!(fresh);
-        eprintln!("ci world built in {secs:.1} s: {:#?}", world.report);
+        eprintln!(
+            "ci world built in {secs:.1} s ({cpu_secs:.1?} s of CPU): {:#?}",
+            world.report
+        );
         Built {
             _root: root,
             world,
             secs,
+            cpu_secs,
         }
     })
 }
 
-/// Seconds the ci build may take. Measured on 2 busy cores: about 40 s with the workspace
-/// crates optimised (release), about 100 s in the dev profile, where atlas-clip's model code
-/// and the scene renderer run unoptimised.
-const CI_BUILD_LIMIT: f64 = if cfg!(debug_assertions) { 180.0 } else { 60.0 };
+/// CPU seconds of this process (user + system) from `/proc/self/stat` on Linux; None elsewhere.
+/// The build runs on one thread (the threads variables above), so on an idle machine this is
+/// its wall time, while a machine shared with other jobs does not fail the limit below.
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces: fields are counted from the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // utime and stime, fields 14 and 15 of proc(5), in USER_HZ ticks (100 on Linux).
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Seconds the ci build may take, of CPU where measured (the other tests wait for the build,
+/// so the process's CPU time is the build's), else of wall time. Measured: 36 s in a release
+/// build (`atlas-serve demo build --preset ci`), 55 s in the test profile, whose workspace
+/// crates run at opt-level 2 with debug assertions.
+const CI_BUILD_LIMIT: f64 = if cfg!(debug_assertions) { 70.0 } else { 50.0 };
+
+/// The few-shot target (its own task vector is left out): position, which the other task
+/// vectors (count, shape) help with.
+const HELD_OUT: usize = 4;
 
 #[test]
-fn ci_world_builds_in_well_under_a_minute() {
+fn ci_world_builds_within_its_time_limit() {
     let b = built();
+    let secs = b.cpu_secs.unwrap_or(b.secs);
     assert!(
-        b.secs < CI_BUILD_LIMIT,
-        "the ci world took {:.1} s to build",
+        secs < CI_BUILD_LIMIT,
+        "the ci world took {secs:.1} s to build ({:.1} s of wall time)",
         b.secs
     );
     assert_eq!(b.world.tasks.len(), 6);
@@ -134,4 +162,44 @@ fn a_second_open_loads_the_cache() {
     };
     assert_eq!(digests(&again), digests(&b.world));
     assert!(b.world.dir.ends_with(params.dir_name()));
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+#[test]
+fn atlas_task_addition_beats_searched_task_arithmetic() {
+    let w = &built().world;
+    let mut config = ReplicateConfig::paper(w.tasks.len());
+    config.learned = vec![Layout::PerBlock];
+    let r = task_addition(w, &config, &mut Quiet, &AtomicBool::new(false)).unwrap();
+    let (atlas, arithmetic) = (mean(&r.learned[0].accs), mean(&r.arithmetic));
+    eprintln!(
+        "task addition: zero-shot {:.3}, task arithmetic (α {}) {arithmetic:.3}, aTLAS {atlas:.3}",
+        mean(&r.zero_shot),
+        r.alpha
+    );
+    assert!(
+        atlas > arithmetic + 0.01,
+        "aTLAS {atlas:.3}, task arithmetic {arithmetic:.3}"
+    );
+}
+
+#[test]
+fn sixteen_shots_beat_zero_shot_on_a_held_out_task() {
+    let w = &built().world;
+    let config = ReplicateConfig::paper(w.tasks.len());
+    let task = HELD_OUT;
+    let (zero, sixteen) =
+        few_shot(w, &config, task, 16, 0, &mut Quiet, &AtomicBool::new(false)).unwrap();
+    eprintln!(
+        "{}: zero-shot {zero:.3}, 16-shot {sixteen:.3}",
+        w.tasks[task].spec.name
+    );
+    assert!(
+        sixteen > zero + 0.03,
+        "{}: 16-shot {sixteen:.3}, zero-shot {zero:.3}",
+        w.tasks[task].spec.name
+    );
 }

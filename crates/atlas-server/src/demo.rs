@@ -145,6 +145,7 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
     config.shots = a.shots;
     let md = atlas_demo::replicate::replicate(&world, &config, &mut bars, &cancel)?;
     bars.finish();
+    let md = with_provenance(&md);
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -152,6 +153,44 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
     println!("{md}");
     println!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// The report with the command that made it and the machine it ran on, after its title.
+fn with_provenance(md: &str) -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let line = format!(
+        "Made by `atlas-serve {}` on {}.\n",
+        args.join(" "),
+        machine()
+    );
+    match md.split_once("\n\n") {
+        Some((title, rest)) => format!("{title}\n\n{line}\n{rest}"),
+        None => format!("{line}\n{md}"),
+    }
+}
+
+/// CPU model and core count (Linux), and the threads the demo uses.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "an unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    format!(
+        "{cpu}, {cores} cores, {} ({threads} compute threads), {build} build",
+        std::env::consts::OS
+    )
 }
 
 fn print_report(r: &BuildReport) {
