@@ -173,6 +173,8 @@ fn classify_explicit_compositions_heads_and_task_vectors() {
     );
     assert_eq!(code, 200);
 
+    // Explicit compositions are not jobs.
+    assert!(s.metrics().contains("atlas_jobs{state=\"succeeded\"} 0"));
     // Paging, status filter, heat maps.
     let (code, page) = s.get("/compositions?limit=2");
     assert_eq!(code, 200);

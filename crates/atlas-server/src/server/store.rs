@@ -225,9 +225,13 @@ impl Store {
         Ok(ids.len())
     }
 
+    /// Learning jobs (not explicit compositions) by status.
     pub fn count_by_status(&self) -> Result<Vec<(String, i64)>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM compositions GROUP BY status")?;
+        let mut stmt = conn.prepare(
+            "SELECT status, COUNT(*) FROM compositions
+             WHERE json_extract(doc, '$.kind') != 'explicit' GROUP BY status",
+        )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
