@@ -75,6 +75,11 @@ impl Layout {
 /// Largest K: part ids are kept in a byte.
 pub const MAX_PARTS: usize = 256;
 
+/// Largest full `[n_tv, n_blocks, K]` grid (2^24, e.g. 327 task vectors x 200 blocks x 256
+/// parts): [`Coefficients::expanded`] and the gradients materialise it, so an isotropic layout
+/// claiming 2^40 blocks must not get through on the strength of its few values.
+pub const MAX_GRID: usize = 1 << 24;
+
 /// Largest |Λ| accepted. Far beyond any useful coefficient, and small enough that Λ·τ stays
 /// finite in f32 for any half-precision τ (65504 · 1e6 ≈ 6.6e10), so a composition can never
 /// hold infinities.
@@ -126,6 +131,15 @@ impl Coefficients {
         names: &Names<'_>,
     ) -> Result<Self> {
         layout.check()?;
+        let grid = n_tv
+            .checked_mul(n_blocks)
+            .and_then(|n| n.checked_mul(layout.parts()));
+        if grid.is_none_or(|g| g > MAX_GRID) {
+            return Err(CoreError::Coefficients(format!(
+                "{n_tv} task vectors x {n_blocks} blocks x {} parts is over the limit of {MAX_GRID} coefficients",
+                layout.parts()
+            )));
+        }
         let want = layout.len(n_tv, n_blocks);
         if values.len() != want {
             return Err(CoreError::Coefficients(format!(

@@ -280,7 +280,7 @@ fn absurd_k_is_refused_in_json_and_before_allocating() {
     );
     assert!(e.unwrap_err().to_string().contains("parts per block"));
     let e = Coefficients::new(Layout::PerBlock, usize::MAX, 2, vec![0.0]);
-    assert!(e.unwrap_err().to_string().contains("got 1"));
+    assert!(e.unwrap_err().to_string().contains("over the limit"));
 }
 
 #[test]
@@ -296,6 +296,19 @@ fn stored_coefficients_are_validated_when_read() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("value 2000000 at index 0"), "{e}");
+    // Found reviewing the fuzz harness: one isotropic value claiming 2^40 blocks passed, then
+    // expanded() asked for 8 TiB.
+    let json =
+        r#"{"layout":{"kind":"isotropic"},"n_tv":1,"n_blocks":1099511627776,"values":[0.5]}"#;
+    let e = serde_json::from_str::<Coefficients>(json)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1 task vectors x 1099511627776 blocks x 1 parts is over the limit of 16777216"),
+        "{e}"
+    );
+    let e = Coefficients::new(Layout::Isotropic, usize::MAX, 2, vec![]).unwrap_err();
+    assert!(e.to_string().contains("over the limit"), "{e}");
     let c = Coefficients::new(Layout::PerPart { k: 2, seed: 3 }, 1, 2, vec![0.5; 4]).unwrap();
     let back: Coefficients = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
     assert_eq!(back, c);
