@@ -658,6 +658,16 @@ fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(s.delete(&format!("/task-vectors/{}", TV_NAMES[0])).0, 409);
+    // Serving stays responsive while the job learns on its worker thread.
+    let body = json!({"classes": CLASSES, "images": [encoded[0]]});
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        assert_eq!(s.post("/classify", &body).0, 200);
+        worst = worst.max(t0.elapsed());
+    }
+    assert!(worst < Duration::from_secs(2), "classify took {worst:?} during a job");
+    assert_eq!(s.get(&format!("/compositions/{lid}")).1["status"], "running");
     let (code, _) = s.post(&format!("/compositions/{lid}/cancel"), &json!({}));
     assert_eq!(code, 202);
     assert_eq!(
@@ -821,6 +831,27 @@ fn jobs_survive_a_kill_and_compositions_persist() {
     );
     let (code, k) = s.get(&format!("/compositions/{}", kept["id"].as_str().unwrap()));
     assert_eq!((code, &k["coefficients"]), (200, &kept["coefficients"]));
-    // SIGTERM: a clean exit.
+    // SIGTERM while a job runs: a clean exit, the job back in the queue, then resumed.
+    let (_, job) = s.post("/compositions", &few_shot(&encoded, 4, 64));
+    let id = job["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while s.get(&format!("/compositions/{id}")).1["history"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(s.terminate().success());
+    let s = start(&data, &tiny_flags(), &[]);
+    let done = s.wait_final(&id, Duration::from_secs(300));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let kinds: Vec<&str> = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "epoch").count(), 4, "{kinds:?}");
 }
