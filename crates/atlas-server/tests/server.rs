@@ -666,8 +666,14 @@ fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
         assert_eq!(s.post("/classify", &body).0, 200);
         worst = worst.max(t0.elapsed());
     }
-    assert!(worst < Duration::from_secs(2), "classify took {worst:?} during a job");
-    assert_eq!(s.get(&format!("/compositions/{lid}")).1["status"], "running");
+    assert!(
+        worst < Duration::from_secs(2),
+        "classify took {worst:?} during a job"
+    );
+    assert_eq!(
+        s.get(&format!("/compositions/{lid}")).1["status"],
+        "running"
+    );
     let (code, _) = s.post(&format!("/compositions/{lid}/cancel"), &json!({}));
     assert_eq!(code, 202);
     assert_eq!(
@@ -853,5 +859,9 @@ fn jobs_survive_a_kill_and_compositions_persist() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds.iter().filter(|k| **k == "epoch").count(), 4, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "epoch").count(),
+        4,
+        "{kinds:?}"
+    );
 }
