@@ -15,6 +15,8 @@ pub struct Config {
     pub demo_preset: String,
     pub tv_dir: String,
     pub tvs: Vec<String>,
+    pub device: String,
+    pub dtype: String,
     pub store: String,
     pub data_dir: PathBuf,
     pub cache_mib: usize,
@@ -51,6 +53,10 @@ pub struct Args {
     /// Task-vector files, comma-separated.
     #[arg(long, env = "ATLAS_TVS")]
     pub tvs: Option<String>,
+    #[arg(long, env = "ATLAS_DEVICE")]
+    pub device: Option<String>,
+    #[arg(long, env = "ATLAS_DTYPE")]
+    pub dtype: Option<String>,
     #[arg(long, env = "ATLAS_STORE")]
     pub store: Option<String>,
     #[arg(long, env = "ATLAS_DATA_DIR")]
@@ -96,6 +102,8 @@ impl Args {
             ("demo_preset", &self.demo_preset),
             ("tv_dir", &self.tv_dir),
             ("tvs", &self.tvs),
+            ("device", &self.device),
+            ("dtype", &self.dtype),
             ("store", &self.store),
             ("data_dir", &self.data_dir),
             ("cache_mib", &self.cache_mib),

@@ -32,8 +32,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let loader = state.clone();
         std::thread::spawn(move || {
             if let Err(e) = load(&loader) {
+                // A server that can never become ready should say so and stop, not linger.
                 eprintln!("atlas-serve: loading failed: {e:#}");
                 loader.fail(format!("{e:#}"));
+                std::process::exit(1);
             }
         });
         axum::serve(listener, state.router())
@@ -56,7 +58,7 @@ fn load(state: &AppState) -> anyhow::Result<()> {
     let (backbone, mut library) = if c.model.is_empty() {
         demo_world(&c.demo_preset)?
     } else {
-        let backbone = Backbone::load(&c.model, LoadOptions::default())
+        let backbone = Backbone::load(&c.model, load_options(c)?)
             .with_context(|| format!("loading {}", c.model))?;
         let library = Library::new(backbone.manifest().clone(), backbone.base_digest());
         (backbone, library)
@@ -79,6 +81,35 @@ fn load(state: &AppState) -> anyhow::Result<()> {
         library.nbytes() >> 20,
     );
     state.attach(backbone, library, store)
+}
+
+/// Device and compute dtype from the settings.
+fn load_options(c: &Config) -> anyhow::Result<LoadOptions> {
+    let device = match c.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        d => {
+            let n = match d.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("device {d:?}: use cpu, cuda or cuda:N"))?,
+                None => anyhow::bail!("device {d:?}: use cpu, cuda or cuda:N"),
+            };
+            candle_core::Device::new_cuda(n).with_context(|| format!("device {d:?}"))?
+        }
+    };
+    let dtype = match c.dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        d => anyhow::bail!("dtype {d:?}: use f32, f16 or bf16"),
+    };
+    Ok(LoadOptions {
+        device,
+        dtype,
+        ..LoadOptions::default()
+    })
 }
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends): stop accepting, finish requests in flight.
