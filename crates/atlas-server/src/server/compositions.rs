@@ -86,7 +86,21 @@ fn provenance(core: &Core, tvs: &[Arc<TaskVector>]) -> Provenance {
     }
 }
 
+/// Composition names are labels shown back to callers: bounded, no control characters.
+fn check_name(name: &Option<String>) -> ApiResult<()> {
+    match name {
+        Some(n) if n.chars().count() > 200 || n.chars().any(char::is_control) => {
+            Err(ApiError::bad(format!(
+                "composition name {:?} must be at most 200 characters without control characters",
+                n.chars().take(40).collect::<String>()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn explicit(s: &AppState, core: &Core, req: ExplicitRequest) -> ApiResult<Composition> {
+    check_name(&req.name)?;
     if req.task_vectors.is_empty() {
         return Err(ApiError::bad("give at least one task vector"));
     }
@@ -232,6 +246,7 @@ async fn learn(
     key: Option<String>,
 ) -> ApiResult<(StatusCode, Composition)> {
     let mut req: LearnRequest = parse(body.json.clone(), "learning request")?;
+    check_name(&req.name)?;
     let key = key.map(|k| (k, request_hash(&body)));
     if let Some((k, hash)) = &key {
         if let Some((earlier, earlier_hash)) = s.store.find_idempotent(k)? {

@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
             get(compositions::heatmap_png),
         )
         .fallback(not_found)
+        .layer(middleware::from_fn(plain_errors_as_problems))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
@@ -56,6 +57,38 @@ pub fn router(state: AppState) -> Router {
 
 async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
+}
+
+/// axum's own refusals (405, undecodable path parameters) come as plain text; every error
+/// answer of the API is a problem, so they are rewritten with their text as the detail.
+async fn plain_errors_as_problems(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if status.as_u16() < 400 || is_problem {
+        return resp;
+    }
+    let allow = resp.headers().get(header::ALLOW).cloned();
+    let text = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let detail = match (text.trim(), &allow) {
+        ("", Some(a)) => format!(
+            "method not allowed here; allowed: {}",
+            a.to_str().unwrap_or("")
+        ),
+        ("", None) => status.canonical_reason().unwrap_or("error").to_string(),
+        (t, _) => t.to_string(),
+    };
+    let mut out = problem(status, detail, None);
+    if let Some(a) = allow {
+        out.headers_mut().insert(header::ALLOW, a);
+    }
+    out
 }
 
 /// Request counts and latency by route template (never by id), method and status.

@@ -212,18 +212,34 @@ fn from_checkpoint(
     name: &str,
     dtype: StoreDType,
 ) -> ApiResult<TaskVector> {
-    // A local checkpoint must be inside the library directory; anything else is a hub id.
-    let looks_local = ckpt.starts_with('.') || ckpt.starts_with('/') || ckpt.contains('\\');
-    let model = if looks_local {
-        inside_library(tv_dir, ckpt)?.display().to_string()
-    } else {
+    // A hub id (org/name[@revision]) is fetched from the hub; anything else is a local path
+    // and must be inside the library directory. A hub id that also names a local path (the
+    // checkpoint loader prefers paths) must be inside the library too.
+    let model = if is_hub_id(ckpt) && !std::path::Path::new(ckpt).exists() {
         ckpt.to_string()
+    } else {
+        inside_library(tv_dir, ckpt)?.display().to_string()
     };
     let ft =
         Checkpoint::open(&model).map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))?;
     backbone
         .task_vector_from_checkpoint(ft, name, dtype)
         .map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))
+}
+
+/// `org/name` or `org/name@revision` in the hub's alphabet: no `..`, no leading dots, no
+/// other separators, so it can name nothing on the local disk by itself.
+fn is_hub_id(s: &str) -> bool {
+    let (id, revision) = s.split_once('@').unwrap_or((s, "main"));
+    let plain = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && !p.starts_with('.')
+            && !p.contains("..")
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    matches!(id.split_once('/'), Some((org, name)) if plain(org) && plain(name)) && plain(revision)
 }
 
 /// Validates an uploaded delta and keeps it in the data directory, recorded in the store so it
