@@ -300,6 +300,13 @@ pub fn load_uploaded(
     library: &mut Library,
     dtype: StoreDType,
 ) -> anyhow::Result<()> {
+    // Uploads cut off by a crash are temporary files never recorded in the store.
+    for entry in std::fs::read_dir(store.tv_dir())?.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if n.starts_with('.') && n.ends_with(".upload") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     for (name, file, _) in store.task_vectors().map_err(|e| anyhow::anyhow!("{e}"))? {
         let path = store.tv_dir().join(&file);
         let tv = backbone.load_task_vector(&path, Some(&name), dtype)?;
