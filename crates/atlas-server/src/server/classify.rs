@@ -59,6 +59,9 @@ pub async fn classify(State(s): State<AppState>, body: Body) -> ApiResult<Json<C
     }
     let composition = req.composition.clone().unwrap_or_else(|| "base".into());
     let target = resolve_target(&s, core, &composition)?;
+    if core.engine.is_full() {
+        return Err(queue_full(&s));
+    }
     let size = core.backbone.config.vision.image_size;
     let pixels = images::preprocess(raw, size, s.config.max_image_pixels).await?;
     let head_id = head.id.clone();
@@ -131,14 +134,7 @@ async fn run(
     };
     match core.engine.submit(job) {
         Ok(()) => {}
-        Err(Refused::Full) => {
-            s.metrics.rejected.with_label_values(&["queue_full"]).inc();
-            return Err(ApiError::busy(
-                StatusCode::TOO_MANY_REQUESTS,
-                "the classification queue is full; retry later",
-                1,
-            ));
-        }
+        Err(Refused::Full) => return Err(queue_full(s)),
         Err(Refused::Stopped) => {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -163,4 +159,13 @@ async fn run(
         Ok(Ok(Err(e))) => Err(ApiError::internal(format!("classification failed: {e}"))),
         Ok(Ok(Ok(p))) => Ok(p),
     }
+}
+
+fn queue_full(s: &AppState) -> ApiError {
+    s.metrics.rejected.with_label_values(&["queue_full"]).inc();
+    ApiError::busy(
+        StatusCode::TOO_MANY_REQUESTS,
+        "the classification queue is full; retry later",
+        1,
+    )
 }

@@ -45,6 +45,7 @@ impl ClassifyJob {
 #[derive(Clone)]
 pub struct Engine {
     tx: SyncSender<ClassifyJob>,
+    queue: usize,
     alive: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
@@ -93,7 +94,12 @@ impl Engine {
                 worker.run(rx)
             })
             .expect("engine thread");
-        Engine { tx, alive, metrics }
+        Engine {
+            tx,
+            queue: s.queue,
+            alive,
+            metrics,
+        }
     }
 
     /// Queues a job, or says why not.
@@ -106,6 +112,12 @@ impl Engine {
             Err(TrySendError::Full(_)) => Err(Refused::Full),
             Err(TrySendError::Disconnected(_)) => Err(Refused::Stopped),
         }
+    }
+
+    /// True while the queue is full: callers refuse before decoding images they could not
+    /// queue (under overload, that decoding took the cores the engine needed).
+    pub fn is_full(&self) -> bool {
+        self.metrics.queue_depth.get() >= self.queue as i64
     }
 
     /// False once the engine thread has ended (health checks report it).
