@@ -865,3 +865,29 @@ fn jobs_survive_a_kill_and_compositions_persist() {
         "{kinds:?}"
     );
 }
+
+#[test]
+fn the_composed_model_cache_evicts_past_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // A budget of 0 bytes keeps only the latest model: every switch is a miss and an eviction.
+    let s = tiny(dir.path(), &["--cache-mib", "0"]);
+    let (_, c) = s.post(
+        "/compositions",
+        &json!({"task_vectors": TV_NAMES, "coefficients": [0.5, 0.5]}),
+    );
+    let id = c["id"].as_str().unwrap();
+    let img = json!([b64(&png(2))]);
+    for composition in ["base", "base", id, "base"] {
+        let body = json!({"composition": composition, "classes": CLASSES, "images": img});
+        assert_eq!(s.post("/classify", &body).0, 200);
+    }
+    let m = s.metrics();
+    for line in [
+        "atlas_cache_hits_total 1",
+        "atlas_cache_misses_total 3",
+        "atlas_cache_evictions_total 2",
+    ] {
+        assert!(m.contains(line), "{line} missing:\n{m}");
+    }
+    assert!(m.contains("atlas_compose_seconds_count 3"), "{m}");
+}
