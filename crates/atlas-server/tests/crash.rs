@@ -216,3 +216,56 @@ fn sigkill_at_several_points_loses_nothing_accepted() {
     );
     assert!(!s.log_text().contains("panicked"));
 }
+
+/// Uploads racing under one name with different contents: one wins, and what the store keeps
+/// (loaded again after a restart) is the winner's content.
+#[test]
+fn racing_uploads_of_one_name_keep_the_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = start(&data, &tiny_flags(), &[]);
+    let contents: Vec<String> = TVS
+        .iter()
+        .map(|t| b64(&std::fs::read(fixtures().join(t)).unwrap()))
+        .collect();
+    for round in 0..3 {
+        let name = format!("race-{round}");
+        let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+            let hs: Vec<_> = (0..6)
+                .map(|i| {
+                    let body = json!({"name": name, "safetensors": contents[i % 2]});
+                    let s = &s;
+                    scope.spawn(move || s.post("/task-vectors", &body))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<&Value> = answers
+            .iter()
+            .filter(|a| a.0 == 201)
+            .map(|a| &a.1)
+            .collect();
+        assert_eq!(won.len(), 1, "{answers:?}");
+        assert!(
+            answers.iter().all(|a| a.0 == 201 || a.0 == 409),
+            "{answers:?}"
+        );
+        assert_eq!(
+            s.get(&format!("/task-vectors/{name}")).1["digest"],
+            won[0]["digest"]
+        );
+    }
+    let before: Vec<Value> = (0..3)
+        .map(|r| s.get(&format!("/task-vectors/race-{r}")).1["digest"].clone())
+        .collect();
+    s.kill();
+    let s = start(&data, &tiny_flags(), &[]);
+    for (r, digest) in before.iter().enumerate() {
+        let (code, v) = s.get(&format!("/task-vectors/race-{r}"));
+        assert_eq!(
+            (code, &v["digest"]),
+            (200, digest),
+            "race-{r} after restart"
+        );
+    }
+}

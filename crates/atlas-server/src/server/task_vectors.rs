@@ -16,6 +16,8 @@ use axum::Json;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn summary(t: &TaskVector) -> TaskVectorSummary {
     TaskVectorSummary {
         name: t.name().to_string(),
@@ -102,6 +104,9 @@ pub async fn create(
     let core = s.ready()?;
     let req: TaskVectorRequest = parse(body.json.clone(), "task-vector request")?;
     check_name(&req.name)?;
+    // One creation at a time: two racing under one name would otherwise share the temporary
+    // file and the final file, and the store could keep the loser's bytes.
+    let _one_at_a_time = CREATING.lock().await;
     if core.library().get(&req.name).is_some() {
         return Err(ApiError::conflict(format!(
             "a task vector named {:?} exists already",
@@ -256,7 +261,11 @@ fn from_upload(
     std::fs::write(&tmp, bytes).map_err(ApiError::internal)?;
     let tv = load(backbone, &tmp, name, dtype);
     let tv = match tv {
-        Ok(tv) => tv,
+        Ok(mut tv) => {
+            // Not the temporary file's path: it is gone after the rename below.
+            tv.meta.source = "upload".into();
+            tv
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -309,7 +318,8 @@ pub fn load_uploaded(
     }
     for (name, file, _) in store.task_vectors().map_err(|e| anyhow::anyhow!("{e}"))? {
         let path = store.tv_dir().join(&file);
-        let tv = backbone.load_task_vector(&path, Some(&name), dtype)?;
+        let mut tv = backbone.load_task_vector(&path, Some(&name), dtype)?;
+        tv.meta.source = "upload".into();
         library.add(tv)?;
     }
     Ok(())
