@@ -4,11 +4,19 @@
 //! candle's fused LayerNorm and softmax kernels record no backward op, so gradients through
 //! them are silently dropped; everything here is differentiable end to end, which the learner
 //! relies on when the composed image-tower weights are the gradient leaves.
+//!
+//! Inference takes a faster path: when no input of an op is part of an autograd graph (plain
+//! weights, not `Var`s or tensors built from them) and the tensors are on the CPU, LayerNorm,
+//! softmax and the bias/activation/residual epilogues run as fused kernels (`fused`), and the
+//! q/k/v projections of a tower built from such weights are one matmul. Learning never sees
+//! that path: its weights are `Var`s, so every op records its backward.
+
+mod fused;
 
 use crate::config::{Activation, TextConfig, VisionConfig};
 use crate::manifest::{layer_prefix, vision_tensors, VISUAL_PROJECTION};
 use crate::{ClipError, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 
 /// Where tower weights come from: a loaded checkpoint, or a composition.
@@ -39,6 +47,12 @@ impl WeightSource for HashMap<String, Tensor> {
 
 /// LayerNorm from primitive ops (differentiable), computed in at least f32.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::usable(&[x, w, b]) {
+        let eps = eps as f32;
+        return Ok(x
+            .contiguous()?
+            .apply_op3_no_bwd(w, b, &fused::LayerNorm { eps })?);
+    }
     let dtype = x.dtype();
     let x = upcast(x)?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -52,6 +66,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 /// Softmax over the last dimension from primitive ops, computed in at least f32. The max is
 /// detached: softmax is shift invariant, so the gradient is unchanged.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused::usable(&[x]) {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&fused::Softmax)?);
+    }
     let dtype = x.dtype();
     let x = upcast(x)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -100,18 +117,58 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Linear {
+    /// x Wᵀ + b.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, None, None)
+    }
+
+    /// act(x Wᵀ + b) + residual over the last dimension of a 2-D or 3-D input; the epilogue is
+    /// one fused pass when no graph is recorded.
+    fn apply(
+        &self,
+        x: &Tensor,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = dims[dims.len() - 1];
-        let flat = x.reshape(((), last))?;
-        let mut y = flat.matmul(&self.w.t()?)?;
-        if let Some(b) = &self.b {
-            y = y.broadcast_add(b)?;
-        }
+        let y = x.reshape(((), last))?.matmul(&self.w.t()?)?;
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.w.dim(0)?;
-        y.reshape(out)
+        let residual = match residual {
+            Some(r) => Some(r.reshape(y.shape())?),
+            None => None,
+        };
+        let fusable = |b: &Tensor| {
+            fused::usable(&[&y, b]) && residual.as_ref().is_none_or(|r| fused::usable(&[r]))
+        };
+        let y = match (&self.b, &residual) {
+            (Some(b), Some(r)) if act.is_none() && fusable(b) => {
+                y.apply_op3_no_bwd(b, &r.contiguous()?, &fused::BiasResidual)?
+            }
+            (Some(b), _) if fusable(b) => {
+                let y = y.apply_op2_no_bwd(b, &fused::BiasAct(act))?;
+                match &residual {
+                    Some(r) => (y + r)?,
+                    None => y,
+                }
+            }
+            _ => {
+                let mut y = match &self.b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                if let Some(a) = act {
+                    y = activate(&y, a)?;
+                }
+                match &residual {
+                    Some(r) => (r + y)?,
+                    None => y,
+                }
+            }
+        };
+        Ok(y.reshape(out)?)
     }
 }
 
@@ -135,11 +192,36 @@ impl Norm {
     }
 }
 
+/// The q/k/v projections: separate (differentiable, as loaded), or one matmul over the
+/// stacked weights with the 1/√head_dim scale folded into q (inference only).
+#[derive(Debug, Clone)]
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Stacked(Linear),
+}
+
+impl Qkv {
+    /// Stacks the projections when none of their weights is part of a graph.
+    fn new(q: Linear, k: Linear, v: Linear, scale: f64) -> Result<Self> {
+        let parts = [&q, &k, &v];
+        let plain = parts
+            .iter()
+            .all(|l| fused::usable(&[&l.w]) && l.b.as_ref().is_none_or(|b| fused::usable(&[b])));
+        let (Some(qb), Some(kb), Some(vb)) = (&q.b, &k.b, &v.b) else {
+            return Ok(Qkv::Separate { q, k, v });
+        };
+        if !plain {
+            return Ok(Qkv::Separate { q, k, v });
+        }
+        let w = Tensor::cat(&[&(&q.w * scale)?, &k.w, &v.w], 0)?;
+        let b = Tensor::cat(&[&(qb * scale)?, kb, vb], 0)?;
+        Ok(Qkv::Stacked(Linear { w, b: Some(b) }))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct EncoderLayer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     out: Linear,
     ln1: Norm,
     ln2: Norm,
@@ -160,10 +242,14 @@ impl EncoderLayer {
         eps: f64,
     ) -> Result<Self> {
         let lin = |n: &str, o, i| Linear::load(src, &format!("{p}.{n}"), o, i, true);
+        let scale = ((d / heads) as f64).powf(-0.5);
         Ok(EncoderLayer {
-            q: lin("self_attn.q_proj", d, d)?,
-            k: lin("self_attn.k_proj", d, d)?,
-            v: lin("self_attn.v_proj", d, d)?,
+            qkv: Qkv::new(
+                lin("self_attn.q_proj", d, d)?,
+                lin("self_attn.k_proj", d, d)?,
+                lin("self_attn.v_proj", d, d)?,
+                scale,
+            )?,
             out: lin("self_attn.out_proj", d, d)?,
             ln1: Norm::load(src, &format!("{p}.layer_norm1"), d, eps)?,
             ln2: Norm::load(src, &format!("{p}.layer_norm2"), d, eps)?,
@@ -175,32 +261,45 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = (x + self.attention(&self.ln1.forward(x)?, mask)?)?;
-        let m = self.fc2.forward(&activate(
-            &self.fc1.forward(&self.ln2.forward(&h)?)?,
-            self.act,
-        )?)?;
-        Ok((h + m)?)
+        let h = self.attention(&self.ln1.forward(x)?, mask, x)?;
+        let a = self
+            .fc1
+            .apply(&self.ln2.forward(&h)?, Some(self.act), None)?;
+        self.fc2.apply(&a, None, Some(&h))
     }
 
-    fn attention(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// residual + attention(x).
+    fn attention(&self, x: &Tensor, mask: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, n, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => {
+                let split = |t: Tensor| -> Result<Tensor> {
+                    Ok(t.reshape((b, n, self.heads, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let q = split((q.forward(x)? * (hd as f64).powf(-0.5))?)?;
+                let k = split(k.forward(x)?)?.t()?.contiguous()?;
+                (q, k, split(v.forward(x)?)?)
+            }
+            Qkv::Stacked(qkv) => {
+                // [B, N, 3·D] -> [3, B, H, N, hd] in one copy; k is used transposed in place.
+                let t = qkv
+                    .forward(x)?
+                    .reshape((b, n, 3, self.heads, hd))?
+                    .permute((2, 0, 3, 1, 4))?
+                    .contiguous()?;
+                (t.get(0)?, t.get(1)?.t()?, t.get(2)?)
+            }
         };
-        let q = split((self.q.forward(x)? * (hd as f64).powf(-0.5))?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+        let mut scores = q.matmul(&k)?;
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
         let ctx = softmax_last(&scores)?.matmul(&v)?;
         let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, n, d))?;
-        Ok(self.out.forward(&ctx)?)
+        self.out.apply(&ctx, None, Some(residual))
     }
 }
 
@@ -399,11 +498,11 @@ impl TextTower {
         let rows = self.pool_positions(&ids)?;
         let index = Tensor::from_vec(rows, n, x.device())?;
         let pooled = x.reshape((n * l, d))?.index_select(&index, 0)?;
-        Ok(Linear {
+        Linear {
             w: self.projection.clone(),
             b: None,
         }
-        .forward(&pooled)?)
+        .forward(&pooled)
     }
 
     /// Flat row index (i·L + position) of each sequence's end-of-text token, as transformers
@@ -452,4 +551,136 @@ fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
     Ok(x.broadcast_div(&norm)?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fused inference kernels against the primitive-op path they replace. A `Var` input
+    //! records a graph, which forces the primitive path on the same values.
+    use super::*;
+    use candle_core::Var;
+
+    fn rand(shape: &[usize], mean: f64, seed: u64) -> Tensor {
+        // Deterministic values without a global RNG: a scaled sine of the index.
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (mean + ((i as f64 + 1.0) * (0.7 + seed as f64)).sin()) as f32)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn tracked(t: &Tensor) -> Tensor {
+        Var::from_tensor(t).unwrap().as_tensor().clone()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_primitive_ops_with_a_large_mean() {
+        let (x, w, b) = (
+            rand(&[3, 5, 48], 50.0, 1),
+            rand(&[48], 1.0, 2),
+            rand(&[48], 0.0, 3),
+        );
+        let fast = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        assert!(!fast.track_op());
+        let slow = layer_norm(&tracked(&x), &w, &b, 1e-5).unwrap();
+        assert!(slow.track_op());
+        assert!(max_diff(&fast, &slow) < 1e-4, "{}", max_diff(&fast, &slow));
+    }
+
+    #[test]
+    fn fused_softmax_matches_primitive_ops_under_a_causal_mask() {
+        let x = (rand(&[2, 3, 6, 6], 0.0, 4) * 10.0)
+            .unwrap()
+            .broadcast_add(&causal_mask(6, DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let fast = softmax_last(&x).unwrap();
+        let slow = softmax_last(&tracked(&x)).unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-6);
+        let rows = fast.sum_keepdim(D::Minus1).unwrap().flatten_all().unwrap();
+        for s in rows.to_vec1::<f32>().unwrap() {
+            assert!((s - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn fused_epilogues_match_primitive_ops() {
+        let x = rand(&[2, 5, 16], 0.0, 5);
+        let lin = Linear {
+            w: rand(&[24, 16], 0.0, 6),
+            b: Some(rand(&[24], 0.0, 7)),
+        };
+        let r = rand(&[2, 5, 24], 0.0, 8);
+        for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
+            for res in [None, Some(&r)] {
+                let fast = lin.apply(&x, act, res).unwrap();
+                let slow = lin.apply(&tracked(&x), act, res).unwrap();
+                assert!(!fast.track_op() && slow.track_op());
+                let d = max_diff(&fast, &slow);
+                assert!(d < 1e-5, "{act:?} residual {}: {d}", res.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn fused_kernels_reject_mismatched_shapes() {
+        let y = rand(&[4, 8], 0.0, 1);
+        let short = rand(&[7], 0.0, 2);
+        assert!(y.apply_op2_no_bwd(&short, &fused::BiasAct(None)).is_err());
+        let r = rand(&[4, 7], 0.0, 3);
+        let b = rand(&[8], 0.0, 4);
+        assert!(y.apply_op3_no_bwd(&b, &r, &fused::BiasResidual).is_err());
+        assert!(y
+            .apply_op3_no_bwd(&short, &short, &fused::LayerNorm { eps: 1e-5 })
+            .is_err());
+    }
+
+    fn tiny_weights(track: bool) -> HashMap<String, Tensor> {
+        let cfg = tiny();
+        vision_tensors(&cfg, 8)
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let t = (rand(&spec.shape, 0.0, i as u64) * 0.3).unwrap();
+                (spec.name, if track { tracked(&t) } else { t })
+            })
+            .collect()
+    }
+
+    fn tiny() -> VisionConfig {
+        VisionConfig {
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 8,
+            patch_size: 4,
+            ..VisionConfig::default()
+        }
+    }
+
+    #[test]
+    fn inference_tower_matches_the_differentiable_tower() {
+        let fast = VisionTower::new(&tiny(), Some(8), &tiny_weights(false)).unwrap();
+        let slow = VisionTower::new(&tiny(), Some(8), &tiny_weights(true)).unwrap();
+        assert!(matches!(fast.layers[0].qkv, Qkv::Stacked(_)));
+        assert!(matches!(slow.layers[0].qkv, Qkv::Separate { .. }));
+        let px = rand(&[3, 3, 8, 8], 0.0, 9);
+        let (a, b) = (fast.forward(&px).unwrap(), slow.forward(&px).unwrap());
+        assert!(!a.track_op() && b.track_op());
+        assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
+    }
 }

@@ -21,6 +21,8 @@ pub enum Command {
     /// CPU composition of task vectors over the ViT-B/32 image tower, next to a memory copy of
     /// the same bytes and the naive one-pass-per-task-vector loop.
     Compose(ComposeArgs),
+    /// Image-embedding throughput of a random ViT image tower per batch size and dtype.
+    Classify(crate::bench_classify::ClassifyArgs),
 }
 
 #[derive(clap::Args)]
@@ -58,6 +60,7 @@ fn parse_store(s: &str) -> Result<StoreDType, String> {
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Compose(a) => bench_compose(a),
+        Command::Classify(a) => crate::bench_classify::run(a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `atlas-serve` binary: one subcommand per job.
 
 mod bench;
+mod bench_classify;
 mod bench_learn;
 mod config;
 mod demo;
@@ -38,7 +39,7 @@ enum Command {
     /// The offline demo world: build it, fine-tune, replicate the paper's experiments.
     #[command(subcommand)]
     Demo(demo::Command),
-    /// Benchmarks (composition bandwidth, learning step).
+    /// Benchmarks (composition bandwidth, classification throughput).
     #[command(subcommand)]
     Bench(bench::Command),
     /// One learning step on ViT-B/32-shaped random weights: time and peak memory.

@@ -1,0 +1,317 @@
+//! Fused CPU kernels for inference: LayerNorm, softmax over the last dimension, and the
+//! epilogues of a linear layer (bias + activation, bias + residual). Each replaces several
+//! candle ops (one pass over memory and one allocation instead of three to six) and records
+//! no backward op, so `model.rs` calls them only when no input is part of an autograd graph
+//! and the tensors live on the CPU; everything else takes the primitive-op path. The tests
+//! below compare every kernel with that path.
+
+use crate::config::Activation;
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape, Tensor,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task at least: keeps task overhead small for short rows.
+const MIN_ELEMS_PER_TASK: usize = 1 << 14;
+
+/// True when the fused kernels may run: f32/f16/bf16 CPU tensors, none of them recorded in a
+/// graph (f64 stays on the primitive path, which the gradient checks use as their reference).
+pub fn usable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| {
+        t.device().is_cpu()
+            && !t.track_op()
+            && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    })
+}
+
+/// An element type the kernels read and write; arithmetic is always f32.
+trait Elem: Copy + Send + Sync + 'static {
+    fn get(self) -> f32;
+    fn put(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// The contiguous data of `s` under layout `l`, or an error naming the op.
+fn slice<'a, T>(s: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Applies `f(src_row, dst_row)` to every row of length `n`, in parallel over row groups.
+fn rows<T: Elem>(src: &[T], n: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
+    let mut dst = vec![T::put(0.0); src.len()];
+    let per_task = n * MIN_ELEMS_PER_TASK.div_ceil(n.max(1));
+    src.par_chunks(per_task)
+        .zip(dst.par_chunks_mut(per_task))
+        .for_each(|(s, d)| {
+            for (s, d) in s.chunks_exact(n).zip(d.chunks_exact_mut(n)) {
+                f(s, d)
+            }
+        });
+    dst
+}
+
+/// Dispatches a generic kernel over the float storages of the same dtype.
+macro_rules! by_dtype {
+    ($s:expr, |$v:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32($v) => CpuStorage::F32($body),
+            CpuStorage::F16($v) => CpuStorage::F16($body),
+            CpuStorage::BF16($v) => CpuStorage::BF16($body),
+            other => candle_core::bail!(
+                "fused kernels take f32, f16 or bf16, not {:?}",
+                other.dtype()
+            ),
+        }
+    };
+}
+
+/// The same-dtype slice of `s`, or an error.
+trait Same: Sized {
+    fn of(s: &CpuStorage) -> Result<&[Self]>;
+}
+
+macro_rules! same {
+    ($t:ty, $v:ident) => {
+        impl Same for $t {
+            fn of(s: &CpuStorage) -> Result<&[Self]> {
+                match s {
+                    CpuStorage::$v(v) => Ok(v),
+                    _ => candle_core::bail!("fused kernel: mixed dtypes"),
+                }
+            }
+        }
+    };
+}
+same!(f32, F32);
+same!(f16, F16);
+same!(bf16, BF16);
+
+/// LayerNorm over the last dimension: two passes over each row in f32 (mean, then variance of
+/// the centred values, as the primitive path does), so large means lose no precision.
+pub struct LayerNorm {
+    pub eps: f32,
+}
+
+fn layer_norm_rows<T: Elem + Same>(x: &[T], w: &[T], b: &[T], eps: f32) -> Vec<T> {
+    let n = w.len();
+    rows(x, n, |s, d| {
+        let mean = s.iter().map(|v| v.get()).sum::<f32>() / n as f32;
+        let var = s.iter().map(|v| (v.get() - mean).powi(2)).sum::<f32>() / n as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((d, s), w), b) in d.iter_mut().zip(s).zip(w).zip(b) {
+            *d = T::put((s.get() - mean) * inv * w.get() + b.get());
+        }
+    })
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(s1, |x| {
+            let x = slice(x, l1, self.name())?;
+            let w = slice(Same::of(s2)?, l2, self.name())?;
+            let b = slice(Same::of(s3)?, l3, self.name())?;
+            check_last_dim(l1, w.len(), self.name())?;
+            layer_norm_rows(x, w, b, self.eps)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+fn check_last_dim(l: &Layout, n: usize, op: &str) -> Result<()> {
+    let last = l.dims().last().copied().unwrap_or(0);
+    if last != n || n == 0 {
+        candle_core::bail!("{op}: last dimension {last} does not match a vector of {n}");
+    }
+    Ok(())
+}
+
+/// Softmax over the last dimension, in f32.
+pub struct Softmax;
+
+fn softmax_rows<T: Elem>(x: &[T], n: usize) -> Vec<T> {
+    rows(x, n, |s, d| {
+        let max = s.iter().map(|v| v.get()).fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for (d, s) in d.iter_mut().zip(s) {
+            let e = (s.get() - max).exp();
+            sum += e;
+            *d = T::put(e);
+        }
+        let inv = 1.0 / sum;
+        for d in d.iter_mut() {
+            *d = T::put(d.get() * inv);
+        }
+    })
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = l.dims().last().copied().unwrap_or(0);
+        if n == 0 {
+            candle_core::bail!("fused-softmax: empty last dimension");
+        }
+        let out = by_dtype!(s, |x| softmax_rows(slice(x, l, self.name())?, n));
+        Ok((out, l.shape().clone()))
+    }
+}
+
+/// y + b, then the activation when there is one: the epilogue of fc1 (and of a linear layer
+/// with a bias and no activation).
+pub struct BiasAct(pub Option<Activation>);
+
+#[inline(always)]
+fn act(v: f32, a: Option<Activation>) -> f32 {
+    match a {
+        None => v,
+        // x·σ(1.702x), as transformers' quick_gelu.
+        Some(Activation::QuickGelu) => v / (1.0 + (-1.702 * v).exp()),
+        Some(Activation::Gelu) => 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2)),
+    }
+}
+
+/// The standard library has no erf; Abramowitz–Stegun 7.1.26 is accurate to 1.5e-7 (absolute),
+/// about f32 resolution.
+fn erf(x: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let y = 1.0
+        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_8) * t - 0.284_496_74) * t
+            + 0.254_829_6)
+            * t
+            * (-x * x).exp();
+    y.copysign(x)
+}
+
+fn bias_act_rows<T: Elem + Same>(y: &[T], b: &[T], a: Option<Activation>) -> Vec<T> {
+    rows(y, b.len(), |s, d| {
+        for ((d, s), b) in d.iter_mut().zip(s).zip(b) {
+            *d = T::put(act(s.get() + b.get(), a));
+        }
+    })
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "fused-bias-act"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = by_dtype!(s1, |y| {
+            let y = slice(y, l1, self.name())?;
+            let b = slice(Same::of(s2)?, l2, self.name())?;
+            check_last_dim(l1, b.len(), self.name())?;
+            bias_act_rows(y, b, self.0)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// y + b + r: the epilogue of the attention output projection and of fc2, with the residual.
+pub struct BiasResidual;
+
+fn bias_residual_rows<T: Elem + Same>(y: &[T], b: &[T], r: &[T]) -> Vec<T> {
+    let n = b.len();
+    let per_task = n * MIN_ELEMS_PER_TASK.div_ceil(n);
+    let mut dst = vec![T::put(0.0); y.len()];
+    dst.par_chunks_mut(per_task)
+        .zip(y.par_chunks(per_task))
+        .zip(r.par_chunks(per_task))
+        .for_each(|((d, y), r)| {
+            for ((d, y), r) in d
+                .chunks_exact_mut(n)
+                .zip(y.chunks_exact(n))
+                .zip(r.chunks_exact(n))
+            {
+                for (((d, y), b), r) in d.iter_mut().zip(y).zip(b).zip(r) {
+                    *d = T::put(y.get() + b.get() + r.get());
+                }
+            }
+        });
+    dst
+}
+
+impl CustomOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        "fused-bias-residual"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l3.shape() {
+            candle_core::bail!(
+                "fused-bias-residual: output {:?} and residual {:?} differ",
+                l1.shape(),
+                l3.shape()
+            );
+        }
+        let out = by_dtype!(s1, |y| {
+            let y = slice(y, l1, self.name())?;
+            let b = slice(Same::of(s2)?, l2, self.name())?;
+            let r = slice(Same::of(s3)?, l3, self.name())?;
+            check_last_dim(l1, b.len(), self.name())?;
+            bias_residual_rows(y, b, r)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
