@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Classification throughput, atlas-serve (candle) vs PyTorch eager, in one sitting.
+#
+#   bench/classify.sh <torch_reference.py> [python] [out dir]
+#
+# For every (model, batch) of $PLAN it runs `atlas-serve bench classify` and then
+# torch_reference.py --only classify on the same figure, so the two alternate and share the
+# machine's load; the 1-minute load average is recorded before each run. Writes, under the out
+# dir (default bench/results/classify-<device>): candle.jsonl, torch-*.json, load.txt and
+# classify.md (table + candle/PyTorch ratios, also printed).
+#
+# Environment:
+#   PLAN     "model:batches ..." (default "B/32:1,8,32,256 B/16:1,8,32 L/14:1,8" on CPU)
+#   DTYPES   candle dtypes (default f32 on CPU; f32,f16,bf16 on cuda)
+#   DEVICE   cpu or cuda (default cpu)
+#   THREADS  CPU threads for both (default: all cores)
+#   ITERS    timed passes per figure for both (default 3); MAX_SECONDS bounds candle's (60)
+#   ATLAS    the atlas-serve binary (default target/release/atlas-serve)
+set -euo pipefail
+ref=${1:?usage: bench/classify.sh <torch_reference.py> [python] [out dir]}
+py=${2:-python3}
+device=${DEVICE:-cpu}
+out=${3:-bench/results/classify-$device}
+atlas=${ATLAS:-target/release/atlas-serve}
+threads=${THREADS:-$(nproc)}
+iters=${ITERS:-3}
+if [ "$device" = cpu ]; then
+  plan=${PLAN:-"B/32:1,8,32,256 B/16:1,8,32 L/14:1,8"}
+  dtypes=${DTYPES:-f32}
+else
+  plan=${PLAN:-"B/32:1,8,32,256 B/16:1,8,32,256 L/14:1,8,32,256"}
+  dtypes=${DTYPES:-f32,f16,bf16}
+fi
+mkdir -p "$out"
+: > "$out/candle.jsonl"
+: > "$out/load.txt"
+export RAYON_NUM_THREADS=$threads
+torch_dtypes=$(echo "$dtypes" | sed 's/bf16/bfloat16/; s/f16/float16/; s/f32/float32/')
+load() { cut -d' ' -f1 /proc/loadavg; }
+for item in $plan; do
+  model=${item%%:*}
+  for bs in $(echo "${item#*:}" | tr , " "); do
+    tag=$(echo "$model" | tr -d /)-bs$bs
+    echo "== $model batch $bs (load $(load))" >&2
+    echo "$tag candle $(load)" >> "$out/load.txt"
+    "$atlas" bench classify --device "$device" --models "$model" --dtypes "$dtypes" \
+      --batches "$bs" --iters "$iters" --max-seconds "${MAX_SECONDS:-60}" --out "$out/candle.jsonl" >&2
+    echo "$tag torch $(load)" >> "$out/load.txt"
+    "$py" "$ref" --only classify --models "$model" --dtypes "$torch_dtypes" --batches "$bs" \
+      --iters "$iters" --threads "$threads" > "$out/torch-$tag.json"
+  done
+done
+echo "end $(load)" >> "$out/load.txt"
+"$py" "$(dirname "$0")/ratios.py" classify "$out" | tee "$out/classify.md"

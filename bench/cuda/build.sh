@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds atlas-serve with candle's CUDA backend on a CPU-only x86-64 Linux build machine (no
+# GPU, no CUDA install) and packs it with the GPU run script:
+#
+#   bench/cuda/build.sh [python]        # from the repository root
+#
+# Output: target/cuda-dist/ (atlas-serve, run.sh, classify.sh, ratios.py) and
+# target/cuda-dist.tar.gz. Copy that to the GPU machine and run bench/cuda/run.sh there.
+#
+# What it does (see docs in README "Benchmarks"):
+#  1. nvcc 13.0 and the CUDA headers from PyPI wheels (pip download, unpacked with zipfile:
+#     nvidia-cuda-nvcc, nvidia-nvvm, nvidia-cuda-crt, nvidia-cuda-runtime, nvidia-cuda-cccl).
+#  2. CUDA_COMPUTE_CAP=90 (H100/H200; there is no nvidia-smi to ask), compressed kernels.
+#  3. candle-kernels links -lcudart: a libcudart.so linker script points at the static cudart.
+#  4. cudarc: candle-core 0.11.1 asks for `dynamic-linking` + `cuda-version-from-build-system`;
+#     a patched copy of candle-core (only change: `cuda-13000` + `dynamic-loading`) makes the
+#     binary open libcuda/libcublas/libcurand/libnvrtc at run time, from PyTorch's CUDA 13
+#     wheels on the GPU machine. The patch is given on the cargo command line (--config); the
+#     workspace's Cargo.toml is not touched and Cargo.lock is restored afterwards.
+#  5. cargo build --release -p atlas-server --features cuda into target/cuda (a separate target
+#     dir, so the CPU build in target/release is not invalidated).
+#
+# Expected duration: about 13 minutes cold on 2 cores (mostly nvcc compiling candle-kernels),
+# plus the Rust crates (about 10 more minutes cold on 2 cores); about 1 GB of wheels unpacked
+# and 3 GB of build output under target/.
+set -euo pipefail
+py=${1:-python3}
+root=$(pwd)
+[ -f Cargo.toml ] && [ -d crates/atlas-server ] || { echo "run from the repository root" >&2; exit 1; }
+work=$root/target/cuda-toolchain
+mkdir -p "$work/wheels" "$work/unpacked" "$work/link"
+
+# 1. The CUDA 13.0 compiler and headers.
+if [ ! -x "$work/unpacked/nvidia/cu13/bin/nvcc" ]; then
+  "$py" -m pip download --no-deps --only-binary=:all: -d "$work/wheels" \
+    nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+  for w in "$work"/wheels/*.whl; do "$py" -m zipfile -e "$w" "$work/unpacked"; done
+fi
+cu=$work/unpacked/nvidia/cu13
+chmod +x "$cu"/bin/* "$cu"/nvvm/bin/* 2>/dev/null || true
+"$cu/bin/nvcc" --version | tail -2
+
+# 2. Environment for bindgen_cuda / candle-kernels.
+export CUDA_ROOT=$cu CUDA_HOME=$cu CUDA_PATH=$cu NVCC=$cu/bin/nvcc PATH=$cu/bin:$PATH
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export NVCC_APPEND_FLAGS=${NVCC_APPEND_FLAGS:---compress-mode=size}
+
+# 3. Static cudart behind the -lcudart that candle-kernels asks for.
+echo "INPUT($cu/lib/libcudart_static.a -lpthread -ldl -lrt)" > "$work/link/libcudart.so"
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$work/link"
+
+# 4. candle-core with cudarc's run-time loading of the CUDA 13 libraries.
+cargo fetch --locked >/dev/null
+src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-0.11.1 | head -1)
+rm -rf "$work/candle-core" && cp -r "$src" "$work/candle-core"
+"$py" - "$work/candle-core/Cargo.toml" <<'PY'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+old = '"cuda-version-from-build-system",\n    "dynamic-linking",'
+assert old in s, "candle-core's cudarc features changed; update bench/cuda/build.sh"
+open(p, "w").write(s.replace(old, '"cuda-13000",\n    "dynamic-loading",'))
+PY
+cp Cargo.lock "$work/Cargo.lock.orig"
+trap 'cp "$work/Cargo.lock.orig" "$root/Cargo.lock"' EXIT
+
+# 5. The build.
+time cargo build --release -p atlas-server --features cuda --target-dir target/cuda \
+  --config "patch.crates-io.candle-core.path=\"$work/candle-core\""
+
+dist=$root/target/cuda-dist
+rm -rf "$dist" && mkdir -p "$dist"
+cp target/cuda/release/atlas-serve "$dist/"
+strip "$dist/atlas-serve" 2>/dev/null || true
+cp bench/cuda/run.sh bench/classify.sh bench/ratios.py "$dist/"
+tar -C "$root/target" -czf "$root/target/cuda-dist.tar.gz" cuda-dist
+ls -la "$dist"
+echo "glibc symbols needed: $(objdump -T "$dist/atlas-serve" | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -1)"

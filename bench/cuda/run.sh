@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the GPU machine (CUDA 13 driver + PyTorch; no Rust, no network), from the unpacked
+# target/cuda-dist folder that bench/cuda/build.sh made:
+#
+#   ./run.sh <torch_reference.py> [python] [out dir]
+#
+# Runs, in one sitting: `atlas-serve bench classify --device cuda` and torch_reference.py on the
+# same figures, alternating (classify.sh), then torch_reference.py's copy, compose and learn
+# parts. Results and ratios land in the out dir (default $OUT, else ./results-gpu).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+ref=${1:?usage: run.sh <torch_reference.py> [python] [out dir]}
+py=${2:-/opt/torch/.venv/bin/python}
+out=${3:-${OUT:-$here/results-gpu}}
+mkdir -p "$out"
+
+# cudarc opens the unversioned names (libcublas.so, ...) first: link them to PyTorch's CUDA 13
+# libraries in a folder placed first on LD_LIBRARY_PATH; the driver is libcuda.so.1.
+cu13=$("$py" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
+links=$(mktemp -d)
+for f in "$cu13"/lib*.so.*; do
+  b=$(basename "$f"); ln -sf "$f" "$links/${b%%.so.*}.so"
+done
+export LD_LIBRARY_PATH=$links:$cu13:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; } | tee "$out/machine.txt"
+"$py" -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' | tee -a "$out/machine.txt"
+
+ATLAS=$here/atlas-serve DEVICE=cuda ITERS=${ITERS:-20} MAX_SECONDS=${MAX_SECONDS:-20} \
+  "$here/classify.sh" "$ref" "$py" "$out/classify"
+"$py" "$ref" --only copy,compose,learn --learn-batches 8,32,128 > "$out/torch_reference.json"
+echo "results in $out"
