@@ -240,6 +240,28 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_is_in_the_readme_table() {
+        let readme = include_str!("../../../README.md");
+        let table: toml::Table = DEFAULTS.parse().unwrap();
+        for key in table.keys() {
+            let flag = format!(
+                "`--{}` / `ATLAS_{}`",
+                key.replace('_', "-"),
+                key.to_uppercase()
+            );
+            assert!(
+                readme.contains(&format!("| `{key}` | {flag} |")),
+                "README's Configuration table lacks {key}"
+            );
+        }
+        assert_eq!(
+            table.len(),
+            Args::default().overrides().len(),
+            "a flag per setting"
+        );
+    }
+
+    #[test]
     fn bad_values_and_unknown_keys_are_named() {
         let args = Args {
             queue: Some("many".into()),
