@@ -781,6 +781,16 @@ fn concurrent_requests_are_batched() {
     );
 }
 
+/// The kinds of a composition's history events ("epoch", "resumed").
+fn history_kinds(c: &Value) -> Vec<&str> {
+    c["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn jobs_survive_a_kill_and_compositions_persist() {
     let dir = tempfile::tempdir().unwrap();
@@ -819,12 +829,7 @@ fn jobs_survive_a_kill_and_compositions_persist() {
     assert!(s.log_text().contains("requeued"), "{}", s.log_text());
     let done = s.wait_final(&id, Duration::from_secs(300));
     assert_eq!(done["status"], "succeeded", "{done}");
-    let kinds: Vec<&str> = done["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let kinds = history_kinds(&done);
     assert!(kinds.contains(&"resumed"), "{kinds:?}");
     assert_eq!(
         kinds.iter().filter(|k| **k == "epoch").count(),
@@ -853,12 +858,7 @@ fn jobs_survive_a_kill_and_compositions_persist() {
     let s = start(&data, &tiny_flags(), &[]);
     let done = s.wait_final(&id, Duration::from_secs(300));
     assert_eq!(done["status"], "succeeded", "{done}");
-    let kinds: Vec<&str> = done["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let kinds = history_kinds(&done);
     assert_eq!(
         kinds.iter().filter(|k| **k == "epoch").count(),
         4,
