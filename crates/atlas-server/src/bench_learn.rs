@@ -10,7 +10,7 @@ use atlas_clip::grad::coefficient_gradient;
 use atlas_clip::loss::cross_entropy;
 use atlas_clip::manifest::vision_tensors;
 use atlas_clip::model::normalize;
-use atlas_clip::{Backbone, ClipConfig, LoadOptions, VisionConfig, VisionTower};
+use atlas_clip::{Backbone, ClipConfig, LoadOptions, VisionTower};
 use atlas_core::{Buffer, Coefficients, Layout, StoreDType, TaskVector, TaskVectorMeta};
 use atlas_learn::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use candle_core::{DType, Device, Tensor, Var};
@@ -49,20 +49,7 @@ pub struct LearnArgs {
 
 pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
     let store = StoreDType::parse(&a.store).context("--store must be f16, bf16 or f32")?;
-    let vision = if a.tiny {
-        VisionConfig {
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            image_size: 32,
-            patch_size: 8,
-            projection_dim: 32,
-            ..VisionConfig::default()
-        }
-    } else {
-        VisionConfig::vit_b32()
-    };
+    let vision = crate::bench_classify::vision_config(if a.tiny { "tiny" } else { "B/32" })?;
     let proj = vision.projection_dim;
     let cfg = ClipConfig {
         vision: vision.clone(),
