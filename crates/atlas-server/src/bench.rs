@@ -23,6 +23,10 @@ pub enum Command {
     Compose(ComposeArgs),
     /// Image-embedding throughput of a random ViT image tower per batch size and dtype.
     Classify(crate::bench_classify::ClassifyArgs),
+    /// Write a CLIPModel directory with random weights (a B/32, B/16 or L/14 image tower, a
+    /// small text tower on the demo vocabulary) for `serve --model DIR` and bench/serve_load.py.
+    #[command(name = "write-model")]
+    WriteModel(crate::bench_serve::WriteModelArgs),
 }
 
 #[derive(clap::Args)]
@@ -61,6 +65,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Compose(a) => bench_compose(a),
         Command::Classify(a) => crate::bench_classify::run(a),
+        Command::WriteModel(a) => crate::bench_serve::run_write_model(a),
     }
 }
 

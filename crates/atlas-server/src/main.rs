@@ -3,6 +3,7 @@
 mod bench;
 mod bench_classify;
 mod bench_learn;
+mod bench_serve;
 mod config;
 mod demo;
 mod finetune_cmd;
@@ -39,7 +40,8 @@ enum Command {
     /// The offline demo world: build it, fine-tune, replicate the paper's experiments.
     #[command(subcommand)]
     Demo(demo::Command),
-    /// Benchmarks (composition bandwidth, classification throughput).
+    /// Benchmarks (composition bandwidth, classification throughput) and a random-weight model
+    /// for serving benchmarks.
     #[command(subcommand)]
     Bench(bench::Command),
     /// One learning step on ViT-B/32-shaped random weights: time and peak memory.
