@@ -292,6 +292,37 @@ pub struct Mention {
     /// At most this many attributes per caption (a random subset of those drawn); 0 for no
     /// limit.
     pub max: usize,
+    /// Factor on the mention rate of the upper half of every attribute's classes: rare words,
+    /// as in the long tail of a web corpus, which zero-shot heads then know less well; 1 for
+    /// none.
+    #[serde(default = "no_rare")]
+    pub rare: f64,
+}
+
+fn no_rare() -> f64 {
+    1.0
+}
+
+impl Mention {
+    /// The probability of mentioning attribute `a` whose value is `class`.
+    fn rate(&self, a: Attr, p: f64, class: u8) -> f64 {
+        let rare = class as usize >= class_count(a).div_ceil(2);
+        let p = if rare { p * self.rare } else { p };
+        p.clamp(0.0, 1.0)
+    }
+}
+
+/// Number of values attribute `a` takes.
+pub fn class_count(a: Attr) -> usize {
+    match a {
+        Attr::Kind => 2,
+        Attr::Colour => COLOURS.len(),
+        Attr::Shape => SHAPES.len(),
+        Attr::Texture => TEXTURES.len(),
+        Attr::Count => COUNTS.len(),
+        Attr::Position => POSITIONS.len(),
+        Attr::Digit => 10,
+    }
 }
 
 /// Caption templates whose phrase brings its own article or count ("a red circle", "two
@@ -343,7 +374,7 @@ pub fn caption(scene: &Scene, m: &Mention, rng: &mut impl Rng) -> (String, Attrs
     };
     let mut drawn: Vec<Attr> = options
         .iter()
-        .filter(|&&(a, p)| attrs[a as usize].is_some() && rng.gen_bool(p.clamp(0.0, 1.0)))
+        .filter(|&&(a, p)| attrs[a as usize].is_some_and(|v| rng.gen_bool(m.rate(a, p, v))))
         .map(|&(a, _)| a)
         .collect();
     if m.max > 0 && drawn.len() > m.max {
@@ -353,17 +384,34 @@ pub fn caption(scene: &Scene, m: &Mention, rng: &mut impl Rng) -> (String, Attrs
     for a in drawn {
         said[a as usize] = attrs[a as usize];
     }
-    // Say at least one thing beyond the kind.
+    // Say at least one thing beyond the kind, preferring what is often said (a uniform pick
+    // would name rare words in every caption that drew nothing); never a word of rate 0.
     if said.iter().skip(1).all(Option::is_none) {
-        let avail: Vec<Attr> = options
+        let avail: Vec<(Attr, f64)> = options
             .iter()
-            .map(|&(a, _)| a)
-            .filter(|&a| attrs[a as usize].is_some())
+            .filter_map(|&(a, p)| attrs[a as usize].map(|v| (a, m.rate(a, p, v))))
             .collect();
-        let a = avail[rng.gen_range(0..avail.len())];
-        said[a as usize] = attrs[a as usize];
+        if let Some(a) = weighted_pick(&avail, rng) {
+            said[a as usize] = attrs[a as usize];
+        }
     }
     (sentence(&said, rng), said)
+}
+
+/// An attribute drawn with probability proportional to its weight; None when all are 0.
+fn weighted_pick(avail: &[(Attr, f64)], rng: &mut impl Rng) -> Option<Attr> {
+    let total: f64 = avail.iter().map(|&(_, w)| w).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut x = rng.gen::<f64>() * total;
+    for &(a, w) in avail {
+        if x < w {
+            return Some(a);
+        }
+        x -= w;
+    }
+    avail.last().map(|&(a, _)| a)
 }
 
 /// Words for the stated attributes, put in a random template.
@@ -451,6 +499,7 @@ mod tests {
             position: 0.5,
             digit: 0.5,
             max: 0,
+            rare: 0.5,
         };
         for _ in 0..200 {
             let s = sample_shapes(&mut rng, &[]);
@@ -461,6 +510,37 @@ mod tests {
         let s = sample_shapes(&mut rng, &[(Attr::Position, 2)]);
         assert_eq!(s.attrs()[Attr::Position as usize], Some(2));
         assert_eq!(s.attrs()[Attr::Count as usize], Some(0));
+    }
+
+    #[test]
+    fn rare_words_follow_their_factor() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut m = Mention {
+            colour: 0.3,
+            shape: 0.7,
+            texture: 0.5,
+            count: 0.2,
+            position: 0.9,
+            digit: 0.9,
+            max: 0,
+            rare: 0.0,
+        };
+        // Share of scenes whose texture is rare and said, over 2000 captions.
+        let mut rare_said = |m: &Mention| {
+            let n = (0..2000)
+                .filter(|_| {
+                    let s = sample_shapes(&mut rng, &[]);
+                    let (_, said) = caption(&s, m, &mut rng);
+                    said[Attr::Texture as usize].is_some_and(|t| t >= 3)
+                })
+                .count();
+            n as f64 / 2000.0
+        };
+        assert_eq!(rare_said(&m), 0.0);
+        m.rare = 1.0;
+        // 2 of 5 textures, said half the time: about 0.2.
+        let share = rare_said(&m);
+        assert!((0.15..0.25).contains(&share), "{share}");
     }
 
     #[test]

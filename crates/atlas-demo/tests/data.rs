@@ -101,6 +101,7 @@ fn captions_use_only_known_words() {
         position: 0.5,
         digit: 0.5,
         max: 0,
+        rare: 0.5,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for _ in 0..300 {
