@@ -9,10 +9,12 @@ p50 / p99 / mean latency, and from GET /metrics (deltas over the timed requests)
 the engine ran (atlas_batch_size _sum/_count) and the engine's busy time
 (atlas_classify_batch_seconds_sum). The 1-minute load average is recorded before each level.
 
-Then, with the server stopped so the two do not compete, the raw throughput of the same image
-tower at the mean batch sizes the server ran (rounded): `atlas-serve bench classify --models M
---dtypes f32 --batches ...`. Both run with the same CANDLE_NUM_THREADS and RAYON_NUM_THREADS
-(--threads). Prints a table (concurrency, served img/s, mean batch, raw img/s at that batch,
+Right after each level, the raw throughput of the same image tower at the mean batch the server
+ran (rounded): `atlas-serve bench classify --models M --dtypes f32 --batches B` (random weights;
+times do not depend on values), while the server idles (its CPU seconds meanwhile are recorded,
+to show it does not compete). Figures seconds apart see the same foreign load on a shared
+machine. Both run with the same CANDLE_NUM_THREADS and RAYON_NUM_THREADS (--threads); the load
+generator's threads run on the same machine. Prints a table (concurrency, served img/s, mean batch, raw img/s at that batch,
 served/raw, p50, p99) and writes everything as JSON (--out). Standard library only.
 
     cargo build --release -p atlas-server
@@ -21,8 +23,8 @@ served/raw, p50, p99) and writes everything as JSON (--out). Standard library on
         --threads 2 --out bench/results/serve-load-cpu/<name>.json
 
 With --bin the script starts `atlas-serve serve --model <model dir>` itself (on --url's port,
-a temporary data directory, default settings otherwise; extra flags after --serve-args) and
-stops it before the raw figures. Without --bin it loads a server already running at --url and
+a temporary data directory, default settings otherwise; extra flags in --serve-args) and
+stops it at the end. Without --bin it loads a server already running at --url and
 skips the raw figures unless --raw-bin is given.
 """
 import argparse
@@ -65,8 +67,9 @@ class Client:
         self.conn = None
 
     def call(self, method, path, body=None):
-        """(status, body bytes); reconnects once if a kept-alive connection was closed."""
-        data = None if body is None else json.dumps(body).encode()
+        """(status, body bytes); reconnects once if a kept-alive connection was closed. `body`:
+        a JSON value, or bytes already encoded."""
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
         for attempt in (0, 1):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
@@ -101,8 +104,9 @@ def metrics(client):
     return out
 
 
-def level(url, body, c, n):
+def level(url, body, c, n, server_pid=None):
     """One concurrency level: warm-up, then n timed requests from c threads."""
+    body = json.dumps(body).encode()  # once, not per request: the client shares the cores
     clients = [Client(url) for _ in range(c)]
     lat, errors, lock = [], [], threading.Lock()
     left = [n]
@@ -138,11 +142,13 @@ def level(url, body, c, n):
     ready.wait()
     probe = Client(url)
     before, load1 = metrics(probe), os.getloadavg()[0]
+    cpu0, me0 = server_pid and cpu_seconds(server_pid), os.times()
     go.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu1, me1 = server_pid and cpu_seconds(server_pid), os.times()
     after = metrics(probe)
     d = lambda k: after.get(k, 0.0) - before.get(k, 0.0)
     batches, busy = d("atlas_batch_size_count"), d("atlas_classify_batch_seconds_sum")
@@ -154,9 +160,15 @@ def level(url, body, c, n):
         "p50_ms": p(0.50), "p99_ms": p(0.99), "mean_ms": statistics.mean(lat) if lat else None,
         "batches": batches, "images": d("atlas_classified_images_total"),
         "mean_batch": d("atlas_batch_size_sum") / batches if batches else None,
+        # Cumulative: batches of at most `le` images.
+        "batches_le": {k.split('"')[1]: d(k) for k in after if k.startswith("atlas_batch_size_bucket")},
         "engine_busy_s": busy, "engine_busy_frac": busy / wall,
         "engine_img_per_s": d("atlas_classified_images_total") / busy if busy else None,
         "load1_before": load1,
+        # CPU seconds over the timed requests: the whole server process (engine included) and
+        # this load generator (it runs on the same cores).
+        "server_cpu_s": cpu1 - cpu0 if cpu0 and cpu1 else None,
+        "client_cpu_s": (me1.user + me1.system) - (me0.user + me0.system),
     }
 
 
@@ -175,19 +187,30 @@ def wait_ready(url, proc, log, timeout=600):
     sys.exit(f"the server was not ready within {timeout} s; its log: {log}")
 
 
-def raw_figures(bin_path, model, batches, env, a):
-    path = tempfile.mktemp(suffix=".jsonl")
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def raw_figure(bin_path, model, batch, env, a, server_pid):
+    """`bench classify` at one batch size; the server (if any) idles meanwhile."""
+    fd, path = tempfile.mkstemp(suffix=".jsonl")
+    os.close(fd)
     cmd = [bin_path, "bench", "classify", "--models", model, "--dtypes", "f32",
-           "--batches", ",".join(map(str, batches)), "--iters", str(a.raw_iters),
+           "--batches", str(batch), "--iters", str(a.raw_iters),
            "--max-seconds", str(a.raw_max_seconds), "--out", path]
-    print("raw:", " ".join(cmd[:-2]), "--out <tmp>", f"(load {os.getloadavg()[0]:.2f})", flush=True)
-    load1 = os.getloadavg()[0]
-    subprocess.run(cmd, env=env, check=True)
-    recs = [json.loads(line) for line in open(path)]
+    load1, cpu0 = os.getloadavg()[0], cpu_seconds(server_pid) if server_pid else None
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    cpu1 = cpu_seconds(server_pid) if server_pid else None
+    rec = [json.loads(line) for line in open(path)][-1]
     os.unlink(path)
-    for r in recs:
-        r["load1_before_run"] = load1
-    return cmd, recs
+    rec["load1_before"] = load1
+    rec["server_cpu_s_meanwhile"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    return ["bench"] + cmd[2:-2], rec
 
 
 def main():
@@ -234,18 +257,35 @@ def main():
     head = client.json("POST", "/heads", {"classes": ["circle", "square", "triangle", "cross"]})["id"]
     body = {"composition": "base", "head": head,
             "images": [base64.b64encode(image).decode()], "top_k": 1}
-    levels = []
+    rows, raw_cmd = [], None
+    raw_bin = None if a.no_raw else (a.raw_bin or a.bin)
     print(f"threads {threads}", flush=True)
     try:
         client.json("POST", "/classify", body)  # composes (caches) the base tower
         for c in [int(x) for x in a.concurrency.split(",")]:
             n = max(a.min_requests, a.per_thread * c)
-            r = level(a.url, body, c, n)
-            levels.append(r)
-            print(f"c={c:<3} n={n:<4} {r['img_per_s']:7.2f} img/s  batch {r['mean_batch'] or 0:5.2f}"
-                  f"  p50 {r['p50_ms'] or 0:8.1f} ms  p99 {r['p99_ms'] or 0:8.1f} ms"
-                  f"  engine busy {r['engine_busy_frac']:.0%}  errors {r['errors']}"
-                  f"  load {r['load1_before']:.2f}", flush=True)
+            r = level(a.url, body, c, n, proc and proc.pid)
+            line = (f"c={c:<3} n={n:<4} {r['img_per_s']:7.2f} img/s  batch {r['mean_batch'] or 0:5.2f}"
+                    f"  p50 {r['p50_ms'] or 0:8.1f} ms  p99 {r['p99_ms'] or 0:8.1f} ms"
+                    f"  engine busy {r['engine_busy_frac']:.0%}  errors {r['errors']}"
+                    f"  load {r['load1_before']:.2f}  cpu s: server {r['server_cpu_s'] or 0:.1f}"
+                    f" client {r['client_cpu_s']:.1f}\n      batches of at most n images:"
+                    f" {' '.join(f'{k}:{v:g}' for k, v in r['batches_le'].items())}")
+            print(line, flush=True)
+            r["raw_batch"] = max(1, round(r["mean_batch"])) if r["mean_batch"] else None
+            r["raw"] = None
+            if raw_bin and r["raw_batch"]:
+                # Right after the level, so both figures see the same foreign load.
+                raw_cmd, r["raw"] = raw_figure(raw_bin, a.vision, r["raw_batch"], env, a,
+                                               proc and proc.pid)
+            rr = r["raw"] or {}
+            r["raw_img_per_s"] = rr.get("img_per_s")
+            r["served_over_raw"] = rr.get("img_per_s") and r["img_per_s"] / rr["img_per_s"]
+            if rr:
+                print(f"      raw b={r['raw_batch']:<3} {rr.get('img_per_s', 0):7.2f} img/s"
+                      f"  served/raw {r['served_over_raw']:.2f}  load {rr['load1_before']:.2f}"
+                      f"  server cpu meanwhile {rr['server_cpu_s_meanwhile']} s", flush=True)
+            rows.append(r)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -254,19 +294,6 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    raw, raw_cmd = [], None
-    raw_bin = a.raw_bin or a.bin
-    if raw_bin and not a.no_raw:
-        batches = sorted({max(1, round(r["mean_batch"])) for r in levels if r["mean_batch"]})
-        raw_cmd, raw = raw_figures(raw_bin, a.vision, batches, env, a)
-    by_batch = {r["batch"]: r for r in raw if "img_per_s" in r}
-
-    rows = []
-    for r in levels:
-        b = max(1, round(r["mean_batch"])) if r["mean_batch"] else None
-        rr = by_batch.get(b)
-        rows.append({**r, "raw_batch": b, "raw_img_per_s": rr and rr["img_per_s"],
-                     "served_over_raw": rr and r["img_per_s"] / rr["img_per_s"]})
     f = lambda x, spec: "-" if x is None else format(x, spec)
     print()
     print("| concurrency | served img/s | mean batch | raw img/s at that batch | served / raw "
@@ -284,8 +311,8 @@ def main():
             "benchmark": "serve-load", "vision": a.vision, "threads": threads,
             "machine": {"cpu": cpu, "cores": os.cpu_count()},
             "script_args": {k: v for k, v in vars(a).items() if k not in ("bin", "raw_bin", "model", "out")},
-            "server": started, "raw_command": raw_cmd and raw_cmd[1:-2],
-            "levels": rows, "raw": raw, "load1_end": os.getloadavg()[0],
+            "server": started, "raw_command": raw_cmd, "levels": rows,
+            "load1_end": os.getloadavg()[0],
         }
         with open(a.out, "w") as fh:
             json.dump(doc, fh, indent=1)
