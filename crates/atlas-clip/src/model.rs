@@ -45,6 +45,29 @@ impl WeightSource for HashMap<String, Tensor> {
     }
 }
 
+/// `x + v` or `x * v` with `v` repeated over the leading dimensions of `x` (`v`'s shape is
+/// the trailing part of `x`'s). When `v` is learned, `v` is first repeated by a matmul with a
+/// column of ones, so that its gradient is a GEMM: candle's backward of a broadcast sums over
+/// leading dimensions with an index division per element, which took a fifth of a training
+/// step. Same values either way.
+fn repeat_rows(x: &Tensor, v: &Tensor, mul: bool) -> Result<Tensor> {
+    if !v.track_op() {
+        return Ok(if mul {
+            x.broadcast_mul(v)?
+        } else {
+            x.broadcast_add(v)?
+        });
+    }
+    let len = v.elem_count();
+    let ones = Tensor::ones((x.elem_count() / len, 1), v.dtype(), v.device())?;
+    let repeated = ones.matmul(&v.reshape((1, len))?)?.reshape(x.shape())?;
+    Ok(if mul {
+        (x * repeated)?
+    } else {
+        (x + repeated)?
+    })
+}
+
 /// LayerNorm from primitive ops (differentiable), computed in at least f32.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if fused::usable(&[x, w, b]) {
@@ -59,7 +82,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let y = xn.broadcast_mul(&upcast(w)?)?.broadcast_add(&upcast(b)?)?;
+    let y = repeat_rows(&repeat_rows(&xn, &upcast(w)?, true)?, &upcast(b)?, false)?;
     Ok(y.to_dtype(dtype)?)
 }
 
@@ -156,7 +179,7 @@ impl Linear {
             }
             _ => {
                 let mut y = match &self.b {
-                    Some(b) => y.broadcast_add(b)?,
+                    Some(b) => repeat_rows(&y, b, false)?,
                     None => y,
                 };
                 if let Some(a) = act {
@@ -413,7 +436,7 @@ impl VisionTower {
             .class_embedding
             .reshape((1, 1, d))?
             .broadcast_as((b, 1, d))?;
-        let mut x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.position)?;
+        let mut x = repeat_rows(&Tensor::cat(&[&cls, &tokens], 1)?, &self.position, false)?;
         x = self.pre.forward(&x)?;
         for layer in &self.layers {
             x = layer.forward(&x, None)?;
@@ -489,7 +512,7 @@ impl TextTower {
             .token
             .embedding(&ids.flatten_all()?)?
             .reshape((n, l, d))?;
-        let mut x = tokens.broadcast_add(&self.position.narrow(0, 0, l)?)?;
+        let mut x = repeat_rows(&tokens, &self.position.narrow(0, 0, l)?, false)?;
         let mask = causal_mask(l, x.dtype(), x.device())?;
         for layer in &self.layers {
             x = layer.forward(&x, Some(&mask))?;
