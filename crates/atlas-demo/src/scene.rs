@@ -384,34 +384,20 @@ pub fn caption(scene: &Scene, m: &Mention, rng: &mut impl Rng) -> (String, Attrs
     for a in drawn {
         said[a as usize] = attrs[a as usize];
     }
-    // Say at least one thing beyond the kind, preferring what is often said (a uniform pick
-    // would name rare words in every caption that drew nothing); never a word of rate 0.
+    // Say at least one thing beyond the kind, never a word whose rate is 0 (rare words would
+    // otherwise be named in every caption that drew nothing).
     if said.iter().skip(1).all(Option::is_none) {
-        let avail: Vec<(Attr, f64)> = options
+        let avail: Vec<Attr> = options
             .iter()
-            .filter_map(|&(a, p)| attrs[a as usize].map(|v| (a, m.rate(a, p, v))))
+            .filter(|&&(a, p)| attrs[a as usize].is_some_and(|v| m.rate(a, p, v) > 0.0))
+            .map(|&(a, _)| a)
             .collect();
-        if let Some(a) = weighted_pick(&avail, rng) {
+        if !avail.is_empty() {
+            let a = avail[rng.gen_range(0..avail.len())];
             said[a as usize] = attrs[a as usize];
         }
     }
     (sentence(&said, rng), said)
-}
-
-/// An attribute drawn with probability proportional to its weight; None when all are 0.
-fn weighted_pick(avail: &[(Attr, f64)], rng: &mut impl Rng) -> Option<Attr> {
-    let total: f64 = avail.iter().map(|&(_, w)| w).sum();
-    if total <= 0.0 {
-        return None;
-    }
-    let mut x = rng.gen::<f64>() * total;
-    for &(a, w) in avail {
-        if x < w {
-            return Some(a);
-        }
-        x -= w;
-    }
-    avail.last().map(|&(a, _)| a)
 }
 
 /// Words for the stated attributes, put in a random template.
