@@ -14,8 +14,9 @@ ran (rounded): `atlas-serve bench classify --models M --dtypes f32 --batches B` 
 times do not depend on values), while the server idles (its CPU seconds meanwhile are recorded,
 to show it does not compete). Figures seconds apart see the same foreign load on a shared
 machine. Both run with the same CANDLE_NUM_THREADS and RAYON_NUM_THREADS (--threads); the load
-generator's threads run on the same machine. Prints a table (concurrency, served img/s, mean batch, raw img/s at that batch,
-served/raw, p50, p99) and writes everything as JSON (--out). Standard library only.
+generator's threads run on the same machine. Prints a table (concurrency, served img/s, mean
+batch, raw img/s at that batch, served/raw, p50, p99) and writes everything as JSON (--out).
+Standard library only.
 
     cargo build --release -p atlas-server
     target/release/atlas-serve bench write-model --vision B/32 --out <model dir>
@@ -24,8 +25,9 @@ served/raw, p50, p99) and writes everything as JSON (--out). Standard library on
 
 With --bin the script starts `atlas-serve serve --model <model dir>` itself (on --url's port,
 a temporary data directory, default settings otherwise; extra flags in --serve-args) and
-stops it at the end. Without --bin it loads a server already running at --url and
-skips the raw figures unless --raw-bin is given.
+stops it at the end. Without --bin it drives a server already running at --url and skips the
+raw figures unless --raw-bin is given. bench/results/serve-load-cpu.md has the exact command of
+the committed results.
 """
 import argparse
 import base64
