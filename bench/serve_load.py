@@ -35,6 +35,7 @@ import http.client
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import struct
@@ -239,7 +240,7 @@ def main():
     if a.threads:
         env["CANDLE_NUM_THREADS"] = env["RAYON_NUM_THREADS"] = str(a.threads)
     threads = {k: env.get(k, "unset") for k in ("CANDLE_NUM_THREADS", "RAYON_NUM_THREADS")}
-    proc, log, started = None, None, {}
+    proc, log, started, data = None, None, {}, None
     if a.bin:
         if not a.model:
             sys.exit("--bin needs --model")
@@ -295,6 +296,7 @@ def main():
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            shutil.rmtree(data, ignore_errors=True)
 
     f = lambda x, spec: "-" if x is None else format(x, spec)
     print()
