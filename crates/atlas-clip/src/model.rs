@@ -118,8 +118,10 @@ fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 /// y = x Wᵀ + b over the last dimension of a 2-D or 3-D input.
 #[derive(Debug, Clone)]
 struct Linear {
+    /// W ([out, in]), or Wᵀ contiguous ([in, out]) when `transposed`.
     w: Tensor,
     b: Option<Tensor>,
+    transposed: bool,
 }
 
 impl Linear {
@@ -136,7 +138,39 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { w, b })
+        Linear::new(w, b)
+    }
+
+    /// A layer over W ([out, in]). For inference on the CPU, W is kept transposed and
+    /// contiguous: gemm repacks a transposed view on every call, which made B/32's matmuls
+    /// 1.5–6.5× slower at batch 1 (the MLP's second matmul most).
+    fn new(w: Tensor, b: Option<Tensor>) -> Result<Self> {
+        if fused::usable(&[&w]) {
+            let w = w.t()?.contiguous()?;
+            return Ok(Linear {
+                w,
+                b,
+                transposed: true,
+            });
+        }
+        Ok(Linear {
+            w,
+            b,
+            transposed: false,
+        })
+    }
+
+    fn out_dim(&self) -> Result<usize> {
+        Ok(self.w.dim(usize::from(self.transposed))?)
+    }
+
+    /// Wᵀ, the right-hand side of x Wᵀ.
+    fn rhs(&self) -> Result<Tensor> {
+        Ok(if self.transposed {
+            self.w.clone()
+        } else {
+            self.w.t()?
+        })
     }
 }
 
@@ -156,9 +190,9 @@ impl Linear {
     ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = dims[dims.len() - 1];
-        let y = x.reshape(((), last))?.matmul(&self.w.t()?)?;
+        let y = x.reshape(((), last))?.matmul(&self.rhs()?)?;
         let mut out = dims;
-        *out.last_mut().expect("non-empty") = self.w.dim(0)?;
+        *out.last_mut().expect("non-empty") = self.out_dim()?;
         let residual = match residual {
             Some(r) => Some(r.reshape(y.shape())?),
             None => None,
@@ -236,9 +270,17 @@ impl Qkv {
         if !plain {
             return Ok(Qkv::Separate { q, k, v });
         }
-        let w = Tensor::cat(&[&(&q.w * scale)?, &k.w, &v.w], 0)?;
+        if !(q.transposed && k.transposed && v.transposed) {
+            return Ok(Qkv::Separate { q, k, v });
+        }
+        // Wᵀ blocks side by side: [in, 3·out].
+        let w = Tensor::cat(&[&(&q.w * scale)?, &k.w, &v.w], 1)?;
         let b = Tensor::cat(&[&(qb * scale)?, kb, vb], 0)?;
-        Ok(Qkv::Stacked(Linear { w, b: Some(b) }))
+        Ok(Qkv::Stacked(Linear {
+            w,
+            b: Some(b),
+            transposed: true,
+        }))
     }
 }
 
@@ -359,12 +401,12 @@ fn load_layers(
 pub struct VisionTower {
     cfg: VisionConfig,
     class_embedding: Tensor,
-    patch: Tensor,
+    patch: Linear,
     position: Tensor,
     pre: Norm,
     layers: Vec<EncoderLayer>,
     post: Norm,
-    projection: Option<Tensor>,
+    projection: Option<Linear>,
 }
 
 impl VisionTower {
@@ -380,14 +422,14 @@ impl VisionTower {
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let eps = cfg.layer_norm_eps;
         let projection = match projection_dim {
-            Some(pd) => Some(src.get(VISUAL_PROJECTION, &[pd, d])?),
+            Some(pd) => Some(Linear::new(src.get(VISUAL_PROJECTION, &[pd, d])?, None)?),
             None => None,
         };
         Ok(VisionTower {
             cfg: cfg.clone(),
             class_embedding: get(0)?,
             // Stride = kernel = patch size, so the conv is a matmul over flattened patches.
-            patch: get(1)?.reshape((d, c * p * p))?,
+            patch: Linear::new(get(1)?.reshape((d, c * p * p))?, None)?,
             position: get(2)?,
             pre: Norm::load(src, "vision_model.pre_layrnorm", d, eps)?,
             layers: load_layers(
@@ -419,18 +461,14 @@ impl VisionTower {
                 self.cfg.num_channels
             )));
         }
-        let pixels = pixels.to_dtype(self.patch.dtype())?;
+        let pixels = pixels.to_dtype(self.patch.w.dtype())?;
         let (gh, gw) = (h / p, w / p);
         let patches = pixels
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b, gh * gw, c * p * p))?;
-        let tokens = Linear {
-            w: self.patch.clone(),
-            b: None,
-        }
-        .forward(&patches)?;
+        let tokens = self.patch.forward(&patches)?;
         let d = self.cfg.hidden_size;
         let cls = self
             .class_embedding
@@ -443,11 +481,7 @@ impl VisionTower {
         }
         let pooled = self.post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
         match &self.projection {
-            Some(proj) => Ok(Linear {
-                w: proj.clone(),
-                b: None,
-            }
-            .forward(&pooled)?),
+            Some(proj) => Ok(proj.forward(&pooled)?),
             None => Ok(pooled),
         }
     }
@@ -465,7 +499,7 @@ pub struct TextTower {
     position: Tensor,
     layers: Vec<EncoderLayer>,
     last: Norm,
-    projection: Tensor,
+    projection: Linear,
 }
 
 impl TextTower {
@@ -492,7 +526,10 @@ impl TextTower {
                 },
             )?,
             last: Norm::load(src, "text_model.final_layer_norm", d, cfg.layer_norm_eps)?,
-            projection: src.get("text_projection.weight", &[projection_dim, d])?,
+            projection: Linear::new(
+                src.get("text_projection.weight", &[projection_dim, d])?,
+                None,
+            )?,
         })
     }
 
@@ -521,11 +558,7 @@ impl TextTower {
         let rows = self.pool_positions(&ids)?;
         let index = Tensor::from_vec(rows, n, x.device())?;
         let pooled = x.reshape((n * l, d))?.index_select(&index, 0)?;
-        Linear {
-            w: self.projection.clone(),
-            b: None,
-        }
-        .forward(&pooled)
+        self.projection.forward(&pooled)
     }
 
     /// Flat row index (i·L + position) of each sequence's end-of-text token, as transformers
@@ -642,10 +675,8 @@ mod tests {
     #[test]
     fn fused_epilogues_match_primitive_ops() {
         let x = rand(&[2, 5, 16], 0.0, 5);
-        let lin = Linear {
-            w: rand(&[24, 16], 0.0, 6),
-            b: Some(rand(&[24], 0.0, 7)),
-        };
+        let lin = Linear::new(rand(&[24, 16], 0.0, 6), Some(rand(&[24], 0.0, 7))).unwrap();
+        assert!(lin.transposed);
         let r = rand(&[2, 5, 24], 0.0, 8);
         for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
             for res in [None, Some(&r)] {
