@@ -144,7 +144,7 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
     };
     let dev = match a.device.as_str() {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("opening CUDA device 0")?,
+        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
         d => bail!("unknown device {d:?} (cpu or cuda)"),
     };
     let threads = candle_core::utils::get_num_threads();

@@ -83,6 +83,18 @@ fn load(state: &AppState) -> anyhow::Result<()> {
     state.attach(backbone, library, store)
 }
 
+/// CUDA device `n`. cudarc panics when it cannot load the driver library (a machine without
+/// an NVIDIA driver): that becomes an error saying so, not a crash.
+pub fn open_cuda(n: usize) -> anyhow::Result<candle_core::Device> {
+    match std::panic::catch_unwind(|| candle_core::Device::new_cuda(n)) {
+        Ok(dev) => Ok(dev?),
+        Err(_) => anyhow::bail!(
+            "the CUDA driver library could not be loaded (no NVIDIA driver here, or \
+             libcuda.so.1 not on LD_LIBRARY_PATH)"
+        ),
+    }
+}
+
 /// Device and compute dtype from the settings.
 fn load_options(c: &Config) -> anyhow::Result<LoadOptions> {
     let device = match c.device.as_str() {
@@ -96,7 +108,7 @@ fn load_options(c: &Config) -> anyhow::Result<LoadOptions> {
                     .with_context(|| format!("device {d:?}: use cpu, cuda or cuda:N"))?,
                 None => anyhow::bail!("device {d:?}: use cpu, cuda or cuda:N"),
             };
-            candle_core::Device::new_cuda(n).with_context(|| format!("device {d:?}"))?
+            open_cuda(n).with_context(|| format!("device {d:?}"))?
         }
     };
     let dtype = match c.dtype.as_str() {
