@@ -396,6 +396,11 @@ fn load_layers(
         .collect()
 }
 
+/// Largest batch one CPU inference pass runs; larger ones go in chunks of this size, whose
+/// activations stay in cache and in glibc's heap (B/32 at batch 256: 13.9 images/s in one pass,
+/// 17.8 at batch 32).
+const CPU_CHUNK: usize = 32;
+
 /// The image tower (+ visual projection when present).
 #[derive(Debug, Clone)]
 pub struct VisionTower {
@@ -460,6 +465,13 @@ impl VisionTower {
                 pixels.dims(),
                 self.cfg.num_channels
             )));
+        }
+        if b > CPU_CHUNK && self.patch.transposed && fused::usable(&[pixels]) {
+            let parts = (0..b)
+                .step_by(CPU_CHUNK)
+                .map(|s| self.forward(&pixels.narrow(0, s, CPU_CHUNK.min(b - s))?))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&parts, 0)?);
         }
         let pixels = pixels.to_dtype(self.patch.w.dtype())?;
         let (gh, gw) = (h / p, w / p);
@@ -736,5 +748,20 @@ mod tests {
         let (a, b) = (fast.forward(&px).unwrap(), slow.forward(&px).unwrap());
         assert!(!a.track_op() && b.track_op());
         assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
+    }
+
+    #[test]
+    fn a_large_batch_runs_in_chunks_with_the_same_result() {
+        let tower = VisionTower::new(&tiny(), Some(8), &tiny_weights(false)).unwrap();
+        assert!(tower.patch.transposed);
+        let n = 2 * CPU_CHUNK + 5;
+        let px = rand(&[n, 3, 8, 8], 0.0, 10);
+        let all = tower.forward(&px).unwrap();
+        assert_eq!(all.dims(), &[n, 8]);
+        for i in [0, CPU_CHUNK - 1, CPU_CHUNK, n - 1] {
+            let one = tower.forward(&px.narrow(0, i, 1).unwrap()).unwrap();
+            let d = max_diff(&all.narrow(0, i, 1).unwrap(), &one);
+            assert!(d < 1e-5, "image {i}: {d}");
+        }
     }
 }
