@@ -36,12 +36,7 @@ impl Battery<'_> {
                 .send()
                 .unwrap();
         let status = r.status().as_u16();
-        let ctype = r
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let ctype = common::content_type(&r);
         let v: Value = r.json().unwrap_or(Value::Null);
         let detail = v["detail"].as_str().unwrap_or("");
         let problem = ctype == "application/problem+json" && v["status"] == json!(status);

@@ -191,12 +191,7 @@ impl Server {
 /// Status and JSON body; a problem answer is checked for its content type on the way.
 fn answer(r: reqwest::blocking::Response) -> (u16, Value) {
     let status = r.status().as_u16();
-    let ctype = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let ctype = content_type(&r);
     let v: Value = r.json().unwrap_or(Value::Null);
     if status >= 400 {
         assert_eq!(ctype, "application/problem+json", "{status} {v}");
@@ -204,6 +199,15 @@ fn answer(r: reqwest::blocking::Response) -> (u16, Value) {
         spec::validate("Problem", &v);
     }
     (status, v)
+}
+
+/// The response's content type, empty when absent.
+pub fn content_type(r: &reqwest::blocking::Response) -> String {
+    r.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 pub fn png(seed: u8) -> Vec<u8> {
