@@ -10,6 +10,7 @@ use atlas_core::{compose, reduce_gradient, Coefficients, Manifest, Real, TaskVec
 use candle_core::{backprop::GradStore, Tensor, Var, WithDType};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The composed image-tower tensors as gradient leaves, in manifest order.
 pub struct Leaves {
@@ -30,8 +31,13 @@ impl Leaves {
         tvs: &[Arc<TaskVector>],
         coefs: &Coefficients,
     ) -> Result<Self> {
+        let blocks: Vec<Vec<T>> = compose(backbone.manifest(), backbone.base_blocks(), tvs, coefs)?;
+        Self::from_blocks(backbone, blocks)
+    }
+
+    /// Wraps composed blocks (manifest order) as [`Var`]s.
+    fn from_blocks<T: Real + WithDType>(backbone: &Backbone, blocks: Vec<Vec<T>>) -> Result<Self> {
         let manifest = backbone.manifest();
-        let blocks: Vec<Vec<T>> = compose(manifest, backbone.base_blocks(), tvs, coefs)?;
         let mut vars = Vec::new();
         for (block, data) in manifest.blocks().iter().zip(blocks) {
             if let [spec] = block.tensors.as_slice() {
@@ -88,6 +94,34 @@ impl Leaves {
     }
 }
 
+/// Wall time of each phase of one [`coefficient_gradient`] call, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StepPhases {
+    /// θ = θ0 + Σ Λ τ on the host.
+    pub compose_ms: f64,
+    /// Composed blocks wrapped as candle `Var` leaves.
+    pub wrap_ms: f64,
+    /// Building the tower over the leaves and evaluating the loss.
+    pub forward_ms: f64,
+    /// `backward()` to the leaves (and dropping the graph).
+    pub backward_ms: f64,
+    /// Reading ∂L/∂θ out of the gradient store.
+    pub copy_out_ms: f64,
+    /// ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block and part, then folding to `coefs`' layout.
+    pub reduce_ms: f64,
+}
+
+impl StepPhases {
+    pub fn total_ms(&self) -> f64 {
+        self.compose_ms
+            + self.wrap_ms
+            + self.forward_ms
+            + self.backward_ms
+            + self.copy_out_ms
+            + self.reduce_ms
+    }
+}
+
 /// The loss at Λ and ∂L/∂Λ in `coefs`' layout. `loss` maps the composed image tower to a
 /// scalar tensor.
 pub fn coefficient_gradient<T: Real + WithDType>(
@@ -96,14 +130,42 @@ pub fn coefficient_gradient<T: Real + WithDType>(
     coefs: &Coefficients,
     loss: impl FnOnce(&VisionTower) -> Result<Tensor>,
 ) -> Result<(f64, Vec<f64>)> {
-    let leaves = Leaves::compose::<T>(backbone, tvs, coefs)?;
+    let (value, grad, _) = coefficient_gradient_timed::<T>(backbone, tvs, coefs, loss)?;
+    Ok((value, grad))
+}
+
+/// [`coefficient_gradient`], with the time each phase took.
+pub fn coefficient_gradient_timed<T: Real + WithDType>(
+    backbone: &Backbone,
+    tvs: &[Arc<TaskVector>],
+    coefs: &Coefficients,
+    loss: impl FnOnce(&VisionTower) -> Result<Tensor>,
+) -> Result<(f64, Vec<f64>, StepPhases)> {
+    let mut ph = StepPhases::default();
+    let mut clock = Instant::now();
+    let mut lap = |slot: &mut f64| {
+        let now = Instant::now();
+        *slot = (now - clock).as_secs_f64() * 1e3;
+        clock = now;
+    };
+    let manifest = backbone.manifest();
+    let blocks: Vec<Vec<T>> = compose(manifest, backbone.base_blocks(), tvs, coefs)?;
+    lap(&mut ph.compose_ms);
+    let leaves = Leaves::from_blocks(backbone, blocks)?;
+    lap(&mut ph.wrap_ms);
     let tower = backbone.vision(&leaves)?;
     let l = loss(&tower)?;
     let value = l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    lap(&mut ph.forward_ms);
     let grads = l.backward()?;
     drop(tower);
-    let block_grads = leaves.block_grads::<T>(backbone.manifest(), &grads)?;
+    drop(l);
+    lap(&mut ph.backward_ms);
+    let block_grads = leaves.block_grads::<T>(manifest, &grads)?;
     drop(grads);
-    let full = reduce_gradient(backbone.manifest(), &block_grads, tvs, coefs)?;
-    Ok((value, coefs.fold_gradient(&full)))
+    lap(&mut ph.copy_out_ms);
+    let full = reduce_gradient(manifest, &block_grads, tvs, coefs)?;
+    let folded = coefs.fold_gradient(&full);
+    lap(&mut ph.reduce_ms);
+    Ok((value, folded, ph))
 }

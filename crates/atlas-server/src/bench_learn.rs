@@ -6,7 +6,7 @@
 //! (VmHWM) is per process.
 
 use anyhow::Context;
-use atlas_clip::grad::coefficient_gradient;
+use atlas_clip::grad::{coefficient_gradient_timed, StepPhases};
 use atlas_clip::loss::cross_entropy;
 use atlas_clip::manifest::vision_tensors;
 use atlas_clip::model::normalize;
@@ -116,11 +116,15 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
     let setup_s = setup.elapsed().as_secs_f64();
     let rss_setup = peak_rss_gib();
     let mut times = Vec::new();
+    let mut phases: Vec<StepPhases> = Vec::new();
     for i in 0..=a.iters {
         let t = Instant::now();
-        let (_, mut grad) = match &graph {
-            None => coefficient_gradient::<f32>(&bb, &tvs, &coefs, &loss)?,
-            Some(g) => g.gradient(&bb, &coefs, &loss)?,
+        let (_, mut grad, ph) = match &graph {
+            None => coefficient_gradient_timed::<f32>(&bb, &tvs, &coefs, &loss)?,
+            Some(g) => {
+                let (v, g) = g.gradient(&bb, &coefs, &loss)?;
+                (v, g, StepPhases::default())
+            }
         };
         clip_grad_norm(&mut grad, 1.0);
         let mut v = coefs.values.clone();
@@ -128,13 +132,46 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         coefs = coefs.with_values(v)?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64() * 1e3);
+            phases.push(ph);
         }
     }
     times.sort_by(f64::total_cmp);
+    // Median of each phase over the timed steps (graph mode has no phases: all zero).
+    let median = |f: fn(&StepPhases) -> f64| {
+        let mut v: Vec<f64> = phases.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let phase_ms: Vec<(&str, f64)> = vec![
+        ("compose", median(|p| p.compose_ms)),
+        ("wrap", median(|p| p.wrap_ms)),
+        ("forward", median(|p| p.forward_ms)),
+        ("backward", median(|p| p.backward_ms)),
+        ("copy_out", median(|p| p.copy_out_ms)),
+        ("reduce", median(|p| p.reduce_ms)),
+    ];
+    let step_ms = times[times.len() / 2];
+    eprintln!(
+        "{:?} batch {} n_tv {}: {step_ms:.0} ms/step (median of {})",
+        a.mode,
+        a.batch,
+        a.n_tv,
+        times.len()
+    );
+    if matches!(a.mode, Mode::Leaves) {
+        for (name, ms) in &phase_ms {
+            eprintln!("  {name:<9} {ms:8.1} ms");
+        }
+        let accounted: f64 = phase_ms.iter().map(|(_, ms)| ms).sum();
+        eprintln!("  {:<9} {:8.1} ms", "other", step_ms - accounted);
+    }
     let out = serde_json::json!({
         "mode": a.mode, "batch": a.batch, "n_tv": a.n_tv, "store": a.store, "tiny": a.tiny,
         "threads": rayon::current_num_threads(), "setup_s": setup_s,
-        "ms_per_step_median": times[times.len() / 2], "ms_per_step_all": times,
+        "ms_per_step_median": step_ms, "ms_per_step_all": times,
+        "phase_ms_median": phase_ms.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms)))
+            .collect::<serde_json::Map<_, _>>(),
+        "phase_ms_all": phases,
         "peak_rss_gib_after_setup": rss_setup, "peak_rss_gib": peak_rss_gib(),
         "task_vector_gib": tvs.iter().map(|t| t.nbytes()).sum::<usize>() as f64 / (1u64 << 30) as f64,
     });
