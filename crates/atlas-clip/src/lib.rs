@@ -4,6 +4,8 @@
 pub mod backbone;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod error;
 pub mod grad;
 pub mod heads;
