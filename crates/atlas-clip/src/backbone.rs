@@ -4,6 +4,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{ClipConfig, VisionConfig};
+use crate::device_compose::DeviceComposer;
 use crate::manifest::{vision_manifest, vision_tensors, QkvBlocks, VISUAL_PROJECTION};
 use crate::model::{TextTower, VisionTower, WeightSource};
 use crate::tokenizer::ClipTokenizer;
@@ -17,7 +18,7 @@ use candle_core::{DType, Device, Tensor, WithDType};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -47,6 +48,8 @@ pub struct Backbone {
     logit_scale: f64,
     tokenizer: Option<ClipTokenizer>,
     opts: LoadOptions,
+    /// θ0 and the task vectors resident on a CUDA device, made at the first composition there.
+    device_composer: Mutex<Option<Arc<DeviceComposer>>>,
 }
 
 impl Backbone {
@@ -104,6 +107,7 @@ impl Backbone {
             logit_scale,
             tokenizer,
             opts,
+            device_composer: Mutex::default(),
         })
     }
 
@@ -145,6 +149,7 @@ impl Backbone {
             logit_scale: 100f64.ln(),
             tokenizer: None,
             opts,
+            device_composer: Mutex::default(),
         })
     }
 
@@ -191,14 +196,36 @@ impl Backbone {
         self.vision(&w)
     }
 
-    /// θ0 + Σ Λ τ as tensors, composed on the CPU in f32 without an autograd graph.
+    /// θ0 + Σ Λ τ as tensors, composed in f32 without an autograd graph: on the CPU, or on a
+    /// CUDA device by one kernel over task vectors kept resident there.
     pub fn compose(
         &self,
         tvs: &[Arc<TaskVector>],
         coefs: &Coefficients,
     ) -> Result<HashMap<String, Tensor>> {
+        if self.opts.device.is_cuda() {
+            return self.device_composer()?.compose(tvs, coefs, self.opts.dtype);
+        }
         let blocks: Vec<Vec<f32>> = compose(&self.manifest, &self.base, tvs, coefs)?;
         block_tensors(&self.manifest, blocks, &self.opts.device, self.opts.dtype)
+    }
+
+    /// The composer on this backbone's device (θ0 uploaded on first use).
+    pub fn device_composer(&self) -> Result<Arc<DeviceComposer>> {
+        let mut slot = self
+            .device_composer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(dc) = slot.as_ref() {
+            return Ok(dc.clone());
+        }
+        let dc = Arc::new(DeviceComposer::new(
+            self.manifest.clone(),
+            &self.base,
+            &self.opts.device,
+        )?);
+        *slot = Some(dc.clone());
+        Ok(dc)
     }
 
     /// The image tower of a composition.

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
+pub mod device_compose;
 pub mod error;
 pub mod grad;
 pub mod heads;
