@@ -11,7 +11,8 @@
 //! q/k/v projections of a tower built from such weights are one matmul. Learning never sees
 //! that path: its weights are `Var`s, so every op records its backward.
 
-mod fused;
+// Public for the kernel self-check (`atlas-serve bench kernels`).
+pub mod fused;
 
 use crate::config::{Activation, TextConfig, VisionConfig};
 use crate::manifest::{layer_prefix, vision_tensors, VISUAL_PROJECTION};
@@ -466,7 +467,11 @@ impl VisionTower {
                 self.cfg.num_channels
             )));
         }
-        if b > CPU_CHUNK && self.patch.transposed && fused::usable(&[pixels]) {
+        if b > CPU_CHUNK
+            && self.patch.transposed
+            && fused::usable(&[pixels])
+            && pixels.device().is_cpu()
+        {
             let parts = (0..b)
                 .step_by(CPU_CHUNK)
                 .map(|s| self.forward(&pixels.narrow(0, s, CPU_CHUNK.min(b - s))?))

@@ -2,8 +2,10 @@
 //! epilogues of a linear layer (bias + activation, bias + residual). Each replaces several
 //! candle ops (one pass over memory and one allocation instead of three to six) and records
 //! no backward op, so `model.rs` calls them only when no input is part of an autograd graph
-//! and the tensors live on the CPU; everything else takes the primitive-op path. The tests
-//! below compare every kernel with that path.
+//! and the tensors live on the CPU (or, with the `cuda` feature, on a CUDA device: each op's
+//! `cuda_fwd` launches its kernel from `kernels/fused.cu`, see `fused_cuda.rs`); everything else
+//! takes the primitive-op path. The tests in `model.rs` compare every CPU kernel with that path;
+//! `atlas-serve bench kernels --device cuda` compares the CUDA kernels with it on the GPU.
 
 use crate::config::Activation;
 use candle_core::{
@@ -13,17 +15,27 @@ use candle_core::{
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+#[path = "fused_cuda.rs"]
+mod cuda;
+
 /// Rows handed to one rayon task at least: keeps task overhead small for short rows.
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
 
-/// True when the fused kernels may run: f32/f16/bf16 CPU tensors, none of them recorded in a
-/// graph (f64 stays on the primitive path, which the gradient checks use as their reference).
+/// True when the fused kernels may run: f32/f16/bf16 tensors on the CPU (or, with the `cuda`
+/// feature, on a CUDA device), none of them recorded in a graph (f64 stays on the primitive
+/// path, which the gradient checks use as their reference).
 pub fn usable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| {
-        t.device().is_cpu()
+        has_kernels(t.device())
             && !t.track_op()
             && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
     })
+}
+
+/// Whether the fused ops have a kernel for tensors on `d`.
+pub fn has_kernels(d: &candle_core::Device) -> bool {
+    d.is_cpu() || (cfg!(feature = "cuda") && d.is_cuda())
 }
 
 /// An element type the kernels read and write; arithmetic is always f32.
@@ -163,6 +175,18 @@ impl CustomOp3 for LayerNorm {
         });
         Ok((out, l1.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm(self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
 }
 
 fn check_last_dim(l: &Layout, n: usize, op: &str) -> Result<()> {
@@ -203,6 +227,14 @@ impl CustomOp1 for Softmax {
         }
         let out = by_dtype!(s, |x| softmax_rows(slice(x, l, self.name())?, n));
         Ok((out, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax(s, l)
     }
 }
 
@@ -259,6 +291,16 @@ impl CustomOp2 for BiasAct {
         });
         Ok((out, l1.shape().clone()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bias_act(self.0, (s1, l1), (s2, l2))
+    }
 }
 
 /// y + b + r: the epilogue of the attention output projection and of fc2, with the residual.
@@ -313,5 +355,17 @@ impl CustomOp3 for BiasResidual {
             bias_residual_rows(y, b, r)
         });
         Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bias_residual((s1, l1), (s2, l2), (s3, l3))
     }
 }
