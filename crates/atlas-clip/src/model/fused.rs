@@ -7,6 +7,7 @@
 //! takes the primitive-op path. The tests in `model.rs` compare every CPU kernel with that path;
 //! `atlas-serve bench kernels --device cuda` compares the CUDA kernels with it on the GPU.
 
+use super::fast_math::{exp_in_place, with_scratch};
 use crate::config::Activation;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
@@ -202,17 +203,17 @@ pub struct Softmax;
 
 fn softmax_rows<T: Elem>(x: &[T], n: usize) -> Vec<T> {
     rows(x, n, |s, d| {
-        let max = s.iter().map(|v| v.get()).fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for (d, s) in d.iter_mut().zip(s) {
-            let e = (s.get() - max).exp();
-            sum += e;
-            *d = T::put(e);
-        }
-        let inv = 1.0 / sum;
-        for d in d.iter_mut() {
-            *d = T::put(d.get() * inv);
-        }
+        with_scratch(n, |e| {
+            let max = s.iter().map(|v| v.get()).fold(f32::NEG_INFINITY, f32::max);
+            for (e, s) in e.iter_mut().zip(s) {
+                *e = s.get() - max;
+            }
+            exp_in_place(e);
+            let inv = 1.0 / e.iter().sum::<f32>();
+            for (d, e) in d.iter_mut().zip(e.iter()) {
+                *d = T::put(e * inv);
+            }
+        })
     })
 }
 
@@ -265,10 +266,31 @@ fn erf(x: f32) -> f32 {
 }
 
 fn bias_act_rows<T: Elem + Same>(y: &[T], b: &[T], a: Option<Activation>) -> Vec<T> {
+    if a == Some(Activation::QuickGelu) {
+        return bias_quick_gelu_rows(y, b);
+    }
     rows(y, b.len(), |s, d| {
         for ((d, s), b) in d.iter_mut().zip(s).zip(b) {
             *d = T::put(act(s.get() + b.get(), a));
         }
+    })
+}
+
+/// act(y + b) for quick_gelu, (y + b)·σ(1.702(y + b)), with the vectorised exp.
+fn bias_quick_gelu_rows<T: Elem + Same>(y: &[T], b: &[T]) -> Vec<T> {
+    let n = b.len();
+    rows(y, n, |s, d| {
+        with_scratch(2 * n, |buf| {
+            let (v, e) = buf.split_at_mut(n);
+            for (((v, e), s), b) in v.iter_mut().zip(e.iter_mut()).zip(s).zip(b) {
+                *v = s.get() + b.get();
+                *e = -1.702 * *v;
+            }
+            exp_in_place(e);
+            for ((d, v), e) in d.iter_mut().zip(v.iter()).zip(e.iter()) {
+                *d = T::put(v / (1.0 + e));
+            }
+        })
     })
 }
 

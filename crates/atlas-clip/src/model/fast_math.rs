@@ -1,0 +1,92 @@
+//! exp over f32 slices, vectorised: libm's expf is scalar, and in the fused inference kernels
+//! (softmax, quick_gelu) it took 5.5% of a ViT-B/32 forward at batch 8. Cephes' range
+//! reduction and polynomial, written branch-free so the compiler vectorises the loop; on x86-64
+//! with AVX2+FMA (checked at run time) the loop is compiled for those. Relative error below
+//! 2e-7 over [−87.3, 88]; inputs below give about 1e-38 instead of 0 (harmless in the sums
+//! and products where it is used), inputs above give e⁸⁸, NaN stays NaN.
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Adding and subtracting 1.5·2²³ rounds to the nearest integer without a call.
+const ROUND: f32 = 12_582_912.0;
+
+#[inline(always)]
+fn exp1(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5e-1;
+    let p = p * r * r + r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn exp_loop(v: &mut [f32]) {
+    for x in v.iter_mut() {
+        *x = exp1(*x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(v: &mut [f32]) {
+    exp_loop(v)
+}
+
+/// v ← exp(v), element by element.
+pub fn exp_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { exp_avx2(v) };
+    }
+    exp_loop(v)
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `n` f32 (contents unspecified): row kernels
+/// work in f32 without an allocation per row.
+pub fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < n {
+            s.resize(n, 0.0);
+        }
+        f(&mut s[..n])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_the_standard_library() {
+        let xs: Vec<f32> = (-8700..8800).map(|i| i as f32 * 0.01 + 0.003).collect();
+        let mut ys = xs.clone();
+        exp_in_place(&mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let want = (x as f64).exp();
+            let rel = ((y as f64 - want) / want).abs();
+            assert!(rel < 2e-7, "exp({x}) = {y}, want {want} (rel {rel:e})");
+        }
+    }
+
+    #[test]
+    fn exp_of_extremes() {
+        let mut v = [f32::NEG_INFINITY, -1000.0, 0.0, f32::NAN];
+        exp_in_place(&mut v);
+        assert!(v[0] < 1e-37 && v[0] >= 0.0 && v[1] < 1e-37);
+        assert_eq!(v[2], 1.0);
+        assert!(v[3].is_nan());
+    }
+}

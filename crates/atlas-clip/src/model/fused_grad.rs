@@ -1,0 +1,734 @@
+//! Fused CPU ops with their own backward, for learning: LayerNorm, softmax over the last
+//! dimension, and a linear layer's epilogues (bias + quick_gelu, bias + residual). Built from
+//! primitive candle ops, each of these is 3–10 passes over memory forward and more backward,
+//! each pass allocating; here each direction is one pass, and the bias and LayerNorm-affine
+//! gradients are column sums in the same pass. f32 and f64 (the gradient checks run in f64),
+//! arithmetic in the tensor's dtype. The tests compare values and gradients with the primitive
+//! ops; the tower's gradient tests check the whole against finite differences and PyTorch.
+
+use crate::config::Activation;
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape, Tensor,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task at least: keeps task overhead small for short rows.
+const MIN_ELEMS_PER_TASK: usize = 1 << 14;
+
+/// True when the ops may run: CPU tensors of one dtype, f32 or f64.
+pub fn usable(ts: &[&Tensor]) -> bool {
+    let dt = ts[0].dtype();
+    matches!(dt, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
+}
+
+/// An activation the fused epilogue differentiates: none, or quick_gelu (erf's GELU stays on
+/// the primitive path, whose erf is exact to f64).
+pub fn has_grad_epilogue(act: Option<Activation>) -> bool {
+    matches!(act, None | Some(Activation::QuickGelu))
+}
+
+trait Num: Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static {
+    fn of(s: &CpuStorage) -> Result<&[Self]>;
+    fn wrap(v: Vec<Self>) -> CpuStorage;
+    fn c(x: f64) -> Self {
+        Self::from(x).expect("a float constant")
+    }
+}
+
+impl Num for f32 {
+    fn of(s: &CpuStorage) -> Result<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            _ => candle_core::bail!("fused op: mixed dtypes"),
+        }
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Num for f64 {
+    fn of(s: &CpuStorage) -> Result<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Ok(v),
+            _ => candle_core::bail!("fused op: mixed dtypes"),
+        }
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Calls `$f::<T>(args)` with T the float type of storage `$s`.
+macro_rules! by_float {
+    ($s:expr, $f:ident($($arg:expr),*)) => {
+        match $s {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*)?,
+            CpuStorage::F64(_) => $f::<f64>($($arg),*)?,
+            other => candle_core::bail!("fused op takes f32 or f64, not {:?}", other.dtype()),
+        }
+    };
+}
+
+/// The contiguous data of `s` under layout `l`.
+fn slice<'a, T: Num>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&T::of(s)?[a..b]),
+        None => candle_core::bail!("fused op: input must be contiguous"),
+    }
+}
+
+/// The last dimension of `l`, checked against a vector of `n`.
+fn row_len(l: &Layout, n: usize) -> Result<usize> {
+    let last = l.dims().last().copied().unwrap_or(0);
+    if last != n || n == 0 || l.shape().elem_count() % n != 0 {
+        candle_core::bail!("fused op: last dimension {last} does not match a vector of {n}");
+    }
+    Ok(n)
+}
+
+fn rows_per_task(n: usize) -> usize {
+    MIN_ELEMS_PER_TASK.div_ceil(n.max(1))
+}
+
+/// Fills `out` (rows of `n`) with `f(row index, row)`, in parallel over row groups.
+fn map_rows<T: Num>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let per = rows_per_task(n);
+    out.par_chunks_mut(per * n)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (r, row) in chunk.chunks_exact_mut(n).enumerate() {
+                f(c * per + r, row)
+            }
+        });
+}
+
+/// Like [`map_rows`] over the first `m` rows of `out`; `f` also adds into `extra` column sums
+/// (`extra` rows of `n`), which land in the `extra` rows after the first `m`.
+fn map_rows_summing<T: Num>(
+    out: &mut [T],
+    m: usize,
+    n: usize,
+    extra: usize,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) {
+    let per = rows_per_task(n);
+    let (rows, sums) = out.split_at_mut(m * n);
+    let total = rows
+        .par_chunks_mut(per * n)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut acc = vec![T::zero(); extra * n];
+            for (r, row) in chunk.chunks_exact_mut(n).enumerate() {
+                f(c * per + r, row, &mut acc)
+            }
+            acc
+        })
+        .reduce(
+            || vec![T::zero(); extra * n],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
+                a
+            },
+        );
+    sums.copy_from_slice(&total);
+}
+
+/// The mean and 1/√(var + eps) of a row, variance from centred values (two passes).
+fn moments<T: Num>(x: &[T], eps: T) -> (T, T) {
+    let n = T::c(x.len() as f64);
+    let mean = x.iter().copied().sum::<T>() / n;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+    (mean, (var + eps).sqrt().recip())
+}
+
+/// LayerNorm over the last dimension with weight and bias: y = (x − μ)/σ · w + b.
+pub struct LayerNorm {
+    pub eps: f64,
+}
+
+fn layer_norm_fwd<T: Num>(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+    eps: f64,
+) -> Result<CpuStorage> {
+    let (x, w, b) = (
+        slice::<T>(x.0, x.1)?,
+        slice::<T>(w.0, w.1)?,
+        slice::<T>(b.0, b.1)?,
+    );
+    let n = w.len();
+    if b.len() != n || x.len() % n.max(1) != 0 || n == 0 {
+        candle_core::bail!("fused-layer-norm: weight {n}, bias {} over rows", b.len());
+    }
+    let mut out = vec![T::zero(); x.len()];
+    map_rows(&mut out, n, |r, y| {
+        let x = &x[r * n..(r + 1) * n];
+        let (mean, inv) = moments(x, T::c(eps));
+        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+            *y = (x - mean) * inv * w + b;
+        }
+    });
+    Ok(T::wrap(out))
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        row_len(l1, l2.shape().elem_count())?;
+        let out = by_float!(s1, layer_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.eps));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = w.elem_count();
+        let m = x.elem_count() / n;
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBack { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, m)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, m, 1)?.reshape(n)?;
+        let db = packed.narrow(0, m + 1, 1)?.reshape(n)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// LayerNorm's backward from (x, w, ∂y): `[m + 2, n]` rows ∂x, then ∂w, then ∂b.
+struct LayerNormBack {
+    eps: f64,
+}
+
+fn layer_norm_bwd<T: Num>(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+    eps: f64,
+) -> Result<CpuStorage> {
+    let (x, w, g) = (
+        slice::<T>(x.0, x.1)?,
+        slice::<T>(w.0, w.1)?,
+        slice::<T>(g.0, g.1)?,
+    );
+    let n = w.len();
+    let m = x.len() / n;
+    let mut out = vec![T::zero(); (m + 2) * n];
+    let nf = T::c(n as f64);
+    map_rows_summing(&mut out, m, n, 2, |r, dx, acc| {
+        let (x, g) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+        let (mean, inv) = moments(x, T::c(eps));
+        let (mut a, mut c) = (T::zero(), T::zero());
+        for ((&x, &g), &w) in x.iter().zip(g).zip(w) {
+            let xh = (x - mean) * inv;
+            a += g * w;
+            c += g * w * xh;
+        }
+        let (a, c) = (a / nf, c / nf);
+        let (dw, db) = acc.split_at_mut(n);
+        for (j, dx) in dx.iter_mut().enumerate() {
+            let xh = (x[j] - mean) * inv;
+            *dx = inv * (g[j] * w[j] - a - xh * c);
+            dw[j] += g[j] * xh;
+            db[j] += g[j];
+        }
+    });
+    Ok(T::wrap(out))
+}
+
+impl CustomOp3 for LayerNormBack {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = row_len(l1, l2.shape().elem_count())?;
+        if l1.shape() != l3.shape() {
+            candle_core::bail!("fused-layer-norm-backward: x and ∂y differ in shape");
+        }
+        let m = l1.shape().elem_count() / n;
+        let out = by_float!(s1, layer_norm_bwd((s1, l1), (s2, l2), (s3, l3), self.eps));
+        Ok((out, Shape::from((m + 2, n))))
+    }
+}
+
+/// Softmax over the last dimension; rows of −∞ but one entry are fine (causal masks).
+pub struct Softmax;
+
+fn softmax_fwd<T: Num>(s: &CpuStorage, l: &Layout, n: usize) -> Result<CpuStorage> {
+    let x = slice::<T>(s, l)?;
+    let mut out = vec![T::zero(); x.len()];
+    map_rows(&mut out, n, |r, y| {
+        let x = &x[r * n..(r + 1) * n];
+        let max = x.iter().copied().fold(T::neg_infinity(), T::max);
+        let mut sum = T::zero();
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = (x - max).exp();
+            sum += *y;
+        }
+        let inv = sum.recip();
+        y.iter_mut().for_each(|y| *y = *y * inv);
+    });
+    Ok(T::wrap(out))
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = l.dims().last().copied().unwrap_or(0);
+        if n == 0 {
+            candle_core::bail!("fused-softmax: empty last dimension");
+        }
+        Ok((by_float!(s, softmax_fwd(s, l, n)), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBack)?))
+    }
+}
+
+/// Softmax's backward from (y, ∂y): ∂x = y ⊙ (∂y − ⟨∂y, y⟩) per row.
+struct SoftmaxBack;
+
+fn softmax_bwd<T: Num>(
+    y: (&CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+    n: usize,
+) -> Result<CpuStorage> {
+    let (y, g) = (slice::<T>(y.0, y.1)?, slice::<T>(g.0, g.1)?);
+    let mut out = vec![T::zero(); y.len()];
+    map_rows(&mut out, n, |r, dx| {
+        let (y, g) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+        let dot = y.iter().zip(g).map(|(&y, &g)| y * g).sum::<T>();
+        for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+            *dx = y * (g - dot);
+        }
+    });
+    Ok(T::wrap(out))
+}
+
+impl CustomOp2 for SoftmaxBack {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("fused-softmax-backward: y and ∂y differ in shape");
+        }
+        let n = l1.dims().last().copied().unwrap_or(0);
+        Ok((
+            by_float!(s1, softmax_bwd((s1, l1), (s2, l2), n)),
+            l1.shape().clone(),
+        ))
+    }
+}
+
+/// quick_gelu(v) = v·σ(1.702v) and its derivative σ + 1.702·v·σ·(1 − σ).
+fn quick_gelu<T: Num>(v: T) -> (T, T) {
+    let k = T::c(1.702);
+    let s = (T::one() + (-k * v).exp()).recip();
+    (v * s, s + k * v * s * (T::one() - s))
+}
+
+/// act(y + b) over the last dimension: the epilogue of fc1 (quick_gelu) and of the q/k/v
+/// projections (no activation).
+pub struct BiasAct(pub Option<Activation>);
+
+impl BiasAct {
+    fn gelu(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+fn bias_act_fwd<T: Num>(
+    y: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+    gelu: bool,
+) -> Result<CpuStorage> {
+    let (y, b) = (slice::<T>(y.0, y.1)?, slice::<T>(b.0, b.1)?);
+    let n = b.len();
+    let mut out = vec![T::zero(); y.len()];
+    map_rows(&mut out, n, |r, o| {
+        for ((o, &y), &b) in o.iter_mut().zip(&y[r * n..(r + 1) * n]).zip(b) {
+            *o = if gelu { quick_gelu(y + b).0 } else { y + b };
+        }
+    });
+    Ok(T::wrap(out))
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "fused-bias-act-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !has_grad_epilogue(self.0) {
+            candle_core::bail!("fused-bias-act: no fused gradient for {:?}", self.0);
+        }
+        row_len(l1, l2.shape().elem_count())?;
+        let out = by_float!(s1, bias_act_fwd((s1, l1), (s2, l2), self.gelu()));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = b.elem_count();
+        let m = y.elem_count() / n;
+        let packed = y.apply_op3_no_bwd(b, &g.contiguous()?, &BiasActBack(self.gelu()))?;
+        let dy = packed.narrow(0, 0, m)?.reshape(y.shape())?;
+        Ok((Some(dy), Some(packed.narrow(0, m, 1)?.reshape(n)?)))
+    }
+}
+
+/// BiasAct's backward from (y, b, ∂out): `[m + 1, n]` rows ∂y, then ∂b.
+struct BiasActBack(bool);
+
+fn bias_act_bwd<T: Num>(
+    y: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+    g: (&CpuStorage, &Layout),
+    gelu: bool,
+) -> Result<CpuStorage> {
+    let (y, b, g) = (
+        slice::<T>(y.0, y.1)?,
+        slice::<T>(b.0, b.1)?,
+        slice::<T>(g.0, g.1)?,
+    );
+    let n = b.len();
+    let m = y.len() / n;
+    let mut out = vec![T::zero(); (m + 1) * n];
+    map_rows_summing(&mut out, m, n, 1, |r, dy, db| {
+        let (y, g) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+        for j in 0..n {
+            let d = if gelu {
+                g[j] * quick_gelu(y[j] + b[j]).1
+            } else {
+                g[j]
+            };
+            dy[j] = d;
+            db[j] += d;
+        }
+    });
+    Ok(T::wrap(out))
+}
+
+impl CustomOp3 for BiasActBack {
+    fn name(&self) -> &'static str {
+        "fused-bias-act-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = row_len(l1, l2.shape().elem_count())?;
+        if l1.shape() != l3.shape() {
+            candle_core::bail!("fused-bias-act-backward: y and ∂out differ in shape");
+        }
+        let m = l1.shape().elem_count() / n;
+        let out = by_float!(s1, bias_act_bwd((s1, l1), (s2, l2), (s3, l3), self.0));
+        Ok((out, Shape::from((m + 1, n))))
+    }
+}
+
+/// y + b + r: the epilogue of the attention output projection and of fc2, with the residual.
+pub struct BiasResidual;
+
+fn bias_residual_fwd<T: Num>(
+    y: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+    r: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let (y, b, r) = (
+        slice::<T>(y.0, y.1)?,
+        slice::<T>(b.0, b.1)?,
+        slice::<T>(r.0, r.1)?,
+    );
+    let n = b.len();
+    let mut out = vec![T::zero(); y.len()];
+    map_rows(&mut out, n, |i, o| {
+        let rows = i * n..(i + 1) * n;
+        for (((o, &y), &b), &r) in o.iter_mut().zip(&y[rows.clone()]).zip(b).zip(&r[rows]) {
+            *o = y + b + r;
+        }
+    });
+    Ok(T::wrap(out))
+}
+
+impl CustomOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        "fused-bias-residual-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        row_len(l1, l2.shape().elem_count())?;
+        if l1.shape() != l3.shape() {
+            candle_core::bail!(
+                "fused-bias-residual: output {:?} and residual {:?} differ",
+                l1.shape(),
+                l3.shape()
+            );
+        }
+        let out = by_float!(s1, bias_residual_fwd((s1, l1), (s2, l2), (s3, l3)));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _r: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let db = g.apply_op1_no_bwd(&ColumnSum(b.elem_count()))?;
+        Ok((Some(g.clone()), Some(db), Some(g)))
+    }
+}
+
+/// Σ over rows of `[m, n]` (the leading dimensions flattened): `[n]`.
+struct ColumnSum(usize);
+
+fn column_sum<T: Num>(s: &CpuStorage, l: &Layout, n: usize) -> Result<CpuStorage> {
+    let g = slice::<T>(s, l)?;
+    let per = rows_per_task(n) * n;
+    let sum = g
+        .par_chunks(per)
+        .map(|chunk| {
+            let mut acc = vec![T::zero(); n];
+            for row in chunk.chunks_exact(n) {
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+            }
+            acc
+        })
+        .reduce(
+            || vec![T::zero(); n],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
+                a
+            },
+        );
+    Ok(T::wrap(sum))
+}
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = row_len(l, self.0)?;
+        Ok((by_float!(s, column_sum(s, l, n)), Shape::from(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each op's value and gradients against the primitive ops it replaces, in f64 (to 1e-10)
+    //! and f32, through a loss Σ out ⊙ R with a fixed R.
+    use super::super::{activate, causal_mask, layer_norm_ops, repeat_rows, softmax_ops};
+    use super::*;
+    use candle_core::{Device, Var};
+
+    type Op<'a> = dyn Fn(&[Tensor]) -> crate::Result<Tensor> + 'a;
+
+    fn rand(shape: &[usize], mean: f64, seed: u64, dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|i| mean + ((i as f64 + 1.0) * (0.7 + seed as f64)).sin())
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// The value of `f` and the gradient of Σ f ⊙ R with respect to each input.
+    fn value_and_grads(inputs: &[Tensor], f: &Op) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        assert!(out.track_op());
+        let r = rand(out.dims(), 0.0, 99, out.dtype());
+        let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = ts.iter().map(|t| grads.get(t).unwrap().clone()).collect();
+        (out, g)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.to_dtype(DType::F64)
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Fused and primitive agree on the value and every gradient, within `tol`.
+    fn check(inputs: &[Tensor], fused: &Op, plain: &Op, tol: f64) {
+        let (a, ga) = value_and_grads(inputs, fused);
+        let (b, gb) = value_and_grads(inputs, plain);
+        assert!(max_diff(&a, &b) < tol, "value: {}", max_diff(&a, &b));
+        for (i, (x, y)) in ga.iter().zip(&gb).enumerate() {
+            assert!(max_diff(x, y) < tol, "gradient {i}: {}", max_diff(x, y));
+        }
+    }
+
+    const CASES: [(DType, f64); 2] = [(DType::F64, 1e-10), (DType::F32, 2e-4)];
+    /// 5·7 rows, and 700 rows that span several rayon tasks (column sums merge across tasks).
+    const ROWS: [[usize; 2]; 2] = [[5, 7], [700, 1]];
+
+    #[test]
+    fn layer_norm_matches_primitive_ops() {
+        for (dt, tol) in CASES {
+            for [a, b] in ROWS {
+                let x = rand(&[a, b, 48], 30.0, 1, dt);
+                let (w, b) = (rand(&[48], 1.0, 2, dt), rand(&[48], 0.0, 3, dt));
+                check(
+                    &[x, w, b],
+                    &|t| Ok(t[0].apply_op3(&t[1], &t[2], LayerNorm { eps: 1e-5 })?),
+                    &|t| layer_norm_ops(&t[0], &t[1], &t[2], 1e-5),
+                    tol,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_matches_primitive_ops_under_a_causal_mask() {
+        for (dt, tol) in CASES {
+            let mask = causal_mask(6, dt, &Device::Cpu).unwrap();
+            let x = (rand(&[2, 3, 6, 6], 0.0, 4, dt) * 10.0).unwrap();
+            check(
+                &[x],
+                &|t| Ok(t[0].broadcast_add(&mask)?.apply_op1(Softmax)?),
+                &|t| softmax_ops(&t[0].broadcast_add(&mask)?),
+                tol,
+            );
+        }
+    }
+
+    #[test]
+    fn bias_and_quick_gelu_match_primitive_ops() {
+        for (dt, tol) in CASES {
+            for [a, b] in ROWS {
+                let y = (rand(&[a, b, 40], 0.0, 5, dt) * 3.0).unwrap();
+                let bias = rand(&[40], 0.0, 6, dt);
+                for act in [None, Some(Activation::QuickGelu)] {
+                    check(
+                        &[y.clone(), bias.clone()],
+                        &|t| Ok(t[0].apply_op2(&t[1], BiasAct(act))?),
+                        &|t| {
+                            let v = repeat_rows(&t[0], &t[1], false)?;
+                            match act {
+                                Some(a) => activate(&v, a),
+                                None => Ok(v),
+                            }
+                        },
+                        tol,
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bias_and_residual_match_primitive_ops() {
+        for (dt, tol) in CASES {
+            for [a, b] in ROWS {
+                let y = rand(&[a, b, 40], 0.0, 7, dt);
+                let r = rand(&[a, b, 40], 0.0, 8, dt);
+                check(
+                    &[y, rand(&[40], 0.0, 9, dt), r],
+                    &|t| Ok(t[0].apply_op3(&t[1], &t[2], BiasResidual)?),
+                    &|t| Ok((repeat_rows(&t[0], &t[1], false)? + &t[2])?),
+                    tol,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let y = rand(&[4, 8], 0.0, 1, DType::F32);
+        let short = rand(&[7], 0.0, 2, DType::F32);
+        assert!(y.apply_op2(&short, BiasAct(None)).is_err());
+        assert!(y
+            .apply_op2(&short, BiasAct(Some(Activation::Gelu)))
+            .is_err());
+        assert!(y
+            .apply_op3(&rand(&[8], 0.0, 3, DType::F32), &short, BiasResidual)
+            .is_err());
+        assert!(y
+            .apply_op3(&short, &short, LayerNorm { eps: 1e-5 })
+            .is_err());
+        let f64s = rand(&[8], 0.0, 4, DType::F64);
+        assert!(y.apply_op3(&f64s, &f64s, LayerNorm { eps: 1e-5 }).is_err());
+    }
+}
