@@ -14,7 +14,11 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 fn exp1(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    // t's low mantissa bits hold n as an integer: no saturating float-to-int conversion,
+    // which does not vectorise.
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -23,7 +27,7 @@ fn exp1(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 #[inline(always)]
