@@ -223,6 +223,9 @@ impl DeviceComposer {
         })
     }
 
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
     pub fn layout(&self) -> &FlatLayout {
         &self.layout
     }
@@ -562,8 +565,10 @@ mod tests {
         let tvs = vec![tv(&m, 1, StoreDType::F16)];
         let coefs = Coefficients::zeros(CLayout::PerBlock, 2, m.len()).unwrap();
         assert!(dc.compose_flat(&tvs, &coefs, DType::F32).is_err());
-        let mut cache = Cache::default();
-        cache.tick = 2;
+        let mut cache = Cache {
+            tick: 2,
+            ..Default::default()
+        };
         let t = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
         cache.entries.insert("old".into(), (t.clone(), 1));
         cache.entries.insert("now".into(), (t, 2));

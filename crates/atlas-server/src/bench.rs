@@ -27,34 +27,41 @@ pub enum Command {
     /// small text tower on the demo vocabulary) for `serve --model DIR` and bench/serve_load.py.
     #[command(name = "write-model")]
     WriteModel(crate::bench_serve::WriteModelArgs),
+    /// Self-check of the custom ops (fused kernels, composition) against plain candle ops on
+    /// one device, with timings; exits non-zero when one differs beyond tolerance.
+    Kernels(crate::bench_kernels::KernelsArgs),
 }
 
 #[derive(clap::Args)]
 pub struct ComposeArgs {
     /// Number of task vectors.
     #[arg(long, default_value_t = 8)]
-    n_tv: usize,
+    pub(crate) n_tv: usize,
     /// Storage dtype of the task vectors: f16, bf16 or f32 (θ0 and θ are always f32).
     #[arg(long, default_value = "f16", value_parser = parse_store)]
-    store: StoreDType,
+    pub(crate) store: StoreDType,
     /// Rayon threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Timed iterations per figure (the median is reported).
     #[arg(long, default_value_t = 10)]
-    iters: usize,
+    pub(crate) iters: usize,
     /// Untimed warm-up iterations before each figure.
     #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    pub(crate) warmup: usize,
     /// Parts per block for the aTLAS×K run (0 skips it).
     #[arg(long, default_value_t = 4)]
-    parts: usize,
+    pub(crate) parts: usize,
     /// Skip the naive one-pass-per-task-vector figure.
     #[arg(long)]
     no_naive: bool,
+    /// cpu (the host composition), cuda (the device-resident kernel next to a device copy) or
+    /// cpu-op (the device path through the custom op's CPU fallback: checks it without a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
     /// Write the results as JSON to this file.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
 fn parse_store(s: &str) -> Result<StoreDType, String> {
@@ -66,25 +73,26 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Compose(a) => bench_compose(a),
         Command::Classify(a) => crate::bench_classify::run(a),
         Command::WriteModel(a) => crate::bench_serve::run_write_model(a),
+        Command::Kernels(a) => crate::bench_kernels::run(a),
     }
 }
 
 /// Timing summary of one figure, in milliseconds.
-struct Timing {
-    median: f64,
+pub(crate) struct Timing {
+    pub(crate) median: f64,
     min: f64,
     max: f64,
 }
 
 impl Timing {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         json!({ "median_ms": self.median, "min_ms": self.min, "max_ms": self.max })
     }
 }
 
 /// Runs `f` `warmup` times untimed, then `iters` times timed. Whatever `f` returns is dropped
 /// outside the timed region.
-fn time<R>(warmup: usize, iters: usize, mut f: impl FnMut() -> R) -> Timing {
+pub(crate) fn time<R>(warmup: usize, iters: usize, mut f: impl FnMut() -> R) -> Timing {
     for _ in 0..warmup {
         drop(f());
     }
@@ -119,7 +127,7 @@ fn fill_random(out: &mut [f32], seed: u64, scale: f32) {
     }
 }
 
-fn random_blocks(manifest: &Manifest, seed: u64, scale: f32) -> Vec<Vec<f32>> {
+pub(crate) fn random_blocks(manifest: &Manifest, seed: u64, scale: f32) -> Vec<Vec<f32>> {
     manifest
         .blocks()
         .par_iter()
@@ -132,7 +140,7 @@ fn random_blocks(manifest: &Manifest, seed: u64, scale: f32) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn random_task_vector(
+pub(crate) fn random_task_vector(
     manifest: &Manifest,
     i: usize,
     store: StoreDType,
@@ -166,7 +174,7 @@ fn random_task_vector(
 }
 
 /// Coefficients in [0.05, 0.55): never 0, so no block is skipped by the composition.
-fn random_coefficients(
+pub(crate) fn random_coefficients(
     layout: Layout,
     n_tv: usize,
     n_blocks: usize,
@@ -214,13 +222,16 @@ fn compose_naive(
     out
 }
 
-fn gbps(bytes: usize, ms: f64) -> f64 {
+pub(crate) fn gbps(bytes: usize, ms: f64) -> f64 {
     bytes as f64 / (ms * 1e-3) / 1e9
 }
 
 fn bench_compose(a: ComposeArgs) -> anyhow::Result<()> {
     if a.n_tv == 0 {
         bail!("--n-tv must be at least 1");
+    }
+    if a.device != "cpu" {
+        return crate::bench_compose_device::run(&a);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads.unwrap_or(cores);

@@ -1,0 +1,425 @@
+//! `atlas-serve bench kernels`: every custom op (the fused inference ops, the composition) on
+//! random inputs, each dtype, a few shapes including odd sizes, against the same computation in
+//! plain candle ops (in f32, then cast) on the same device. On CUDA that checks the kernels;
+//! on the CPU it checks the CPU fallbacks. Prints the largest errors, pass or fail, and the time
+//! of each fused op next to its plain-op version; any failure makes the command fail.
+
+use anyhow::{bail, Context};
+use atlas_clip::config::Activation;
+use atlas_clip::device_compose::DeviceComposer;
+use atlas_clip::model::fused;
+use atlas_core::manifest::{Block, TensorSpec};
+use atlas_core::parts::{block_key, part_of};
+use atlas_core::{Coefficients, Layout, Manifest, StoreDType, TaskVector};
+use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct KernelsArgs {
+    /// cpu (the CPU fallbacks) or cuda (the CUDA kernels).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Timed calls per timing figure (0 skips the timings).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+}
+
+pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
+    let dev = match a.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
+        d => bail!("unknown device {d:?} (cpu or cuda)"),
+    };
+    let checks = check_all(&dev)?;
+    let failed = checks.iter().filter(|c| !c.pass()).count();
+    for c in &checks {
+        println!("{c}");
+    }
+    println!("{} checks, {failed} failed", checks.len());
+    if a.iters > 0 {
+        for line in timings(&dev, a.iters)? {
+            println!("{line}");
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} custom-op checks failed on {}", a.device);
+    }
+    Ok(())
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// One comparison: the largest absolute error and the largest error over its tolerance.
+pub struct Check {
+    op: String,
+    dtype: DType,
+    dims: Vec<usize>,
+    max_abs: f32,
+    /// max |got - want| / (atol + rtol |want|); at most 1 passes (NaN fails).
+    worst: f32,
+}
+
+impl Check {
+    pub fn pass(&self) -> bool {
+        self.worst <= 1.0
+    }
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<28} {:<5} {:<16} max abs err {:.3e}  err/tol {:.3}  {}",
+            self.op,
+            format!("{:?}", self.dtype),
+            format!("{:?}", self.dims),
+            self.max_abs,
+            self.worst,
+            if self.pass() { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// Tolerance (absolute, relative) per dtype: a few units in the last place of the output,
+/// since the op and the reference round the same f32 value, computed in a different order.
+fn tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F16 => (1e-3, 2e-3),
+        DType::BF16 => (8e-3, 1.6e-2),
+        _ => (1e-5, 1e-4),
+    }
+}
+
+fn compare(op: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<Check> {
+    let dtype = want.dtype();
+    let (atol, rtol) = tolerance(dtype);
+    let flat = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    };
+    let (g, w) = (flat(got)?, flat(want)?);
+    if g.len() != w.len() || got.dtype() != dtype {
+        bail!(
+            "{op}: output {:?} {:?}, expected {:?} {:?}",
+            got.dims(),
+            got.dtype(),
+            want.dims(),
+            dtype
+        );
+    }
+    let (mut max_abs, mut worst) = (0f32, 0f32);
+    for (g, w) in g.iter().zip(&w) {
+        let e = (g - w).abs();
+        let r = e / (atol + rtol * w.abs());
+        // NaN compares false: record it as a failure.
+        max_abs = if e.is_nan() { f32::NAN } else { max_abs.max(e) };
+        worst = if r.is_nan() || worst.is_nan() {
+            f32::NAN
+        } else {
+            worst.max(r)
+        };
+    }
+    Ok(Check {
+        op: op.to_string(),
+        dtype,
+        dims: want.dims().to_vec(),
+        max_abs,
+        worst,
+    })
+}
+
+fn randn(
+    dims: &[usize],
+    scale: f64,
+    mean: f64,
+    dtype: DType,
+    dev: &Device,
+) -> anyhow::Result<Tensor> {
+    let t = Tensor::randn(0f32, 1f32, dims, dev)?;
+    Ok(t.affine(scale, mean)?.to_dtype(dtype)?)
+}
+
+fn f32_of(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)
+}
+
+// The plain-op references: f32 arithmetic, one cast back to the input's dtype.
+
+fn layer_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let x32 = f32_of(x)?;
+    let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y.broadcast_mul(&f32_of(w)?)?
+        .broadcast_add(&f32_of(b)?)?
+        .to_dtype(x.dtype())
+}
+
+fn softmax_ref(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x32 = f32_of(x)?;
+    let e = x32.broadcast_sub(&x32.max_keepdim(D::Minus1)?)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .to_dtype(x.dtype())
+}
+
+fn bias_act_ref(y: &Tensor, b: &Tensor, a: Option<Activation>) -> candle_core::Result<Tensor> {
+    let v = f32_of(y)?.broadcast_add(&f32_of(b)?)?;
+    let v = match a {
+        None => v,
+        Some(Activation::QuickGelu) => (&v / (v.affine(-1.702, 0.0)?.exp()? + 1.0)?)?,
+        Some(Activation::Gelu) => v.gelu_erf()?,
+    };
+    v.to_dtype(y.dtype())
+}
+
+fn bias_residual_ref(y: &Tensor, b: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
+    let v = f32_of(y)?.broadcast_add(&f32_of(b)?)?;
+    (v + f32_of(r)?)?.to_dtype(y.dtype())
+}
+
+/// Shapes of the checks: odd sizes, a row shorter than a warp, ViT-B/32-like rows.
+const ROWS: [&[usize]; 3] = [&[3, 5, 7], &[2, 50, 768], &[1, 13, 257]];
+const ACTS: [Option<Activation>; 3] = [None, Some(Activation::QuickGelu), Some(Activation::Gelu)];
+
+pub fn check_all(dev: &Device) -> anyhow::Result<Vec<Check>> {
+    let mut out = Vec::new();
+    for dtype in DTYPES {
+        for dims in ROWS {
+            out.extend(check_rows(dims, dtype, dev)?);
+        }
+    }
+    out.extend(check_compose(dev)?);
+    Ok(out)
+}
+
+/// The four fused ops on inputs of shape `dims` (rows of the last dimension).
+fn check_rows(dims: &[usize], dtype: DType, dev: &Device) -> anyhow::Result<Vec<Check>> {
+    let n = *dims.last().expect("non-empty");
+    let x = randn(dims, 2.0, 3.0, dtype, dev)?;
+    let w = randn(&[n], 0.5, 1.0, dtype, dev)?;
+    let b = randn(&[n], 0.5, 0.0, dtype, dev)?;
+    let r = randn(dims, 1.0, 0.0, dtype, dev)?;
+    let eps = 1e-5;
+    let mut out = vec![
+        compare(
+            "layer_norm",
+            &x.apply_op3_no_bwd(&w, &b, &fused::LayerNorm { eps: eps as f32 })?,
+            &layer_norm_ref(&x, &w, &b, eps)?,
+        )?,
+        compare(
+            "softmax",
+            &x.apply_op1_no_bwd(&fused::Softmax)?,
+            &softmax_ref(&x)?,
+        )?,
+        compare(
+            "bias_residual",
+            &x.apply_op3_no_bwd(&b, &r, &fused::BiasResidual)?,
+            &bias_residual_ref(&x, &b, &r)?,
+        )?,
+    ];
+    for a in ACTS {
+        let y = x.affine(0.5, -1.5)?;
+        out.push(compare(
+            &format!("bias_act({a:?})"),
+            &y.apply_op2_no_bwd(&b, &fused::BiasAct(a))?,
+            &bias_act_ref(&y, &b, a)?,
+        )?);
+    }
+    Ok(out)
+}
+
+/// Blocks of odd sizes (none a multiple of 8) and a block of two tensors.
+fn small_manifest() -> anyhow::Result<Arc<Manifest>> {
+    Ok(Arc::new(Manifest::new(vec![
+        Block::single(TensorSpec::new("w", &[7, 37])),
+        Block {
+            name: "qkv".into(),
+            tensors: vec![TensorSpec::new("q", &[5]), TensorSpec::new("k", &[33, 3])],
+        },
+        Block::single(TensorSpec::new("b", &[1])),
+        Block::single(TensorSpec::new("big", &[1000, 77])),
+    ])?))
+}
+
+/// The composition at every output dtype, τ at f16, bf16 and f32 in one composition, per
+/// block and per part, against θ0 + Σ c τ in plain ops per block.
+fn check_compose(dev: &Device) -> anyhow::Result<Vec<Check>> {
+    let m = small_manifest()?;
+    let base = crate::bench::random_blocks(&m, 3, 0.02);
+    let stores = [StoreDType::F16, StoreDType::BF16, StoreDType::F32];
+    let tvs: Vec<Arc<TaskVector>> = stores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| crate::bench::random_task_vector(&m, i, s).map(Arc::new))
+        .collect::<anyhow::Result<_>>()?;
+    let dc = DeviceComposer::new(m.clone(), &base, dev)?;
+    let mut out = Vec::new();
+    for layout in [Layout::PerBlock, Layout::PerPart { k: 3, seed: 4 }] {
+        let coefs = crate::bench::random_coefficients(layout, tvs.len(), m.len())?;
+        for dtype in DTYPES {
+            let got = unpadded(&dc, &dc.compose_flat(&tvs, &coefs, dtype)?)?;
+            let want = compose_ref(&dc, &tvs, &coefs, dtype)?;
+            out.push(compare(
+                &format!("compose {}", layout_name(layout)),
+                &got,
+                &want,
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+fn layout_name(l: Layout) -> String {
+    match l {
+        Layout::PerPart { k, .. } => format!("per part K={k}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The blocks of a flat θ end to end, without the padding.
+fn unpadded(dc: &DeviceComposer, flat: &Tensor) -> anyhow::Result<Tensor> {
+    let parts: Vec<Tensor> = (0..dc.layout().n_blocks())
+        .map(|b| {
+            let r = dc.layout().block(b);
+            flat.narrow(0, r.start, r.len())
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// θ0 + Σ c τ per block in plain ops; per part, c is a per-element tensor built from the parts.
+fn compose_ref(
+    dc: &DeviceComposer,
+    tvs: &[Arc<TaskVector>],
+    coefs: &Coefficients,
+    dtype: DType,
+) -> anyhow::Result<Tensor> {
+    let dev = dc.base().device();
+    let device_tvs = dc.resident(tvs)?;
+    let mut blocks = Vec::new();
+    for (b, block) in dc.manifest().blocks().iter().enumerate() {
+        let r = dc.layout().block(b);
+        let mut acc = dc.base().narrow(0, r.start, r.len())?;
+        for (i, t) in device_tvs.iter().enumerate() {
+            let c: Vec<f32> = match coefs.layout {
+                Layout::PerPart { k, seed } => {
+                    let key = block_key(seed, &block.name);
+                    let cb = coefs.block(i, b);
+                    (0..r.len())
+                        .map(|j| cb[part_of(key, j, k)] as f32)
+                        .collect()
+                }
+                _ => vec![coefs.block(i, b)[0] as f32; r.len()],
+            };
+            let c = Tensor::from_vec(c, r.len(), dev)?;
+            let tau = t.narrow(0, r.start, r.len())?.to_dtype(DType::F32)?;
+            acc = (acc + (tau * c)?)?;
+        }
+        blocks.push(acc);
+    }
+    Ok(Tensor::cat(&blocks, 0)?.to_dtype(dtype)?)
+}
+
+/// Median milliseconds of `f`, the device synchronised around each call.
+fn time_ms(
+    dev: &Device,
+    iters: usize,
+    f: impl Fn() -> candle_core::Result<Tensor>,
+) -> anyhow::Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        dev.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(ms[ms.len() / 2])
+}
+
+/// Fused against plain for each op and dtype at ViT-B/32 sizes (batch 256 on CUDA, 8 on the
+/// CPU, where the plain ops are slow).
+fn timings(dev: &Device, iters: usize) -> anyhow::Result<Vec<String>> {
+    let batch = if dev.is_cuda() { 256 } else { 8 };
+    let (tokens, d, heads) = (batch * 50, 768, 12);
+    let mut out = vec![format!(
+        "{:<28} {:<5} {:>10} {:>10} {:>8}",
+        "op", "dtype", "fused ms", "plain ms", "speedup"
+    )];
+    for dtype in DTYPES {
+        let x = randn(&[tokens, d], 1.0, 0.0, dtype, dev)?;
+        let h = randn(&[tokens, 4 * d], 1.0, 0.0, dtype, dev)?;
+        let s = randn(&[batch, heads, 50, 50], 1.0, 0.0, dtype, dev)?;
+        let (w, b, b4) = (
+            randn(&[d], 1.0, 1.0, dtype, dev)?,
+            randn(&[d], 1.0, 0.0, dtype, dev)?,
+            randn(&[4 * d], 1.0, 0.0, dtype, dev)?,
+        );
+        let ln = fused::LayerNorm { eps: 1e-5 };
+        let act = fused::BiasAct(Some(Activation::QuickGelu));
+        let rows: [(&str, f64, f64); 4] = [
+            (
+                "layer_norm",
+                time_ms(dev, iters, || x.apply_op3_no_bwd(&w, &b, &ln))?,
+                time_ms(dev, iters, || layer_norm_ref(&x, &w, &b, 1e-5))?,
+            ),
+            (
+                "softmax",
+                time_ms(dev, iters, || s.apply_op1_no_bwd(&fused::Softmax))?,
+                time_ms(dev, iters, || softmax_ref(&s))?,
+            ),
+            (
+                "bias_act(quick_gelu)",
+                time_ms(dev, iters, || h.apply_op2_no_bwd(&b4, &act))?,
+                time_ms(dev, iters, || {
+                    bias_act_ref(&h, &b4, Some(Activation::QuickGelu))
+                })?,
+            ),
+            (
+                "bias_residual",
+                time_ms(dev, iters, || {
+                    x.apply_op3_no_bwd(&b, &x, &fused::BiasResidual)
+                })?,
+                time_ms(dev, iters, || bias_residual_ref(&x, &b, &x))?,
+            ),
+        ];
+        for (op, f, p) in rows {
+            out.push(format!(
+                "{op:<28} {:<5} {f:>10.3} {p:>10.3} {:>7.2}x",
+                format!("{dtype:?}"),
+                p / f
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU fallbacks of every custom op against plain candle ops (what `bench kernels
+    /// --device cpu` runs; on a GPU machine the same checks run the CUDA kernels).
+    #[test]
+    fn cpu_fallbacks_match_plain_ops() {
+        let checks = check_all(&Device::Cpu).unwrap();
+        assert_eq!(checks.len(), 3 * 3 * 6 + 6);
+        for c in &checks {
+            assert!(c.pass(), "{c}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_result_fails_the_check() {
+        let want = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let got = Tensor::new(&[1f32, 2.0, 3.1], &Device::Cpu).unwrap();
+        assert!(!compare("x", &got, &want).unwrap().pass());
+        let nan = Tensor::new(&[1f32, f32::NAN, 3.0], &Device::Cpu).unwrap();
+        assert!(!compare("x", &nan, &want).unwrap().pass());
+        assert!(compare("x", &want, &want).unwrap().pass());
+    }
+}
