@@ -187,17 +187,10 @@ impl Linear {
         Ok(self.w.dim(usize::from(self.transposed))?)
     }
 
-    /// Wᵀ, the right-hand side of x Wᵀ. A learned W with more inputs than outputs (fc2) is
-    /// transposed by a copy on the CPU: gemm ran x·Wᵀ through the transposed view at 91 GFLOP/s
-    /// against 204 contiguous (ViT-B/32's fc2 at batch 8, 2 threads), while its backward
-    /// products ran at full speed either way.
+    /// Wᵀ, the right-hand side of x Wᵀ.
     fn rhs(&self) -> Result<Tensor> {
-        if self.transposed {
-            return Ok(self.w.clone());
-        }
-        let (out, inp) = self.w.dims2()?;
-        Ok(if inp > out && self.w.device().is_cpu() {
-            self.w.t()?.contiguous()?
+        Ok(if self.transposed {
+            self.w.clone()
         } else {
             self.w.t()?
         })
@@ -220,7 +213,12 @@ impl Linear {
     ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = dims[dims.len() - 1];
-        let y = x.reshape(((), last))?.matmul(&self.rhs()?)?;
+        let x2 = x.reshape(((), last))?;
+        let y = if self.w.track_op() && fused_grad::usable(&[&x2, &self.w]) {
+            fused_grad::matmul_wt(&x2, &self.w)?
+        } else {
+            x2.matmul(&self.rhs()?)?
+        };
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.out_dim()?;
         let residual = match residual {
