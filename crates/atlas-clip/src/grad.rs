@@ -6,9 +6,11 @@
 use crate::backbone::Backbone;
 use crate::model::{VisionTower, WeightSource};
 use crate::Result;
-use atlas_core::{compose, reduce_gradient, Coefficients, Manifest, Real, TaskVector};
-use candle_core::{backprop::GradStore, Tensor, Var, WithDType};
+use atlas_core::compose::{compose_into_uninit, reduce_gradient_pieces};
+use atlas_core::{Coefficients, Manifest, Real, TaskVector};
+use candle_core::{backprop::GradStore, Storage, StorageRef, Tensor, Var, WithDType};
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +26,28 @@ impl WeightSource for Leaves {
     }
 }
 
+/// Per block, `(offset in the block, gradient values)` pieces.
+type BlockPieces<'v, T> = Vec<Vec<(usize, &'v [T])>>;
+
+/// One leaf's gradient, readable as a slice: in place in candle's CPU storage when it is
+/// contiguous and of the compute type (the usual case), else a converted copy.
+enum GradView<'a, T> {
+    InPlace(StorageRef<'a>, usize, usize),
+    Copied(Vec<T>),
+}
+
+impl<T: WithDType> GradView<'_, T> {
+    fn as_slice(&self) -> Result<&[T]> {
+        Ok(match self {
+            GradView::InPlace(storage, start, end) => match &**storage {
+                Storage::Cpu(cpu) => &cpu.as_slice::<T>()?[*start..*end],
+                _ => unreachable!("only CPU storage is viewed in place"),
+            },
+            GradView::Copied(v) => v,
+        })
+    }
+}
+
 impl Leaves {
     /// Composes θ in `T` (f32, or f64 for checks) and wraps every tensor as a [`Var`].
     pub fn compose<T: Real + WithDType>(
@@ -31,36 +55,18 @@ impl Leaves {
         tvs: &[Arc<TaskVector>],
         coefs: &Coefficients,
     ) -> Result<Self> {
-        let blocks: Vec<Vec<T>> = compose(backbone.manifest(), backbone.base_blocks(), tvs, coefs)?;
-        Self::from_blocks(backbone, blocks)
+        Self::from_tensors(backbone, compose_tensors::<T>(backbone, tvs, coefs)?)
     }
 
-    /// Wraps composed blocks (manifest order) as [`Var`]s.
-    fn from_blocks<T: Real + WithDType>(backbone: &Backbone, blocks: Vec<Vec<T>>) -> Result<Self> {
-        let manifest = backbone.manifest();
-        let mut vars = Vec::new();
-        for (block, data) in manifest.blocks().iter().zip(blocks) {
-            if let [spec] = block.tensors.as_slice() {
-                // One tensor: hand the composed vector over without a copy.
-                vars.push((
-                    spec.name.clone(),
-                    Var::from_vec(data, spec.shape.as_slice(), backbone.device())?,
-                ));
-                continue;
-            }
-            let mut offset = 0;
-            for spec in &block.tensors {
-                let n = spec.numel();
-                vars.push((
-                    spec.name.clone(),
-                    Var::from_slice(
-                        &data[offset..offset + n],
-                        spec.shape.as_slice(),
-                        backbone.device(),
-                    )?,
-                ));
-                offset += n;
-            }
+    /// Wraps composed tensors (manifest order) as [`Var`]s: on the CPU, candle takes each
+    /// vector as the tensor's storage without a copy.
+    fn from_tensors<T: Real + WithDType>(backbone: &Backbone, data: Vec<Vec<T>>) -> Result<Self> {
+        let mut vars = Vec::with_capacity(data.len());
+        for ((spec, _), v) in backbone.manifest().tensor_specs().zip(data) {
+            vars.push((
+                spec.name.clone(),
+                Var::from_vec(v, spec.shape.as_slice(), backbone.device())?,
+            ));
         }
         let by_name = vars
             .iter()
@@ -69,29 +75,117 @@ impl Leaves {
         Ok(Leaves { vars, by_name })
     }
 
+    /// Each leaf's gradient (None where the loss does not reach it), read in place where
+    /// possible.
+    fn grad_views<'a, T: Real + WithDType>(
+        &self,
+        grads: &'a GradStore,
+    ) -> Result<Vec<Option<GradView<'a, T>>>> {
+        self.vars
+            .iter()
+            .map(|(_, var)| {
+                let Some(g) = grads.get(var.as_tensor()) else {
+                    return Ok(None);
+                };
+                let (storage, layout) = g.storage_and_layout();
+                if let (Storage::Cpu(_), Some((start, end)), true) = (
+                    &*storage,
+                    layout.contiguous_offsets(),
+                    g.dtype() == T::DTYPE,
+                ) {
+                    return Ok(Some(GradView::InPlace(storage, start, end)));
+                }
+                drop(storage);
+                Ok(Some(GradView::Copied(
+                    g.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?,
+                )))
+            })
+            .collect()
+    }
+
+    /// Per block, the gradient pieces `(offset in the block, values)` of its tensors that have
+    /// one, as [`reduce_gradient_pieces`] takes them.
+    fn block_pieces<'v, T: WithDType>(
+        manifest: &Manifest,
+        views: &'v [Option<GradView<'_, T>>],
+    ) -> Result<BlockPieces<'v, T>> {
+        let mut it = views.iter();
+        manifest
+            .blocks()
+            .iter()
+            .map(|block| {
+                let mut pieces = Vec::new();
+                let mut offset = 0;
+                for spec in &block.tensors {
+                    if let Some(view) = it.next().expect("one view per tensor") {
+                        pieces.push((offset, view.as_slice()?));
+                    }
+                    offset += spec.numel();
+                }
+                Ok(pieces)
+            })
+            .collect()
+    }
+
     /// ∂L/∂θ per block (tensors of a block concatenated), zeros where the loss does not reach.
     pub fn block_grads<T: Real + WithDType>(
         &self,
         manifest: &Manifest,
         grads: &GradStore,
     ) -> Result<Vec<Vec<T>>> {
-        let mut it = self.vars.iter();
-        manifest
+        let views = self.grad_views::<T>(grads)?;
+        let pieces = Self::block_pieces(manifest, &views)?;
+        Ok(manifest
+            .blocks()
+            .iter()
+            .zip(pieces)
+            .map(|(block, pieces)| {
+                let mut out = vec![T::default(); block.numel()];
+                for (offset, g) in pieces {
+                    out[offset..offset + g.len()].copy_from_slice(g);
+                }
+                out
+            })
+            .collect())
+    }
+}
+
+/// θ = θ0 + Σ Λ τ per tensor (manifest order), composed straight into each tensor's own vector:
+/// no block-sized intermediate, no copy for blocks of several tensors, and no zero-fill of
+/// memory the composition overwrites anyway.
+fn compose_tensors<T: Real>(
+    backbone: &Backbone,
+    tvs: &[Arc<TaskVector>],
+    coefs: &Coefficients,
+) -> Result<Vec<Vec<T>>> {
+    let manifest = backbone.manifest();
+    let mut tensors: Vec<Vec<T>> = manifest
+        .tensor_specs()
+        .map(|(spec, _)| Vec::with_capacity(spec.numel()))
+        .collect();
+    {
+        let mut it = tensors.iter_mut();
+        let mut pieces: Vec<Vec<&mut [MaybeUninit<T>]>> = manifest
             .blocks()
             .iter()
             .map(|block| {
-                let mut out = Vec::with_capacity(block.numel());
-                for _ in &block.tensors {
-                    let (_, var) = it.next().expect("one var per tensor");
-                    match grads.get(var.as_tensor()) {
-                        Some(g) => out.extend(g.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?),
-                        None => out.resize(out.len() + var.elem_count(), T::default()),
-                    }
-                }
-                Ok(out)
+                block
+                    .tensors
+                    .iter()
+                    .map(|spec| {
+                        let v = it.next().expect("one vector per tensor");
+                        &mut v.spare_capacity_mut()[..spec.numel()]
+                    })
+                    .collect()
             })
-            .collect()
+            .collect();
+        compose_into_uninit(manifest, backbone.base_blocks(), tvs, coefs, &mut pieces)?;
     }
+    for (v, (spec, _)) in tensors.iter_mut().zip(manifest.tensor_specs()) {
+        // SAFETY: compose_into_uninit returned Ok, so it wrote every element of every piece.
+        unsafe { v.set_len(spec.numel()) };
+    }
+    Ok(tensors)
 }
 
 /// Wall time of each phase of one [`coefficient_gradient`] call, in milliseconds.
@@ -103,12 +197,14 @@ pub struct StepPhases {
     pub wrap_ms: f64,
     /// Building the tower over the leaves and evaluating the loss.
     pub forward_ms: f64,
-    /// `backward()` to the leaves (and dropping the graph).
+    /// `backward()` to the leaves.
     pub backward_ms: f64,
-    /// Reading ∂L/∂θ out of the gradient store.
+    /// Getting at ∂L/∂θ in the gradient store (in place; a copy only for odd layouts).
     pub copy_out_ms: f64,
     /// ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block and part, then folding to `coefs`' layout.
     pub reduce_ms: f64,
+    /// Dropping the graph, the gradients and the leaves.
+    pub free_ms: f64,
 }
 
 impl StepPhases {
@@ -119,6 +215,7 @@ impl StepPhases {
             + self.backward_ms
             + self.copy_out_ms
             + self.reduce_ms
+            + self.free_ms
     }
 }
 
@@ -149,23 +246,181 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
         clock = now;
     };
     let manifest = backbone.manifest();
-    let blocks: Vec<Vec<T>> = compose(manifest, backbone.base_blocks(), tvs, coefs)?;
+    let tensors = compose_tensors::<T>(backbone, tvs, coefs)?;
     lap(&mut ph.compose_ms);
-    let leaves = Leaves::from_blocks(backbone, blocks)?;
+    let leaves = Leaves::from_tensors(backbone, tensors)?;
     lap(&mut ph.wrap_ms);
     let tower = backbone.vision(&leaves)?;
     let l = loss(&tower)?;
     let value = l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     lap(&mut ph.forward_ms);
     let grads = l.backward()?;
+    lap(&mut ph.backward_ms);
     drop(tower);
     drop(l);
-    lap(&mut ph.backward_ms);
-    let block_grads = leaves.block_grads::<T>(manifest, &grads)?;
-    drop(grads);
+    lap(&mut ph.free_ms);
+    let views = leaves.grad_views::<T>(&grads)?;
+    let pieces = Leaves::block_pieces(manifest, &views)?;
     lap(&mut ph.copy_out_ms);
-    let full = reduce_gradient(manifest, &block_grads, tvs, coefs)?;
+    let full = reduce_gradient_pieces(manifest, &pieces, tvs, coefs)?;
     let folded = coefs.fold_gradient(&full);
     lap(&mut ph.reduce_ms);
+    drop(pieces);
+    drop(views);
+    drop(grads);
+    drop(leaves);
+    let mut freed = 0.0;
+    lap(&mut freed);
+    ph.free_ms += freed;
     Ok((value, folded, ph))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{vision_manifest, ClipConfig, LoadOptions, QkvBlocks, VisionConfig};
+    use atlas_core::parts::splitmix64;
+    use atlas_core::{compose, reduce_gradient, Buffer, Layout, StoreDType, TaskVectorMeta};
+    use candle_core::Device;
+
+    fn pseudo(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|j| {
+                let u = (splitmix64(seed * 1_000_003 + j as u64) % 2001) as f32 / 1000.0 - 1.0;
+                u * scale
+            })
+            .collect()
+    }
+
+    /// A tiny image tower with fused q/k/v blocks (blocks of several tensors) and two f16 task
+    /// vectors.
+    fn setup() -> (Backbone, Vec<Arc<TaskVector>>) {
+        let vision = VisionConfig {
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            image_size: 8,
+            patch_size: 4,
+            projection_dim: 8,
+            ..VisionConfig::default()
+        };
+        let manifest = vision_manifest(&vision, 8, QkvBlocks::Fused);
+        assert!(manifest.blocks().iter().any(|b| b.tensors.len() > 1));
+        let base = manifest
+            .blocks()
+            .iter()
+            .enumerate()
+            .map(|(b, bl)| pseudo(b as u64, bl.numel(), 0.3))
+            .collect();
+        let cfg = ClipConfig {
+            vision,
+            text: None,
+            projection_dim: 8,
+        };
+        let opts = LoadOptions {
+            qkv: QkvBlocks::Fused,
+            ..LoadOptions::default()
+        };
+        let bb = Backbone::from_vision_blocks("tiny", cfg, base, opts).unwrap();
+        let tvs = (0..2)
+            .map(|i| {
+                let blocks = bb
+                    .manifest()
+                    .blocks()
+                    .iter()
+                    .enumerate()
+                    .map(|(b, bl)| {
+                        let seed = 1000 * (i + 1) + b as u64;
+                        Buffer::from_f32(&pseudo(seed, bl.numel(), 0.05), StoreDType::F16)
+                    })
+                    .collect();
+                let meta = TaskVectorMeta {
+                    name: format!("tv{i}"),
+                    ..Default::default()
+                };
+                let tv = TaskVector::from_buffers(bb.manifest(), meta, StoreDType::F16, blocks);
+                Arc::new(tv.unwrap())
+            })
+            .collect();
+        (bb, tvs)
+    }
+
+    fn layouts(nb: usize) -> Vec<Coefficients> {
+        let block = Coefficients::new(
+            Layout::PerBlock,
+            2,
+            nb,
+            (0..2 * nb).map(|x| (x % 7) as f64 * 0.1 - 0.3).collect(),
+        );
+        let part = Coefficients::new(
+            Layout::PerPart { k: 3, seed: 5 },
+            2,
+            nb,
+            (0..6 * nb).map(|x| (x % 5) as f64 * 0.1 - 0.2).collect(),
+        );
+        vec![block.unwrap(), part.unwrap()]
+    }
+
+    /// Composing straight into per-tensor storage gives the blocks [`compose`] gives, split at
+    /// the tensor boundaries.
+    #[test]
+    fn leaves_hold_the_composed_blocks() {
+        let (bb, tvs) = setup();
+        for coefs in layouts(bb.manifest().len()) {
+            let leaves = Leaves::compose::<f32>(&bb, &tvs, &coefs).unwrap();
+            let want: Vec<Vec<f32>> =
+                compose(bb.manifest(), bb.base_blocks(), &tvs, &coefs).unwrap();
+            let mut it = leaves.vars.iter();
+            for (block, want) in bb.manifest().blocks().iter().zip(want) {
+                let mut got = Vec::new();
+                for spec in &block.tensors {
+                    let (name, var) = it.next().unwrap();
+                    assert_eq!(name, &spec.name);
+                    assert_eq!(var.dims(), spec.shape.as_slice());
+                    got.extend(var.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+                assert_eq!(got, want, "{}", block.name);
+            }
+        }
+    }
+
+    /// The f32 step (gradients read in place, f32 kernels) matches gradients copied out to f64
+    /// and reduced by the portable f64 path, per block and per part, over fused q/k/v blocks.
+    #[test]
+    fn in_place_f32_gradient_matches_the_copied_f64_reduction() {
+        let (bb, tvs) = setup();
+        let pixels = Tensor::new(pseudo(9, 2 * 3 * 8 * 8, 1.0), &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 8, 8))
+            .unwrap();
+        let loss = |t: &VisionTower| Ok(t.forward(&pixels)?.sqr()?.sum_all()?);
+        for coefs in layouts(bb.manifest().len()) {
+            let (value, got) = coefficient_gradient::<f32>(&bb, &tvs, &coefs, loss).unwrap();
+            let leaves = Leaves::compose::<f32>(&bb, &tvs, &coefs).unwrap();
+            let l = loss(&bb.vision(&leaves).unwrap()).unwrap();
+            assert_eq!(value, l.to_scalar::<f32>().unwrap() as f64);
+            let grads = l.backward().unwrap();
+            let views = leaves.grad_views::<f32>(&grads).unwrap();
+            let in_place = views
+                .iter()
+                .filter(|v| matches!(v, Some(GradView::InPlace(..))))
+                .count();
+            // The fast path is exercised (non-contiguous gradients would fall back to a copy).
+            assert!(in_place > 0, "no gradient was read in place");
+            drop(views);
+            let blocks = leaves.block_grads::<f64>(bb.manifest(), &grads).unwrap();
+            let full = reduce_gradient(bb.manifest(), &blocks, &tvs, &coefs).unwrap();
+            let want = coefs.fold_gradient(&full);
+            let scale = want.iter().fold(0f64, |m, w| m.max(w.abs()));
+            assert!(scale > 0.0);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{:?}[{i}]: {a} vs {b}",
+                    coefs.layout
+                );
+            }
+        }
+    }
 }

@@ -149,6 +149,7 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         ("backward", median(|p| p.backward_ms)),
         ("copy_out", median(|p| p.copy_out_ms)),
         ("reduce", median(|p| p.reduce_ms)),
+        ("free", median(|p| p.free_ms)),
     ];
     let step_ms = times[times.len() / 2];
     eprintln!(
