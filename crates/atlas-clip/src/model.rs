@@ -166,9 +166,10 @@ impl Linear {
 
     /// A layer over W ([out, in]). For inference on the CPU, W is kept transposed and
     /// contiguous: gemm repacks a transposed view on every call, which made B/32's matmuls
-    /// 1.5–6.5× slower at batch 1 (the MLP's second matmul most).
+    /// 1.5–6.5× slower at batch 1 (the MLP's second matmul most). cuBLAS takes the transposed
+    /// view as it is, so a GPU keeps one copy of the weights.
     fn new(w: Tensor, b: Option<Tensor>) -> Result<Self> {
-        if fused::usable(&[&w]) {
+        if fused::usable(&[&w]) && w.device().is_cpu() {
             let w = w.t()?.contiguous()?;
             return Ok(Linear {
                 w,
@@ -312,16 +313,17 @@ impl Qkv {
         if !plain {
             return Ok(Qkv::Separate { q, k, v });
         }
-        if !(q.transposed && k.transposed && v.transposed) {
+        let transposed = q.transposed && k.transposed && v.transposed;
+        if !transposed && (q.transposed || k.transposed || v.transposed) {
             return Ok(Qkv::Separate { q, k, v });
         }
-        // Wᵀ blocks side by side: [in, 3·out].
-        let w = Tensor::cat(&[&(&q.w * scale)?, &k.w, &v.w], 1)?;
+        // Wᵀ blocks side by side ([in, 3·out]), or W blocks stacked ([3·out, in]).
+        let w = Tensor::cat(&[&(&q.w * scale)?, &k.w, &v.w], usize::from(transposed))?;
         let b = Tensor::cat(&[&(qb * scale)?, kb, vb], 0)?;
         Ok(Qkv::Stacked(Linear {
             w,
             b: Some(b),
-            transposed: true,
+            transposed,
         }))
     }
 }
