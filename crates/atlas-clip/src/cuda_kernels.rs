@@ -6,6 +6,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfi
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, Layout, Result};
 
+/// `kernels/attention.cu`: fused inference attention over the stacked q/k/v projection.
+pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// `kernels/compose.cu`: the fused composition θ0 + Σ Λ τ.
 pub const COMPOSE: &str = include_str!(concat!(env!("OUT_DIR"), "/compose.ptx"));
 /// `kernels/fused.cu`: LayerNorm, softmax and the linear-layer epilogues.

@@ -11,6 +11,8 @@
 //! q/k/v projections of a tower built from such weights are one matmul. Learning never sees
 //! that path: its weights are `Var`s, so every op records its backward.
 
+// Public for the kernel self-check (`atlas-serve bench kernels`).
+pub mod attention;
 mod fast_math;
 // Public for the kernel self-check (`atlas-serve bench kernels`).
 pub mod fused;
@@ -393,9 +395,14 @@ impl EncoderLayer {
                 (q, k, split(v.forward(x)?)?)
             }
             Qkv::Stacked(qkv) => {
+                let t = qkv.forward(x)?;
+                // On a GPU, one kernel from [B, N, 3·D] straight to [B, N, D].
+                if attention::usable(&t, self.heads, mask) {
+                    let ctx = attention::attention(&t, self.heads, mask)?;
+                    return self.out.apply(&ctx, None, Some(residual));
+                }
                 // [B, N, 3·D] -> [3, B, H, N, hd] in one copy; k is used transposed in place.
-                let t = qkv
-                    .forward(x)?
+                let t = t
                     .reshape((b, n, 3, self.heads, hd))?
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()?;
