@@ -1,13 +1,13 @@
-//! `atlas-serve bench kernels`: every custom op (the fused inference ops, the composition) on
-//! random inputs, each dtype, a few shapes including odd sizes, against the same computation in
-//! plain candle ops (in f32, then cast) on the same device. On CUDA that checks the kernels;
-//! on the CPU it checks the CPU fallbacks. Prints the largest errors, pass or fail, and the time
+//! `atlas-serve bench kernels`: every custom op (the fused inference ops, fused attention, the
+//! composition) on random inputs, each dtype, a few shapes including odd sizes, against the same
+//! computation in plain candle ops (in f32, then cast) on the same device. On CUDA that checks
+//! the kernels; on the CPU it checks the CPU fallbacks. Prints the largest errors, pass or fail, and the time
 //! of each fused op next to its plain-op version; any failure makes the command fail.
 
 use anyhow::{bail, Context};
 use atlas_clip::config::Activation;
 use atlas_clip::device_compose::DeviceComposer;
-use atlas_clip::model::fused;
+use atlas_clip::model::{attention, fused};
 use atlas_core::manifest::{Block, TensorSpec};
 use atlas_core::parts::{block_key, part_of};
 use atlas_core::{Coefficients, Layout, Manifest, StoreDType, TaskVector};
@@ -188,7 +188,70 @@ pub fn check_all(dev: &Device) -> anyhow::Result<Vec<Check>> {
             out.extend(check_rows(dims, dtype, dev)?);
         }
     }
+    for dtype in DTYPES {
+        out.extend(check_attention(dtype, dev)?);
+    }
     out.extend(check_compose(dev)?);
+    Ok(out)
+}
+
+/// Attention cases (batch, tokens, heads, head dim, causal mask): the ViT-B/32, B/16 and L/14
+/// token counts and the text tower's masked 77 at odd batch sizes, then odd head dims (not a
+/// multiple of 32, and the largest supported) with odd token counts.
+const ATTENTION: [(usize, usize, usize, usize, bool); 6] = [
+    (3, 50, 12, 64, false),
+    (1, 197, 12, 64, false),
+    (3, 257, 16, 64, false),
+    (5, 77, 8, 64, true),
+    (3, 13, 3, 40, true),
+    (1, 33, 2, 128, false),
+];
+
+/// A stacked q/k/v projection output [B, N, 3·H·hd] with q scaled by 1/√hd, as the model's.
+fn qkv_input(
+    b: usize,
+    n: usize,
+    heads: usize,
+    hd: usize,
+    dtype: DType,
+    dev: &Device,
+) -> anyhow::Result<Tensor> {
+    let d = heads * hd;
+    let q = randn(&[b, n, d], (hd as f64).powf(-0.5), 0.0, DType::F32, dev)?;
+    let kv = randn(&[b, n, 2 * d], 1.0, 0.0, DType::F32, dev)?;
+    Ok(Tensor::cat(&[&q, &kv], 2)?.to_dtype(dtype)?)
+}
+
+fn causal_mask(n: usize, dtype: DType, dev: &Device) -> anyhow::Result<Tensor> {
+    let m: Vec<f32> = (0..n * n)
+        .map(|k| {
+            if k % n > k / n {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)?)
+}
+
+/// The fused attention op against the model's math in plain ops on f32 copies, cast back.
+fn check_attention(dtype: DType, dev: &Device) -> anyhow::Result<Vec<Check>> {
+    let mut out = Vec::new();
+    for (b, n, heads, hd, masked) in ATTENTION {
+        let qkv = qkv_input(b, n, heads, hd, dtype, dev)?;
+        let mask = if masked {
+            Some(causal_mask(n, dtype, dev)?)
+        } else {
+            None
+        };
+        let got = attention::attention(&qkv, heads, mask.as_ref())?;
+        let mask32 = mask.as_ref().map(f32_of).transpose()?;
+        let want = attention::reference(&f32_of(&qkv)?, heads, mask32.as_ref(), softmax_ref)?
+            .to_dtype(dtype)?;
+        let name = format!("attention hd{hd}{}", if masked { " causal" } else { "" });
+        out.push(compare(&name, &got, &want)?);
+    }
     Ok(out)
 }
 
@@ -342,7 +405,7 @@ fn time_ms(
 }
 
 /// Fused against plain for each op and dtype at ViT-B/32 sizes (batch 256 on CUDA, 8 on the
-/// CPU, where the plain ops are slow).
+/// CPU, where the plain ops are slow), and attention at L/14 sizes on CUDA.
 fn timings(dev: &Device, iters: usize) -> anyhow::Result<Vec<String>> {
     let batch = if dev.is_cuda() { 256 } else { 8 };
     let (tokens, d, heads) = (batch * 50, 768, 12);
@@ -361,7 +424,7 @@ fn timings(dev: &Device, iters: usize) -> anyhow::Result<Vec<String>> {
         );
         let ln = fused::LayerNorm { eps: 1e-5 };
         let act = fused::BiasAct(Some(Activation::QuickGelu));
-        let rows: [(&str, f64, f64); 4] = [
+        let mut rows: Vec<(&str, f64, f64)> = vec![
             (
                 "layer_norm",
                 time_ms(dev, iters, || x.apply_op3_no_bwd(&w, &b, &ln))?,
@@ -387,6 +450,21 @@ fn timings(dev: &Device, iters: usize) -> anyhow::Result<Vec<String>> {
                 time_ms(dev, iters, || bias_residual_ref(&x, &b, &x))?,
             ),
         ];
+        // Attention against the model's plain path (permute copy, matmuls, fused softmax,
+        // transpose copy): ViT-B/32's 50 tokens, and on CUDA L/14's 257 at a quarter the batch.
+        let mut shapes = vec![("attention B/32", batch, 50, heads, d / heads)];
+        if dev.is_cuda() {
+            shapes.push(("attention L/14", batch / 4, 257, 16, 64));
+        }
+        for (op, nb, n, nh, hd) in shapes {
+            let qkv = qkv_input(nb, n, nh, hd, dtype, dev)?;
+            let plain = |s: &Tensor| s.apply_op1_no_bwd(&fused::Softmax);
+            rows.push((
+                op,
+                time_ms(dev, iters, || attention::attention(&qkv, nh, None))?,
+                time_ms(dev, iters, || attention::reference(&qkv, nh, None, plain))?,
+            ));
+        }
         for (op, f, p) in rows {
             out.push(format!(
                 "{op:<28} {:<5} {f:>10.3} {p:>10.3} {:>7.2}x",
@@ -407,7 +485,7 @@ mod tests {
     #[test]
     fn cpu_fallbacks_match_plain_ops() {
         let checks = check_all(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 3 * 3 * 6 + 6);
+        assert_eq!(checks.len(), 3 * 3 * 6 + 3 * ATTENTION.len() + 6);
         for c in &checks {
             assert!(c.pass(), "{c}");
         }
