@@ -146,6 +146,18 @@ fn simd_available() -> bool {
     false
 }
 
+/// Part ids of block elements `start..start + out.len()`, as [`fill_parts`] gives them,
+/// vectorised where AVX2 is available (hashing every element is otherwise a large share
+/// of per-part composition and reduction).
+fn part_ids(key: u64, k: usize, start: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2 is supported (simd_available).
+        return unsafe { simd::fill_parts_avx2(key, k, start, out) };
+    }
+    fill_parts(key, k, start, out)
+}
+
 /// One task vector's share of a block: its stored τ and its coefficients (one per part).
 struct Term<'a, T> {
     tau: &'a Buffer,
@@ -245,6 +257,75 @@ mod simd {
         }
     }
 
+    /// The low 64 bits of a · m per lane, for a constant m given as `m_lo` (m with lanes of
+    /// the 32 low bits, as `mul_epu32` reads) and `m_hi` (m >> 32): AVX2 has no 64-bit multiply.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn mullo_epi64(a: __m256i, m_lo: __m256i, m_hi: __m256i) -> __m256i {
+        let lo = _mm256_mul_epu32(a, m_lo);
+        let cross = _mm256_add_epi64(
+            _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m_lo),
+            _mm256_mul_epu32(a, m_hi),
+        );
+        _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(cross))
+    }
+
+    /// splitmix64(x) >> 32 per 64-bit lane (the bits the part id uses).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn splitmix_hi(x: __m256i) -> __m256i {
+        const M1: u64 = 0xBF58_476D_1CE4_E5B9;
+        const M2: u64 = 0x94D0_49BB_1331_11EB;
+        let c = |v: u64| _mm256_set1_epi64x(v as i64);
+        let mut z = _mm256_add_epi64(x, c(0x9E37_79B9_7F4A_7C15));
+        z = mullo_epi64(
+            _mm256_xor_si256(z, _mm256_srli_epi64::<30>(z)),
+            c(M1),
+            c(M1 >> 32),
+        );
+        z = mullo_epi64(
+            _mm256_xor_si256(z, _mm256_srli_epi64::<27>(z)),
+            c(M2),
+            c(M2 >> 32),
+        );
+        z = _mm256_xor_si256(z, _mm256_srli_epi64::<31>(z));
+        _mm256_srli_epi64::<32>(z)
+    }
+
+    /// [`crate::parts::fill_parts`], 8 elements per step as two vectors of 4 (splitmix64 with
+    /// an emulated 64-bit multiply); the same ids exactly.
+    ///
+    /// Safety: AVX2 must be supported.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn fill_parts_avx2(key: u64, k: usize, start: usize, out: &mut [u8]) {
+        let n = out.len();
+        // Even elements in one vector, odd in the other, so the packs below come out in order.
+        let even = _mm256_set_epi64x(6, 4, 2, 0);
+        let odd = _mm256_set_epi64x(7, 5, 3, 1);
+        let kv = _mm256_set1_epi64x(k as i64);
+        let mut j = 0;
+        while j + 8 <= n {
+            let x = _mm256_set1_epi64x(key.wrapping_add((start + j) as u64) as i64);
+            // ((z >> 32) * k) >> 32: a 32 × 32 → 64-bit product, exact. An id (< 256) is the
+            // product's high half: shifted down for the even elements, masked in place for the
+            // odd ones, so OR-ing them gives i32 lanes holding elements 0, 1, ... 7 in order.
+            let pe = _mm256_srli_epi64::<32>(_mm256_mul_epu32(
+                splitmix_hi(_mm256_add_epi64(x, even)),
+                kv,
+            ));
+            let po = _mm256_mul_epu32(splitmix_hi(_mm256_add_epi64(x, odd)), kv);
+            let po = _mm256_and_si256(po, _mm256_set1_epi64x(!0xFFFF_FFFFu64 as i64));
+            let q = _mm256_or_si256(pe, po);
+            // i32 lanes [e0 e1 e2 e3 | e4 e5 e6 e7] → u16 → u8.
+            let w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let b = _mm_packus_epi16(w, w);
+            // SAFETY: j + 8 <= n; the low 8 bytes are stored.
+            _mm_storel_epi64(out.as_mut_ptr().add(j) as *mut __m128i, b);
+            j += 8;
+        }
+        crate::parts::fill_parts(key, k, start + j, &mut out[j..]);
+    }
+
     /// dst = base + Σ_i c_i[part] · τ_i[start..] in task-vector order, the running sum in a
     /// register: one pass over the output instead of one per task vector. At most
     /// `SIMD_MAX_PARTS` parts (`parts` empty for one part): each lane picks its coefficient
@@ -341,57 +422,80 @@ mod simd {
         load8: impl Fn(*const T) -> __m256,
     ) {
         let n = g.len();
-        let k = acc.len();
-        let mut j = 0;
-        let mut lanes = [0f32; 8];
-        if k == 1 {
-            // Four independent accumulators hide the FMA latency.
-            let mut a = [_mm256_setzero_ps(); 4];
-            while j + 32 <= n {
-                // SAFETY: j + 32 <= n = g.len() = x.len().
-                for (u, a) in a.iter_mut().enumerate() {
-                    let o = j + 8 * u;
-                    *a = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(g.as_ptr().add(o)),
-                        load8(x.as_ptr().add(o)),
-                        *a,
-                    );
-                }
-                j += 32;
-            }
-            while j + 8 <= n {
-                a[0] = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(g.as_ptr().add(j)),
-                    load8(x.as_ptr().add(j)),
-                    a[0],
-                );
-                j += 8;
-            }
-            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-            _mm256_storeu_ps(lanes.as_mut_ptr(), s);
-            let mut sum: f64 = lanes.iter().map(|&v| v as f64).sum();
-            for j in j..n {
-                sum += (g[j] * x[j].into()) as f64;
-            }
-            acc[0] += sum;
-            return;
+        match acc.len() {
+            1 => {}
+            2 => return dot_parts::<2, T>(g, x, parts, acc, load8),
+            3 => return dot_parts::<3, T>(g, x, parts, acc, load8),
+            4 => return dot_parts::<4, T>(g, x, parts, acc, load8),
+            5 => return dot_parts::<5, T>(g, x, parts, acc, load8),
+            6 => return dot_parts::<6, T>(g, x, parts, acc, load8),
+            7 => return dot_parts::<7, T>(g, x, parts, acc, load8),
+            8 => return dot_parts::<8, T>(g, x, parts, acc, load8),
+            _ => unreachable!("at most SIMD_MAX_PARTS parts"),
         }
-        // Per part: the gradient masked to that part's lanes, so one τ load feeds every part.
-        let mut a = [_mm256_setzero_ps(); super::SIMD_MAX_PARTS];
-        let ids: [__m256i; super::SIMD_MAX_PARTS] =
-            std::array::from_fn(|p| _mm256_set1_epi32(p as i32));
+        let mut j = 0;
+        // Four independent accumulators hide the FMA latency.
+        let mut a = [_mm256_setzero_ps(); 4];
+        while j + 32 <= n {
+            // SAFETY: j + 32 <= n = g.len() = x.len().
+            for (u, a) in a.iter_mut().enumerate() {
+                let o = j + 8 * u;
+                *a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(g.as_ptr().add(o)),
+                    load8(x.as_ptr().add(o)),
+                    *a,
+                );
+            }
+            j += 32;
+        }
         while j + 8 <= n {
-            // SAFETY: j + 8 <= n, within g, x and parts.
+            a[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(g.as_ptr().add(j)),
+                load8(x.as_ptr().add(j)),
+                a[0],
+            );
+            j += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+        let mut sum: f64 = lanes.iter().map(|&v| v as f64).sum();
+        for j in j..n {
+            sum += (g[j] * x[j].into()) as f64;
+        }
+        acc[0] += sum;
+    }
+
+    /// The K-part case of [`dot_with`]: the gradient masked to each part's lanes, so one τ
+    /// load feeds every part. K is a constant so the K accumulators stay in registers.
+    /// (Masking once per chunk into a K-times larger buffer was slower: it leaves L1.)
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_parts<const K: usize, T: Copy + Into<f32>>(
+        g: &[f32],
+        x: &[T],
+        parts: &[u8],
+        acc: &mut [f64],
+        load8: impl Fn(*const T) -> __m256,
+    ) {
+        let n = g.len();
+        assert!(x.len() >= n && parts.len() >= n && acc.len() == K);
+        let mut a = [_mm256_setzero_ps(); K];
+        let ids: [__m256i; K] = std::array::from_fn(|p| _mm256_set1_epi32(p as i32));
+        let mut j = 0;
+        while j + 8 <= n {
+            // SAFETY: j + 8 <= n, within g, x and parts (asserted above).
             let gv = _mm256_loadu_ps(g.as_ptr().add(j));
             let xv = load8(x.as_ptr().add(j));
             let idx = load_parts(parts.as_ptr().add(j));
-            for p in 0..k {
+            for p in 0..K {
                 let m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(idx, ids[p]));
                 a[p] = _mm256_fmadd_ps(_mm256_and_ps(gv, m), xv, a[p]);
             }
             j += 8;
         }
-        for (p, a) in a.iter().take(k).enumerate() {
+        let mut lanes = [0f32; 8];
+        for (p, a) in a.iter().enumerate() {
             _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
             acc[p] += lanes.iter().map(|&v| v as f64).sum::<f64>();
         }
@@ -616,7 +720,7 @@ fn compose_chunk<T: Real>(
         .collect();
     let mut parts = [0u8; CHUNK];
     if k > 1 {
-        fill_parts(key, k, start, &mut parts[..n]);
+        part_ids(key, k, start, &mut parts[..n]);
     }
     let parts: &[u8] = if k > 1 { &parts[..n] } else { &[] };
     #[cfg(target_arch = "x86_64")]
@@ -759,7 +863,7 @@ fn dot_chunk<T: Real>(
     let mut acc = vec![0.0; tvs.len() * k];
     let mut parts = [0u8; CHUNK];
     if k > 1 {
-        fill_parts(key, k, start, &mut parts[..n]);
+        part_ids(key, k, start, &mut parts[..n]);
     }
     let parts = &parts[..n];
     let fast = k <= SIMD_MAX_PARTS && simd_available();
@@ -1152,6 +1256,22 @@ mod tests {
                     );
                 }
                 assert!(want.iter().any(|w| w.abs() > 1.0));
+            }
+        }
+    }
+
+    /// The vectorised part ids are the reference hash's, for any key, offset, K and length.
+    #[test]
+    fn part_ids_match_fill_parts() {
+        for (key, start) in [(0u64, 0usize), (u64::MAX - 3, 5), (block_key(7, "w"), 8191)] {
+            for k in [2, 3, 8, 9, 255] {
+                for n in [0, 1, 7, 8, 9, 100, 8192] {
+                    let mut got = vec![0u8; n];
+                    let mut want = vec![0u8; n];
+                    part_ids(key, k, start, &mut got);
+                    fill_parts(key, k, start, &mut want);
+                    assert_eq!(got, want, "key {key}, start {start}, k {k}, n {n}");
+                }
             }
         }
     }

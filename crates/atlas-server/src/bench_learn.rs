@@ -45,6 +45,13 @@ pub struct LearnArgs {
     /// A tiny tower instead of ViT-B/32, to check the command quickly.
     #[arg(long)]
     tiny: bool,
+    /// Time only the host work around the model (compose, and the reduction of a random
+    /// gradient), without forward or backward: quick, steadier figures for those kernels.
+    #[arg(long)]
+    host_only: bool,
+    /// Parts per block (aTLAS×K) for --host-only; 1 is one coefficient per block.
+    #[arg(long, default_value_t = 1)]
+    parts: usize,
 }
 
 pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
@@ -109,6 +116,9 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         },
         coefs.values.len(),
     );
+    if a.host_only {
+        return host_only(&a, &cfg, &bb, &tvs, &coefs, setup.elapsed().as_secs_f64());
+    }
     let graph = match a.mode {
         Mode::Graph => Some(GraphComposition::new(&bb, &tvs)?),
         Mode::Leaves => None,
@@ -175,6 +185,68 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         "phase_ms_all": phases,
         "peak_rss_gib_after_setup": rss_setup, "peak_rss_gib": peak_rss_gib(),
         "task_vector_gib": tvs.iter().map(|t| t.nbytes()).sum::<usize>() as f64 / (1u64 << 30) as f64,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// `--host-only`: compose θ, then reduce a random gradient against every task vector.
+fn host_only(
+    a: &LearnArgs,
+    cfg: &ClipConfig,
+    bb: &Backbone,
+    tvs: &[Arc<TaskVector>],
+    coefs: &Coefficients,
+    setup_s: f64,
+) -> anyhow::Result<()> {
+    let m = bb.manifest();
+    let coefs = if a.parts > 1 {
+        let layout = Layout::PerPart {
+            k: a.parts,
+            seed: 1,
+        };
+        let n = layout.len(a.n_tv, m.len());
+        Coefficients::new(
+            layout,
+            a.n_tv,
+            m.len(),
+            (0..n).map(|i| (i % 11) as f64 * 0.1 - 0.5).collect(),
+        )?
+    } else {
+        coefs.clone()
+    };
+    let grads = random_blocks(cfg, 99, 1.0, false);
+    let (mut compose_ms, mut reduce_ms) = (Vec::new(), Vec::new());
+    for i in 0..=a.iters {
+        let t = Instant::now();
+        let theta: Vec<Vec<f32>> = atlas_core::compose(m, bb.base_blocks(), tvs, &coefs)?;
+        let c = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let full = atlas_core::reduce_gradient(m, &grads, tvs, &coefs)?;
+        let r = t.elapsed().as_secs_f64() * 1e3;
+        std::hint::black_box((theta, full));
+        if i > 0 {
+            compose_ms.push(c);
+            reduce_ms.push(r);
+        }
+    }
+    compose_ms.sort_by(f64::total_cmp);
+    reduce_ms.sort_by(f64::total_cmp);
+    let (c, r) = (
+        compose_ms[compose_ms.len() / 2],
+        reduce_ms[reduce_ms.len() / 2],
+    );
+    eprintln!(
+        "host only, n_tv {}, parts {}: compose {c:.1} ms, reduce {r:.1} ms (medians of {})",
+        a.n_tv,
+        a.parts,
+        compose_ms.len()
+    );
+    let out = serde_json::json!({
+        "mode": "host_only", "n_tv": a.n_tv, "parts": a.parts, "store": a.store, "tiny": a.tiny,
+        "threads": rayon::current_num_threads(), "setup_s": setup_s,
+        "compose_ms_median": c, "reduce_ms_median": r,
+        "compose_ms_all": compose_ms, "reduce_ms_all": reduce_ms,
     });
     println!("{out}");
     Ok(())
