@@ -35,5 +35,9 @@ export LD_LIBRARY_PATH=$links:$cu13:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 
 ATLAS=$here/atlas-serve DEVICE=cuda ITERS=${ITERS:-20} MAX_SECONDS=${MAX_SECONDS:-20} \
   "$here/classify.sh" "$ref" "$py" "$out/classify"
+# One aTLAS learning step (8 task vectors, f32) at the reference's batch sizes, then PyTorch's.
+for b in 8 32 128; do
+  "$here/atlas-serve" bench-learn --device cuda --batch "$b" --iters 5 > "$out/learn_cuda_bs$b.json"
+done
 "$py" "$ref" --only copy,compose,learn --learn-batches 8,32,128 > "$out/torch_reference.json"
 echo "results in $out"

@@ -142,11 +142,7 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let dev = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
-        d => bail!("unknown device {d:?} (cpu or cuda)"),
-    };
+    let dev = open_device(&a.device)?;
     let threads = candle_core::utils::get_num_threads();
     println!(
         "{:<6} {:<5} {:>6} {:>11} {:>11} {:>10} {:>6}",
@@ -196,4 +192,13 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cpu`, or `cuda` (GPU 0; needs a build with the `cuda` feature).
+pub fn open_device(name: &str) -> anyhow::Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
+        d => bail!("unknown device {d:?} (cpu or cuda)"),
+    })
 }

@@ -13,7 +13,7 @@ use atlas_clip::model::normalize;
 use atlas_clip::{Backbone, ClipConfig, LoadOptions, VisionTower};
 use atlas_core::{Buffer, Coefficients, Layout, StoreDType, TaskVector, TaskVectorMeta};
 use atlas_learn::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -52,6 +52,9 @@ pub struct LearnArgs {
     /// Parts per block (aTLAS×K) for --host-only; 1 is one coefficient per block.
     #[arg(long, default_value_t = 1)]
     parts: usize,
+    /// cpu, or cuda (GPU 0; needs a build with the `cuda` feature). Peak RSS stays the host's.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
@@ -63,9 +66,14 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         text: None,
         projection_dim: proj,
     };
+    let dev = crate::bench_classify::open_device(&a.device)?;
     let setup = Instant::now();
     let base = random_blocks(&cfg, 0, 0.02, true);
-    let bb = Backbone::from_vision_blocks("random", cfg.clone(), base, LoadOptions::default())?;
+    let opts = LoadOptions {
+        device: dev.clone(),
+        ..LoadOptions::default()
+    };
+    let bb = Backbone::from_vision_blocks("random", cfg.clone(), base, opts)?;
     let nb = bb.manifest().len();
     let tvs: Vec<Arc<TaskVector>> = (0..a.n_tv)
         .map(|i| {
@@ -86,18 +94,18 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let head = normalize(&Tensor::randn(0f32, 1.0, (10, proj), &Device::Cpu)?)?;
+    let head = normalize(&Tensor::randn(0f32, 1.0, (10, proj), &dev)?)?;
     let labels = Tensor::new(
         (0..a.batch)
             .map(|_| rng.gen_range(0..10u32))
             .collect::<Vec<_>>(),
-        &Device::Cpu,
+        &dev,
     )?;
     let pixels = Tensor::randn(
         0f32,
         1.0,
         (a.batch, 3, vision.image_size, vision.image_size),
-        &Device::Cpu,
+        &dev,
     )?;
     let loss = |tower: &VisionTower| -> atlas_clip::Result<Tensor> {
         let emb = normalize(&tower.forward(&pixels)?)?;
@@ -177,7 +185,7 @@ pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
         eprintln!("  {:<9} {:8.1} ms", "other", step_ms - accounted);
     }
     let out = serde_json::json!({
-        "mode": a.mode, "batch": a.batch, "n_tv": a.n_tv, "store": a.store, "tiny": a.tiny,
+        "mode": a.mode, "device": a.device, "batch": a.batch, "n_tv": a.n_tv, "store": a.store, "tiny": a.tiny,
         "threads": rayon::current_num_threads(), "setup_s": setup_s,
         "ms_per_step_median": step_ms, "ms_per_step_all": times,
         "phase_ms_median": phase_ms.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms)))
@@ -291,7 +299,7 @@ impl GraphComposition {
                 let spec = &block.tensors[0];
                 out.insert(
                     spec.name.clone(),
-                    Tensor::from_vec(f(b), spec.shape.as_slice(), &Device::Cpu)?,
+                    Tensor::from_vec(f(b), spec.shape.as_slice(), bb.device())?,
                 );
             }
             Ok(out)
@@ -314,7 +322,7 @@ impl GraphComposition {
         let lam = Var::from_vec(
             coefs.values.iter().map(|&v| v as f32).collect::<Vec<_>>(),
             coefs.values.len(),
-            &Device::Cpu,
+            bb.device(),
         )?;
         let mut weights = HashMap::new();
         for (b, block) in bb.manifest().blocks().iter().enumerate() {
