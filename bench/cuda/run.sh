@@ -7,7 +7,9 @@
 # Runs, in one sitting: `atlas-serve bench kernels --device cuda` (the custom kernels' self-check,
 # first; kernels.txt), `atlas-serve bench compose --device cuda`, then `atlas-serve bench
 # classify --device cuda` and torch_reference.py on the same figures, alternating (classify.sh),
-# then torch_reference.py's copy, compose and learn parts. Results and ratios land in the out dir (default $OUT, else ./results-gpu).
+# `atlas-serve bench-learn --device cuda` at batch 8, 32 and 128, then torch_reference.py's
+# copy, compose and learn parts. Results and ratios land in the out dir (default $OUT, else
+# ./results-gpu).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 ref=${1:?usage: run.sh <torch_reference.py> [python] [out dir]}
