@@ -121,3 +121,130 @@ __device__ void compose_impl(const float* __restrict__ base, const uint64_t* __r
 COMPOSE(compose_f32, float)
 COMPOSE(compose_f16, __half)
 COMPOSE(compose_bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------
+// Gradient reduction: dots[i, b, p] = sum over the elements j of block b in part p of
+// grad[j] * tau_i[j] (atlas_core::reduce_gradient on the device), in two stages:
+//   1. reduce_partial: one thread block per tile (at most TILE_GROUPS groups of one block).
+//      Each thread accumulates its groups in f32 registers (K <= REG_PARTS; larger K adds into
+//      shared memory with atomics), the warps reduce by shuffles and thread p sums the warps'
+//      values in warp order, writing partials[i, tile, p]. The task vectors are taken one after
+//      the other by the same thread block, so the tile's gradient (TILE_GROUPS * 32 bytes) is
+//      read from DRAM once and re-read from cache.
+//   2. reduce_finish: one thread per (i, b, p) sums the partials of b's tiles in tile order, in
+//      f64, so the result does not depend on scheduling (except K > REG_PARTS, whose shared
+//      atomics add in any order).
+// Pairs (i, b) whose task-vector block is all zero (nonzero[i * n_blocks + b] == 0) are skipped
+// as on the host: they read nothing and give exactly zero.
+
+#define TILE_GROUPS 2048
+#define REG_PARTS 8
+#define MAX_PARTS 256
+#define WARPS_MAX 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// grad: flat f32 gradient (layout of the composition, zero padding). tile_first: [n_blocks + 1]
+// first tile of each block. partials: [n_tv, n_tiles, k].
+extern "C" __global__ void reduce_partial(const float* __restrict__ grad,
+                                          const uint64_t* __restrict__ taus,
+                                          const int32_t* __restrict__ dtypes,
+                                          const uint8_t* __restrict__ nonzero,
+                                          const uint64_t* __restrict__ keys,
+                                          const uint32_t* __restrict__ block_groups,
+                                          const uint32_t* __restrict__ tile_first, int n_blocks,
+                                          int n_tv, uint32_t k, uint32_t n_tiles,
+                                          float* __restrict__ partials) {
+  __shared__ float warp_acc[WARPS_MAX][REG_PARTS];
+  __shared__ float sums[MAX_PARTS];
+  const uint32_t tile = blockIdx.x;
+  if (tile >= n_tiles) return;
+  const int b = find_block(tile_first, n_blocks, tile);
+  const uint32_t g_block = block_groups[b];
+  const uint32_t g0 = g_block + (tile - tile_first[b]) * TILE_GROUPS;
+  const uint32_t g1 = min(g0 + TILE_GROUPS, block_groups[b + 1]);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_warps = (blockDim.x + 31) >> 5;
+  for (int i = 0; i < n_tv; i++) {
+    float* out = partials + ((size_t)i * n_tiles + tile) * k;
+    if (!nonzero[(size_t)i * n_blocks + b]) {
+      for (uint32_t p = threadIdx.x; p < k; p += blockDim.x) out[p] = 0.0f;
+      continue;
+    }
+    const void* tau_p = (const void*)taus[i];
+    const int dt = dtypes[i];
+    if (k <= REG_PARTS) {
+      float acc[REG_PARTS];
+      #pragma unroll
+      for (int p = 0; p < REG_PARTS; p++) acc[p] = 0.0f;
+      for (uint32_t g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
+        float gv[GROUP], tv[GROUP];
+        load8(grad, TAU_F32, g, gv);
+        load8(tau_p, dt, g, tv);
+        if (k == 1) {
+          #pragma unroll
+          for (int e = 0; e < GROUP; e++) acc[0] = fmaf(gv[e], tv[e], acc[0]);
+        } else {
+          const uint64_t j0 = (uint64_t)(g - g_block) * GROUP;
+          #pragma unroll
+          for (int e = 0; e < GROUP; e++) {
+            const uint32_t pe = part_of(keys[b], j0 + e, k);
+            const float prod = gv[e] * tv[e];
+            #pragma unroll
+            for (int p = 0; p < REG_PARTS; p++) acc[p] += pe == (uint32_t)p ? prod : 0.0f;
+          }
+        }
+      }
+      #pragma unroll
+      for (int p = 0; p < REG_PARTS; p++) {
+        if ((uint32_t)p < k) {
+          const float v = warp_sum(acc[p]);
+          if (lane == 0) warp_acc[warp][p] = v;
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x < k) {
+        float s = 0.0f;
+        for (int w = 0; w < n_warps; w++) s += warp_acc[w][threadIdx.x];
+        out[threadIdx.x] = s;
+      }
+      __syncthreads();  // warp_acc is reused by the next task vector
+    } else {
+      for (uint32_t p = threadIdx.x; p < k; p += blockDim.x) sums[p] = 0.0f;
+      __syncthreads();
+      for (uint32_t g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
+        float gv[GROUP], tv[GROUP];
+        load8(grad, TAU_F32, g, gv);
+        load8(tau_p, dt, g, tv);
+        const uint64_t j0 = (uint64_t)(g - g_block) * GROUP;
+        #pragma unroll
+        for (int e = 0; e < GROUP; e++) atomicAdd(&sums[part_of(keys[b], j0 + e, k)], gv[e] * tv[e]);
+      }
+      __syncthreads();
+      for (uint32_t p = threadIdx.x; p < k; p += blockDim.x) out[p] = sums[p];
+      __syncthreads();  // sums is reset for the next task vector
+    }
+  }
+}
+
+// dots: [n_tv, n_blocks, k] f64.
+extern "C" __global__ void reduce_finish(const float* __restrict__ partials,
+                                         const uint32_t* __restrict__ tile_first, int n_blocks,
+                                         int n_tv, uint32_t k, uint32_t n_tiles,
+                                         double* __restrict__ dots) {
+  const size_t n = (size_t)n_tv * n_blocks * k;
+  for (size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x; x < n;
+       x += (size_t)gridDim.x * blockDim.x) {
+    const uint32_t p = x % k;
+    const int b = (int)((x / k) % n_blocks);
+    const int i = (int)(x / ((size_t)k * n_blocks));
+    double s = 0.0;
+    for (uint32_t t = tile_first[b]; t < tile_first[b + 1]; t++)
+      s += (double)partials[((size_t)i * n_tiles + t) * k + p];
+    dots[x] = s;
+  }
+}

@@ -7,6 +7,10 @@
 //! [`ComposeOp`] is a candle custom op on the flat θ0: on CUDA it launches the kernel, on the
 //! CPU it is the host composition ([`atlas_core::compose`]), so the contract is tested here
 //! against plain candle ops.
+//!
+//! [`ReduceOp`] is the learning step's other half: ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block and part from
+//! the flat gradient and the resident task vectors (the `reduce_*` kernels in `compose.cu`; on
+//! the CPU, [`atlas_core::reduce_gradient`]).
 
 use crate::{ClipError, Result};
 use atlas_core::{Buffer, Coefficients, Manifest, StoreDType, TaskVector};
@@ -118,6 +122,80 @@ impl CustomOp1 for ComposeOp<'_> {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         cuda::compose(self, s, l)
+    }
+}
+
+/// Work items (groups of [`GROUP`] elements) per tile of the device reduction; a tile lies in
+/// one block (as `TILE_GROUPS` in `kernels/compose.cu`).
+pub const REDUCE_TILE_GROUPS: usize = 2048;
+
+impl FlatLayout {
+    /// First tile of every block, then the number of tiles, for tiles of `REDUCE_TILE_GROUPS`
+    /// work items that never straddle two blocks.
+    pub fn block_tiles(&self) -> Vec<u32> {
+        let groups = self.block_groups();
+        let mut out = Vec::with_capacity(groups.len());
+        let mut t = 0usize;
+        for w in groups.windows(2) {
+            out.push(t as u32);
+            t += ((w[1] - w[0]) as usize).div_ceil(REDUCE_TILE_GROUPS);
+        }
+        out.push(t as u32);
+        out
+    }
+}
+
+/// ⟨∂L/∂θ^(b), τ_i^(b)⟩ per task vector, block and part: applied to the flat f32 gradient
+/// (the composition's [`FlatLayout`], zero padding), gives the `[n_tv, n_blocks, K]` grid in
+/// f64 that [`atlas_core::reduce_gradient`] gives, to be folded by
+/// [`Coefficients::fold_gradient`]. `device_tvs` are the task vectors flat on the device (what
+/// the CUDA kernel reads); the CPU fallback is `atlas_core::reduce_gradient` over `tvs`.
+pub struct ReduceOp<'a> {
+    pub manifest: &'a Manifest,
+    pub layout: &'a FlatLayout,
+    pub tvs: &'a [Arc<TaskVector>],
+    pub device_tvs: &'a [Tensor],
+    pub coefs: &'a Coefficients,
+}
+
+impl ReduceOp<'_> {
+    /// Elements of the result.
+    pub fn len(&self) -> usize {
+        self.tvs.len() * self.layout.n_blocks() * self.coefs.parts()
+    }
+
+    /// Whether the result is empty (no task vectors).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl CustomOp1 for ReduceOp<'_> {
+    fn name(&self) -> &'static str {
+        "atlas-reduce"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let grad = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) if b - a == self.layout.total => &v[a..b],
+            _ => candle_core::bail!("atlas-reduce: ∂L/∂θ must be a contiguous flat f32 tensor"),
+        };
+        let blocks: Vec<&[f32]> = (0..self.layout.n_blocks())
+            .map(|b| &grad[self.layout.block(b)])
+            .collect();
+        let full = atlas_core::reduce_gradient(self.manifest, &blocks, self.tvs, self.coefs)
+            .map_err(candle_core::Error::wrap)?;
+        let n = full.len();
+        Ok((CpuStorage::F64(full), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::reduce(self, s, l)
     }
 }
 
@@ -284,6 +362,34 @@ impl DeviceComposer {
         Ok(self.base.apply_op1_no_bwd(&op)?)
     }
 
+    /// ∂L/∂Λ over the full `[n_tv, n_blocks, K]` grid (f64, on the host) from the flat f32
+    /// gradient on the device, by [`ReduceOp`] over the resident task vectors.
+    pub fn reduce_flat(
+        &self,
+        grad: &Tensor,
+        tvs: &[Arc<TaskVector>],
+        coefs: &Coefficients,
+    ) -> Result<Vec<f64>> {
+        if coefs.n_tv != tvs.len() || coefs.n_blocks != self.manifest.len() {
+            return Err(ClipError::Config(format!(
+                "coefficients are for {} task vectors × {} blocks, the reduction has {} × {}",
+                coefs.n_tv,
+                coefs.n_blocks,
+                tvs.len(),
+                self.manifest.len()
+            )));
+        }
+        let device_tvs = self.resident(tvs)?;
+        let op = ReduceOp {
+            manifest: &self.manifest,
+            layout: &self.layout,
+            tvs,
+            device_tvs: &device_tvs,
+            coefs,
+        };
+        Ok(grad.apply_op1_no_bwd(&op)?.to_vec1::<f64>()?)
+    }
+
     /// θ as named tensors (views into one flat buffer) at `dtype` on the device.
     pub fn compose(
         &self,
@@ -317,8 +423,10 @@ mod cuda {
     //! one small table, so a composition is a single launch over every block.
 
     use super::ComposeOp;
-    use crate::cuda_kernels::{grid, view, COMPOSE};
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, PushKernelArg};
+    use crate::cuda_kernels::{grid, view, COMPOSE, THREADS};
+    use candle_core::cuda_backend::cudarc::driver::{
+        DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
     use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage};
     use half::{bf16, f16};
@@ -341,6 +449,125 @@ mod cuda {
     /// A device address and its use record, with the kernel's dtype code (as `compose.cu`).
     fn with_code<R>((ptr, rec): (u64, R), code: i32) -> (u64, R, i32) {
         (ptr, rec, code)
+    }
+
+    pub fn reduce(
+        op: &super::ReduceOp,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let total = op.layout.total();
+        let grad = view::<f32>(s, l, op.name())?;
+        if grad.len() != total {
+            candle_core::bail!(
+                "atlas-reduce: ∂L/∂θ has {} elements, not {total}",
+                grad.len()
+            );
+        }
+        let dev = &s.device;
+        let stream = dev.cuda_stream();
+        let n_out = op.len();
+        let n_blocks = op.layout.n_blocks();
+        let k = op.coefs.parts();
+        if op.device_tvs.len() != op.tvs.len() {
+            candle_core::bail!("atlas-reduce: the task vectors on the device do not match");
+        }
+        // The read guards and the addresses' use records live until the launches are queued.
+        let guards: Vec<_> = op
+            .device_tvs
+            .iter()
+            .map(|t| t.storage_and_layout())
+            .collect();
+        let mut ptrs = Vec::with_capacity(guards.len());
+        let mut dtypes = Vec::with_capacity(guards.len());
+        let mut records = Vec::with_capacity(guards.len());
+        for (g, tl) in &guards {
+            let (Storage::Cuda(cs), true) = (&**g, tl.is_contiguous() && tl.start_offset() == 0)
+            else {
+                candle_core::bail!("atlas-reduce: a task vector is not flat on the device");
+            };
+            if tl.shape().elem_count() != total {
+                candle_core::bail!("atlas-reduce: a task vector has the wrong length");
+            }
+            let (ptr, rec, code) = match &cs.slice {
+                CudaStorageSlice::F32(x) => with_code(x.device_ptr(&stream), 0),
+                CudaStorageSlice::F16(x) => with_code(x.device_ptr(&stream), 1),
+                CudaStorageSlice::BF16(x) => with_code(x.device_ptr(&stream), 2),
+                _ => candle_core::bail!("atlas-reduce: task vectors are f32, f16 or bf16"),
+            };
+            ptrs.push(ptr);
+            records.push(rec);
+            dtypes.push(code);
+        }
+        let nonzero: Vec<u8> = op
+            .tvs
+            .iter()
+            .flat_map(|tv| (0..n_blocks).map(move |b| u8::from(!tv.block(b).is_zero())))
+            .collect();
+        let (_, keys) = super::kernel_coefficients(op.manifest, op.coefs);
+        let groups = op.layout.block_groups();
+        let tiles = op.layout.block_tiles();
+        let n_tiles = *tiles.last().expect("n_blocks + 1 entries") as usize;
+        let out = dev.alloc_zeros::<f64>(n_out.max(1))?;
+        if n_out == 0 || n_tiles == 0 {
+            drop(records);
+            return Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from(n_out),
+            ));
+        }
+        let ptrs_d = dev.clone_htod(&ptrs)?;
+        let dtypes_d = dev.clone_htod(&dtypes)?;
+        let nonzero_d = dev.clone_htod(&nonzero)?;
+        let keys_d = dev.clone_htod(&keys)?;
+        let groups_d = dev.clone_htod(&groups)?;
+        let tiles_d = dev.clone_htod(&tiles)?;
+        // SAFETY: every element is written by reduce_partial below.
+        let partials = unsafe { dev.alloc::<f32>(op.tvs.len() * n_tiles * k)? };
+        let func = dev.get_or_load_custom_func("reduce_partial", "atlas_compose", COMPOSE)?;
+        let mut b = func.builder();
+        b.arg(&grad);
+        b.arg(&ptrs_d);
+        b.arg(&dtypes_d);
+        b.arg(&nonzero_d);
+        b.arg(&keys_d);
+        b.arg(&groups_d);
+        b.arg(&tiles_d);
+        candle_core::builder_arg!(
+            b,
+            n_blocks as i32,
+            ptrs.len() as i32,
+            k as u32,
+            n_tiles as u32
+        );
+        b.arg(&partials);
+        let cfg = LaunchConfig {
+            grid_dim: (n_tiles as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches the kernel's signature; every τ address is a live
+        // allocation of `total` elements held by `guards`; one thread block per tile.
+        unsafe { b.launch(cfg) }.w()?;
+        let func = dev.get_or_load_custom_func("reduce_finish", "atlas_compose", COMPOSE)?;
+        let mut b = func.builder();
+        b.arg(&partials);
+        b.arg(&tiles_d);
+        candle_core::builder_arg!(
+            b,
+            n_blocks as i32,
+            ptrs.len() as i32,
+            k as u32,
+            n_tiles as u32
+        );
+        b.arg(&out);
+        // SAFETY: the argument list matches the kernel's signature (grid-stride over n_out).
+        unsafe { b.launch(grid(n_out, 1 << 12)) }.w()?;
+        drop(records);
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(n_out),
+        ))
     }
 
     fn launch<O: CudaDType + DeviceRepr>(
@@ -556,6 +783,72 @@ mod tests {
             let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(got, host[loc.block][loc.offset..loc.offset + loc.numel]);
         }
+    }
+
+    /// The reduction op's CPU path on a flat gradient (with padding) is `reduce_gradient` over
+    /// the gradient's blocks, per block and per part, τ at f16 and f32 (and an all-zero τ block).
+    #[test]
+    fn reduce_op_matches_the_host_reduction() {
+        let m = manifest();
+        let dc = composer(&m);
+        let grads: Vec<Vec<f32>> = m
+            .blocks()
+            .iter()
+            .enumerate()
+            .map(|(b, bl)| pseudo(300 + b as u64, bl.numel()))
+            .collect();
+        // Padding set to garbage first: the op reads only each block's own elements.
+        let mut flat = vec![7f32; dc.layout().total()];
+        for (b, g) in grads.iter().enumerate() {
+            flat[dc.layout().block(b)].copy_from_slice(g);
+        }
+        let flat = Tensor::from_vec(flat, dc.layout().total(), &Device::Cpu).unwrap();
+        let zero_block = {
+            let deltas = m.tensor_specs().map(|(t, _)| Delta {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                data: if t.name == "w" {
+                    vec![0.0; t.numel()]
+                } else {
+                    pseudo(9, t.numel())
+                },
+            });
+            let meta = TaskVectorMeta {
+                name: "sparse".into(),
+                ..Default::default()
+            };
+            Arc::new(
+                TaskVector::from_deltas(&m, meta, StoreDType::F16, deltas, &|_| false).unwrap(),
+            )
+        };
+        for store in [StoreDType::F16, StoreDType::F32] {
+            let tvs = vec![tv(&m, 6, store), tv(&m, 7, store), zero_block.clone()];
+            for layout in [CLayout::PerBlock, CLayout::PerPart { k: 3, seed: 2 }] {
+                let n = layout.len(tvs.len(), m.len());
+                let values = (0..n).map(|x| x as f64 * 0.05 - 0.3).collect();
+                let coefs = Coefficients::new(layout, tvs.len(), m.len(), values).unwrap();
+                let got = dc.reduce_flat(&flat, &tvs, &coefs).unwrap();
+                let want = atlas_core::reduce_gradient(&m, &grads, &tvs, &coefs).unwrap();
+                assert_eq!(got.len(), tvs.len() * m.len() * coefs.parts());
+                assert_eq!(got, want, "{store:?} {layout:?}");
+                assert!(want.iter().any(|&x| x != 0.0));
+            }
+        }
+        let coefs = Coefficients::zeros(CLayout::PerBlock, 2, m.len()).unwrap();
+        assert!(dc
+            .reduce_flat(&flat, &[tv(&m, 1, StoreDType::F16)], &coefs)
+            .is_err());
+    }
+
+    #[test]
+    fn reduce_tiles_cover_every_block_without_straddling() {
+        let m = Manifest::new(vec![
+            Block::single(TensorSpec::new("a", &[REDUCE_TILE_GROUPS * GROUP * 2 + 1])),
+            Block::single(TensorSpec::new("b", &[3])),
+        ])
+        .unwrap();
+        let l = FlatLayout::new(&m);
+        assert_eq!(l.block_tiles(), vec![0, 3, 4]);
     }
 
     #[test]

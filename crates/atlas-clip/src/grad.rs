@@ -1,14 +1,15 @@
 //! ∂L/∂Λ without putting the composition in the autograd graph: compose θ = θ0 + Σ Λ τ with no
 //! graph, make the composed tensors the leaves, back-propagate the loss to them, then reduce
 //! ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block (and part) with atlas-core's fused reduction. Peak memory is
-//! one copy of θ and its gradient, whatever the number of task vectors.
+//! one copy of θ and its gradient, whatever the number of task vectors. Off the CPU the same
+//! step composes and reduces on the device (`device_gradient`), with the resident task vectors.
 
 use crate::backbone::Backbone;
 use crate::model::{VisionTower, WeightSource};
 use crate::Result;
 use atlas_core::compose::{compose_into_uninit, reduce_gradient_pieces};
 use atlas_core::{Coefficients, Manifest, Real, TaskVector};
-use candle_core::{backprop::GradStore, Storage, StorageRef, Tensor, Var, WithDType};
+use candle_core::{backprop::GradStore, DType, Storage, StorageRef, Tensor, Var, WithDType};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -191,7 +192,7 @@ fn compose_tensors<T: Real>(
 /// Wall time of each phase of one [`coefficient_gradient`] call, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct StepPhases {
-    /// θ = θ0 + Σ Λ τ on the host.
+    /// θ = θ0 + Σ Λ τ (on the host; off the CPU, on the device).
     pub compose_ms: f64,
     /// Composed blocks wrapped as candle `Var` leaves.
     pub wrap_ms: f64,
@@ -199,7 +200,8 @@ pub struct StepPhases {
     pub forward_ms: f64,
     /// `backward()` to the leaves.
     pub backward_ms: f64,
-    /// Getting at ∂L/∂θ in the gradient store (in place; a copy only for odd layouts).
+    /// Getting at ∂L/∂θ in the gradient store (in place; a copy only for odd layouts; off the
+    /// CPU, concatenated flat on the device).
     pub copy_out_ms: f64,
     /// ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block and part, then folding to `coefs`' layout.
     pub reduce_ms: f64,
@@ -245,6 +247,9 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
         *slot = (now - clock).as_secs_f64() * 1e3;
         clock = now;
     };
+    if !backbone.device().is_cpu() && T::DTYPE == DType::F32 {
+        return device_gradient(backbone, tvs, coefs, loss);
+    }
     let manifest = backbone.manifest();
     let tensors = compose_tensors::<T>(backbone, tvs, coefs)?;
     lap(&mut ph.compose_ms);
@@ -252,7 +257,7 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
     lap(&mut ph.wrap_ms);
     let tower = backbone.vision(&leaves)?;
     let l = loss(&tower)?;
-    let value = l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let value = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     lap(&mut ph.forward_ms);
     let grads = l.backward()?;
     lap(&mut ph.backward_ms);
@@ -271,6 +276,94 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
     drop(leaves);
     let mut freed = 0.0;
     lap(&mut freed);
+    ph.free_ms += freed;
+    Ok((value, folded, ph))
+}
+
+/// [`coefficient_gradient_timed`] off the CPU (f32): θ composed on the device from the resident
+/// task vectors ([`crate::device_compose::DeviceComposer::compose_flat`]), one [`Var`] per tensor (a view into the flat
+/// θ, with no op of its own, so backward makes no full-size zeros per view), the gradients
+/// concatenated on the device in the flat layout (zeros where the loss does not reach) and
+/// reduced there ([`crate::device_compose::DeviceComposer::reduce_flat`]): only the loss and the `[n_tv, n_blocks, K]`
+/// dot products come back to the host. Each phase ends with the device synchronised.
+fn device_gradient(
+    backbone: &Backbone,
+    tvs: &[Arc<TaskVector>],
+    coefs: &Coefficients,
+    loss: impl FnOnce(&VisionTower) -> Result<Tensor>,
+) -> Result<(f64, Vec<f64>, StepPhases)> {
+    let mut ph = StepPhases::default();
+    let device = backbone.device().clone();
+    let mut clock = Instant::now();
+    let mut lap = |slot: &mut f64| -> Result<()> {
+        device.synchronize()?;
+        let now = Instant::now();
+        *slot = (now - clock).as_secs_f64() * 1e3;
+        clock = now;
+        Ok(())
+    };
+    let dc = backbone.device_composer()?;
+    let flat = dc.compose_flat(tvs, coefs, DType::F32)?;
+    lap(&mut ph.compose_ms)?;
+    let layout = dc.layout();
+    let mut vars = Vec::new();
+    for (b, block) in backbone.manifest().blocks().iter().enumerate() {
+        let mut offset = layout.block(b).start;
+        for spec in &block.tensors {
+            let n = spec.numel();
+            let view = flat.narrow(0, offset, n)?.reshape(spec.shape.as_slice())?;
+            vars.push((spec.name.clone(), Var::from_tensor(&view)?));
+            offset += n;
+        }
+    }
+    let by_name = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let leaves = Leaves { vars, by_name };
+    lap(&mut ph.wrap_ms)?;
+    let tower = backbone.vision(&leaves)?;
+    let l = loss(&tower)?;
+    let value = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    lap(&mut ph.forward_ms)?;
+    let grads = l.backward()?;
+    lap(&mut ph.backward_ms)?;
+    drop(tower);
+    drop(l);
+    lap(&mut ph.free_ms)?;
+    // ∂L/∂θ flat: per block its tensors' gradients then the padding, as the composition lays θ.
+    let mut pieces = Vec::with_capacity(leaves.vars.len() + layout.n_blocks());
+    let mut it = leaves.vars.iter();
+    for (b, block) in backbone.manifest().blocks().iter().enumerate() {
+        for spec in &block.tensors {
+            let (_, var) = it.next().expect("one leaf per tensor");
+            pieces.push(match grads.get(var.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?,
+                None => Tensor::zeros(spec.numel(), DType::F32, &device)?,
+            });
+        }
+        let r = layout.block(b);
+        let end = if b + 1 < layout.n_blocks() {
+            layout.block(b + 1).start
+        } else {
+            layout.total()
+        };
+        if end > r.end {
+            pieces.push(Tensor::zeros(end - r.end, DType::F32, &device)?);
+        }
+    }
+    let grad = Tensor::cat(&pieces, 0)?;
+    drop(pieces);
+    lap(&mut ph.copy_out_ms)?;
+    let full = dc.reduce_flat(&grad, tvs, coefs)?;
+    let folded = coefs.fold_gradient(&full);
+    lap(&mut ph.reduce_ms)?;
+    drop(grad);
+    drop(grads);
+    drop(leaves);
+    drop(flat);
+    let mut freed = 0.0;
+    lap(&mut freed)?;
     ph.free_ms += freed;
     Ok((value, folded, ph))
 }
@@ -417,6 +510,39 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-5 * scale,
+                    "{:?}[{i}]: {a} vs {b}",
+                    coefs.layout
+                );
+            }
+        }
+    }
+
+    /// The device step (composition and reduction by the custom ops, here their CPU
+    /// fallbacks; leaves as views into the flat θ; gradients concatenated flat with padding)
+    /// gives the loss and ∂L/∂Λ of the host step.
+    #[test]
+    fn device_step_matches_the_host_step() {
+        let (bb, tvs) = setup();
+        let pixels = Tensor::new(pseudo(11, 3 * 3 * 8 * 8, 1.0), &Device::Cpu)
+            .unwrap()
+            .reshape((3, 3, 8, 8))
+            .unwrap();
+        let loss = |t: &VisionTower| Ok(t.forward(&pixels)?.sqr()?.sum_all()?);
+        for coefs in layouts(bb.manifest().len()) {
+            let (v_host, g_host, _) =
+                coefficient_gradient_timed::<f32>(&bb, &tvs, &coefs, loss).unwrap();
+            let (v_dev, g_dev, ph) = device_gradient(&bb, &tvs, &coefs, loss).unwrap();
+            assert!(ph.total_ms() >= 0.0);
+            assert!(
+                (v_host - v_dev).abs() <= 1e-5 * v_host.abs(),
+                "{v_host} vs {v_dev}"
+            );
+            assert_eq!(g_host.len(), g_dev.len());
+            let scale = g_host.iter().fold(0f64, |m, w| m.max(w.abs()));
+            assert!(scale > 0.0);
+            for (i, (a, b)) in g_dev.iter().zip(&g_host).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * scale,
                     "{:?}[{i}]: {a} vs {b}",
                     coefs.layout
                 );

@@ -1,8 +1,9 @@
 //! `atlas-serve bench kernels`: every custom op (the fused inference ops, fused attention, the
-//! composition) on random inputs, each dtype, a few shapes including odd sizes, against the same
-//! computation in plain candle ops (in f32, then cast) on the same device. On CUDA that checks
-//! the kernels; on the CPU it checks the CPU fallbacks. Prints the largest errors, pass or fail, and the time
-//! of each fused op next to its plain-op version; any failure makes the command fail.
+//! composition, the gradient reduction) on random inputs, each dtype, a few shapes including
+//! odd sizes, against the same computation in plain candle ops (in f32, then cast) on the same
+//! device. On CUDA that checks the kernels; on the CPU it checks the CPU fallbacks. Prints the
+//! largest errors, pass or fail, and the time of each fused op next to its plain-op version; any
+//! failure makes the command fail.
 
 use anyhow::{bail, Context};
 use atlas_clip::config::Activation;
@@ -192,6 +193,7 @@ pub fn check_all(dev: &Device) -> anyhow::Result<Vec<Check>> {
         out.extend(check_attention(dtype, dev)?);
     }
     out.extend(check_compose(dev)?);
+    out.extend(check_reduce(dev)?);
     Ok(out)
 }
 
@@ -328,6 +330,75 @@ fn check_compose(dev: &Device) -> anyhow::Result<Vec<Check>> {
                 &want,
             )?);
         }
+    }
+    Ok(out)
+}
+
+/// The gradient reduction ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block (and part: K = 3 in registers, K = 11
+/// through shared memory), τ at f16, bf16 and f32 together, against `(g · τ · mask).sum_all()`
+/// per (block, τ, part) in plain ops. Both sum in f32 in different orders, so the error is
+/// measured against 1e-5 × Σ|g τ| of the entry (a bound on the rounding of either sum).
+fn check_reduce(dev: &Device) -> anyhow::Result<Vec<Check>> {
+    let m = small_manifest()?;
+    let base = crate::bench::random_blocks(&m, 3, 0.02);
+    let stores = [StoreDType::F16, StoreDType::BF16, StoreDType::F32];
+    let tvs: Vec<Arc<TaskVector>> = stores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| crate::bench::random_task_vector(&m, i, s).map(Arc::new))
+        .collect::<anyhow::Result<_>>()?;
+    let dc = DeviceComposer::new(m.clone(), &base, dev)?;
+    let grads = crate::bench::random_blocks(&m, 9, 1.0);
+    let flat = dc
+        .layout()
+        .flatten(|b, out: &mut [f32]| out.copy_from_slice(&grads[b]));
+    let flat = Tensor::from_vec(flat, dc.layout().total(), dev)?;
+    let device_tvs = dc.resident(&tvs)?;
+    let mut out = Vec::new();
+    for layout in [
+        Layout::PerBlock,
+        Layout::PerPart { k: 3, seed: 4 },
+        Layout::PerPart { k: 11, seed: 5 },
+    ] {
+        let coefs = crate::bench::random_coefficients(layout, tvs.len(), m.len())?;
+        let k = coefs.parts();
+        let got = dc.reduce_flat(&flat, &tvs, &coefs)?;
+        let (mut max_abs, mut worst) = (0f32, 0f32);
+        for (b, block) in m.blocks().iter().enumerate() {
+            let r = dc.layout().block(b);
+            let g = flat.narrow(0, r.start, r.len())?;
+            let key = match layout {
+                Layout::PerPart { seed, .. } => block_key(seed, &block.name),
+                _ => 0,
+            };
+            for p in 0..k {
+                let mask: Vec<f32> = (0..r.len())
+                    .map(|j| f32::from(k == 1 || part_of(key, j, k) == p))
+                    .collect();
+                let gm = (&g * Tensor::from_vec(mask, r.len(), dev)?)?;
+                for (i, t) in device_tvs.iter().enumerate() {
+                    let tau = t.narrow(0, r.start, r.len())?.to_dtype(DType::F32)?;
+                    let prod = (&gm * tau)?;
+                    let want = prod.sum_all()?.to_scalar::<f32>()?;
+                    let l1 = prod.abs()?.sum_all()?.to_scalar::<f32>()?;
+                    let e = (got[(i * m.len() + b) * k + p] as f32 - want).abs();
+                    let r = e / (1e-5 * l1 + f32::MIN_POSITIVE);
+                    max_abs = if e.is_nan() { f32::NAN } else { max_abs.max(e) };
+                    worst = if r.is_nan() || worst.is_nan() {
+                        f32::NAN
+                    } else {
+                        worst.max(r)
+                    };
+                }
+            }
+        }
+        out.push(Check {
+            op: format!("reduce {}", layout_name(layout)),
+            dtype: DType::F32,
+            dims: vec![tvs.len(), m.len(), k],
+            max_abs,
+            worst,
+        });
     }
     Ok(out)
 }
@@ -485,7 +556,7 @@ mod tests {
     #[test]
     fn cpu_fallbacks_match_plain_ops() {
         let checks = check_all(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 3 * 3 * 6 + 3 * ATTENTION.len() + 6);
+        assert_eq!(checks.len(), 3 * 3 * 6 + 3 * ATTENTION.len() + 6 + 3);
         for c in &checks {
             assert!(c.pass(), "{c}");
         }
