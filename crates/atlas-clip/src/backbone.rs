@@ -203,7 +203,7 @@ impl Backbone {
         tvs: &[Arc<TaskVector>],
         coefs: &Coefficients,
     ) -> Result<HashMap<String, Tensor>> {
-        if self.opts.device.is_cuda() {
+        if self.opts.device.is_cuda() && crate::cuda_kernels_on() {
             return self.device_composer()?.compose(tvs, coefs, self.opts.dtype);
         }
         let blocks: Vec<Vec<f32>> = compose(&self.manifest, &self.base, tvs, coefs)?;

@@ -247,7 +247,7 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
         *slot = (now - clock).as_secs_f64() * 1e3;
         clock = now;
     };
-    if !backbone.device().is_cpu() && T::DTYPE == DType::F32 {
+    if !backbone.device().is_cpu() && T::DTYPE == DType::F32 && crate::cuda_kernels_on() {
         return device_gradient(backbone, tvs, coefs, loss);
     }
     let manifest = backbone.manifest();

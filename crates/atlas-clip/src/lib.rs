@@ -24,3 +24,34 @@ pub use error::{ClipError, Result};
 pub use heads::ZeroShotHead;
 pub use manifest::{vision_manifest, QkvBlocks};
 pub use model::{TextTower, VisionTower, WeightSource};
+
+/// Whether the project's own CUDA kernels (composition, fused epilogues, attention, the
+/// learning step's reduction) may run on a GPU: yes unless `ATLAS_CUDA_KERNELS` is `0`, `off`,
+/// `false` or `no`. With them off the GPU runs plain candle ops, to compare against or to get around a
+/// kernel that fails its check. Read once per process.
+pub fn cuda_kernels_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| kernels_switch(std::env::var("ATLAS_CUDA_KERNELS").ok().as_deref()))
+}
+
+fn kernels_switch(value: Option<&str>) -> bool {
+    !matches!(value.map(str::trim), Some("0" | "off" | "false" | "no"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kernel_switch_is_on_unless_turned_off() {
+        for (v, on) in [
+            (None, true),
+            (Some("1"), true),
+            (Some(""), true),
+            (Some("0"), false),
+            (Some("off"), false),
+            (Some(" false "), false),
+            (Some("no"), false),
+        ] {
+            assert_eq!(super::kernels_switch(v), on, "{v:?}");
+        }
+    }
+}

@@ -36,7 +36,7 @@ pub fn usable(ts: &[&Tensor]) -> bool {
 
 /// Whether the fused ops have a kernel for tensors on `d`.
 pub fn has_kernels(d: &candle_core::Device) -> bool {
-    d.is_cpu() || (cfg!(feature = "cuda") && d.is_cuda())
+    d.is_cpu() || (cfg!(feature = "cuda") && d.is_cuda() && crate::cuda_kernels_on())
 }
 
 /// An element type the kernels read and write; arithmetic is always f32.
