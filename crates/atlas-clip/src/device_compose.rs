@@ -425,10 +425,10 @@ mod cuda {
     use super::ComposeOp;
     use crate::cuda_kernels::{grid, view, COMPOSE, THREADS};
     use candle_core::cuda_backend::cudarc::driver::{
-        DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
-    use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage};
+    use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, StorageRef};
     use half::{bf16, f16};
 
     pub fn compose(op: &ComposeOp, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -449,6 +449,39 @@ mod cuda {
     /// A device address and its use record, with the kernel's dtype code (as `compose.cu`).
     fn with_code<R>((ptr, rec): (u64, R), code: i32) -> (u64, R, i32) {
         (ptr, rec, code)
+    }
+
+    /// The device address, dtype code and use record of every task vector behind `guards`, each
+    /// flat on the device with `total` elements; the records must live until the launch is
+    /// queued.
+    fn tv_addresses<'a>(
+        guards: &'a [(StorageRef<'_>, &Layout)],
+        stream: &'a CudaStream,
+        total: usize,
+        op: &str,
+    ) -> Result<(Vec<u64>, Vec<i32>, Vec<impl Sized + 'a>)> {
+        let mut ptrs = Vec::with_capacity(guards.len());
+        let mut dtypes = Vec::with_capacity(guards.len());
+        let mut records = Vec::with_capacity(guards.len());
+        for (g, tl) in guards {
+            let (Storage::Cuda(cs), true) = (&**g, tl.is_contiguous() && tl.start_offset() == 0)
+            else {
+                candle_core::bail!("{op}: a task vector is not flat on the device");
+            };
+            if tl.shape().elem_count() != total {
+                candle_core::bail!("{op}: a task vector has the wrong length");
+            }
+            let (ptr, rec, code) = match &cs.slice {
+                CudaStorageSlice::F32(x) => with_code(x.device_ptr(stream), 0),
+                CudaStorageSlice::F16(x) => with_code(x.device_ptr(stream), 1),
+                CudaStorageSlice::BF16(x) => with_code(x.device_ptr(stream), 2),
+                _ => candle_core::bail!("{op}: task vectors are f32, f16 or bf16"),
+            };
+            ptrs.push(ptr);
+            records.push(rec);
+            dtypes.push(code);
+        }
+        Ok((ptrs, dtypes, records))
     }
 
     pub fn reduce(
@@ -478,27 +511,7 @@ mod cuda {
             .iter()
             .map(|t| t.storage_and_layout())
             .collect();
-        let mut ptrs = Vec::with_capacity(guards.len());
-        let mut dtypes = Vec::with_capacity(guards.len());
-        let mut records = Vec::with_capacity(guards.len());
-        for (g, tl) in &guards {
-            let (Storage::Cuda(cs), true) = (&**g, tl.is_contiguous() && tl.start_offset() == 0)
-            else {
-                candle_core::bail!("atlas-reduce: a task vector is not flat on the device");
-            };
-            if tl.shape().elem_count() != total {
-                candle_core::bail!("atlas-reduce: a task vector has the wrong length");
-            }
-            let (ptr, rec, code) = match &cs.slice {
-                CudaStorageSlice::F32(x) => with_code(x.device_ptr(&stream), 0),
-                CudaStorageSlice::F16(x) => with_code(x.device_ptr(&stream), 1),
-                CudaStorageSlice::BF16(x) => with_code(x.device_ptr(&stream), 2),
-                _ => candle_core::bail!("atlas-reduce: task vectors are f32, f16 or bf16"),
-            };
-            ptrs.push(ptr);
-            records.push(rec);
-            dtypes.push(code);
-        }
+        let (ptrs, dtypes, records) = tv_addresses(&guards, &stream, total, op.name())?;
         let nonzero: Vec<u8> = op
             .tvs
             .iter()
@@ -585,27 +598,7 @@ mod cuda {
             .iter()
             .map(|t| t.storage_and_layout())
             .collect();
-        let mut ptrs = Vec::with_capacity(guards.len());
-        let mut dtypes = Vec::with_capacity(guards.len());
-        let mut records = Vec::with_capacity(guards.len());
-        for (g, tl) in &guards {
-            let (Storage::Cuda(cs), true) = (&**g, tl.is_contiguous() && tl.start_offset() == 0)
-            else {
-                candle_core::bail!("atlas-compose: a task vector is not flat on the device");
-            };
-            if tl.shape().elem_count() != total {
-                candle_core::bail!("atlas-compose: a task vector has the wrong length");
-            }
-            let (ptr, rec, code) = match &cs.slice {
-                CudaStorageSlice::F32(x) => with_code(x.device_ptr(&stream), 0),
-                CudaStorageSlice::F16(x) => with_code(x.device_ptr(&stream), 1),
-                CudaStorageSlice::BF16(x) => with_code(x.device_ptr(&stream), 2),
-                _ => candle_core::bail!("atlas-compose: task vectors are f32, f16 or bf16"),
-            };
-            ptrs.push(ptr);
-            records.push(rec);
-            dtypes.push(code);
-        }
+        let (ptrs, dtypes, records) = tv_addresses(&guards, &stream, total, op.name())?;
         let (grid_f32, keys) = super::kernel_coefficients(op.manifest, op.coefs);
         let groups = op.layout.block_groups();
         let ptrs_d = dev.clone_htod(&ptrs)?;
