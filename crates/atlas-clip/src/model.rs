@@ -372,32 +372,47 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.attention(&self.ln1.forward(x)?, mask, x)?;
+        self.forward_rows(x, mask, false)
+    }
+
+    /// With `first_only`, only token 0's output ([B, 1, D]) is computed; keys and values still
+    /// come from every token. The image tower pools its class token alone, so its last layer
+    /// skips the other tokens' queries, output projection and MLP (B/32: 9 % of the FLOPs).
+    fn forward_rows(&self, x: &Tensor, mask: Option<&Tensor>, first_only: bool) -> Result<Tensor> {
+        let h = self.attention(&self.ln1.forward(x)?, mask, x, first_only)?;
         let a = self
             .fc1
             .apply(&self.ln2.forward(&h)?, Some(self.act), None)?;
         self.fc2.apply(&a, None, Some(&h))
     }
 
-    /// residual + attention(x).
-    fn attention(&self, x: &Tensor, mask: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+    /// residual + attention(x), for token 0 alone when `first_only`.
+    fn attention(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+        first_only: bool,
+    ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
+        let rows = if first_only { 1 } else { n };
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
         let (q, k, v) = match &self.qkv {
             Qkv::Separate { q, k, v } => {
-                let split = |t: Tensor| -> Result<Tensor> {
-                    Ok(t.reshape((b, n, self.heads, hd))?
-                        .transpose(1, 2)?
-                        .contiguous()?)
-                };
-                let q = split((q.forward(x)? * (hd as f64).powf(-0.5))?)?;
-                let k = split(k.forward(x)?)?.t()?.contiguous()?;
-                (q, k, split(v.forward(x)?)?)
+                let q = q.forward(&x.narrow(1, 0, rows)?)?;
+                let q = split((q * (hd as f64).powf(-0.5))?, rows)?;
+                let k = split(k.forward(x)?, n)?.t()?.contiguous()?;
+                (q, k, split(v.forward(x)?, n)?)
             }
             Qkv::Stacked(qkv) => {
                 let t = qkv.forward(x)?;
                 // On a GPU, one kernel from [B, N, 3·D] straight to [B, N, D].
-                if attention::usable(&t, self.heads, mask) {
+                if !first_only && attention::usable(&t, self.heads, mask) {
                     let ctx = attention::attention(&t, self.heads, mask)?;
                     return self.out.apply(&ctx, None, Some(residual));
                 }
@@ -406,16 +421,23 @@ impl EncoderLayer {
                     .reshape((b, n, 3, self.heads, hd))?
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()?;
-                (t.get(0)?, t.get(1)?.t()?, t.get(2)?)
+                let q = t.get(0)?;
+                let q = if first_only {
+                    q.narrow(2, 0, 1)?.contiguous()?
+                } else {
+                    q
+                };
+                (q, t.get(1)?.t()?, t.get(2)?)
             }
         };
         let mut scores = q.matmul(&k)?;
         if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
+            scores = scores.broadcast_add(&mask.narrow(mask.rank() - 2, 0, rows)?)?;
         }
         let ctx = softmax_last(&scores)?.matmul(&v)?;
-        let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, n, d))?;
-        self.out.apply(&ctx, None, Some(residual))
+        let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, rows, d))?;
+        let residual = residual.narrow(1, 0, rows)?;
+        self.out.apply(&ctx, None, Some(&residual))
     }
 }
 
@@ -543,8 +565,11 @@ impl VisionTower {
             .broadcast_as((b, 1, d))?;
         let mut x = repeat_rows(&Tensor::cat(&[&cls, &tokens], 1)?, &self.position, false)?;
         x = self.pre.forward(&x)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, None)?;
+        if let Some((last, rest)) = self.layers.split_last() {
+            for layer in rest {
+                x = layer.forward(&x, None)?;
+            }
+            x = last.forward_rows(&x, None, true)?;
         }
         let pooled = self.post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
         match &self.projection {
