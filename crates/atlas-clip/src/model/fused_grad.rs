@@ -36,6 +36,10 @@ trait Num: Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static 
     fn c(x: f64) -> Self {
         Self::from(x).expect("a float constant")
     }
+    /// v ← exp(v): vectorised for f32, std for f64 (kept exact for the 1e-10 checks).
+    fn exp_in_place(v: &mut [Self]) {
+        v.iter_mut().for_each(|x| *x = x.exp());
+    }
 }
 
 impl Num for f32 {
@@ -47,6 +51,9 @@ impl Num for f32 {
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
+    }
+    fn exp_in_place(v: &mut [Self]) {
+        super::fast_math::exp_in_place(v)
     }
 }
 
@@ -287,12 +294,9 @@ fn softmax_fwd<T: Num>(s: &CpuStorage, l: &Layout, n: usize) -> Result<CpuStorag
     map_rows(&mut out, n, |r, y| {
         let x = &x[r * n..(r + 1) * n];
         let max = x.iter().copied().fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = (x - max).exp();
-            sum += *y;
-        }
-        let inv = sum.recip();
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = x - max);
+        T::exp_in_place(y);
+        let inv = y.iter().copied().sum::<T>().recip();
         y.iter_mut().for_each(|y| *y = *y * inv);
     });
     Ok(T::wrap(out))
@@ -359,11 +363,15 @@ impl CustomOp2 for SoftmaxBack {
     }
 }
 
-/// quick_gelu(v) = v·σ(1.702v) and its derivative σ + 1.702·v·σ·(1 − σ).
-fn quick_gelu<T: Num>(v: T) -> (T, T) {
-    let k = T::c(1.702);
-    let s = (T::one() + (-k * v).exp()).recip();
-    (v * s, s + k * v * s * (T::one() - s))
+const QUICK_GELU_K: f64 = 1.702;
+
+/// e[j] ← exp(−1.702·(y[j] + b[j])), the input to σ in quick_gelu.
+fn quick_gelu_exp<T: Num>(e: &mut [T], y: &[T], b: &[T]) {
+    let k = T::c(QUICK_GELU_K);
+    for ((e, &y), &b) in e.iter_mut().zip(y).zip(b) {
+        *e = -k * (y + b);
+    }
+    T::exp_in_place(e);
 }
 
 /// act(y + b) over the last dimension: the epilogue of fc1 (quick_gelu) and of the q/k/v
@@ -385,8 +393,18 @@ fn bias_act_fwd<T: Num>(
     let n = b.len();
     let mut out = vec![T::zero(); y.len()];
     map_rows(&mut out, n, |r, o| {
-        for ((o, &y), &b) in o.iter_mut().zip(&y[r * n..(r + 1) * n]).zip(b) {
-            *o = if gelu { quick_gelu(y + b).0 } else { y + b };
+        let y = &y[r * n..(r + 1) * n];
+        if !gelu {
+            o.iter_mut()
+                .zip(y)
+                .zip(b)
+                .for_each(|((o, &y), &b)| *o = y + b);
+            return;
+        }
+        // quick_gelu(v) = v·σ(1.702v), σ(1.702v) = 1 / (1 + e).
+        quick_gelu_exp(o, y, b);
+        for ((o, &y), &b) in o.iter_mut().zip(y).zip(b) {
+            *o = (y + b) / (T::one() + *o);
         }
     });
     Ok(T::wrap(out))
@@ -444,17 +462,20 @@ fn bias_act_bwd<T: Num>(
     let n = b.len();
     let m = y.len() / n;
     let mut out = vec![T::zero(); (m + 1) * n];
+    let k = T::c(QUICK_GELU_K);
     map_rows_summing(&mut out, m, n, 1, |r, dy, db| {
         let (y, g) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-        for j in 0..n {
-            let d = if gelu {
-                g[j] * quick_gelu(y[j] + b[j]).1
-            } else {
-                g[j]
-            };
-            dy[j] = d;
-            db[j] += d;
+        if gelu {
+            // quick_gelu'(v) = σ + 1.702·v·σ·(1 − σ), σ = 1 / (1 + e).
+            quick_gelu_exp(dy, y, b);
+            for j in 0..n {
+                let (v, s) = (y[j] + b[j], (T::one() + dy[j]).recip());
+                dy[j] = g[j] * (s + k * v * s * (T::one() - s));
+            }
+        } else {
+            dy.copy_from_slice(g);
         }
+        dy.iter().zip(db.iter_mut()).for_each(|(&d, db)| *db += d);
     });
     Ok(T::wrap(out))
 }
