@@ -405,9 +405,16 @@ impl EncoderLayer {
         let (q, k, v) = match &self.qkv {
             Qkv::Separate { q, k, v } => {
                 let q = q.forward(&x.narrow(1, 0, rows)?)?;
+                let (k, v) = (k.forward(x)?, v.forward(x)?);
+                if mask.is_none() && fused_grad::attention::usable(&q, &k, &v, self.heads) {
+                    let scale = (hd as f64).powf(-0.5);
+                    let ctx = fused_grad::attention::attention(&q, &k, &v, self.heads, scale)?;
+                    let residual = residual.narrow(1, 0, rows)?;
+                    return self.out.apply(&ctx, None, Some(&residual));
+                }
                 let q = split((q * (hd as f64).powf(-0.5))?, rows)?;
-                let k = split(k.forward(x)?, n)?.t()?.contiguous()?;
-                (q, k, split(v.forward(x)?, n)?)
+                let k = split(k, n)?.t()?.contiguous()?;
+                (q, k, split(v, n)?)
             }
             Qkv::Stacked(qkv) => {
                 let t = qkv.forward(x)?;

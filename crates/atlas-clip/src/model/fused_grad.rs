@@ -80,6 +80,8 @@ macro_rules! by_float {
     };
 }
 
+pub mod attention;
+
 /// The contiguous data of `s` under layout `l`.
 fn slice<'a, T: Num>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -826,6 +828,53 @@ mod tests {
             .matmul(&x)
             .unwrap();
         assert!(max_diff(grads.get(w.as_tensor()).unwrap(), &want) < 1e-12);
+    }
+
+    /// softmax(s·Q Kᵀ) V per head in primitive ops, the heads split and merged by copies.
+    fn attention_ops(t: &[Tensor], heads: usize, scale: f64) -> crate::Result<Tensor> {
+        let split = |x: &Tensor| -> crate::Result<Tensor> {
+            let (b, n, d) = x.dims3()?;
+            Ok(x.reshape((b, n, heads, d / heads))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(&(&t[0] * scale)?)?, split(&t[1])?, split(&t[2])?);
+        let p = super::super::softmax_ops(&q.matmul(&k.t()?)?)?;
+        let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?;
+        let (b, nq, _) = t[0].dims3()?;
+        Ok(ctx.reshape((b, nq, ()))?)
+    }
+
+    #[test]
+    fn attention_matches_primitive_ops() {
+        for (dt, tol) in CASES {
+            // Square, one query row (the image tower's last layer), and a B/32-like head.
+            for (b, nq, nk, d, heads) in [(2, 5, 5, 12, 3), (3, 1, 7, 8, 2), (2, 50, 50, 128, 2)] {
+                let q = rand(&[b, nq, d], 0.0, 21, dt);
+                let (k, v) = (
+                    rand(&[b, nk, d], 0.0, 22, dt),
+                    rand(&[b, nk, d], 0.0, 23, dt),
+                );
+                let scale = 0.35;
+                check(
+                    &[q, k, v],
+                    &|t| Ok(attention::attention(&t[0], &t[1], &t[2], heads, scale)?),
+                    &|t| attention_ops(t, heads, scale),
+                    tol,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rejects_shapes_that_do_not_fit() {
+        let t = |s: &[usize]| rand(s, 0.0, 1, DType::F32);
+        let (q, k) = (t(&[2, 5, 12]), t(&[2, 7, 12]));
+        assert!(attention::usable(&q, &k, &k, 3));
+        assert!(!attention::usable(&q, &k, &k, 5));
+        assert!(!attention::usable(&q, &t(&[2, 7, 8]), &t(&[2, 7, 8]), 2));
+        assert!(!attention::usable(&q, &k, &t(&[2, 6, 12]), 3));
+        assert!(attention::attention(&q, &k, &t(&[1, 7, 12]), 3, 1.0).is_err());
     }
 
     #[test]
