@@ -1,9 +1,14 @@
-"""Tables and candle/PyTorch ratios from the files bench/classify.sh writes.
+"""Tables and candle/PyTorch ratios from the files bench/classify.sh and bench/learn.sh write.
 
     python3 bench/ratios.py classify <out dir>
+    python3 bench/ratios.py learn <out dir>
 
 Throughput ratio = candle images/s ÷ PyTorch images/s (above 1: candle is faster); both are
 the mean over the timed passes. Batch-1 latency is also given in ms.
+
+Learning-step time ratio = atlas-serve ms/step ÷ PyTorch stacked ms/step per round (below 1:
+atlas-serve is faster; the two ran back to back), and the median over the rounds; peak memory
+ratio = the processes' maximum RSS.
 """
 import glob
 import json
@@ -53,7 +58,46 @@ def classify(out):
         print("```")
 
 
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] + xs[(n - 1) // 2]) / 2
+
+
+def learn(out):
+    runs = {}
+    for path in glob.glob(os.path.join(out, "candle-b*-r*.json")):
+        b, r = os.path.basename(path)[len("candle-b"):-len(".json")].split("-r")
+        c = json.loads(open(path).read().strip().splitlines()[-1])
+        t = json.load(open(os.path.join(out, f"torch-b{b}-r{r}.json")))
+        rss = int(open(os.path.join(out, f"torch-b{b}-r{r}.rss")).read().split()[-1]) / 2**20
+        runs.setdefault(int(b), []).append((int(r), c, t, rss))
+    print("| batch | round | atlas-serve ms/step (median, range) | PyTorch stacked | PyTorch loop "
+          "| time vs stacked | vs loop | peak RSS atlas-serve / PyTorch |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    summary = []
+    for b in sorted(runs):
+        time_ratios, rss_ratios = [], []
+        for r, c, t, rss in sorted(runs[b], key=lambda x: x[0]):
+            ours = c["ms_per_step_median"]
+            lo, hi = min(c["ms_per_step_all"]), max(c["ms_per_step_all"])
+            st = t[f"learn8_stacked_bs{b}_fp32_ms_per_step"]
+            lp = t[f"learn8_loop_bs{b}_fp32_ms_per_step"]
+            time_ratios.append(ours / st)
+            rss_ratios.append(c["peak_rss_gib"] / rss)
+            print(f"| {b} | {r} | {ours:,.0f} ({lo:,.0f}–{hi:,.0f}) | {st:,.0f} | {lp:,.0f} "
+                  f"| {ours / st:.2f} | {ours / lp:.2f} "
+                  f"| {c['peak_rss_gib']:.2f} / {rss:.2f} GiB = {c['peak_rss_gib'] / rss:.2f} |")
+        summary.append((b, median(time_ratios), min(time_ratios), max(time_ratios),
+                        median(rss_ratios)))
+    print()
+    for b, t, lo, hi, m in summary:
+        print(f"batch {b}: time ratio vs PyTorch stacked, median of rounds **{t:.2f}** "
+              f"(rounds {lo:.2f}–{hi:.2f}); peak RSS ratio {m:.2f}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "classify":
+    modes = {"classify": classify, "learn": learn}
+    if len(sys.argv) != 3 or sys.argv[1] not in modes:
         sys.exit(__doc__)
-    classify(sys.argv[2])
+    modes[sys.argv[1]](sys.argv[2])
