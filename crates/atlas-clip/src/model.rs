@@ -423,6 +423,14 @@ impl EncoderLayer {
                     let ctx = attention::attention(&t, self.heads, mask)?;
                     return self.out.apply(&ctx, None, Some(residual));
                 }
+                // On the CPU (f32), the fused op over q, k, v cut from t (the scale is in q).
+                let q = t.narrow(1, 0, rows)?.narrow(2, 0, d)?;
+                let (k, v) = (t.narrow(2, d, d)?, t.narrow(2, 2 * d, d)?);
+                if mask.is_none() && fused_grad::attention::usable(&q, &k, &v, self.heads) {
+                    let ctx = fused_grad::attention::attention(&q, &k, &v, self.heads, 1.0)?;
+                    let residual = residual.narrow(1, 0, rows)?;
+                    return self.out.apply(&ctx, None, Some(&residual));
+                }
                 // [B, N, 3·D] -> [3, B, H, N, hd] in one copy; k is used transposed in place.
                 let t = t
                     .reshape((b, n, 3, self.heads, hd))?
