@@ -815,7 +815,9 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(i, spec)| {
-                let t = (rand(&spec.shape, 0.0, i as u64) * 0.3).unwrap();
+                // Unit scale: at 0.3 the attention was so near uniform that a wrong scale in the
+                // fused attention moved the embeddings by 6e-6 and this test still passed.
+                let t = rand(&spec.shape, 0.0, i as u64);
                 (spec.name, if track { tracked(&t) } else { t })
             })
             .collect()
