@@ -232,19 +232,26 @@ impl Attention {
     }
 }
 
-fn run_forward<T: Num>(
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
+type Input<'a> = (&'a CpuStorage, &'a Layout);
+
+/// Runs the forward on (q, k, v), or the backward on (∂out, q, [k; v]).
+fn run<T: Num>(
+    (a, b, c): (Input, Input, Input),
     dims: Dims,
     scale: f64,
+    back: bool,
 ) -> Result<CpuStorage> {
-    let (q, k, v) = (
-        slice::<T>(s1, l1)?,
-        slice::<T>(s2, l2)?,
-        slice::<T>(s3, l3)?,
+    let (a, b, c) = (
+        slice::<T>(a.0, a.1)?,
+        slice::<T>(b.0, b.1)?,
+        slice::<T>(c.0, c.1)?,
     );
-    Ok(T::wrap(forward(q, k, v, dims, scale)))
+    Ok(T::wrap(if back {
+        let (k, v) = c.split_at(c.len() / 2);
+        backward(b, k, v, a, dims, scale)
+    } else {
+        forward(a, b, c, dims, scale)
+    }))
 }
 
 impl CustomOp3 for Attention {
@@ -264,7 +271,7 @@ impl CustomOp3 for Attention {
         let dims = self.dims(l1, l2, l3)?;
         let out = by_float!(
             s1,
-            run_forward((s1, l1), (s2, l2), (s3, l3), dims, self.scale)
+            run(((s1, l1), (s2, l2), (s3, l3)), dims, self.scale, false)
         );
         Ok((out, Shape::from((dims.b, dims.nq, dims.d))))
     }
@@ -300,22 +307,6 @@ struct AttentionBack {
     scale: f64,
 }
 
-fn run_backward<T: Num>(
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
-    dims: Dims,
-    scale: f64,
-) -> Result<CpuStorage> {
-    let (g, q, kv) = (
-        slice::<T>(s1, l1)?,
-        slice::<T>(s2, l2)?,
-        slice::<T>(s3, l3)?,
-    );
-    let (k, v) = kv.split_at(kv.len() / 2);
-    Ok(T::wrap(backward(q, k, v, g, dims, scale)))
-}
-
 impl CustomOp3 for AttentionBack {
     fn name(&self) -> &'static str {
         "fused-attention-backward"
@@ -337,7 +328,7 @@ impl CustomOp3 for AttentionBack {
         }
         let out = by_float!(
             s1,
-            run_backward((s1, l1), (s2, l2), (s3, l3), self.dims, self.scale)
+            run(((s1, l1), (s2, l2), (s3, l3)), self.dims, self.scale, true)
         );
         Ok((out, Shape::from((b * nq + 2 * b * nk, d))))
     }
