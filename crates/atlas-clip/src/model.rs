@@ -387,6 +387,22 @@ impl EncoderLayer {
         self.fc2.apply(&a, None, Some(&h))
     }
 
+    /// residual + the fused CPU attention over q ([B, rows, D]), k and v, when it can run.
+    fn fused_cpu_attention(
+        &self,
+        [q, k, v]: [&Tensor; 3],
+        scale: f64,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if mask.is_some() || !fused_grad::attention::usable(q, k, v, self.heads) {
+            return Ok(None);
+        }
+        let ctx = fused_grad::attention::attention(q, k, v, self.heads, scale)?;
+        let residual = residual.narrow(1, 0, q.dim(1)?)?;
+        Ok(Some(self.out.apply(&ctx, None, Some(&residual))?))
+    }
+
     /// residual + attention(x), for token 0 alone when `first_only`.
     fn attention(
         &self,
@@ -407,13 +423,11 @@ impl EncoderLayer {
             Qkv::Separate { q, k, v } => {
                 let q = q.forward(&x.narrow(1, 0, rows)?)?;
                 let (k, v) = (k.forward(x)?, v.forward(x)?);
-                if mask.is_none() && fused_grad::attention::usable(&q, &k, &v, self.heads) {
-                    let scale = (hd as f64).powf(-0.5);
-                    let ctx = fused_grad::attention::attention(&q, &k, &v, self.heads, scale)?;
-                    let residual = residual.narrow(1, 0, rows)?;
-                    return self.out.apply(&ctx, None, Some(&residual));
+                let scale = (hd as f64).powf(-0.5);
+                if let Some(y) = self.fused_cpu_attention([&q, &k, &v], scale, mask, residual)? {
+                    return Ok(y);
                 }
-                let q = split((q * (hd as f64).powf(-0.5))?, rows)?;
+                let q = split((q * scale)?, rows)?;
                 let k = split(k, n)?.t()?.contiguous()?;
                 (q, k, split(v, n)?)
             }
@@ -427,10 +441,8 @@ impl EncoderLayer {
                 // On the CPU (f32), the fused op over q, k, v cut from t (the scale is in q).
                 let q = t.narrow(1, 0, rows)?.narrow(2, 0, d)?;
                 let (k, v) = (t.narrow(2, d, d)?, t.narrow(2, 2 * d, d)?);
-                if mask.is_none() && fused_grad::attention::usable(&q, &k, &v, self.heads) {
-                    let ctx = fused_grad::attention::attention(&q, &k, &v, self.heads, 1.0)?;
-                    let residual = residual.narrow(1, 0, rows)?;
-                    return self.out.apply(&ctx, None, Some(&residual));
+                if let Some(y) = self.fused_cpu_attention([&q, &k, &v], 1.0, mask, residual)? {
+                    return Ok(y);
                 }
                 // [B, N, 3·D] -> [3, B, H, N, hd] in one copy; k is used transposed in place.
                 let t = t
