@@ -5,11 +5,14 @@
 //! step composes and reduces on the device (`device_gradient`), with the resident task vectors.
 
 use crate::backbone::Backbone;
+use crate::model::fused_grad::backward_with_weights_aside;
 use crate::model::{VisionTower, WeightSource};
 use crate::Result;
 use atlas_core::compose::{compose_into_uninit, reduce_gradient_pieces};
 use atlas_core::{Coefficients, Manifest, Real, TaskVector};
-use candle_core::{backprop::GradStore, DType, Storage, StorageRef, Tensor, Var, WithDType};
+use candle_core::{
+    backprop::GradStore, DType, Storage, StorageRef, Tensor, TensorId, Var, WithDType,
+};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -24,6 +27,35 @@ pub struct Leaves {
 impl WeightSource for Leaves {
     fn find(&self, name: &str) -> Option<Tensor> {
         self.by_name.get(name).cloned()
+    }
+}
+
+/// ∂L/∂θ from one backward pass: candle's gradient store, and the weight gradients that the
+/// fused linear layers kept out of it ([`backward_with_weights_aside`]).
+pub struct LeafGrads {
+    store: GradStore,
+    aside: HashMap<TensorId, Tensor>,
+}
+
+impl LeafGrads {
+    /// Back-propagates `loss`, with the linear layers' weight gradients set aside.
+    pub fn backward(loss: &Tensor) -> Result<Self> {
+        let (store, aside) = backward_with_weights_aside(loss)?;
+        Ok(LeafGrads { store, aside })
+    }
+
+    fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.aside.get(&t.id()).or_else(|| self.store.get(t))
+    }
+}
+
+impl From<GradStore> for LeafGrads {
+    /// Gradients from a plain `backward()`.
+    fn from(store: GradStore) -> Self {
+        LeafGrads {
+            store,
+            aside: HashMap::new(),
+        }
     }
 }
 
@@ -80,7 +112,7 @@ impl Leaves {
     /// possible.
     fn grad_views<'a, T: Real + WithDType>(
         &self,
-        grads: &'a GradStore,
+        grads: &'a LeafGrads,
     ) -> Result<Vec<Option<GradView<'a, T>>>> {
         self.vars
             .iter()
@@ -132,7 +164,7 @@ impl Leaves {
     pub fn block_grads<T: Real + WithDType>(
         &self,
         manifest: &Manifest,
-        grads: &GradStore,
+        grads: &LeafGrads,
     ) -> Result<Vec<Vec<T>>> {
         let views = self.grad_views::<T>(grads)?;
         let pieces = Self::block_pieces(manifest, &views)?;
@@ -259,7 +291,7 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
     let l = loss(&tower)?;
     let value = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     lap(&mut ph.forward_ms);
-    let grads = l.backward()?;
+    let grads = LeafGrads::backward(&l)?;
     lap(&mut ph.backward_ms);
     drop(tower);
     drop(l);
@@ -493,7 +525,8 @@ mod tests {
             let leaves = Leaves::compose::<f32>(&bb, &tvs, &coefs).unwrap();
             let l = loss(&bb.vision(&leaves).unwrap()).unwrap();
             assert_eq!(value, l.to_scalar::<f32>().unwrap() as f64);
-            let grads = l.backward().unwrap();
+            // The reference: a plain backward, every gradient in candle's store.
+            let grads = LeafGrads::from(l.backward().unwrap());
             let views = leaves.grad_views::<f32>(&grads).unwrap();
             let in_place = views
                 .iter()

@@ -16,7 +16,7 @@ pub mod attention;
 mod fast_math;
 // Public for the kernel self-check (`atlas-serve bench kernels`).
 pub mod fused;
-mod fused_grad;
+pub(crate) mod fused_grad;
 
 use crate::config::{Activation, TextConfig, VisionConfig};
 use crate::manifest::{layer_prefix, vision_tensors, VISUAL_PROJECTION};
