@@ -7,7 +7,6 @@
 //! ops; the tower's gradient tests check the whole against finite differences and PyTorch.
 
 use crate::config::Activation;
-use candle_core::TensorId;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
     Shape, Tensor,
@@ -15,7 +14,6 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 /// Rows handed to one rayon task at least: keeps task overhead small for short rows.
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
@@ -43,6 +41,23 @@ trait Num: Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static 
     fn exp_in_place(v: &mut [Self]) {
         v.iter_mut().for_each(|x| *x = x.exp());
     }
+    /// Runs `f` on this thread's scratch buffer of this type, at least `len` long; the buffer
+    /// is kept for the next call, so large scratch space is not page-faulted in every time.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` on the first `len` elements of `buf`, grown to `len` first when shorter.
+fn on_scratch<T: Num, R>(buf: &RefCell<Vec<T>>, len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let mut v = buf.borrow_mut();
+    if v.len() < len {
+        v.resize(len, T::zero());
+    }
+    f(&mut v[..len])
 }
 
 impl Num for f32 {
@@ -58,6 +73,9 @@ impl Num for f32 {
     fn exp_in_place(v: &mut [Self]) {
         super::fast_math::exp_in_place(v)
     }
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+        SCRATCH_F32.with(|b| on_scratch(b, len, f))
+    }
 }
 
 impl Num for f64 {
@@ -69,6 +87,9 @@ impl Num for f64 {
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
+    }
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+        SCRATCH_F64.with(|b| on_scratch(b, len, f))
     }
 }
 
@@ -84,6 +105,9 @@ macro_rules! by_float {
 }
 
 pub mod attention;
+mod linear;
+
+pub use linear::{backward_with_weights_aside, matmul_wt};
 
 /// The contiguous data of `s` under layout `l`.
 fn slice<'a, T: Num>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -571,112 +595,6 @@ impl CustomOp3 for BiasResidual {
         let db = g.apply_op1_no_bwd(&ColumnSum(b.elem_count()))?;
         Ok((Some(g.clone()), Some(db), Some(g)))
     }
-}
-
-/// x Wᵀ for a learned W: the product is computed outside the graph (`matmul`, W through its
-/// transposed view: a contiguous copy of Wᵀ costs more than it saves, ViT-B/32's fc2 at 400
-/// rows took 9.9 ms through the view and 18.3 ms with the copy), and this op attaches its
-/// backward, ∂x = ∂y W and ∂W = ∂yᵀ x, both with contiguous operands. Built from candle ops,
-/// W reached the product through a transposed view (and a copy), and candle's backward
-/// zero-fills and adds a gradient for every such node: two to three passes over each weight's
-/// gradient instead of one. No ∂x when x is not part of the graph (the patch embedding).
-pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let wt = w.detach().t()?;
-    let y = x.detach().matmul(&wt)?;
-    y.apply_op3(&x, &w, LinearGrad)
-}
-
-/// The backward of y = x Wᵀ; its forward passes y (computed by [`matmul_wt`]) through.
-struct LinearGrad;
-
-impl CustomOp3 for LinearGrad {
-    fn name(&self) -> &'static str {
-        "linear-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-        _s3: &CpuStorage,
-        _l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = match s1 {
-            CpuStorage::F32(_) => f32::wrap(slice::<f32>(s1, l1)?.to_vec()),
-            CpuStorage::F64(_) => f64::wrap(slice::<f64>(s1, l1)?.to_vec()),
-            other => candle_core::bail!("linear-grad takes f32 or f64, not {:?}", other.dtype()),
-        };
-        Ok((y, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let dx = if x.track_op() {
-            Some(g.matmul(w)?)
-        } else {
-            None
-        };
-        Ok((None, dx, set_aside(w, g.t()?.matmul(x)?)?))
-    }
-}
-
-thread_local! {
-    /// The weight gradients [`backward_with_weights_aside`] is collecting on this thread.
-    static ASIDE: RefCell<Option<HashMap<TensorId, Tensor>>> = const { RefCell::new(None) };
-}
-
-/// Keeps ∂L/∂W out of candle's gradient store when W is a variable and a collection runs:
-/// returns None then, else `dw` for the store.
-fn set_aside(w: &Tensor, dw: Tensor) -> Result<Option<Tensor>> {
-    if !w.is_variable() {
-        return Ok(Some(dw));
-    }
-    ASIDE.with(|aside| {
-        let mut aside = aside.borrow_mut();
-        let Some(map) = aside.as_mut() else {
-            return Ok(Some(dw));
-        };
-        let sum = match map.remove(&w.id()) {
-            Some(prev) => (prev + dw)?,
-            None => dw,
-        };
-        map.insert(w.id(), sum);
-        Ok(None)
-    })
-}
-
-/// `loss.backward()`, with the gradients of the variables that [`matmul_wt`] takes as weights
-/// returned apart, by the weight's id. candle's store zero-fills a weight-sized gradient and
-/// adds each contribution into it: two more weight-sized allocations and passes per weight
-/// (a ViT-B/32 tower's weights are 88M values). Set aside, a weight's gradient is its product.
-pub fn backward_with_weights_aside(
-    loss: &Tensor,
-) -> Result<(candle_core::backprop::GradStore, HashMap<TensorId, Tensor>)> {
-    /// Ends the collection however the backward pass ends.
-    struct Collecting;
-    impl Drop for Collecting {
-        fn drop(&mut self) {
-            ASIDE.with(|aside| aside.borrow_mut().take());
-        }
-    }
-    ASIDE.with(|aside| aside.borrow_mut().replace(HashMap::new()));
-    let collecting = Collecting;
-    let store = loss.backward()?;
-    let aside = ASIDE
-        .with(|aside| aside.borrow_mut().take())
-        .unwrap_or_default();
-    drop(collecting);
-    Ok((store, aside))
 }
 
 /// Σ over rows of `[m, n]` (the leading dimensions flattened): `[n]`.
