@@ -1,5 +1,6 @@
 //! Fused CPU ops with their own backward, for learning: LayerNorm, softmax over the last
-//! dimension, and a linear layer's epilogues (bias + quick_gelu, bias + residual). Built from
+//! dimension, and a linear layer's epilogues (bias + quick_gelu, bias + residual); the linear
+//! product itself is in [`linear`] and multi-head attention in [`attention`]. Built from
 //! primitive candle ops, each of these is 3–10 passes over memory forward and more backward,
 //! each pass allocating; here each direction is one pass, and the bias and LayerNorm-affine
 //! gradients are column sums in the same pass. f32 and f64 (the gradient checks run in f64),
