@@ -214,16 +214,21 @@ impl Linear {
         act: Option<Activation>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let last = dims[dims.len() - 1];
+        let mut out = x.dims().to_vec();
+        let last = out[out.len() - 1];
         let x2 = x.reshape(((), last))?;
-        let y = if self.w.track_op() && fused_grad::usable(&[&x2, &self.w]) {
+        *out.last_mut().expect("non-empty") = self.out_dim()?;
+        let learned = self.w.track_op() && fused_grad::usable(&[&x2, &self.w]);
+        if let (true, Some(b), None, None) = (learned, &self.b, act, residual) {
+            if fused_grad::usable(&[&x2, b]) {
+                return Ok(fused_grad::matmul_wt_bias(&x2, &self.w, b)?.reshape(out)?);
+            }
+        }
+        let y = if learned {
             fused_grad::matmul_wt(&x2, &self.w)?
         } else {
             x2.matmul(&self.rhs()?)?
         };
-        let mut out = dims;
-        *out.last_mut().expect("non-empty") = self.out_dim()?;
         let residual = match residual {
             Some(r) => Some(r.reshape(y.shape())?),
             None => None,

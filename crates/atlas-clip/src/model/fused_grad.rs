@@ -52,13 +52,17 @@ thread_local! {
     static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `f` on the first `len` elements of `buf`, grown to `len` first when shorter.
+/// `f` on the first `len` elements of `buf`, grown to `len` first when shorter. The buffer is
+/// taken out while `f` runs, so that a call nested on the same thread (a rayon worker can pick
+/// up another task while it waits) gets a buffer of its own instead of a borrow panic.
 fn on_scratch<T: Num, R>(buf: &RefCell<Vec<T>>, len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-    let mut v = buf.borrow_mut();
+    let mut v = buf.take();
     if v.len() < len {
         v.resize(len, T::zero());
     }
-    f(&mut v[..len])
+    let r = f(&mut v[..len]);
+    buf.replace(v);
+    r
 }
 
 impl Num for f32 {
@@ -108,7 +112,7 @@ macro_rules! by_float {
 pub mod attention;
 mod linear;
 
-pub use linear::{backward_with_weights_aside, matmul_wt};
+pub use linear::{backward_with_weights_aside, matmul_wt, matmul_wt_bias};
 
 /// The contiguous data of `s` under layout `l`.
 fn slice<'a, T: Num>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -783,6 +787,24 @@ mod tests {
     }
 
     #[test]
+    fn matmul_wt_bias_matches_primitive_ops() {
+        for (dt, tol) in CASES {
+            // Through the transposed scratch (inputs >= 2 · outputs, 700 rows) and the view.
+            for (inp, out) in [(24, 10), (10, 24)] {
+                let x = rand(&[700, inp], 0.0, 17, dt);
+                let w = rand(&[out, inp], 0.0, 18, dt);
+                let b = rand(&[out], 0.5, 19, dt);
+                check(
+                    &[x, w, b],
+                    &|t| Ok(matmul_wt_bias(&t[0], &t[1], &t[2])?),
+                    &|t| Ok(t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])?),
+                    tol,
+                );
+            }
+        }
+    }
+
+    #[test]
     fn matmul_wt_skips_the_input_gradient_of_a_constant_input() {
         let x = rand(&[6, 5], 0.0, 12, DType::F64);
         let w = Var::from_tensor(&rand(&[4, 5], 0.0, 13, DType::F64)).unwrap();
@@ -796,6 +818,19 @@ mod tests {
             .matmul(&x)
             .unwrap();
         assert!(max_diff(grads.get(w.as_tensor()).unwrap(), &want) < 1e-12);
+    }
+
+    #[test]
+    fn scratch_nests_without_a_borrow_panic() {
+        let sum = f32::with_scratch(4, |outer| {
+            outer.fill(1.0);
+            let inner = f32::with_scratch(3, |inner| {
+                inner.fill(2.0);
+                inner.iter().sum::<f32>()
+            });
+            inner + outer.iter().sum::<f32>()
+        });
+        assert_eq!(sum, 10.0);
     }
 
     #[test]

@@ -7,10 +7,11 @@
 //! While [`backward_with_weights_aside`] runs, the gradients of weights that are variables
 //! (the composed leaves) are kept out of candle's gradient store altogether.
 
-use super::{slice, Num};
+use super::{slice, ColumnSum, Num};
 use candle_core::backprop::GradStore;
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, TensorId,
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+    TensorId,
 };
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -27,6 +28,64 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.apply_op2(&w, LinearWt)
 }
 
+/// x Wᵀ + b, b [N]: the bias is where gemm's output starts (no pass of its own), and its
+/// gradient a column sum; one graph node instead of two.
+pub fn matmul_wt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    x.apply_op3(&w, &b, LinearWt)
+}
+
+/// (m, k, n) of x [m, k] and W [n, k].
+fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+    match (x.dims(), w.dims()) {
+        (&[m, k], &[n, kw]) if kw == k && m > 0 && n > 0 && k > 0 => Ok((m, k, n)),
+        (x, w) => candle_core::bail!("linear-wt: x {x:?} must be [M, K] and W {w:?} [N, K]"),
+    }
+}
+
+/// [`product`] in the storage's float type.
+fn forward(
+    (x, xl): (&CpuStorage, &Layout),
+    (w, wl): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let (m, k, n) = dims(xl, wl)?;
+    if let Some((_, bl)) = bias {
+        if bl.dims() != [n] {
+            candle_core::bail!(
+                "linear-wt: bias {:?} does not fit W {:?}",
+                bl.dims(),
+                wl.dims()
+            );
+        }
+    }
+    fn run<T: Num>(
+        (x, xl): (&CpuStorage, &Layout),
+        (w, wl): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+        mkn: (usize, usize, usize),
+    ) -> Result<CpuStorage> {
+        let bias = bias.map(|(b, bl)| slice::<T>(b, bl)).transpose()?;
+        Ok(T::wrap(product(slice(x, xl)?, slice(w, wl)?, bias, mkn)))
+    }
+    let y = match x {
+        CpuStorage::F32(_) => run::<f32>((x, xl), (w, wl), bias, (m, k, n))?,
+        CpuStorage::F64(_) => run::<f64>((x, xl), (w, wl), bias, (m, k, n))?,
+        other => candle_core::bail!("linear-wt takes f32 or f64, not {:?}", other.dtype()),
+    };
+    Ok((y, Shape::from((m, n))))
+}
+
+/// ∂x (when x is part of the graph) and ∂W (set aside when a collection runs).
+fn input_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        Some(g.matmul(w)?)
+    } else {
+        None
+    };
+    Ok((dx, set_aside(w, g.t()?.matmul(x)?)?))
+}
+
 struct LinearWt;
 
 impl CustomOp2 for LinearWt {
@@ -41,26 +100,7 @@ impl CustomOp2 for LinearWt {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (&[m, k], &[n, kw]) = (l1.dims(), l2.dims()) else {
-            candle_core::bail!(
-                "linear-wt: x {:?} must be [M, K], W {:?} [N, K]",
-                l1.dims(),
-                l2.dims()
-            );
-        };
-        if kw != k || m == 0 || n == 0 || k == 0 {
-            candle_core::bail!(
-                "linear-wt: x {:?} does not fit W {:?}",
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let y = match s1 {
-            CpuStorage::F32(_) => f32::wrap(product(slice(s1, l1)?, slice(s2, l2)?, (m, k, n))),
-            CpuStorage::F64(_) => f64::wrap(product(slice(s1, l1)?, slice(s2, l2)?, (m, k, n))),
-            other => candle_core::bail!("linear-wt takes f32 or f64, not {:?}", other.dtype()),
-        };
-        Ok((y, Shape::from((m, n))))
+        forward((s1, l1), (s2, l2), None)
     }
 
     fn bwd(
@@ -70,13 +110,39 @@ impl CustomOp2 for LinearWt {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        input_grads(x, w, &g.contiguous()?)
+    }
+}
+
+impl CustomOp3 for LinearWt {
+    fn name(&self) -> &'static str {
+        "linear-wt-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let dx = if x.track_op() {
-            Some(g.matmul(w)?)
-        } else {
-            None
-        };
-        Ok((dx, set_aside(w, g.t()?.matmul(x)?)?))
+        let (dx, dw) = input_grads(x, w, &g)?;
+        let db = g.apply_op1_no_bwd(&ColumnSum(b.elem_count()))?;
+        Ok((dx, dw, Some(db)))
     }
 }
 
@@ -85,8 +151,18 @@ impl CustomOp2 for LinearWt {
 /// n = 768) at 400 rows took 16 ms through the view against 9.4 ms on a contiguous Wᵀ. So a
 /// long-k W is first transposed, in parallel, into a scratch buffer kept per thread (2.4 ms;
 /// a fresh buffer costs as much again in page faults).
-fn product<T: Num>(x: &[T], w: &[T], (m, k, n): (usize, usize, usize)) -> Vec<T> {
+fn product<T: Num>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<T> {
     let mut y = Vec::with_capacity(m * n);
+    // With a bias, gemm adds the product to rows that start as the bias.
+    if let Some(b) = bias {
+        (0..m).for_each(|_| y.extend_from_slice(b));
+    }
+    let read_dst = bias.is_some();
     let dst = y.as_mut_ptr();
     // SAFETY: x is [m, k] and W [n, k] (checked by the caller), rhs addresses k × n elements of
     // W or of the transposed scratch, and dst has capacity for the m × n elements gemm writes.
@@ -104,14 +180,14 @@ fn product<T: Num>(x: &[T], w: &[T], (m, k, n): (usize, usize, usize)) -> Vec<T>
             dst,
             1,
             n as isize,
-            false,
+            read_dst,
             x.as_ptr(),
             1,
             k as isize,
             rhs,
             rhs_cs,
             rhs_rs,
-            T::zero(),
+            if read_dst { T::one() } else { T::zero() },
             T::one(),
             false,
             false,
@@ -128,7 +204,7 @@ fn product<T: Num>(x: &[T], w: &[T], (m, k, n): (usize, usize, usize)) -> Vec<T>
         // Wᵀ's element (i, j) is W's (j, i).
         run(w.as_ptr(), k as isize, 1);
     }
-    // SAFETY: gemm wrote all m × n elements (read_dst = false).
+    // SAFETY: the bias filled all m × n elements, or gemm wrote them all (read_dst = false).
     unsafe { y.set_len(m * n) };
     y
 }
@@ -160,18 +236,21 @@ fn set_aside(w: &Tensor, dw: Tensor) -> Result<Option<Tensor>> {
     if !w.is_variable() {
         return Ok(Some(dw));
     }
+    // Outer None: no collection runs. The sum is taken with no borrow held.
+    let prev = ASIDE.with(|aside| aside.borrow_mut().as_mut().map(|m| m.remove(&w.id())));
+    let Some(prev) = prev else {
+        return Ok(Some(dw));
+    };
+    let sum = match prev {
+        Some(prev) => (prev + dw)?,
+        None => dw,
+    };
     ASIDE.with(|aside| {
-        let mut aside = aside.borrow_mut();
-        let Some(map) = aside.as_mut() else {
-            return Ok(Some(dw));
-        };
-        let sum = match map.remove(&w.id()) {
-            Some(prev) => (prev + dw)?,
-            None => dw,
-        };
-        map.insert(w.id(), sum);
-        Ok(None)
-    })
+        if let Some(map) = aside.borrow_mut().as_mut() {
+            map.insert(w.id(), sum);
+        }
+    });
+    Ok(None)
 }
 
 /// `loss.backward()`, with the gradients of the variables that [`matmul_wt`] takes as weights
