@@ -1,11 +1,13 @@
 //! ∂L/∂Λ without putting the composition in the autograd graph: compose θ = θ0 + Σ Λ τ with no
 //! graph, make the composed tensors the leaves, back-propagate the loss to them, then reduce
-//! ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block (and part) with atlas-core's fused reduction. Peak memory is
-//! one copy of θ and its gradient, whatever the number of task vectors. Off the CPU the same
-//! step composes and reduces on the device (`device_gradient`), with the resident task vectors.
+//! ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block (and part) with atlas-core's fused reduction. On the CPU the
+//! linear layers' weight gradients are reduced one at a time as the backward produces them
+//! (`StepReduction`), so peak memory is one copy of θ, the activations and the small
+//! gradients, whatever the number of task vectors. Off the CPU the same step composes and
+//! reduces on the device (`device_gradient`), with the resident task vectors.
 
 use crate::backbone::Backbone;
-use crate::model::fused_grad::backward_with_weights_aside;
+use crate::model::fused_grad::{backward_with_weight_sink, WeightGradSink};
 use crate::model::{VisionTower, WeightSource};
 use crate::Result;
 use atlas_core::compose::{compose_into_uninit, reduce_gradient_pieces};
@@ -13,8 +15,11 @@ use atlas_core::{Coefficients, Manifest, Real, TaskVector};
 use candle_core::{
     backprop::GradStore, DType, Storage, StorageRef, Tensor, TensorId, Var, WithDType,
 };
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,32 +35,74 @@ impl WeightSource for Leaves {
     }
 }
 
-/// ∂L/∂θ from one backward pass: candle's gradient store, and the weight gradients that the
-/// fused linear layers kept out of it ([`backward_with_weights_aside`]).
-pub struct LeafGrads {
-    store: GradStore,
-    aside: HashMap<TensorId, Tensor>,
+/// ⟨∂L/∂θ, τ_i⟩ of the linear layers' weights, reduced one weight at a time as the backward
+/// produces each gradient (still in cache), which is then dropped: the step never holds every
+/// weight gradient at once. The other leaves' gradients stay in candle's store.
+struct StepReduction<T> {
+    manifest: Manifest,
+    tvs: Vec<Arc<TaskVector>>,
+    coefs: Coefficients,
+    /// Leaf id → (block, offset in the block).
+    at: HashMap<TensorId, (usize, usize)>,
+    /// [`reduce_gradient_pieces`]' layout, summed over the gradients taken.
+    full: Vec<f64>,
+    dtype: PhantomData<T>,
 }
 
-impl LeafGrads {
-    /// Back-propagates `loss`, with the linear layers' weight gradients set aside.
-    pub fn backward(loss: &Tensor) -> Result<Self> {
-        let (store, aside) = backward_with_weights_aside(loss)?;
-        Ok(LeafGrads { store, aside })
-    }
-
-    fn get(&self, t: &Tensor) -> Option<&Tensor> {
-        self.aside.get(&t.id()).or_else(|| self.store.get(t))
-    }
-}
-
-impl From<GradStore> for LeafGrads {
-    /// Gradients from a plain `backward()`.
-    fn from(store: GradStore) -> Self {
-        LeafGrads {
-            store,
-            aside: HashMap::new(),
+impl<T> StepReduction<T> {
+    fn new(
+        manifest: &Manifest,
+        tvs: &[Arc<TaskVector>],
+        coefs: &Coefficients,
+        leaves: &Leaves,
+    ) -> Self {
+        let mut vars = leaves.vars.iter();
+        let mut at = HashMap::new();
+        for (b, block) in manifest.blocks().iter().enumerate() {
+            let mut offset = 0;
+            for spec in &block.tensors {
+                let (_, var) = vars.next().expect("one leaf per tensor");
+                at.insert(var.id(), (b, offset));
+                offset += spec.numel();
+            }
         }
+        StepReduction {
+            manifest: manifest.clone(),
+            tvs: tvs.to_vec(),
+            coefs: coefs.clone(),
+            at,
+            full: Vec::new(),
+            dtype: PhantomData,
+        }
+    }
+}
+
+impl<T: Real + WithDType> WeightGradSink for StepReduction<T> {
+    fn take(&mut self, w: &Tensor, dw: Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(&(b, offset)) = self.at.get(&w.id()) else {
+            return Ok(Some(dw));
+        };
+        let part = {
+            let (storage, layout) = dw.storage_and_layout();
+            let (Storage::Cpu(cpu), Some((start, end)), true) = (
+                &*storage,
+                layout.contiguous_offsets(),
+                dw.dtype() == T::DTYPE,
+            ) else {
+                drop(storage);
+                return Ok(Some(dw));
+            };
+            let mut pieces = vec![Vec::new(); self.manifest.len()];
+            pieces[b].push((offset, &cpu.as_slice::<T>()?[start..end]));
+            reduce_gradient_pieces(&self.manifest, &pieces, &self.tvs, &self.coefs)
+                .map_err(candle_core::Error::wrap)?
+        };
+        if self.full.is_empty() {
+            self.full = part;
+        } else {
+            self.full.iter_mut().zip(part).for_each(|(a, p)| *a += p);
+        }
+        Ok(None)
     }
 }
 
@@ -112,7 +159,7 @@ impl Leaves {
     /// possible.
     fn grad_views<'a, T: Real + WithDType>(
         &self,
-        grads: &'a LeafGrads,
+        grads: &'a GradStore,
     ) -> Result<Vec<Option<GradView<'a, T>>>> {
         self.vars
             .iter()
@@ -164,7 +211,7 @@ impl Leaves {
     pub fn block_grads<T: Real + WithDType>(
         &self,
         manifest: &Manifest,
-        grads: &LeafGrads,
+        grads: &GradStore,
     ) -> Result<Vec<Vec<T>>> {
         let views = self.grad_views::<T>(grads)?;
         let pieces = Self::block_pieces(manifest, &views)?;
@@ -230,12 +277,14 @@ pub struct StepPhases {
     pub wrap_ms: f64,
     /// Building the tower over the leaves and evaluating the loss.
     pub forward_ms: f64,
-    /// `backward()` to the leaves.
+    /// `backward()` to the leaves; on the CPU it includes the reduction of the linear layers'
+    /// weight gradients, taken as the backward produces them.
     pub backward_ms: f64,
     /// Getting at ∂L/∂θ in the gradient store (in place; a copy only for odd layouts; off the
     /// CPU, concatenated flat on the device).
     pub copy_out_ms: f64,
-    /// ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block and part, then folding to `coefs`' layout.
+    /// ⟨∂L/∂θ^(b), τ_i^(b)⟩ per block and part (on the CPU, of the gradients the backward did
+    /// not reduce: biases, norms, embeddings), then folding to `coefs`' layout.
     pub reduce_ms: f64,
     /// Dropping the graph, the gradients and the leaves.
     pub free_ms: f64,
@@ -291,7 +340,10 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
     let l = loss(&tower)?;
     let value = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     lap(&mut ph.forward_ms);
-    let grads = LeafGrads::backward(&l)?;
+    let reduction = Rc::new(RefCell::new(StepReduction::<T>::new(
+        manifest, tvs, coefs, &leaves,
+    )));
+    let grads = backward_with_weight_sink(&l, reduction.clone())?;
     lap(&mut ph.backward_ms);
     drop(tower);
     drop(l);
@@ -299,7 +351,9 @@ pub fn coefficient_gradient_timed<T: Real + WithDType>(
     let views = leaves.grad_views::<T>(&grads)?;
     let pieces = Leaves::block_pieces(manifest, &views)?;
     lap(&mut ph.copy_out_ms);
-    let full = reduce_gradient_pieces(manifest, &pieces, tvs, coefs)?;
+    let mut full = reduce_gradient_pieces(manifest, &pieces, tvs, coefs)?;
+    let taken = &reduction.borrow().full;
+    full.iter_mut().zip(taken).for_each(|(a, t)| *a += t);
     let folded = coefs.fold_gradient(&full);
     lap(&mut ph.reduce_ms);
     drop(pieces);
@@ -526,7 +580,7 @@ mod tests {
             let l = loss(&bb.vision(&leaves).unwrap()).unwrap();
             assert_eq!(value, l.to_scalar::<f32>().unwrap() as f64);
             // The reference: a plain backward, every gradient in candle's store.
-            let grads = LeafGrads::from(l.backward().unwrap());
+            let grads = l.backward().unwrap();
             let views = leaves.grad_views::<f32>(&grads).unwrap();
             let in_place = views
                 .iter()

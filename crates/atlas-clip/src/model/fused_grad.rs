@@ -112,7 +112,7 @@ macro_rules! by_float {
 pub mod attention;
 mod linear;
 
-pub use linear::{backward_with_weights_aside, matmul_wt, matmul_wt_bias};
+pub use linear::{backward_with_weight_sink, matmul_wt, matmul_wt_bias, WeightGradSink};
 
 /// The contiguous data of `s` under layout `l`.
 fn slice<'a, T: Num>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -833,37 +833,46 @@ mod tests {
         assert_eq!(sum, 10.0);
     }
 
+    /// Sums each weight's gradients, as candle's store would.
+    struct Collect(std::collections::HashMap<candle_core::TensorId, Tensor>);
+
+    impl WeightGradSink for Collect {
+        fn take(&mut self, w: &Tensor, dw: Tensor) -> Result<Option<Tensor>> {
+            let sum = match self.0.remove(&w.id()) {
+                Some(prev) => (prev + dw)?,
+                None => dw,
+            };
+            self.0.insert(w.id(), sum);
+            Ok(None)
+        }
+    }
+
     #[test]
-    fn weight_gradients_set_aside_match_the_store() {
+    fn weight_gradients_in_a_sink_match_the_store() {
         let x = Var::from_tensor(&rand(&[6, 5], 0.0, 14, DType::F64)).unwrap();
         let w = Var::from_tensor(&rand(&[4, 5], 0.0, 15, DType::F64)).unwrap();
-        // W used twice: its contributions add up aside as they do in the store.
+        // W used twice: its contributions add up in the sink as they do in the store.
         let loss = || {
             let y = matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
-            let z = matmul_wt(
-                &y.sqr().unwrap().t().unwrap(),
-                &rand(&[3, 6], 0.0, 16, DType::F64),
-            )
-            .unwrap();
-            (z.sum_all().unwrap()
-                + matmul_wt(x.as_tensor(), w.as_tensor())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap())
-            .unwrap()
+            let c = rand(&[3, 6], 0.0, 16, DType::F64);
+            let z = matmul_wt(&y.sqr().unwrap().t().unwrap(), &c).unwrap();
+            let again = matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
+            (z.sum_all().unwrap() + again.sum_all().unwrap()).unwrap()
         };
         let plain = loss().backward().unwrap();
-        let (store, aside) = backward_with_weights_aside(&loss()).unwrap();
+        let sink = std::rc::Rc::new(std::cell::RefCell::new(Collect(Default::default())));
+        let store = backward_with_weight_sink(&loss(), sink.clone()).unwrap();
         assert!(store.get(w.as_tensor()).is_none());
-        assert_eq!(aside.len(), 1, "only the variable weight is set aside");
+        let taken = &sink.borrow().0;
+        assert_eq!(taken.len(), 1, "only the variable weight goes to the sink");
         let want = plain.get(w.as_tensor()).unwrap();
-        assert!(max_diff(&aside[&w.id()], want) < 1e-12);
+        assert!(max_diff(&taken[&w.id()], want) < 1e-12);
         let dx = (
             store.get(x.as_tensor()).unwrap(),
             plain.get(x.as_tensor()).unwrap(),
         );
         assert!(max_diff(dx.0, dx.1) < 1e-12);
-        // The collection ended with the pass: the next plain backward stores W's gradient.
+        // The sink is unset with the pass: the next plain backward stores W's gradient.
         assert!(loss().backward().unwrap().get(w.as_tensor()).is_some());
     }
 

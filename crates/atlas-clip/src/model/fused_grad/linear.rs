@@ -4,19 +4,18 @@
 //! reached the product through a transposed view and candle's backward zero-filled and added a
 //! gradient for every node: two to three passes over each weight's gradient instead of one.
 //!
-//! While [`backward_with_weights_aside`] runs, the gradients of weights that are variables
-//! (the composed leaves) are kept out of candle's gradient store altogether.
+//! While [`backward_with_weight_sink`] runs, the gradients of weights that are variables (the
+//! composed leaves) go to a sink instead of candle's gradient store.
 
 use super::{slice, ColumnSum, Num};
 use candle_core::backprop::GradStore;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
-    TensorId,
 };
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Fewest rows of x for which Wᵀ is transposed into a contiguous scratch (see [`product`]).
 /// Below, the product is too short to repay the transposition.
@@ -76,7 +75,7 @@ fn forward(
     Ok((y, Shape::from((m, n))))
 }
 
-/// ∂x (when x is part of the graph) and ∂W (set aside when a collection runs).
+/// ∂x (when x is part of the graph) and ∂W (to the sink, when one is set).
 fn input_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let dx = if x.track_op() {
         Some(g.matmul(w)?)
@@ -225,54 +224,52 @@ fn transpose_into<T: Num>(src: &[T], (rows, cols): (usize, usize), out: &mut [T]
         });
 }
 
-thread_local! {
-    /// The weight gradients [`backward_with_weights_aside`] is collecting on this thread.
-    static ASIDE: RefCell<Option<HashMap<TensorId, Tensor>>> = const { RefCell::new(None) };
+/// Where a variable weight's gradient goes while [`backward_with_weight_sink`] runs, instead of
+/// candle's gradient store.
+pub trait WeightGradSink {
+    /// Takes ∂L/∂W of weight `w`, or hands it back (Some) for candle's store.
+    fn take(&mut self, w: &Tensor, dw: Tensor) -> Result<Option<Tensor>>;
 }
 
-/// Keeps ∂L/∂W out of candle's gradient store when W is a variable and a collection runs:
-/// returns None then, else `dw` for the store.
+thread_local! {
+    /// The sink [`backward_with_weight_sink`] has set for this thread.
+    static SINK: RefCell<Option<Rc<RefCell<dyn WeightGradSink>>>> = const { RefCell::new(None) };
+}
+
+/// Gives ∂L/∂W to the thread's sink when W is a variable and a sink is set; else returns it
+/// for candle's store.
 fn set_aside(w: &Tensor, dw: Tensor) -> Result<Option<Tensor>> {
     if !w.is_variable() {
         return Ok(Some(dw));
     }
-    // Outer None: no collection runs. The sum is taken with no borrow held.
-    let prev = ASIDE.with(|aside| aside.borrow_mut().as_mut().map(|m| m.remove(&w.id())));
-    let Some(prev) = prev else {
+    let Some(sink) = SINK.with(|s| s.borrow().clone()) else {
         return Ok(Some(dw));
     };
-    let sum = match prev {
-        Some(prev) => (prev + dw)?,
-        None => dw,
+    // Busy only for a nested call (a rayon worker that picked up another task while it
+    // waited): the store takes that gradient.
+    let Ok(mut sink) = sink.try_borrow_mut() else {
+        return Ok(Some(dw));
     };
-    ASIDE.with(|aside| {
-        if let Some(map) = aside.borrow_mut().as_mut() {
-            map.insert(w.id(), sum);
-        }
-    });
-    Ok(None)
+    sink.take(w, dw)
 }
 
 /// `loss.backward()`, with the gradients of the variables that [`matmul_wt`] takes as weights
-/// returned apart, by the weight's id. candle's store zero-fills a weight-sized gradient and
-/// adds each contribution into it: two more weight-sized allocations and passes per weight
-/// (a ViT-B/32 tower's weights are 88M values). Set aside, a weight's gradient is its product.
-pub fn backward_with_weights_aside(
+/// given to `sink` as the backward produces them. candle's store zero-fills a weight-sized
+/// gradient and adds each contribution into it: two more weight-sized allocations and passes per
+/// weight (a ViT-B/32 tower's weights are 88M values); a sink gets the product alone, and can
+/// use it while it is still in cache and drop it.
+pub fn backward_with_weight_sink(
     loss: &Tensor,
-) -> Result<(GradStore, HashMap<TensorId, Tensor>)> {
-    /// Ends the collection however the backward pass ends.
+    sink: Rc<RefCell<dyn WeightGradSink>>,
+) -> Result<GradStore> {
+    /// Unsets the sink however the backward pass ends.
     struct Collecting;
     impl Drop for Collecting {
         fn drop(&mut self) {
-            ASIDE.with(|aside| aside.borrow_mut().take());
+            SINK.with(|s| s.borrow_mut().take());
         }
     }
-    ASIDE.with(|aside| aside.borrow_mut().replace(HashMap::new()));
-    let collecting = Collecting;
-    let store = loss.backward()?;
-    let aside = ASIDE
-        .with(|aside| aside.borrow_mut().take())
-        .unwrap_or_default();
-    drop(collecting);
-    Ok((store, aside))
+    SINK.with(|s| s.borrow_mut().replace(sink));
+    let _collecting = Collecting;
+    loss.backward()
 }
