@@ -71,7 +71,7 @@ impl<T> StepReduction<T> {
             tvs: tvs.to_vec(),
             coefs: coefs.clone(),
             at,
-            full: Vec::new(),
+            full: vec![0.0; tvs.len() * manifest.len() * coefs.parts()],
             dtype: PhantomData,
         }
     }
@@ -82,26 +82,12 @@ impl<T: Real + WithDType> WeightGradSink for StepReduction<T> {
         let Some(&(b, offset)) = self.at.get(&w.id()) else {
             return Ok(Some(dw));
         };
-        let part = {
-            let (storage, layout) = dw.storage_and_layout();
-            let (Storage::Cpu(cpu), Some((start, end)), true) = (
-                &*storage,
-                layout.contiguous_offsets(),
-                dw.dtype() == T::DTYPE,
-            ) else {
-                drop(storage);
-                return Ok(Some(dw));
-            };
-            let mut pieces = vec![Vec::new(); self.manifest.len()];
-            pieces[b].push((offset, &cpu.as_slice::<T>()?[start..end]));
-            reduce_gradient_pieces(&self.manifest, &pieces, &self.tvs, &self.coefs)
-                .map_err(candle_core::Error::wrap)?
-        };
-        if self.full.is_empty() {
-            self.full = part;
-        } else {
-            self.full.iter_mut().zip(part).for_each(|(a, p)| *a += p);
-        }
+        let view = GradView::<T>::of(&dw).map_err(candle_core::Error::wrap)?;
+        let mut pieces = vec![Vec::new(); self.manifest.len()];
+        pieces[b].push((offset, view.as_slice().map_err(candle_core::Error::wrap)?));
+        let part = reduce_gradient_pieces(&self.manifest, &pieces, &self.tvs, &self.coefs)
+            .map_err(candle_core::Error::wrap)?;
+        self.full.iter_mut().zip(part).for_each(|(a, p)| *a += p);
         Ok(None)
     }
 }
@@ -116,7 +102,23 @@ enum GradView<'a, T> {
     Copied(Vec<T>),
 }
 
-impl<T: WithDType> GradView<'_, T> {
+impl<'a, T: WithDType> GradView<'a, T> {
+    /// `g`'s values: in place when they can be, else converted.
+    fn of(g: &'a Tensor) -> Result<Self> {
+        let (storage, layout) = g.storage_and_layout();
+        if let (Storage::Cpu(_), Some((start, end)), true) = (
+            &*storage,
+            layout.contiguous_offsets(),
+            g.dtype() == T::DTYPE,
+        ) {
+            return Ok(GradView::InPlace(storage, start, end));
+        }
+        drop(storage);
+        Ok(GradView::Copied(
+            g.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?,
+        ))
+    }
+
     fn as_slice(&self) -> Result<&[T]> {
         Ok(match self {
             GradView::InPlace(storage, start, end) => match &**storage {
@@ -163,23 +165,7 @@ impl Leaves {
     ) -> Result<Vec<Option<GradView<'a, T>>>> {
         self.vars
             .iter()
-            .map(|(_, var)| {
-                let Some(g) = grads.get(var.as_tensor()) else {
-                    return Ok(None);
-                };
-                let (storage, layout) = g.storage_and_layout();
-                if let (Storage::Cpu(_), Some((start, end)), true) = (
-                    &*storage,
-                    layout.contiguous_offsets(),
-                    g.dtype() == T::DTYPE,
-                ) {
-                    return Ok(Some(GradView::InPlace(storage, start, end)));
-                }
-                drop(storage);
-                Ok(Some(GradView::Copied(
-                    g.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?,
-                )))
-            })
+            .map(|(_, var)| grads.get(var.as_tensor()).map(GradView::of).transpose())
             .collect()
     }
 

@@ -67,11 +67,7 @@ fn forward(
         let bias = bias.map(|(b, bl)| slice::<T>(b, bl)).transpose()?;
         Ok(T::wrap(product(slice(x, xl)?, slice(w, wl)?, bias, mkn)))
     }
-    let y = match x {
-        CpuStorage::F32(_) => run::<f32>((x, xl), (w, wl), bias, (m, k, n))?,
-        CpuStorage::F64(_) => run::<f64>((x, xl), (w, wl), bias, (m, k, n))?,
-        other => candle_core::bail!("linear-wt takes f32 or f64, not {:?}", other.dtype()),
-    };
+    let y = by_float!(x, run((x, xl), (w, wl), bias, (m, k, n)));
     Ok((y, Shape::from((m, n))))
 }
 
