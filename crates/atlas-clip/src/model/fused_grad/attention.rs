@@ -2,10 +2,11 @@
 //! head, straight from the q, k and v projections ([B, N, D], heads side by side in D) to the
 //! context ([B, Nq, D]). Learning runs it on the separate projections; inference (f32) on q, k
 //! and v cut from the stacked projection, with the scale already in q (ViT-B/16 at batch 8:
-//! 1,672 → 1,500–1,570 ms a pass in back-to-back runs). Built from candle ops, this split and merged the heads with copies,
-//! scaled q in its own pass and ran 3 × B·H small batched matmuls forward and 4 × B·H backward
-//! at 30–60 GFLOP/s; here each (image, head) pair is one task that calls gemm on strided views,
-//! and the backward recomputes the N×N probabilities instead of keeping them.
+//! 1,672 → 1,500–1,570 ms a pass in back-to-back runs). Built from candle ops, this split and
+//! merged the heads with copies, scaled q in its own pass and ran 3 × B·H small batched matmuls
+//! forward and 4 × B·H backward at 30–60 GFLOP/s; here each (image, head) pair is one task that
+//! calls gemm on strided views, and the backward recomputes the N×N probabilities instead of
+//! keeping them.
 
 use super::{slice, Num};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
