@@ -11,7 +11,7 @@ use atlas_clip::model::normalize;
 use atlas_clip::{ClipConfig, TextConfig, TextTower, VisionConfig, VisionTower};
 use atlas_core::safetensors_io::{write_file, OutTensor};
 use atlas_core::TensorSpec;
-use atlas_learn::finetune::warmup_cosine;
+use atlas_learn::optim::cosine_lr;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng};
@@ -412,7 +412,7 @@ pub fn pretrain(
         if cancelled() {
             return Err(DemoError::Cancelled);
         }
-        let lr = warmup_cosine(params.lr, step, params.steps, params.warmup_steps);
+        let lr = cosine_lr(params.lr, step, params.steps, params.warmup_steps);
         let batch = next_batch(params.batch_size)?;
         let loss = contrastive_loss(&model.logits(&batch.pixels, &batch.ids)?, &batch.targets)?;
         let grads = loss.backward()?;

@@ -325,7 +325,7 @@ impl Runner<'_> {
         progress: &mut dyn Progress,
         label: &str,
     ) -> Result<atlas_learn::Outcome> {
-        let mut config = LearnConfig::recipe(job);
+        let mut config = LearnConfig::recipe(job.objective());
         config.view = View::Plain;
         config.epochs = self.config.epochs;
         if !matches!(job, Job::FewShot(_)) {
@@ -381,7 +381,7 @@ impl Runner<'_> {
         }
         let ta = Coefficients::isotropic(vec![best.1; n], nb)?;
         let arithmetic = self.accuracies(&tasks, &ta, &tests)?;
-        let job = Job::MultiTask(tasks.clone());
+        let job = Job::TaskAddition(tasks.clone());
         let mut learned = Vec::new();
         for &layout in &self.config.learned {
             let epochs = self.config.merge_epochs;

@@ -2,8 +2,9 @@
 //! ranks them by accumulated |∂L/∂Λ|; keep the top b whole, or, per block, build b mixed task
 //! vectors from the b highest-ranked task vectors of that block.
 
-use crate::job::{Job, LearnConfig};
+use crate::job::Job;
 use crate::learner::abs_gradient_pass;
+use crate::recipe::LearnConfig;
 use crate::{LearnError, Result};
 use atlas_clip::Backbone;
 use atlas_core::{Buffer, Coefficients, Layout, TaskVector, TaskVectorMeta};

@@ -9,6 +9,7 @@
 //!
 //! Training runs in f32 whatever the backbone's compute dtype.
 
+use crate::optim::{cosine_lr, AdamW, AdamWConfig};
 use atlas_clip::backbone::block_tensors;
 use atlas_clip::loss::cross_entropy;
 use atlas_clip::{Backbone, ClipError, VisionTower, ZeroShotHead};
@@ -100,16 +101,6 @@ pub struct Finetuned {
     pub final_loss: f32,
 }
 
-/// Learning rate at 0-based `step` of `total`: linear warm-up then cosine decay to 0.
-pub fn warmup_cosine(peak: f64, step: usize, total: usize, warmup: usize) -> f64 {
-    if step < warmup {
-        return peak * (step + 1) as f64 / warmup as f64;
-    }
-    let span = total.saturating_sub(warmup).max(1);
-    let t = (step - warmup) as f64 / span as f64;
-    0.5 * peak * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
-}
-
 /// Fine-tunes the backbone's image tower on `data` with `head` as the classifier. `progress` is
 /// called after each step; setting `cancel` stops at the next step with
 /// [`FinetuneError::Cancelled`].
@@ -124,7 +115,12 @@ pub fn finetune(
     check(backbone, head, data, config)?;
     let vars = base_vars(backbone)?;
     let weights = var_weights(&vars);
-    let mut opt = TensorAdamW::new(&vars, config.weight_decay)?;
+    let optimizer = AdamWConfig {
+        lr: config.lr,
+        weight_decay: config.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::for_vars(optimizer, vars.iter().map(|(_, v)| v))?;
     let head = head.to_dtype(DType::F32)?;
     let per_epoch = data.pixels.len().div_ceil(config.batch_size);
     let steps = per_epoch * config.epochs;
@@ -140,11 +136,12 @@ pub fn finetune(
             if cancel.load(Ordering::Relaxed) {
                 return Err(FinetuneError::Cancelled);
             }
-            let lr = warmup_cosine(config.lr, step, steps, warmup);
+            let lr = cosine_lr(config.lr, step, steps, warmup);
             let run = Run {
                 backbone,
                 head: &head,
                 weights: &weights,
+                vars: &vars,
                 data,
                 grad_clip: config.grad_clip,
             };
@@ -244,13 +241,14 @@ struct Run<'a> {
     backbone: &'a Backbone,
     head: &'a ZeroShotHead,
     weights: &'a HashMap<String, Tensor>,
+    vars: &'a [(String, Var)],
     data: Labelled<'a>,
     grad_clip: Option<f64>,
 }
 
 impl Run<'_> {
     /// Forward, backward, clip and update on the images `batch`; returns the loss.
-    fn step(&self, batch: &[usize], lr: f64, opt: &mut TensorAdamW) -> Result<f32> {
+    fn step(&self, batch: &[usize], lr: f64, opt: &mut AdamW<Vec<Tensor>>) -> Result<f32> {
         let tower = self.backbone.vision(self.weights)?;
         let (pixels, labels) = batch_tensors(self.backbone, self.data, batch)?;
         let loss = cross_entropy(&self.head.logits(&tower.forward(&pixels)?)?, &labels)?;
@@ -258,60 +256,8 @@ impl Run<'_> {
         if let Some(max) = self.grad_clip {
             clip_grad_norm(&mut grads, self.weights.values(), max)?;
         }
-        opt.step(&grads, lr)?;
+        opt.step_vars(self.vars.iter().map(|(_, v)| v), &grads, lr)?;
         Ok(loss.to_scalar::<f32>()?)
-    }
-}
-
-/// AdamW over candle `Var`s (PyTorch's update: decoupled weight decay, bias-corrected moments,
-/// β = (0.9, 0.999), ε = 1e-8). Here rather than candle-nn's so the crate needs only
-/// candle-core; the learning rate is passed per step for the schedule.
-pub struct TensorAdamW {
-    vars: Vec<Var>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    weight_decay: f64,
-    t: i32,
-}
-
-impl TensorAdamW {
-    const BETA1: f64 = 0.9;
-    const BETA2: f64 = 0.999;
-    const EPS: f64 = 1e-8;
-
-    pub fn new(vars: &[(String, Var)], weight_decay: f64) -> Result<Self> {
-        let vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-        let zeros = || -> Result<Vec<Tensor>> {
-            vars.iter()
-                .map(|v| Ok(v.as_tensor().zeros_like()?))
-                .collect()
-        };
-        Ok(TensorAdamW {
-            m: zeros()?,
-            v: zeros()?,
-            vars,
-            weight_decay,
-            t: 0,
-        })
-    }
-
-    /// One update of every var that has a gradient in `grads`.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.t += 1;
-        let (b1, b2) = (Self::BETA1, Self::BETA2);
-        let c1 = 1.0 - b1.powi(self.t);
-        let c2 = 1.0 - b2.powi(self.t);
-        for ((var, m), v) in self.vars.iter().zip(&mut self.m).zip(&mut self.v) {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            *m = ((&*m * b1)? + (g * (1.0 - b1))?)?;
-            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + Self::EPS)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
-        }
-        Ok(())
     }
 }
 
@@ -449,42 +395,4 @@ pub fn predict(
         out.extend(logits.argmax(1)?.to_vec1::<u32>()?);
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedule_warms_up_then_decays_to_zero() {
-        let lrs: Vec<f64> = (0..10).map(|s| warmup_cosine(1.0, s, 10, 2)).collect();
-        assert!((lrs[0] - 0.5).abs() < 1e-12 && (lrs[1] - 1.0).abs() < 1e-12);
-        assert!((lrs[2] - 1.0).abs() < 1e-12);
-        assert!(lrs.windows(2).skip(2).all(|w| w[1] < w[0]));
-        assert!(warmup_cosine(1.0, 10, 10, 2).abs() < 1e-12);
-        // No warm-up: starts at the peak.
-        assert_eq!(warmup_cosine(0.1, 0, 5, 0), 0.1);
-    }
-
-    #[test]
-    fn adamw_matches_pytorch_first_steps() {
-        // PyTorch AdamW(lr=0.1, weight_decay=0.5) on x = 2 with gradient 3 then -1:
-        // step 1: x = 2·(1 − 0.05) − 0.1 · m̂/(√v̂ + ε) = 1.9 − 0.1 = 1.8.
-        let dev = candle_core::Device::Cpu;
-        let x = Var::new(&[2.0f64], &dev).unwrap();
-        let mut opt = TensorAdamW::new(&[("x".into(), x.clone())], 0.5).unwrap();
-        let step = |opt: &mut TensorAdamW, g: f64| {
-            let loss = (x.as_tensor() * g).unwrap().sum_all().unwrap();
-            opt.step(&loss.backward().unwrap(), 0.1).unwrap();
-            x.as_tensor().to_vec1::<f64>().unwrap()[0]
-        };
-        let x1 = step(&mut opt, 3.0);
-        assert!((x1 - 1.8).abs() < 1e-9, "{x1}");
-        // step 2: m = 0.9·0.3 − 0.1 = 0.17, v = 0.999·0.009 + 0.001 = 0.009991;
-        // m̂ = 0.17/0.19, v̂ = 0.009991/0.001999.
-        let x2 = step(&mut opt, -1.0);
-        let (mh, vh) = (0.17 / 0.19, 0.009991 / 0.001999);
-        let want = 1.8 * (1.0 - 0.05) - 0.1 * mh / (f64::sqrt(vh) + 1e-8);
-        assert!((x2 - want).abs() < 1e-9, "{x2} vs {want}");
-    }
 }

@@ -1,13 +1,12 @@
-//! What to learn (the [`Job`]), on which data ([`Task`]), and how ([`LearnConfig`], with the
-//! paper's recipe per objective as defaults).
+//! What to learn: the [`Objective`], and the [`Job`] that pairs it with its data ([`Task`]s).
+//! How to learn it (the recipe) is in [`crate::recipe`].
 
-use crate::augment::View;
 use crate::data::Dataset;
-use crate::optim::AdamWConfig;
 use crate::{LearnError, Result};
 use atlas_clip::{Backbone, ZeroShotHead};
-use atlas_core::{Coefficients, Layout};
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
 
 /// A data set with its zero-shot head (from its class names) and, optionally, its own held-out
 /// split; without one, `LearnConfig::val_fraction` of the data is held out.
@@ -42,51 +41,148 @@ impl Task {
     }
 }
 
+/// The learning objectives, by one name each: `few_shot`, `task_addition` (also accepted as
+/// `multi_task`, its name in the multi-task merging literature), `negation`, `entropy`, `ufm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Cross-entropy on labelled images of one task.
+    FewShot,
+    /// Multi-task merge: summed cross-entropy over per-task slices of each batch.
+    #[serde(alias = "multi_task")]
+    TaskAddition,
+    /// −CE(target) + CE(control); kept only while control accuracy stays ≥ guard × zero-shot.
+    Negation,
+    /// Test-time adaptation: entropy minimisation on unlabelled images (SAR-style filtering).
+    Entropy,
+    /// Test-time adaptation: UFM pseudo-labelling (weak view → pseudo-labels, strong view → loss).
+    Ufm,
+}
+
+impl Objective {
+    pub const ALL: [Objective; 5] = [
+        Objective::FewShot,
+        Objective::TaskAddition,
+        Objective::Negation,
+        Objective::Entropy,
+        Objective::Ufm,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Objective::FewShot => "few_shot",
+            Objective::TaskAddition => "task_addition",
+            Objective::Negation => "negation",
+            Objective::Entropy => "entropy",
+            Objective::Ufm => "ufm",
+        }
+    }
+
+    /// Learns from unlabelled images.
+    pub fn is_unsupervised(self) -> bool {
+        matches!(self, Objective::Entropy | Objective::Ufm)
+    }
+
+    /// Checks that `n` tasks fit the objective: one, two (negation: target then control), or at
+    /// least one (task addition).
+    pub fn check_task_count(self, n: usize) -> Result<()> {
+        let (ok, want) = match self {
+            Objective::TaskAddition => (n >= 1, "at least one"),
+            Objective::Negation => (n == 2, "two (target, then control)"),
+            _ => (n == 1, "exactly one"),
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(LearnError::Job(format!(
+            "objective {self} takes {want} task(s), got {n}"
+        )))
+    }
+}
+
+impl fmt::Display for Objective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Objective {
+    type Err = LearnError;
+
+    /// The serde names, with `-` accepted for `_` (command-line spelling).
+    fn from_str(s: &str) -> Result<Self> {
+        let name = s.trim().replace('-', "_");
+        let found = Objective::ALL.into_iter().find(|o| o.as_str() == name);
+        match (found, name.as_str()) {
+            (Some(o), _) => Ok(o),
+            (None, "multi_task") => Ok(Objective::TaskAddition),
+            _ => Err(LearnError::Job(format!(
+                "unknown objective {s:?}; use one of few_shot, task_addition, negation, entropy, ufm"
+            ))),
+        }
+    }
+}
+
+/// An objective with its data.
 #[derive(Debug, Clone)]
 pub enum Job {
-    /// Cross-entropy on labelled images of one task.
     FewShot(Task),
-    /// Task addition: summed cross-entropy over per-task slices of each batch.
-    MultiTask(Vec<Task>),
-    /// −CE(target) + CE(control); kept only while control accuracy stays ≥ guard × zero-shot.
+    TaskAddition(Vec<Task>),
     Negation { target: Task, control: Task },
-    /// Test-time adaptation: entropy minimisation on unlabelled images (SAR-style filtering).
     Entropy(Task),
-    /// Test-time adaptation: UFM pseudo-labelling (weak view → pseudo-labels, strong view → loss).
     Ufm(Task),
 }
 
 impl Job {
+    /// The job of `objective` over `tasks` (negation: the target, then the control).
+    pub fn from_tasks(objective: Objective, mut tasks: Vec<Task>) -> Result<Job> {
+        objective.check_task_count(tasks.len())?;
+        let mut one = || tasks.remove(0);
+        Ok(match objective {
+            Objective::FewShot => Job::FewShot(one()),
+            Objective::Entropy => Job::Entropy(one()),
+            Objective::Ufm => Job::Ufm(one()),
+            Objective::Negation => {
+                let target = one();
+                Job::Negation {
+                    target,
+                    control: one(),
+                }
+            }
+            Objective::TaskAddition => Job::TaskAddition(tasks),
+        })
+    }
+
     pub fn tasks(&self) -> Vec<&Task> {
         match self {
             Job::FewShot(t) | Job::Entropy(t) | Job::Ufm(t) => vec![t],
-            Job::MultiTask(ts) => ts.iter().collect(),
+            Job::TaskAddition(ts) => ts.iter().collect(),
             Job::Negation { target, control } => vec![target, control],
         }
     }
-    pub fn kind(&self) -> &'static str {
+
+    pub fn objective(&self) -> Objective {
         match self {
-            Job::FewShot(_) => "few_shot",
-            Job::MultiTask(_) => "multi_task",
-            Job::Negation { .. } => "negation",
-            Job::Entropy(_) => "entropy",
-            Job::Ufm(_) => "ufm",
+            Job::FewShot(_) => Objective::FewShot,
+            Job::TaskAddition(_) => Objective::TaskAddition,
+            Job::Negation { .. } => Objective::Negation,
+            Job::Entropy(_) => Objective::Entropy,
+            Job::Ufm(_) => Objective::Ufm,
         }
     }
-    pub fn is_unsupervised(&self) -> bool {
-        matches!(self, Job::Entropy(_) | Job::Ufm(_))
-    }
+
     /// Checks the data fit the objective.
     pub fn validate(&self) -> Result<()> {
+        let objective = self.objective();
+        objective.check_task_count(self.tasks().len())?;
         for t in self.tasks() {
             if t.data.is_empty() {
                 return Err(LearnError::Data(format!("task {} has no images", t.name)));
             }
-            if !self.is_unsupervised() && !t.data.is_labelled() {
+            if !objective.is_unsupervised() && !t.data.is_labelled() {
                 return Err(LearnError::Data(format!(
-                    "task {} needs a label for every image for {}",
+                    "task {} needs a label for every image for {objective}",
                     t.name,
-                    self.kind()
                 )));
             }
             if t.head.classes.len() != t.data.classes.len() {
@@ -98,130 +194,37 @@ impl Job {
                 )));
             }
         }
-        if let Job::MultiTask(ts) = self {
-            if ts.is_empty() {
-                return Err(LearnError::Job(
-                    "a multi-task merge needs at least one task".into(),
-                ));
-            }
-        }
         Ok(())
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LearnConfig {
-    pub layout: Layout,
-    pub optimizer: AdamWConfig,
-    pub epochs: usize,
-    /// Images per step (per task for a multi-task merge and for negation).
-    pub batch_size: usize,
-    pub warmup_steps: usize,
-    /// Gradient-norm clipping; None turns it off.
-    pub grad_clip: Option<f64>,
-    pub seed: u64,
-    /// Share of each class held out for choosing the best epoch when a task has no val split.
-    pub val_fraction: f64,
-    /// Training view of labelled images (Train = RandomResizedCrop + flip; Plain = none).
-    pub view: View,
-    /// Starting Λ (default: zeros, the pre-trained model).
-    pub initial: Option<Coefficients>,
-    /// Negation: control accuracy must stay ≥ this × its zero-shot accuracy.
-    pub control_guard: f64,
-    /// UFM: share of each class's expected count kept in the trusted set.
-    pub trusted_fraction: f64,
-    /// UFM: pseudo-label sharpening temperature (targets ∝ p^(1/T)).
-    pub sharpen_temperature: f64,
-    /// Images per forward pass when evaluating.
-    pub eval_batch: usize,
-}
+#[cfg(test)]
+mod tests {
+    use super::Objective;
 
-/// The recipe for a job kind ("few_shot", "multi_task", "negation", "entropy", "ufm").
-pub fn recipe_for_kind(kind: &str) -> LearnConfig {
-    LearnConfig::recipe_kind(kind)
-}
-
-impl LearnConfig {
-    /// The paper's recipe for the job (method notes: AdamW, cosine, grad-norm clip 1.0).
-    pub fn recipe(job: &Job) -> Self {
-        Self::recipe_kind(job.kind())
+    #[test]
+    fn objective_names_round_trip_and_accept_the_other_spellings() {
+        for o in Objective::ALL {
+            assert_eq!(o.as_str().parse::<Objective>().unwrap(), o);
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+            let json = serde_json::Value::String(o.as_str().into());
+            assert_eq!(serde_json::from_value::<Objective>(json).unwrap(), o);
+        }
+        for s in ["multi_task", "multi-task", "task-addition"] {
+            assert_eq!(s.parse::<Objective>().unwrap(), Objective::TaskAddition);
+        }
+        let alias = serde_json::from_str::<Objective>("\"multi_task\"").unwrap();
+        assert_eq!(alias, Objective::TaskAddition);
+        assert!("multitask".parse::<Objective>().is_err());
     }
 
-    fn recipe_kind(kind: &str) -> Self {
-        let base = LearnConfig {
-            layout: Layout::PerBlock,
-            optimizer: AdamWConfig {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
-            epochs: 10,
-            batch_size: 32,
-            warmup_steps: 0,
-            grad_clip: Some(1.0),
-            seed: 0,
-            val_fraction: 0.2,
-            view: View::Train,
-            initial: None,
-            control_guard: 0.95,
-            trusted_fraction: 0.3,
-            sharpen_temperature: 0.5,
-            eval_batch: 64,
-        };
-        match kind {
-            "few_shot" => LearnConfig {
-                optimizer: AdamWConfig {
-                    lr: 1e-1,
-                    ..base.optimizer
-                },
-                ..base
-            },
-            "multi_task" => LearnConfig {
-                epochs: 20,
-                batch_size: 16,
-                ..base
-            },
-            "negation" => LearnConfig {
-                batch_size: 16,
-                ..base
-            },
-            _ => LearnConfig {
-                view: View::Plain,
-                ..base
-            },
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(LearnError::Job(m.to_string()));
-        let o = &self.optimizer;
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            return bad("lr must be a positive number");
-        }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return bad("betas must be in [0, 1)");
-        }
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        if !positive(o.eps) || !o.weight_decay.is_finite() || o.weight_decay < 0.0 {
-            return bad("eps must be positive and weight_decay non-negative");
-        }
-        if self.epochs == 0 || self.batch_size == 0 || self.eval_batch == 0 {
-            return bad("epochs, batch_size and eval_batch must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.val_fraction) {
-            return bad("val_fraction must be in [0, 1)");
-        }
-        if self.grad_clip.is_some_and(|c| !positive(c)) {
-            return bad("grad_clip must be positive");
-        }
-        if !positive(self.trusted_fraction)
-            || self.trusted_fraction > 1.0
-            || !positive(self.sharpen_temperature)
-        {
-            return bad("trusted_fraction must be in (0, 1] and sharpen_temperature positive");
-        }
-        Ok(())
+    #[test]
+    fn task_counts() {
+        assert!(Objective::FewShot.check_task_count(1).is_ok());
+        assert!(Objective::FewShot.check_task_count(2).is_err());
+        assert!(Objective::Negation.check_task_count(2).is_ok());
+        assert!(Objective::Negation.check_task_count(1).is_err());
+        assert!(Objective::TaskAddition.check_task_count(0).is_err());
+        assert!(Objective::TaskAddition.check_task_count(5).is_ok());
     }
 }

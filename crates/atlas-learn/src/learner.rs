@@ -6,8 +6,9 @@ use crate::augment::View;
 use crate::checkpoint::{self, EpochSummary, State};
 use crate::data::{Dataset, Item};
 use crate::eval::{batch_pixels, embed, logits, metrics, Views};
-use crate::job::{Job, LearnConfig, Task};
+use crate::job::{Job, Objective, Task};
 use crate::optim::{clip_grad_norm, cosine_lr, AdamW};
+use crate::recipe::LearnConfig;
 use crate::{LearnError, Result};
 use atlas_clip::grad::coefficient_gradient;
 use atlas_clip::loss::{cross_entropy, log_softmax};
@@ -283,7 +284,7 @@ pub fn learn(
 fn metric_name(job: &Job) -> &'static str {
     match job {
         Job::FewShot(_) => "accuracy",
-        Job::MultiTask(_) => "mean_normalised_accuracy",
+        Job::TaskAddition(_) => "mean_normalised_accuracy",
         Job::Negation { .. } => "target_accuracy",
         Job::Entropy(_) | Job::Ufm(_) => "entropy",
     }
@@ -334,7 +335,12 @@ fn shuffled(streams: &[Stream], seed: u64, epoch: usize) -> Vec<Vec<usize>> {
 
 fn fingerprint(job: &Job, config: &LearnConfig, tvs: &[Arc<TaskVector>]) -> String {
     let mut text = serde_json::to_string(config).unwrap_or_default();
-    text.push_str(job.kind());
+    // Checkpoints written before task addition had one name hashed "multi_task": keeping it
+    // lets a job interrupted across an upgrade resume instead of failing.
+    text.push_str(match job.objective() {
+        Objective::TaskAddition => "multi_task",
+        o => o.as_str(),
+    });
     for tv in tvs {
         text.push_str(tv.digest());
     }
@@ -396,7 +402,7 @@ impl Run<'_> {
                 let a = m(t, &self.vals[0])?.accuracy;
                 (a, a, true)
             }
-            Job::MultiTask(ts) => {
+            Job::TaskAddition(ts) => {
                 let mut sum = 0.0;
                 for (t, v) in ts.iter().zip(self.vals) {
                     sum += m(t, v)?.accuracy / t.reference_accuracy.unwrap_or(1.0);

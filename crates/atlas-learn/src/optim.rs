@@ -1,7 +1,10 @@
-//! AdamW over the coefficient vector, with every hyper-parameter explicit, a cosine schedule with
-//! optional linear warm-up, and gradient-norm clipping. The state is serialisable so a learning
-//! job resumes exactly where it stopped.
+//! The optimiser of every training loop here: AdamW with every hyper-parameter explicit, over the
+//! coefficient vector Λ (serialisable, so a learning job resumes exactly where it stopped) or over
+//! candle `Var`s (fine-tuning); the cosine schedule with optional linear warm-up; gradient-norm
+//! clipping of a flat gradient.
 
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -26,15 +29,38 @@ impl Default for AdamWConfig {
     }
 }
 
+/// AdamW as torch.optim.AdamW: decoupled weight decay, bias-corrected moments. `M` holds the
+/// moments: `Vec<f64>` for the coefficient vector, `Vec<Tensor>` for `Var`s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AdamW {
+pub struct AdamW<M = Vec<f64>> {
     pub config: AdamWConfig,
-    pub m: Vec<f64>,
-    pub v: Vec<f64>,
+    pub m: M,
+    pub v: M,
     pub t: u64,
 }
 
+/// What one step applies: parameters scale by `decay`, then move by lr · (m / c1) / (√(v / c2) + ε).
+struct StepFactors {
+    decay: f64,
+    c1: f64,
+    c2: f64,
+}
+
+impl<M> AdamW<M> {
+    /// Counts a step at learning rate `lr` and returns its factors.
+    fn advance(&mut self, lr: f64) -> StepFactors {
+        self.t += 1;
+        let c = self.config;
+        StepFactors {
+            decay: 1.0 - lr * c.weight_decay,
+            c1: 1.0 - c.beta1.powi(self.t as i32),
+            c2: 1.0 - c.beta2.powi(self.t as i32),
+        }
+    }
+}
+
 impl AdamW {
+    /// Over a vector of `n` values.
     pub fn new(config: AdamWConfig, n: usize) -> Self {
         AdamW {
             config,
@@ -44,19 +70,57 @@ impl AdamW {
         }
     }
 
-    /// One update of `params` at learning rate `lr` (decoupled weight decay, as torch's AdamW).
+    /// One update of `params` at learning rate `lr`.
     pub fn step(&mut self, params: &mut [f64], grad: &[f64], lr: f64) {
+        let f = self.advance(lr);
         let c = self.config;
-        self.t += 1;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for i in 0..params.len() {
-            params[i] *= 1.0 - lr * c.weight_decay;
+            params[i] *= f.decay;
             self.m[i] = c.beta1 * self.m[i] + (1.0 - c.beta1) * grad[i];
             self.v[i] = c.beta2 * self.v[i] + (1.0 - c.beta2) * grad[i] * grad[i];
-            let denom = (self.v[i] / bc2).sqrt() + c.eps;
-            params[i] -= lr * (self.m[i] / bc1) / denom;
+            let denom = (self.v[i] / f.c2).sqrt() + c.eps;
+            params[i] -= lr * (self.m[i] / f.c1) / denom;
         }
+    }
+}
+
+impl AdamW<Vec<Tensor>> {
+    /// Over `vars`; [`AdamW::step_vars`] must get the same vars in the same order.
+    pub fn for_vars<'a>(
+        config: AdamWConfig,
+        vars: impl Iterator<Item = &'a Var>,
+    ) -> candle_core::Result<Self> {
+        let zeros = vars
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW {
+            config,
+            m: zeros.clone(),
+            v: zeros,
+            t: 0,
+        })
+    }
+
+    /// One update, at learning rate `lr`, of every var that has a gradient in `grads`.
+    pub fn step_vars<'a>(
+        &mut self,
+        vars: impl Iterator<Item = &'a Var>,
+        grads: &GradStore,
+        lr: f64,
+    ) -> candle_core::Result<()> {
+        let f = self.advance(lr);
+        let c = self.config;
+        for ((var, m), v) in vars.zip(&mut self.m).zip(&mut self.v) {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&*m / f.c1)? / ((&*v / f.c2)?.sqrt()? + c.eps)?)?;
+            let decayed = (var.as_tensor() * f.decay)?;
+            var.set(&(decayed - (update * lr)?)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -104,6 +168,45 @@ mod tests {
         opt.step(&mut p, &[0.25, 0.5], 0.1);
         assert!((p[0] - 0.7878820404574624).abs() < 1e-12, "{p:?}");
         assert!((p[1] - -1.8345662973609032).abs() < 1e-12, "{p:?}");
+    }
+
+    #[test]
+    fn var_adamw_matches_pytorch_first_steps() {
+        // PyTorch AdamW(lr=0.1, weight_decay=0.5) on x = 2 with gradient 3 then -1:
+        // step 1: x = 2·(1 − 0.05) − 0.1 · m̂/(√v̂ + ε) = 1.9 − 0.1 = 1.8.
+        let dev = candle_core::Device::Cpu;
+        let x = Var::new(&[2.0f64], &dev).unwrap();
+        let config = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..AdamWConfig::default()
+        };
+        let mut opt = AdamW::for_vars(config, [&x].into_iter()).unwrap();
+        let mut step = |g: f64| {
+            let loss = (x.as_tensor() * g).unwrap().sum_all().unwrap();
+            opt.step_vars([&x].into_iter(), &loss.backward().unwrap(), 0.1)
+                .unwrap();
+            x.as_tensor().to_vec1::<f64>().unwrap()[0]
+        };
+        let x1 = step(3.0);
+        assert!((x1 - 1.8).abs() < 1e-9, "{x1}");
+        // step 2: m = 0.9·0.3 − 0.1 = 0.17, v = 0.999·0.009 + 0.001 = 0.009991;
+        // m̂ = 0.17/0.19, v̂ = 0.009991/0.001999.
+        let x2 = step(-1.0);
+        let (mh, vh) = (0.17 / 0.19, 0.009991 / 0.001999);
+        let want = 1.8 * (1.0 - 0.05) - 0.1 * mh / (f64::sqrt(vh) + 1e-8);
+        assert!((x2 - want).abs() < 1e-9, "{x2} vs {want}");
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let lrs: Vec<f64> = (0..10).map(|s| cosine_lr(1.0, s, 10, 2)).collect();
+        assert!((lrs[0] - 0.5).abs() < 1e-12 && (lrs[1] - 1.0).abs() < 1e-12);
+        assert!((lrs[2] - 1.0).abs() < 1e-12);
+        assert!(lrs.windows(2).skip(2).all(|w| w[1] < w[0]));
+        assert!(cosine_lr(1.0, 10, 10, 2).abs() < 1e-12);
+        // No warm-up: starts at the peak.
+        assert_eq!(cosine_lr(0.1, 0, 5, 0), 0.1);
     }
 
     #[test]

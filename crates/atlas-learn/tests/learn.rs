@@ -241,7 +241,7 @@ fn planted_anisotropic_merge_beats_isotropic_task_arithmetic() {
         ..head_task.clone()
     };
     let job = Job::FewShot(task);
-    let mut cfg = LearnConfig::recipe(&job);
+    let mut cfg = LearnConfig::recipe(job.objective());
     cfg.view = View::Plain;
     cfg.epochs = 40;
     cfg.batch_size = 16;
@@ -286,7 +286,7 @@ fn planted_task(bb: &Backbone, tvs: &[Arc<TaskVector>], seed: u64, n: usize) -> 
 }
 
 fn small_config(job: &Job) -> LearnConfig {
-    let mut cfg = LearnConfig::recipe(job);
+    let mut cfg = LearnConfig::recipe(job.objective());
     cfg.view = View::Plain;
     cfg.epochs = 3;
     cfg.batch_size = 8;
@@ -387,7 +387,7 @@ fn every_objective_moves_its_metric_the_right_way() {
     let acc = |coefs: &Coefficients, t: &Task, d: &Dataset| agreement(&bb, &tvs, coefs, t, d);
     let zero = Coefficients::zeros(Layout::PerBlock, 3, bb.manifest().len()).unwrap();
 
-    let job = Job::MultiTask(vec![a.clone(), b.clone()]);
+    let job = Job::TaskAddition(vec![a.clone(), b.clone()]);
     let out = go(&job, &small_config(&job));
     let (before, after) = (
         acc(&zero, &a, &a_test) + acc(&zero, &b, &b_test),
@@ -428,11 +428,11 @@ fn every_objective_moves_its_metric_the_right_way() {
         let out = go(&job, &small_config(&job));
         println!(
             "{}: validation entropy {:.4} -> {:.4}",
-            job.kind(),
+            job.objective(),
             out.before,
             out.after
         );
-        assert!(out.after < out.before, "{}", job.kind());
+        assert!(out.after < out.before, "{}", job.objective());
     }
 }
 

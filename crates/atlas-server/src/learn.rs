@@ -2,25 +2,16 @@
 //! vectors, with a progress bar; writes the coefficients file and prints the validation metric
 //! before (zero-shot) and after.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use atlas_clip::{templates, Backbone, LoadOptions};
-use atlas_core::{Layout, StoreDType, TaskVector};
+use atlas_core::{Layout, StoreDType};
 use atlas_learn::budget::{self, Budget};
 use atlas_learn::output::CoefficientsFile;
-use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, Task};
+use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, Objective, Overrides, Task};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Objective {
-    FewShot,
-    MultiTask,
-    Negation,
-    Entropy,
-    Ufm,
-}
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum LayoutArg {
@@ -41,7 +32,8 @@ pub struct Args {
     /// takes the target then the control.
     #[arg(long = "data", required = true)]
     data: Vec<PathBuf>,
-    #[arg(long, value_enum, default_value = "few-shot")]
+    /// few-shot, task-addition (or multi-task), negation, entropy or ufm.
+    #[arg(long, default_value = "few-shot")]
     objective: Objective,
     #[arg(long, value_enum, default_value = "per-block")]
     layout: LayoutArg,
@@ -54,20 +46,8 @@ pub struct Args {
     #[arg(long, default_value = "default")]
     templates: String,
     /// Override the recipe's settings.
-    #[arg(long)]
-    epochs: Option<usize>,
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    warmup_steps: Option<usize>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    val_fraction: Option<f64>,
+    #[command(flatten)]
+    overrides: Overrides,
     /// Keep only this many task vectors (ranked by one gradient pass).
     #[arg(long)]
     budget: Option<usize>,
@@ -121,7 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     bar.finish();
     let summary = serde_json::json!({
-        "objective": job.kind(), "metric": out.metric, "before": out.before, "after": out.after,
+        "objective": job.objective(), "metric": out.metric, "before": out.before, "after": out.after,
         "best_epoch": out.best_epoch, "history": out.history, "config": config,
     });
     let file = CoefficientsFile::new(
@@ -180,43 +160,18 @@ fn job(a: &Args, backbone: &Backbone) -> anyhow::Result<Job> {
         let name = dir
             .file_name()
             .map_or("task".into(), |n| n.to_string_lossy().into_owned());
-        let data = if matches!(a.objective, Objective::Entropy | Objective::Ufm) {
+        let data = if a.objective.is_unsupervised() {
             data.unlabelled()
         } else {
             data
         };
         tasks.push(Task::new(backbone, &name, data, &names)?);
     }
-    let one = |mut ts: Vec<Task>| -> anyhow::Result<Task> {
-        if ts.len() != 1 {
-            bail!(
-                "this objective takes exactly one --data directory, got {}",
-                ts.len()
-            );
-        }
-        Ok(ts.remove(0))
-    };
-    Ok(match a.objective {
-        Objective::FewShot => Job::FewShot(one(tasks)?),
-        Objective::Entropy => Job::Entropy(one(tasks)?),
-        Objective::Ufm => Job::Ufm(one(tasks)?),
-        Objective::MultiTask => Job::MultiTask(tasks),
-        Objective::Negation => {
-            if tasks.len() != 2 {
-                bail!("negation takes two --data directories: the target, then the control");
-            }
-            let control = tasks.pop().expect("two");
-            Job::Negation {
-                target: tasks.pop().expect("two"),
-                control,
-            }
-        }
-    })
+    Ok(Job::from_tasks(a.objective, tasks)?)
 }
 
 fn config(a: &Args, job: &Job) -> anyhow::Result<LearnConfig> {
-    let mut c = LearnConfig::recipe(job);
-    c.layout = match a.layout {
+    let layout = match a.layout {
         LayoutArg::Isotropic => Layout::Isotropic,
         LayoutArg::PerBlock => Layout::PerBlock,
         LayoutArg::PerPart => Layout::PerPart {
@@ -224,31 +179,11 @@ fn config(a: &Args, job: &Job) -> anyhow::Result<LearnConfig> {
             seed: a.part_seed,
         },
     };
-    if let Some(v) = a.epochs {
-        c.epochs = v;
+    let c = LearnConfig {
+        layout,
+        ..LearnConfig::recipe(job.objective())
     }
-    if let Some(v) = a.lr {
-        c.optimizer.lr = v;
-    }
-    if let Some(v) = a.weight_decay {
-        c.optimizer.weight_decay = v;
-    }
-    if let Some(v) = a.batch_size {
-        c.batch_size = v;
-    }
-    if let Some(v) = a.warmup_steps {
-        c.warmup_steps = v;
-    }
-    if let Some(v) = a.seed {
-        c.seed = v;
-    }
-    if let Some(v) = a.val_fraction {
-        c.val_fraction = v;
-    }
+    .with(&a.overrides);
     c.validate()?;
     Ok(c)
 }
-
-/// Unused-import guard for TaskVector in signatures above.
-#[allow(dead_code)]
-fn _types(_: &TaskVector) {}

@@ -961,7 +961,9 @@ fn limits_match_the_config_and_the_code() {
     let max_batch = number_after(&compositions, "const MAX_BATCH: usize = ");
     assert_eq!(overrides["epochs"]["maximum"], max_epochs);
     assert_eq!(overrides["batch_size"]["maximum"], max_batch);
-    let tasks = number_after(&compositions, "Objective::TaskAddition => (1..=");
+    let max_warmup = number_after(&compositions, "const MAX_WARMUP: usize = ");
+    assert_eq!(overrides["warmup_steps"]["maximum"], max_warmup);
+    let tasks = number_after(&compositions, "const MAX_TASKS: usize = ");
     assert_eq!(s("LearnRequest")["properties"]["tasks"]["maxItems"], tasks);
 
     let text = number_after(&heads, "const MAX_TEXT: usize = ");
@@ -1106,12 +1108,8 @@ fn enums_match_the_serde_names() {
         assert_eq!(Status::parse(st.as_str()), Some(st));
         assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
     }
-    // A composition's kind: "explicit" or the objective's name (compositions.rs renames the
-    // recipe's "multi_task").
-    let mut kinds: BTreeSet<String> = OBJECTIVES
-        .iter()
-        .map(|o| o.recipe_kind().replace("multi_task", "task_addition"))
-        .collect();
+    // A composition's kind: "explicit" or the objective's name.
+    let mut kinds: BTreeSet<String> = OBJECTIVES.iter().map(|o| o.to_string()).collect();
     assert_eq!(kinds, serde_names(&OBJECTIVES));
     kinds.insert("explicit".into());
     assert_eq!(enum_of(s("CompositionKind")), kinds);
@@ -1271,11 +1269,12 @@ fn learn_request(set: bool) -> api::LearnRequest {
                 label: set.then_some(1),
             }],
         }],
-        config: api::LearnOverrides {
+        config: api::Overrides {
             epochs: set.then_some(3),
             lr: set.then_some(0.1),
             weight_decay: set.then_some(0.0),
             batch_size: set.then_some(8),
+            warmup_steps: set.then_some(2),
             seed: set.then_some(u64::MAX),
             val_fraction: set.then_some(0.5),
             augment: set.then_some(false),
@@ -1284,7 +1283,7 @@ fn learn_request(set: bool) -> api::LearnRequest {
 }
 
 fn learn_config(set: bool) -> atlas_learn::LearnConfig {
-    let mut c = atlas_learn::job::recipe_for_kind("ufm");
+    let mut c = atlas_learn::LearnConfig::recipe(api::Objective::Ufm);
     c.layout = atlas_core::Layout::PerPart { k: 2, seed: 3 };
     if set {
         c.grad_clip = None;

@@ -2,6 +2,7 @@
 //! file parts). openapi.yaml describes the same shapes; tests/openapi.rs keeps them in step.
 
 use atlas_core::Layout;
+pub use atlas_learn::{Objective, Overrides};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -96,47 +97,6 @@ pub struct TaskData {
     pub examples: Vec<Example>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Objective {
-    FewShot,
-    #[serde(alias = "multi_task")]
-    TaskAddition,
-    Negation,
-    Entropy,
-    Ufm,
-}
-
-impl Objective {
-    pub fn recipe_kind(self) -> &'static str {
-        match self {
-            Objective::FewShot => "few_shot",
-            Objective::TaskAddition => "multi_task",
-            Objective::Negation => "negation",
-            Objective::Entropy => "entropy",
-            Objective::Ufm => "ufm",
-        }
-    }
-    pub fn unlabelled(self) -> bool {
-        matches!(self, Objective::Entropy | Objective::Ufm)
-    }
-}
-
-/// Settings of a learning job that override the objective's recipe.
-#[derive(Debug, Default, Deserialize, Serialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct LearnOverrides {
-    pub epochs: Option<usize>,
-    pub lr: Option<f64>,
-    pub weight_decay: Option<f64>,
-    pub batch_size: Option<usize>,
-    pub seed: Option<u64>,
-    pub val_fraction: Option<f64>,
-    /// Random crops and flips of labelled images (the recipe's default: on). Turn it off when
-    /// they change the label (positions, left/right, digits).
-    pub augment: Option<bool>,
-}
-
 /// A coefficient layout as callers write it: "isotropic", "blockwise", or {"parts": K}.
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
 #[serde(untagged)]
@@ -175,7 +135,7 @@ pub struct LearnRequest {
     /// (negation).
     pub tasks: Vec<TaskData>,
     #[serde(default)]
-    pub config: LearnOverrides,
+    pub config: Overrides,
 }
 
 /// Coefficients of one task vector in an explicit composition.

@@ -20,6 +20,10 @@ use std::sync::Arc;
 /// Largest epochs and batch size a request may ask for (bounded work per job).
 const MAX_EPOCHS: usize = 1000;
 const MAX_BATCH: usize = 1024;
+/// Longest learning-rate warm-up a request may ask for, in steps.
+const MAX_WARMUP: usize = 100_000;
+/// Largest number of tasks in one multi-task merge.
+const MAX_TASKS: usize = 64;
 
 pub async fn create(
     State(s): State<AppState>,
@@ -291,10 +295,7 @@ async fn learn(
     let c = Composition {
         id: id.clone(),
         name: req.name.clone(),
-        kind: req
-            .objective
-            .recipe_kind()
-            .replace("multi_task", "task_addition"),
+        kind: req.objective.to_string(),
         status: Status::Queued,
         task_vectors: names,
         layout,
@@ -373,20 +374,13 @@ fn layout(spec: &LayoutSpec, max_parts: usize) -> ApiResult<Layout> {
 
 fn check_tasks(s: &AppState, req: &LearnRequest) -> ApiResult<()> {
     let n = req.tasks.len();
-    let ok = match req.objective {
-        Objective::TaskAddition => (1..=64).contains(&n),
-        Objective::Negation => n == 2,
-        _ => n == 1,
-    };
-    if !ok {
-        let want = match req.objective {
-            Objective::TaskAddition => "1 to 64",
-            Objective::Negation => "two (target, then control)",
-            _ => "exactly one",
-        };
+    req.objective
+        .check_task_count(n)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    if n > MAX_TASKS {
         return Err(ApiError::bad(format!(
-            "objective {} takes {want} task(s), got {n}",
-            req.objective.recipe_kind()
+            "objective {} takes at most {MAX_TASKS} tasks, got {n}",
+            req.objective
         )));
     }
     let total: usize = req.tasks.iter().map(|t| t.examples.len()).sum();
@@ -413,9 +407,8 @@ fn check_tasks(s: &AppState, req: &LearnRequest) -> ApiResult<()> {
 
 fn check_label(o: Objective, i: usize, j: usize, label: Option<u32>, n: usize) -> ApiResult<()> {
     match label {
-        None if !o.unlabelled() => Err(ApiError::bad(format!(
-            "task {i} example {j}: a label is required for objective {}",
-            o.recipe_kind()
+        None if !o.is_unsupervised() => Err(ApiError::bad(format!(
+            "task {i} example {j}: a label is required for objective {o}"
         ))),
         Some(l) if l as usize >= n => Err(ApiError::bad(format!(
             "task {i} example {j}: label {l} is out of range for {n} classes"
@@ -424,7 +417,7 @@ fn check_label(o: Objective, i: usize, j: usize, label: Option<u32>, n: usize) -
     }
 }
 
-fn check_overrides(o: &LearnOverrides) -> ApiResult<()> {
+fn check_overrides(o: &Overrides) -> ApiResult<()> {
     if o.epochs.is_some_and(|e| e > MAX_EPOCHS) {
         return Err(ApiError::bad(format!(
             "epochs must be at most {MAX_EPOCHS}"
@@ -433,6 +426,11 @@ fn check_overrides(o: &LearnOverrides) -> ApiResult<()> {
     if o.batch_size.is_some_and(|b| b > MAX_BATCH) {
         return Err(ApiError::bad(format!(
             "batch_size must be at most {MAX_BATCH}"
+        )));
+    }
+    if o.warmup_steps.is_some_and(|w| w > MAX_WARMUP) {
+        return Err(ApiError::bad(format!(
+            "warmup_steps must be at most {MAX_WARMUP}"
         )));
     }
     if o.val_fraction.is_some_and(|v| !(0.0..1.0).contains(&v)) {

@@ -3,7 +3,7 @@
 //! checkpoint every epoch into the job's directory, so that a job interrupted by a restart
 //! resumes where it was.
 
-use super::api::{Composition, LearnRequest, Objective, Status, TaskData};
+use super::api::{Composition, LearnRequest, Status, TaskData};
 use super::metrics::Metrics;
 use super::store::Store;
 use atlas_clip::Backbone;
@@ -246,26 +246,13 @@ impl Jobs {
 
 /// The learning job of a stored request: its examples are files in the job's directory.
 fn build_job(backbone: &Backbone, req: &LearnRequest, dir: &Path) -> Result<Job, LearnError> {
-    let mut tasks = req
+    let tasks = req
         .tasks
         .iter()
         .enumerate()
         .map(|(i, t)| task(backbone, i, t, dir))
         .collect::<Result<Vec<_>, _>>()?;
-    let one = |mut ts: Vec<Task>| ts.remove(0);
-    Ok(match req.objective {
-        Objective::FewShot => Job::FewShot(one(tasks)),
-        Objective::Entropy => Job::Entropy(one(tasks)),
-        Objective::Ufm => Job::Ufm(one(tasks)),
-        Objective::TaskAddition => Job::MultiTask(tasks),
-        Objective::Negation => {
-            let control = tasks.pop().expect("validated: two tasks");
-            Job::Negation {
-                target: tasks.pop().expect("two tasks"),
-                control,
-            }
-        }
-    })
+    Job::from_tasks(req.objective, tasks)
 }
 
 fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task, LearnError> {
@@ -289,34 +276,11 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
 
 /// The recipe of an objective with the request's overrides, validated.
 pub fn learn_config(req: &LearnRequest, layout: atlas_core::Layout) -> Result<LearnConfig, String> {
-    let o = &req.config;
-    let mut c = atlas_learn::job::recipe_for_kind(req.objective.recipe_kind());
-    c.layout = layout;
-    if let Some(v) = o.epochs {
-        c.epochs = v;
+    let c = LearnConfig {
+        layout,
+        ..LearnConfig::recipe(req.objective)
     }
-    if let Some(v) = o.lr {
-        c.optimizer.lr = v;
-    }
-    if let Some(v) = o.weight_decay {
-        c.optimizer.weight_decay = v;
-    }
-    if let Some(v) = o.batch_size {
-        c.batch_size = v;
-    }
-    if let Some(v) = o.seed {
-        c.seed = v;
-    }
-    if let Some(v) = o.val_fraction {
-        c.val_fraction = v;
-    }
-    if let Some(on) = o.augment {
-        c.view = if on {
-            atlas_learn::augment::View::Train
-        } else {
-            atlas_learn::augment::View::Plain
-        };
-    }
+    .with(&req.config);
     c.validate().map_err(|e| e.to_string())?;
     Ok(c)
 }

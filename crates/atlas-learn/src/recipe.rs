@@ -1,0 +1,204 @@
+//! How to learn: [`LearnConfig`], the paper's recipe per [`Objective`] as its defaults, and the
+//! [`Overrides`] a caller may set on top of it (the same for the HTTP API and the command line).
+
+use crate::augment::View;
+use crate::job::Objective;
+use crate::optim::AdamWConfig;
+use crate::{LearnError, Result};
+use atlas_core::{Coefficients, Layout};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LearnConfig {
+    pub layout: Layout,
+    pub optimizer: AdamWConfig,
+    pub epochs: usize,
+    /// Images per step (per task for a multi-task merge and for negation).
+    pub batch_size: usize,
+    pub warmup_steps: usize,
+    /// Gradient-norm clipping; None turns it off.
+    pub grad_clip: Option<f64>,
+    pub seed: u64,
+    /// Share of each class held out for choosing the best epoch when a task has no val split.
+    pub val_fraction: f64,
+    /// Training view of labelled images (Train = RandomResizedCrop + flip; Plain = none).
+    pub view: View,
+    /// Starting Λ (default: zeros, the pre-trained model).
+    pub initial: Option<Coefficients>,
+    /// Negation: control accuracy must stay ≥ this × its zero-shot accuracy.
+    pub control_guard: f64,
+    /// UFM: share of each class's expected count kept in the trusted set.
+    pub trusted_fraction: f64,
+    /// UFM: pseudo-label sharpening temperature (targets ∝ p^(1/T)).
+    pub sharpen_temperature: f64,
+    /// Images per forward pass when evaluating.
+    pub eval_batch: usize,
+}
+
+impl LearnConfig {
+    /// The paper's recipe for the objective (method notes: AdamW, cosine, grad-norm clip 1.0).
+    pub fn recipe(objective: Objective) -> Self {
+        let base = LearnConfig {
+            layout: Layout::PerBlock,
+            optimizer: AdamWConfig {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            epochs: 10,
+            batch_size: 32,
+            warmup_steps: 0,
+            grad_clip: Some(1.0),
+            seed: 0,
+            val_fraction: 0.2,
+            view: View::Train,
+            initial: None,
+            control_guard: 0.95,
+            trusted_fraction: 0.3,
+            sharpen_temperature: 0.5,
+            eval_batch: 64,
+        };
+        match objective {
+            Objective::FewShot => LearnConfig {
+                optimizer: AdamWConfig {
+                    lr: 1e-1,
+                    ..base.optimizer
+                },
+                ..base
+            },
+            Objective::TaskAddition => LearnConfig {
+                epochs: 20,
+                batch_size: 16,
+                ..base
+            },
+            Objective::Negation => LearnConfig {
+                batch_size: 16,
+                ..base
+            },
+            Objective::Entropy | Objective::Ufm => LearnConfig {
+                view: View::Plain,
+                ..base
+            },
+        }
+    }
+
+    /// The recipe with the caller's overrides applied.
+    pub fn with(mut self, o: &Overrides) -> Self {
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut self.epochs, o.epochs);
+        set(&mut self.optimizer.lr, o.lr);
+        set(&mut self.optimizer.weight_decay, o.weight_decay);
+        set(&mut self.batch_size, o.batch_size);
+        set(&mut self.warmup_steps, o.warmup_steps);
+        set(&mut self.seed, o.seed);
+        set(&mut self.val_fraction, o.val_fraction);
+        if let Some(on) = o.augment {
+            self.view = if on { View::Train } else { View::Plain };
+        }
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(LearnError::Job(m.to_string()));
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return bad("lr must be a positive number");
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            return bad("betas must be in [0, 1)");
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(o.eps) || !o.weight_decay.is_finite() || o.weight_decay < 0.0 {
+            return bad("eps must be positive and weight_decay non-negative");
+        }
+        if self.epochs == 0 || self.batch_size == 0 || self.eval_batch == 0 {
+            return bad("epochs, batch_size and eval_batch must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return bad("val_fraction must be in [0, 1)");
+        }
+        if self.grad_clip.is_some_and(|c| !positive(c)) {
+            return bad("grad_clip must be positive");
+        }
+        if !positive(self.trusted_fraction)
+            || self.trusted_fraction > 1.0
+            || !positive(self.sharpen_temperature)
+        {
+            return bad("trusted_fraction must be in (0, 1] and sharpen_temperature positive");
+        }
+        Ok(())
+    }
+}
+
+/// Settings of a learning job that override the objective's recipe; unset fields keep it. The
+/// HTTP API's `config` and, with the `clap` feature, the command line's flags.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Passes over the training data.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub epochs: Option<usize>,
+    /// Peak learning rate.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub lr: Option<f64>,
+    /// AdamW's decoupled weight decay.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub weight_decay: Option<f64>,
+    /// Images per step (per task for task addition and negation).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub batch_size: Option<usize>,
+    /// Steps of linear learning-rate warm-up before the cosine decay.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<usize>,
+    /// Seed of the shuffles, splits and augmentation.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub seed: Option<u64>,
+    /// Share of each class held out to pick the best epoch (when a task has no validation split).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub val_fraction: Option<f64>,
+    /// Random crops and flips of labelled images (true or false; the recipe's default: on). Turn
+    /// it off when they change the label (positions, left/right, digits).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub augment: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_replace_only_what_they_set() {
+        let recipe = LearnConfig::recipe(Objective::FewShot);
+        assert_eq!(recipe.clone().with(&Overrides::default()), recipe);
+        let o = Overrides {
+            epochs: Some(3),
+            lr: Some(0.5),
+            warmup_steps: Some(2),
+            augment: Some(false),
+            ..Overrides::default()
+        };
+        let c = recipe.clone().with(&o);
+        assert_eq!((c.epochs, c.optimizer.lr, c.warmup_steps), (3, 0.5, 2));
+        assert_eq!(c.view, View::Plain);
+        assert_eq!(c.batch_size, recipe.batch_size);
+        assert_eq!(c.optimizer.weight_decay, recipe.optimizer.weight_decay);
+    }
+
+    #[test]
+    fn recipes_follow_the_paper() {
+        assert_eq!(LearnConfig::recipe(Objective::FewShot).optimizer.lr, 1e-1);
+        assert_eq!(LearnConfig::recipe(Objective::TaskAddition).epochs, 20);
+        assert_eq!(LearnConfig::recipe(Objective::Ufm).view, View::Plain);
+        for o in Objective::ALL {
+            LearnConfig::recipe(o).validate().unwrap();
+        }
+    }
+}
