@@ -26,16 +26,26 @@ fn spec() -> &'static Value {
     spec::document()
 }
 
-fn server_source(file: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("src/server")
-        .join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
-    strip_comments(&text)
+/// The source of a server module: `name.rs`, or every file of the folder `name/` (mod.rs first).
+fn server_source(module: &str) -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/server");
+    let file = dir.join(format!("{module}.rs"));
+    let files = if file.exists() {
+        vec![file]
+    } else {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(module))
+            .unwrap_or_else(|e| panic!("{module}: {e}"))
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort_by_key(|p| (!p.ends_with("mod.rs"), p.clone()));
+        files
+    };
+    let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    strip_comments(&files.iter().map(read).collect::<Vec<_>>().join("\n"))
 }
 
 fn routes_source() -> String {
-    server_source("routes.rs")
+    server_source("routes")
 }
 
 /// Drops `//` comments (outside string literals) so that commented-out code does not count.
@@ -392,10 +402,11 @@ fn operations_have_ids_responses_and_declared_path_parameters() {
 // Status codes: what each handler can answer with, read from the source.
 
 /// The server modules whose functions the handlers reach.
-const MODULES: [&str; 8] = [
+const MODULES: [&str; 9] = [
     "routes",
     "classify",
     "compositions",
+    "heatmap",
     "task_vectors",
     "heads",
     "images",
@@ -439,11 +450,16 @@ fn fns_of(src: &str) -> Vec<(String, String)> {
     out
 }
 
-/// `use super::m::{a, b};` and `use super::m::a;` → (a, m), (b, m).
+/// `use super::m::{a, b};` and `use super::m::a;` (or `crate::server::m`, from a module in a
+/// folder) → (a, m), (b, m).
 fn imports_of(src: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for stmt in src.split(';') {
-        let Some(rest) = stmt.trim().strip_prefix("use super::") else {
+        let stmt = stmt.trim();
+        let Some(rest) = stmt
+            .strip_prefix("use super::")
+            .or_else(|| stmt.strip_prefix("use crate::server::"))
+        else {
             continue;
         };
         let Some((module, names)) = rest.split_once("::") else {
@@ -458,10 +474,7 @@ fn imports_of(src: &str) -> Vec<(String, String)> {
 }
 
 fn code() -> Code {
-    let sources: Vec<(&str, String)> = MODULES
-        .iter()
-        .map(|m| (*m, server_source(&format!("{m}.rs"))))
-        .collect();
+    let sources: Vec<(&str, String)> = MODULES.iter().map(|m| (*m, server_source(m))).collect();
     code_of(&sources)
 }
 
@@ -659,7 +672,7 @@ fn the_code_reader_follows_calls_into_sibling_modules() {
         ),
         (
             "routes",
-            src("pub fn ready(&self) -> ApiResult<&Core> { Err(busy(StatusCode::SERVICE_UNAVAILABLE)) }"),
+            src("pub fn ready(&self) -> ApiResult<&Model> { Err(busy(StatusCode::SERVICE_UNAVAILABLE)) }"),
         ),
     ]);
     // Calls, a function passed as a value, `m::f`, imports, `.ready()`, the store across lines
@@ -816,7 +829,7 @@ fn errors_are_problems() {
             }
         }
     }
-    let error = server_source("error.rs");
+    let error = server_source("error");
     assert!(error.contains("application/problem+json") && error.contains("RETRY_AFTER"));
 }
 
@@ -824,7 +837,8 @@ fn errors_are_problems() {
 #[test]
 fn other_media_types_match_the_handlers() {
     let spec = spec();
-    let compositions = server_source("compositions.rs");
+    let compositions = server_source("compositions");
+    let heatmap = server_source("heatmap");
     let routes = routes_source();
     let ok_types = |method: &str, path: &str| -> BTreeSet<String> {
         spec["paths"][path][method]["responses"]["200"]["content"]
@@ -838,7 +852,7 @@ fn other_media_types_match_the_handlers() {
         ("/compositions/{id}/coefficients.svg", "image/svg+xml"),
         ("/compositions/{id}/coefficients.png", "image/png"),
     ] {
-        assert!(compositions.contains(&format!("\"{ctype}\"")), "{ctype}");
+        assert!(heatmap.contains(&format!("\"{ctype}\"")), "{ctype}");
         assert_eq!(ok_types("get", path), [ctype.to_string()].into());
     }
     assert!(compositions.contains("Sse::new("));
@@ -870,7 +884,7 @@ fn other_media_types_match_the_handlers() {
 
 #[test]
 fn every_metric_is_documented() {
-    let src = server_source("metrics.rs");
+    let src = server_source("metrics");
     let description = spec()["paths"]["/metrics"]["get"]["description"]
         .as_str()
         .unwrap();
@@ -930,8 +944,8 @@ fn schema<'a>(spec: &'a Value, name: &str) -> &'a Value {
 fn limits_match_the_config_and_the_code() {
     let spec = spec();
     let config = config_default();
-    let compositions = server_source("compositions.rs");
-    let heads = server_source("heads.rs");
+    let compositions = server_source("compositions");
+    let heads = server_source("heads");
     let s = |name| schema(spec, name);
     let images = setting(&config, "max_images");
     let classes = setting(&config, "max_classes");
@@ -1130,9 +1144,7 @@ fn enums_match_the_serde_names() {
             | atlas_core::StoreDType::BF16 => {}
         }
     }
-    assert!(
-        server_source("task_vectors.rs").contains("format!(\"{:?}\", t.dtype()).to_lowercase()")
-    );
+    assert!(server_source("task_vectors").contains("format!(\"{:?}\", t.dtype()).to_lowercase()"));
     let names: BTreeSet<String> = dtypes
         .iter()
         .map(|d| format!("{d:?}").to_lowercase())
@@ -1141,8 +1153,8 @@ fn enums_match_the_serde_names() {
         enum_of(&s("TaskVectorSummary")["properties"]["dtype"]),
         names
     );
-    // Layout names of a learning request: the ones compositions.rs `layout` accepts.
-    let src = server_source("compositions.rs");
+    // Layout names of a learning request: the ones compositions' `layout` accepts.
+    let src = server_source("compositions");
     let layout_fn = &fns_of(&src)
         .into_iter()
         .find(|(n, _)| n == "layout")
@@ -1461,7 +1473,7 @@ fn struct_fields(src: &str, name: &str) -> Vec<(String, bool)> {
 #[test]
 fn schemas_of_the_job_types_match_jobs_rs() {
     let spec = spec();
-    let jobs = server_source("jobs.rs");
+    let jobs = server_source("jobs");
     let fields = struct_fields(&jobs, "JobEvent");
     let s = schema(spec, "JobEvent");
     let all: BTreeSet<String> = fields.iter().map(|f| f.0.clone()).collect();
@@ -1653,7 +1665,7 @@ fn request_examples_deserialize_into_the_real_types() {
     }
     // Compositions: with `objective` a learning request, else explicit coefficients (the rule
     // of compositions::create); every shape of explicit coefficients is shown.
-    let create = server_source("compositions.rs");
+    let create = server_source("compositions");
     assert!(create.contains("body.json.get(\"objective\").is_some()"));
     let mut shapes = BTreeSet::new();
     let mut learned = 0;
@@ -1782,7 +1794,7 @@ fn defaults_match_the_code() {
     assert_eq!(props["top_k"]["default"], minimal.top_k);
     assert_eq!(props["images"]["default"], json!(minimal.images));
     assert!(minimal.composition.is_none());
-    assert!(server_source("classify.rs").contains(&format!(
+    assert!(server_source("classify").contains(&format!(
         "unwrap_or_else(|| {}.into())",
         props["composition"]["default"]
     )));
@@ -1812,7 +1824,7 @@ fn defaults_match_the_code() {
         spec["components"]["parameters"]["Offset"]["schema"]["default"],
         0
     );
-    assert!(server_source("compositions.rs").contains("#[serde(default)]\n    offset: usize"));
+    assert!(server_source("compositions").contains("#[serde(default)]\n    offset: usize"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 use super::api::{ClassifyRequest, ClassifyResponse, HeadRequest, HeadView, Status};
 use super::body::{parse, Body};
-use super::engine::{ClassifyJob, Refused, Target};
+use super::engine::{EngineRequest, Refused, Target};
 use super::error::{ApiError, ApiJson, ApiResult};
-use super::{heads, images, AppState, Core};
+use super::{heads, images, AppState, Model};
 use atlas_core::Coefficients;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -36,7 +36,7 @@ pub async fn get_head(
 }
 
 pub async fn classify(State(s): State<AppState>, body: Body) -> ApiResult<Json<ClassifyResponse>> {
-    let core = s.ready()?;
+    let model = s.ready()?;
     let req: ClassifyRequest = parse(body.json.clone(), "classify request")?;
     let head = resolve_head(&s, &req)?;
     let mut raw = Vec::new();
@@ -58,14 +58,14 @@ pub async fn classify(State(s): State<AppState>, body: Body) -> ApiResult<Json<C
         return Err(ApiError::bad("top_k must be at least 1"));
     }
     let composition = req.composition.clone().unwrap_or_else(|| "base".into());
-    let target = resolve_target(&s, core, &composition)?;
-    if core.engine.is_full() {
+    let target = resolve_target(&s, model, &composition)?;
+    if model.engine.is_full() {
         return Err(queue_full(&s));
     }
-    let size = core.backbone.config.vision.image_size;
+    let size = model.backbone.config.vision.image_size;
     let pixels = images::preprocess(raw, size, s.config.max_image_pixels).await?;
     let head_id = head.id.clone();
-    let predictions = run(&s, core, target, head, pixels, req.top_k).await?;
+    let predictions = run(&s, model, target, head, pixels, req.top_k).await?;
     Ok(Json(ClassifyResponse {
         composition,
         head: head_id,
@@ -88,7 +88,7 @@ fn resolve_head(s: &AppState, req: &ClassifyRequest) -> ApiResult<HeadView> {
 }
 
 /// The composition to serve: None for "base"; 404 unknown, 409 not (yet) succeeded.
-fn resolve_target(s: &AppState, core: &Core, id: &str) -> ApiResult<Option<Arc<Target>>> {
+fn resolve_target(s: &AppState, model: &Model, id: &str) -> ApiResult<Option<Arc<Target>>> {
     if id == "base" {
         return Ok(None);
     }
@@ -102,11 +102,11 @@ fn resolve_target(s: &AppState, core: &Core, id: &str) -> ApiResult<Option<Arc<T
             c.status.as_str()
         )));
     };
-    let tvs = core
+    let tvs = model
         .library()
         .select(&c.task_vectors)
         .map_err(|e| ApiError::conflict(format!("composition {id}: {e}")))?;
-    let coefs = Coefficients::new(c.layout, tvs.len(), core.backbone.manifest().len(), values)
+    let coefs = Coefficients::new(c.layout, tvs.len(), model.backbone.manifest().len(), values)
         .map_err(ApiError::internal)?;
     let digests: Vec<&str> = tvs.iter().map(|t| t.digest()).collect();
     Ok(Some(Arc::new(Target {
@@ -118,21 +118,21 @@ fn resolve_target(s: &AppState, core: &Core, id: &str) -> ApiResult<Option<Arc<T
 
 async fn run(
     s: &AppState,
-    core: &Core,
+    model: &Model,
     target: Option<Arc<Target>>,
     head: HeadView,
     pixels: Vec<Vec<f32>>,
     top_k: usize,
 ) -> ApiResult<Vec<Vec<super::api::Prediction>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let job = ClassifyJob {
+    let request = EngineRequest {
         target,
         head,
         pixels,
         top_k,
         reply: tx,
     };
-    match core.engine.submit(job) {
+    match model.engine.submit(request) {
         Ok(()) => {}
         Err(Refused::Full) => return Err(queue_full(s)),
         Err(Refused::Stopped) => {

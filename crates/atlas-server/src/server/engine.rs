@@ -24,7 +24,8 @@ pub struct Target {
     pub coefs: Coefficients,
 }
 
-pub struct ClassifyJob {
+/// One /classify request's images as the engine thread receives them, with where to answer.
+pub struct EngineRequest {
     pub target: Option<Arc<Target>>,
     pub head: HeadView,
     /// CHW pixels at the model's image size, preprocessed off the engine thread.
@@ -33,7 +34,7 @@ pub struct ClassifyJob {
     pub reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, String>>,
 }
 
-impl ClassifyJob {
+impl EngineRequest {
     fn group_key(&self) -> (&str, &str) {
         (
             self.target.as_ref().map_or("", |t| t.key.as_str()),
@@ -44,13 +45,13 @@ impl ClassifyJob {
 
 #[derive(Clone)]
 pub struct Engine {
-    tx: SyncSender<ClassifyJob>,
+    tx: SyncSender<EngineRequest>,
     queue: usize,
     alive: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
 
-/// Why a job was not queued.
+/// Why a request was not queued.
 pub enum Refused {
     Full,
     Stopped,
@@ -102,9 +103,9 @@ impl Engine {
         }
     }
 
-    /// Queues a job, or says why not.
-    pub fn submit(&self, job: ClassifyJob) -> Result<(), Refused> {
-        match self.tx.try_send(job) {
+    /// Queues a request, or says why not.
+    pub fn submit(&self, request: EngineRequest) -> Result<(), Refused> {
+        match self.tx.try_send(request) {
             Ok(()) => {
                 self.metrics.queue_depth.inc();
                 Ok(())
@@ -181,32 +182,33 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self, rx: Receiver<ClassifyJob>) {
+    fn run(&mut self, rx: Receiver<EngineRequest>) {
         while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
-            let mut images = jobs[0].pixels.len();
+            let mut requests = vec![first];
+            let mut images = requests[0].pixels.len();
             let deadline = Instant::now() + self.max_wait;
             while images < self.max_batch {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(left) {
                     Ok(more) => {
                         images += more.pixels.len();
-                        jobs.push(more);
+                        requests.push(more);
                     }
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
-            self.metrics.queue_depth.sub(jobs.len() as i64);
-            for group in group_jobs(jobs) {
+            self.metrics.queue_depth.sub(requests.len() as i64);
+            for group in group_requests(requests) {
                 self.serve_group(group);
             }
         }
     }
 
-    fn serve_group(&mut self, group: Vec<ClassifyJob>) {
+    fn serve_group(&mut self, group: Vec<EngineRequest>) {
         // Requests whose caller gave up (timeout, closed connection) are not computed.
-        let group: Vec<ClassifyJob> = group.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        let group: Vec<EngineRequest> =
+            group.into_iter().filter(|j| !j.reply.is_closed()).collect();
         if group.is_empty() {
             return;
         }
@@ -216,21 +218,21 @@ impl Worker {
             .classify_seconds
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(mut per_job) => {
-                for job in group.into_iter().rev() {
-                    let preds = per_job.pop().expect("one result per job");
-                    let _ = job.reply.send(Ok(preds));
+            Ok(mut per_request) => {
+                for request in group.into_iter().rev() {
+                    let preds = per_request.pop().expect("one result per request");
+                    let _ = request.reply.send(Ok(preds));
                 }
             }
             Err(e) => {
-                for job in group {
-                    let _ = job.reply.send(Err(e.clone()));
+                for request in group {
+                    let _ = request.reply.send(Err(e.clone()));
                 }
             }
         }
     }
 
-    fn predict(&mut self, group: &[ClassifyJob]) -> Result<Vec<Vec<Vec<Prediction>>>, String> {
+    fn predict(&mut self, group: &[EngineRequest]) -> Result<Vec<Vec<Vec<Prediction>>>, String> {
         let first = &group[0];
         let tower = self.tower(first.target.as_deref())?;
         let head = self.head(&first.head)?;
@@ -320,16 +322,16 @@ impl Worker {
     }
 }
 
-/// Jobs grouped by (composition, head), keeping arrival order inside a group.
-fn group_jobs(jobs: Vec<ClassifyJob>) -> Vec<Vec<ClassifyJob>> {
-    let mut groups: Vec<Vec<ClassifyJob>> = Vec::new();
-    for job in jobs {
+/// Workers grouped by (composition, head), keeping arrival order inside a group.
+fn group_requests(requests: Vec<EngineRequest>) -> Vec<Vec<EngineRequest>> {
+    let mut groups: Vec<Vec<EngineRequest>> = Vec::new();
+    for request in requests {
         match groups
             .iter_mut()
-            .find(|g| g[0].group_key() == job.group_key())
+            .find(|g| g[0].group_key() == request.group_key())
         {
-            Some(g) => g.push(job),
-            None => groups.push(vec![job]),
+            Some(g) => g.push(request),
+            None => groups.push(vec![request]),
         }
     }
     groups

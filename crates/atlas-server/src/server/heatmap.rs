@@ -1,7 +1,12 @@
 //! Heat maps of Λ (task vectors × blocks, grouped by layer), as SVG with labels or as a plain
-//! PNG: a diverging scale, blue below zero, red above, white at zero.
+//! PNG: a diverging scale, blue below zero, red above, white at zero; and their handlers.
 
+use super::error::{ApiError, ApiResult};
+use super::{compositions, AppState};
 use atlas_core::{Coefficients, Layout};
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 
 pub struct Heatmap {
     rows: Vec<String>,
@@ -156,6 +161,38 @@ fn escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// A composition's Λ as a heat map (409 while it has no coefficients).
+fn of_composition(s: &AppState, id: &str) -> ApiResult<Heatmap> {
+    let model = s.ready()?;
+    let c = compositions::find(s, id)?;
+    let values = c.coefficients.ok_or_else(|| {
+        ApiError::conflict(format!(
+            "composition {id} has no coefficients yet (it is {})",
+            c.status.as_str()
+        ))
+    })?;
+    let blocks: Vec<String> = model
+        .backbone
+        .manifest()
+        .blocks()
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    Heatmap::new(c.task_vectors, blocks, c.layout, &values).map_err(ApiError::internal)
+}
+
+/// GET /compositions/{id}/coefficients.svg
+pub async fn svg(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let svg = of_composition(&s, &id)?.svg();
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+}
+
+/// GET /compositions/{id}/coefficients.png
+pub async fn png(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let png = of_composition(&s, &id)?.png().map_err(ApiError::internal)?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use super::metrics::Metrics;
 use super::store::Store;
 use atlas_clip::Backbone;
 use atlas_core::Library;
-use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, LearnError, Task};
+use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnError, Task};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,7 +26,8 @@ pub struct JobEvent {
     pub progress: Option<Event>,
 }
 
-pub struct Jobs {
+/// The learning workers: threads that claim queued jobs, with each running job's cancel flag.
+pub struct Workers {
     store: Arc<Store>,
     backbone: Arc<Backbone>,
     library: Arc<RwLock<Library>>,
@@ -37,7 +38,7 @@ pub struct Jobs {
     pub events: broadcast::Sender<JobEvent>,
 }
 
-impl Jobs {
+impl Workers {
     /// Requeues jobs left running by a previous process and starts `workers` threads.
     pub fn start(
         store: Arc<Store>,
@@ -45,12 +46,12 @@ impl Jobs {
         library: Arc<RwLock<Library>>,
         metrics: Arc<Metrics>,
         workers: usize,
-    ) -> Result<Arc<Jobs>, super::store::StoreError> {
+    ) -> Result<Arc<Workers>, super::store::StoreError> {
         let resumed = store.requeue_running()?;
         if resumed > 0 {
             eprintln!("atlas-serve: {resumed} interrupted learning job(s) requeued; they resume from their checkpoints");
         }
-        let jobs = Arc::new(Jobs {
+        let jobs = Arc::new(Workers {
             store,
             backbone,
             library,
@@ -272,17 +273,6 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
     let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
     let name = t.name.clone().unwrap_or_else(|| format!("task{i}"));
     Task::new(backbone, &name, data, &t_refs)
-}
-
-/// The recipe of an objective with the request's overrides, validated.
-pub fn learn_config(req: &LearnRequest, layout: atlas_core::Layout) -> Result<LearnConfig, String> {
-    let c = LearnConfig {
-        layout,
-        ..LearnConfig::recipe(req.objective)
-    }
-    .with(&req.config);
-    c.validate().map_err(|e| e.to_string())?;
-    Ok(c)
 }
 
 pub fn now() -> f64 {

@@ -21,7 +21,7 @@ use crate::config::Config;
 use atlas_clip::Backbone;
 use atlas_core::{Library, StoreDType};
 use engine::{Engine, EngineSettings};
-use jobs::Jobs;
+use jobs::Workers;
 use metrics::Metrics;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
@@ -35,7 +35,7 @@ pub struct Shared {
     pub config: Config,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
-    pub core: OnceLock<Core>,
+    pub model: OnceLock<Model>,
     pub load_error: OnceLock<String>,
 }
 
@@ -47,15 +47,15 @@ impl std::ops::Deref for AppState {
 }
 
 /// The model side: present once loaded.
-pub struct Core {
+pub struct Model {
     pub backbone: Arc<Backbone>,
     pub library: Arc<RwLock<Library>>,
     pub store_dtype: StoreDType,
     pub engine: Engine,
-    pub jobs: Arc<Jobs>,
+    pub workers: Arc<Workers>,
 }
 
-impl Core {
+impl Model {
     pub fn library(&self) -> std::sync::RwLockReadGuard<'_, Library> {
         self.library.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -72,7 +72,7 @@ impl AppState {
             config,
             store: Arc::new(store),
             metrics: Arc::new(Metrics::new()),
-            core: OnceLock::new(),
+            model: OnceLock::new(),
             load_error: OnceLock::new(),
         })))
     }
@@ -110,7 +110,7 @@ impl AppState {
             },
         );
         let library = Arc::new(RwLock::new(library));
-        let jobs = Jobs::start(
+        let workers = Workers::start(
             self.store.clone(),
             backbone.clone(),
             library.clone(),
@@ -118,14 +118,14 @@ impl AppState {
             c.workers,
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let core = Core {
+        let model = Model {
             backbone,
             library,
             store_dtype,
             engine,
-            jobs,
+            workers,
         };
-        if self.core.set(core).is_err() {
+        if self.model.set(model).is_err() {
             anyhow::bail!("the model side is already attached");
         }
         self.metrics.ready.set(1);
@@ -139,16 +139,16 @@ impl AppState {
 
     /// Shutdown: running jobs go back to the queue at their next step.
     pub fn stop_jobs(&self) {
-        if let Some(c) = self.core.get() {
-            c.jobs.stop();
+        if let Some(c) = self.model.get() {
+            c.workers.stop();
         }
     }
 
     /// Waits (bounded) for running jobs to stop after [`AppState::stop_jobs`].
     pub fn wait_jobs(&self, limit: Duration) {
-        let Some(c) = self.core.get() else { return };
+        let Some(c) = self.model.get() else { return };
         let deadline = std::time::Instant::now() + limit;
-        while c.jobs.busy() && std::time::Instant::now() < deadline {
+        while c.workers.busy() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
     }

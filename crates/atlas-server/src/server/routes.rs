@@ -1,8 +1,8 @@
 //! The router: routes, request metrics, authentication, body limits, health and readiness.
-//! Handlers live beside it by resource (classify, compositions, task_vectors).
+//! Handlers live beside it by resource (classify, compositions, heatmap, task_vectors).
 
 use super::error::{problem, ApiError, ApiResult};
-use super::{classify, compositions, task_vectors, AppState, Core};
+use super::{classify, compositions, heatmap, task_vectors, AppState, Model};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -39,14 +39,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/compositions/{id}/events", get(compositions::events))
         .route("/compositions/{id}/cancel", post(compositions::cancel))
-        .route(
-            "/compositions/{id}/coefficients.svg",
-            get(compositions::heatmap_svg),
-        )
-        .route(
-            "/compositions/{id}/coefficients.png",
-            get(compositions::heatmap_png),
-        )
+        .route("/compositions/{id}/coefficients.svg", get(heatmap::svg))
+        .route("/compositions/{id}/coefficients.png", get(heatmap::png))
         .fallback(not_found)
         .layer(middleware::from_fn(plain_errors_as_problems))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -152,7 +146,7 @@ fn unauthorized(detail: &str) -> Response {
 
 /// 200 while the process serves HTTP and, once loaded, while the engine thread runs.
 async fn healthz(State(s): State<AppState>) -> Response {
-    match s.core.get() {
+    match s.model.get() {
         Some(c) if !c.engine.is_alive() => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "the engine has stopped".into(),
@@ -180,8 +174,8 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 impl AppState {
     /// The loaded model side, or 503 while loading.
-    pub fn ready(&self) -> ApiResult<&Core> {
-        if let Some(c) = self.core.get() {
+    pub fn ready(&self) -> ApiResult<&Model> {
+        if let Some(c) = self.model.get() {
             return Ok(c);
         }
         // A failed load is permanent: no Retry-After then.

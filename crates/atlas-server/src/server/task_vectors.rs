@@ -6,7 +6,7 @@ use super::api::*;
 use super::body::{parse, Body};
 use super::error::{ApiError, ApiResult};
 use super::store::Store;
-use super::{images, AppState, Core};
+use super::{images, AppState, Model};
 use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::Backbone;
 use atlas_core::{Library, StoreDType, TaskVector};
@@ -29,12 +29,12 @@ fn summary(t: &TaskVector) -> TaskVectorSummary {
 }
 
 pub async fn list(State(s): State<AppState>) -> ApiResult<Json<TaskVectorList>> {
-    let core = s.ready()?;
-    let lib = core.library();
+    let model = s.ready()?;
+    let lib = model.library();
     Ok(Json(TaskVectorList {
-        backbone: core.backbone.id.clone(),
-        backbone_digest: core.backbone.base_digest().to_string(),
-        blocks: core.backbone.manifest().len(),
+        backbone: model.backbone.id.clone(),
+        backbone_digest: model.backbone.base_digest().to_string(),
+        blocks: model.backbone.manifest().len(),
         task_vectors: lib.all().iter().map(|t| summary(t)).collect(),
     }))
 }
@@ -43,13 +43,13 @@ pub async fn get(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<TaskVectorDetail>> {
-    let core = s.ready()?;
-    let tv = core
+    let model = s.ready()?;
+    let tv = model
         .library()
         .get(&name)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no task vector {name:?}")))?;
-    let backbone = core.backbone.clone();
+    let backbone = model.backbone.clone();
     let detail = tokio::task::spawn_blocking(move || detail(&backbone, &tv))
         .await
         .map_err(ApiError::internal)?;
@@ -101,13 +101,13 @@ pub async fn create(
     State(s): State<AppState>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
-    let core = s.ready()?;
+    let model = s.ready()?;
     let req: TaskVectorRequest = parse(body.json.clone(), "task-vector request")?;
     check_name(&req.name)?;
     // One creation at a time: two racing under one name would otherwise share the temporary
     // file and the final file, and the store could keep the loser's bytes.
     let _one_at_a_time = CREATING.lock().await;
-    if core.library().get(&req.name).is_some() {
+    if model.library().get(&req.name).is_some() {
         return Err(ApiError::conflict(format!(
             "a task vector named {:?} exists already",
             req.name
@@ -134,8 +134,8 @@ pub async fn create(
         ));
     }
     let (backbone, dtype, store, tv_dir) = (
-        core.backbone.clone(),
-        core.store_dtype,
+        model.backbone.clone(),
+        model.store_dtype,
         s.store.clone(),
         s.config.tv_dir.clone(),
     );
@@ -153,16 +153,16 @@ pub async fn create(
     })
     .await
     .map_err(ApiError::internal)??;
-    add(&s, core, tv)
+    add(&s, model, tv)
 }
 
 fn add(
     s: &AppState,
-    core: &Core,
+    model: &Model,
     tv: TaskVector,
 ) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
     let out = summary(&tv);
-    let mut lib = core.library_mut();
+    let mut lib = model.library_mut();
     lib.add(tv).map_err(|e| ApiError::conflict(e.to_string()))?;
     s.metrics
         .memory
@@ -278,8 +278,8 @@ fn from_upload(
 }
 
 pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
-    let core = s.ready()?;
-    if core.library().get(&name).is_none() {
+    let model = s.ready()?;
+    if model.library().get(&name).is_none() {
         return Err(ApiError::not_found(format!("no task vector {name:?}")));
     }
     let users = s.store.users_of(&name)?;
@@ -289,7 +289,7 @@ pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiR
             users.join(", ")
         )));
     }
-    let removed: Option<Arc<TaskVector>> = core.library_mut().remove(&name);
+    let removed: Option<Arc<TaskVector>> = model.library_mut().remove(&name);
     if removed.is_some() {
         if let Some(file) = s.store.delete_task_vector(&name)? {
             let _ = std::fs::remove_file(s.store.tv_dir().join(file));
@@ -298,7 +298,7 @@ pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiR
     s.metrics
         .memory
         .with_label_values(&["library"])
-        .set(core.library().nbytes() as i64);
+        .set(model.library().nbytes() as i64);
     Ok(StatusCode::NO_CONTENT)
 }
 

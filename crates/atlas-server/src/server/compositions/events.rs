@@ -1,0 +1,64 @@
+//! Server-Sent Events of a composition: its current state, then each progress event of its job,
+//! until the job ends.
+
+use super::find;
+use crate::server::api::Status;
+use crate::server::error::ApiResult;
+use crate::server::jobs::JobEvent;
+use crate::server::AppState;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::stream::{self, Stream};
+use std::convert::Infallible;
+
+/// Server-Sent Events: the composition's current state, then each progress event, until the
+/// job ends (the last event has its final status).
+pub async fn events(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let model = s.ready()?;
+    let rx = model.workers.events.subscribe();
+    let c = find(&s, &id)?;
+    let first = JobEvent {
+        id: id.clone(),
+        status: c.status,
+        progress: c.progress,
+    };
+    let done = first.status.is_final();
+    let state = (Some(first), rx, done, id);
+    let stream = stream::unfold(state, |(first, mut rx, done, id)| async move {
+        if let Some(e) = first {
+            let ev = sse(&e);
+            return Some((Ok(ev), (None, rx, done, id)));
+        }
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(e) if e.id == id => {
+                    let end = e.status.is_final();
+                    return Some((Ok(sse(&e)), (None, rx, end, id)));
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+fn sse(e: &JobEvent) -> SseEvent {
+    // "status" whenever the status is news (the first event, the end); "progress" in between.
+    let name = if e.progress.is_some() && e.status == Status::Running {
+        "progress"
+    } else {
+        "status"
+    };
+    SseEvent::default()
+        .event(name)
+        .json_data(e)
+        .unwrap_or_else(|_| SseEvent::default().event(name))
+}

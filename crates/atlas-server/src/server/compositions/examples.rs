@@ -1,0 +1,93 @@
+//! A learning job's examples: each image checked and decoded, then written durably into the
+//! job's directory, and the hashes that identify a request (idempotency) and its data
+//! (provenance).
+
+use crate::server::api::LearnRequest;
+use crate::server::body::{Body, FilePart};
+use crate::server::error::{ApiError, ApiResult};
+use crate::server::{images, AppState};
+use sha2::{Digest, Sha256};
+
+/// Hash of a request: its JSON (keys sorted by serde_json's map) and its file parts.
+pub(super) fn request_hash(body: &Body) -> String {
+    let mut h = Sha256::new();
+    h.update(body.json.to_string().as_bytes());
+    for f in &body.files {
+        for part in [f.filename.as_bytes(), &f.bytes] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// Writes every example image into the job's directory (checked and decoded first, so a corrupt
+/// image is a 400 now rather than a failed job later), rewrites the request to name the files,
+/// and returns the hash of the data (images and labels).
+pub(super) async fn store_examples(
+    s: &AppState,
+    id: &str,
+    req: &mut LearnRequest,
+    files: Vec<FilePart>,
+) -> ApiResult<String> {
+    let mut items = Vec::new();
+    for (i, t) in req.tasks.iter_mut().enumerate() {
+        for (j, e) in t.examples.iter_mut().enumerate() {
+            let what = format!("task {i} example {j}");
+            let bytes = match (&e.image, &e.file) {
+                (Some(b), None) => images::b64(b, &what)?,
+                (None, Some(f)) => files
+                    .iter()
+                    .find(|p| &p.filename == f)
+                    .map(|p| p.bytes.clone())
+                    .ok_or_else(|| ApiError::bad(format!("{what}: no multipart file named {f:?}")))?,
+                _ => {
+                    return Err(ApiError::bad(format!(
+                        "{what}: give exactly one of \"image\" (base64) or \"file\" (a multipart filename)"
+                    )))
+                }
+            };
+            let name = format!("t{i}-e{j}");
+            e.image = None;
+            e.file = Some(name.clone());
+            items.push((what, name, bytes, e.label));
+        }
+    }
+    let dir = s.store.job_dir(id);
+    let max_pixels = s.config.max_image_pixels;
+    tokio::task::spawn_blocking(move || write_examples(&dir, items, max_pixels))
+        .await
+        .map_err(ApiError::internal)?
+}
+
+type Item = (String, String, Vec<u8>, Option<u32>);
+
+fn write_examples(dir: &std::path::Path, items: Vec<Item>, max_pixels: u64) -> ApiResult<String> {
+    use rayon::prelude::*;
+    items.par_iter().try_for_each(|(what, _, bytes, _)| {
+        images::check(bytes, max_pixels, what)?;
+        atlas_clip::preprocess::decode(bytes)
+            .map(|_| ())
+            .map_err(|e| ApiError::bad(format!("{what}: {e}")))
+    })?;
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(ApiError::internal)?;
+    let mut hash = Sha256::new();
+    for (_, name, bytes, label) in &items {
+        write_synced(&tmp.join(name), bytes)?;
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+        hash.update(label.map_or(-1i64, i64::from).to_le_bytes());
+    }
+    // The directory appears whole or not at all; the job row is inserted only after it.
+    std::fs::rename(&tmp, dir).map_err(ApiError::internal)?;
+    Ok(hex::encode(hash.finalize()))
+}
+
+fn write_synced(path: &std::path::Path, bytes: &[u8]) -> ApiResult<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(ApiError::internal)?;
+    f.write_all(bytes).map_err(ApiError::internal)?;
+    f.sync_all().map_err(ApiError::internal)
+}
