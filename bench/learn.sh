@@ -23,7 +23,7 @@ echo "# machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(free
 for b in ${BATCHES:-8 32}; do
   for r in $(seq "${ROUNDS:-3}"); do
     echo "== batch $b round $r: candle (load $(cut -d' ' -f1 /proc/loadavg))"
-    "$bin" bench-learn --mode leaves --batch "$b" --iters "${ITERS:-3}" | tee "$out/candle-b$b-r$r.json"
+    "$bin" bench learn --mode leaves --batch "$b" --iters "${ITERS:-3}" | tee "$out/candle-b$b-r$r.json"
     echo "== batch $b round $r: torch (load $(cut -d' ' -f1 /proc/loadavg))"
     /usr/bin/time -f "%M" -o "$out/torch-b$b-r$r.rss" "$py" "$ref" --only learn \
       --learn-batches "$b" --iters "${ITERS:-3}" --threads "$threads" > "$out/torch-b$b-r$r.json"

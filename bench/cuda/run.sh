@@ -8,7 +8,7 @@
 # self-check, first; kernels.txt; on a failure the rest runs with ATLAS_CUDA_KERNELS=0, plain
 # candle ops), `atlas-serve bench compose --device cuda`, then `atlas-serve bench classify
 # --device cuda` and torch_reference.py on the same figures, alternating (classify.sh),
-# `atlas-serve bench-learn --device cuda` at batch 8, 32 and 128, then torch_reference.py's
+# `atlas-serve bench learn --device cuda` at batch 8, 32 and 128, then torch_reference.py's
 # copy, compose and learn parts. Results and ratios land in the out dir (default $OUT, else
 # ./results-gpu).
 set -euo pipefail
@@ -47,7 +47,7 @@ ATLAS=$here/atlas-serve DEVICE=cuda ITERS=${ITERS:-20} MAX_SECONDS=${MAX_SECONDS
   "$here/classify.sh" "$ref" "$py" "$out/classify"
 # One aTLAS learning step (8 task vectors, f32) at the reference's batch sizes, then PyTorch's.
 for b in 8 32 128; do
-  "$here/atlas-serve" bench-learn --device cuda --batch "$b" --iters 5 > "$out/learn_cuda_bs$b.json"
+  "$here/atlas-serve" bench learn --device cuda --batch "$b" --iters 5 > "$out/learn_cuda_bs$b.json"
 done
 "$py" "$ref" --only copy,compose,learn --learn-batches 8,32,128 > "$out/torch_reference.json"
 echo "results in $out"

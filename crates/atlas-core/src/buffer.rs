@@ -14,15 +14,21 @@ pub enum StoreDType {
     BF16,
 }
 
-impl StoreDType {
-    pub fn parse(s: &str) -> Option<Self> {
+impl std::str::FromStr for StoreDType {
+    type Err = String;
+
+    /// `f16` (also `float16`, `half`), `bf16` (`bfloat16`) or `f32` (`float32`), any case.
+    fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Some(StoreDType::F32),
-            "f16" | "float16" | "half" => Some(StoreDType::F16),
-            "bf16" | "bfloat16" => Some(StoreDType::BF16),
-            _ => None,
+            "f32" | "float32" => Ok(StoreDType::F32),
+            "f16" | "float16" | "half" => Ok(StoreDType::F16),
+            "bf16" | "bfloat16" => Ok(StoreDType::BF16),
+            _ => Err(format!("unknown storage dtype {s:?} (f16, bf16 or f32)")),
         }
     }
+}
+
+impl StoreDType {
     pub fn size_in_bytes(self) -> usize {
         match self {
             StoreDType::F32 => 4,

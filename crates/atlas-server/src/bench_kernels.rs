@@ -5,7 +5,7 @@
 //! largest errors, pass or fail, and the time of each fused op next to its plain-op version; any
 //! failure makes the command fail.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use atlas_clip::config::Activation;
 use atlas_clip::device_compose::DeviceComposer;
 use atlas_clip::model::{attention, fused};
@@ -27,11 +27,7 @@ pub struct KernelsArgs {
 }
 
 pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
-    let dev = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
-        d => bail!("unknown device {d:?} (cpu or cuda)"),
-    };
+    let dev = crate::device::open(&a.device)?;
     let checks = check_all(&dev)?;
     let failed = checks.iter().filter(|c| !c.pass()).count();
     for c in &checks {
@@ -310,17 +306,17 @@ fn small_manifest() -> anyhow::Result<Arc<Manifest>> {
 /// block and per part, against θ0 + Σ c τ in plain ops per block.
 fn check_compose(dev: &Device) -> anyhow::Result<Vec<Check>> {
     let m = small_manifest()?;
-    let base = crate::bench::random_blocks(&m, 3, 0.02);
+    let base = crate::bench::common::random_blocks(&m, 3, 0.02);
     let stores = [StoreDType::F16, StoreDType::BF16, StoreDType::F32];
     let tvs: Vec<Arc<TaskVector>> = stores
         .iter()
         .enumerate()
-        .map(|(i, &s)| crate::bench::random_task_vector(&m, i, s).map(Arc::new))
+        .map(|(i, &s)| crate::bench::common::random_task_vector(&m, i, s).map(Arc::new))
         .collect::<anyhow::Result<_>>()?;
     let dc = DeviceComposer::new(m.clone(), &base, dev)?;
     let mut out = Vec::new();
     for layout in [Layout::PerBlock, Layout::PerPart { k: 3, seed: 4 }] {
-        let coefs = crate::bench::random_coefficients(layout, tvs.len(), m.len())?;
+        let coefs = crate::bench::common::random_coefficients(layout, tvs.len(), m.len())?;
         for dtype in DTYPES {
             let got = unpadded(&dc, &dc.compose_flat(&tvs, &coefs, dtype)?)?;
             let want = compose_ref(&dc, &tvs, &coefs, dtype)?;
@@ -340,15 +336,15 @@ fn check_compose(dev: &Device) -> anyhow::Result<Vec<Check>> {
 /// measured against 1e-5 × Σ|g τ| of the entry (a bound on the rounding of either sum).
 fn check_reduce(dev: &Device) -> anyhow::Result<Vec<Check>> {
     let m = small_manifest()?;
-    let base = crate::bench::random_blocks(&m, 3, 0.02);
+    let base = crate::bench::common::random_blocks(&m, 3, 0.02);
     let stores = [StoreDType::F16, StoreDType::BF16, StoreDType::F32];
     let tvs: Vec<Arc<TaskVector>> = stores
         .iter()
         .enumerate()
-        .map(|(i, &s)| crate::bench::random_task_vector(&m, i, s).map(Arc::new))
+        .map(|(i, &s)| crate::bench::common::random_task_vector(&m, i, s).map(Arc::new))
         .collect::<anyhow::Result<_>>()?;
     let dc = DeviceComposer::new(m.clone(), &base, dev)?;
-    let grads = crate::bench::random_blocks(&m, 9, 1.0);
+    let grads = crate::bench::common::random_blocks(&m, 9, 1.0);
     let flat = dc
         .layout()
         .flatten(|b, out: &mut [f32]| out.copy_from_slice(&grads[b]));
@@ -360,7 +356,7 @@ fn check_reduce(dev: &Device) -> anyhow::Result<Vec<Check>> {
         Layout::PerPart { k: 3, seed: 4 },
         Layout::PerPart { k: 11, seed: 5 },
     ] {
-        let coefs = crate::bench::random_coefficients(layout, tvs.len(), m.len())?;
+        let coefs = crate::bench::common::random_coefficients(layout, tvs.len(), m.len())?;
         let k = coefs.parts();
         let got = dc.reduce_flat(&flat, &tvs, &coefs)?;
         let (mut max_abs, mut worst) = (0f32, 0f32);

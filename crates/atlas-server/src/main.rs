@@ -1,20 +1,13 @@
 //! The `atlas-serve` binary: one subcommand per job.
 
 mod bench;
-mod bench_classify;
-mod bench_compose_device;
 mod bench_kernels;
-mod bench_learn;
-mod bench_serve;
-mod config;
-mod demo;
-mod finetune_cmd;
-mod learn;
-mod serve;
+mod cli;
+mod device;
 mod server;
-mod task_vector;
 
 use clap::{Parser, Subcommand};
+use cli::{demo, finetune, learn, serve, task_vector};
 
 #[derive(Parser)]
 #[command(
@@ -38,17 +31,14 @@ enum Command {
     /// Learn aTLAS coefficients on an ImageFolder directory.
     Learn(learn::Args),
     /// Fine-tune a CLIP image tower on an ImageFolder directory and write its task vector.
-    Finetune(finetune_cmd::Args),
+    Finetune(finetune::Args),
     /// The offline demo world: build it, fine-tune, replicate the paper's experiments.
     #[command(subcommand)]
     Demo(demo::Command),
-    /// Benchmarks (composition bandwidth, classification throughput) and a random-weight model
-    /// for serving benchmarks.
+    /// Benchmarks (composition bandwidth, classification throughput, the learning step, the
+    /// kernels' self-check) and a random-weight model for serving benchmarks.
     #[command(subcommand)]
     Bench(bench::Command),
-    /// One learning step on ViT-B/32-shaped random weights: time and peak memory.
-    #[command(name = "bench-learn")]
-    BenchLearn(bench_learn::LearnArgs),
 }
 
 /// glibc hands every freed block above 128 KiB back to the kernel, and the next one comes back
@@ -91,9 +81,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(*a),
         Command::TaskVector(c) => task_vector::run(c),
         Command::Learn(a) => learn::run(a),
-        Command::Finetune(a) => finetune_cmd::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Demo(c) => demo::run(c),
         Command::Bench(c) => bench::run(c),
-        Command::BenchLearn(a) => bench_learn::run_learn(a),
     }
 }

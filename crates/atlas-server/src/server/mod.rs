@@ -6,6 +6,7 @@ pub mod api;
 pub mod body;
 pub mod classify;
 pub mod compositions;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod heads;
@@ -17,9 +18,9 @@ pub mod routes;
 pub mod store;
 pub mod task_vectors;
 
-use crate::config::Config;
 use atlas_clip::Backbone;
 use atlas_core::{Library, StoreDType};
+use config::Config;
 use engine::{Engine, EngineSettings};
 use jobs::Workers;
 use metrics::Metrics;

@@ -1,36 +1,17 @@
-//! `atlas-serve bench`: benchmarks, not tests. `bench compose` times the CPU composition
-//! θ = θ0 + Σ_i Λ_i τ_i of the ViT-B/32 image tower (random weights: timings do not depend on
-//! values) against the physical limit, a plain memory copy of the same number of bytes, and
-//! against the naive alternative of one full pass over θ per task vector.
+//! `atlas-serve bench compose`: the CPU composition θ = θ0 + Σ_i Λ_i τ_i of the ViT-B/32 image
+//! tower (random weights: timings do not depend on values) against the physical limit, a plain
+//! memory copy of the same number of bytes, and against the naive alternative of one full pass
+//! over θ per task vector. `--device cuda` runs [`super::compose_device`].
 
+use super::common::{gbps, random_blocks, random_coefficients, random_task_vector, time, Timing};
 use anyhow::{bail, Context};
 use atlas_clip::{vision_manifest, QkvBlocks, VisionConfig};
-use atlas_core::parts::splitmix64;
-use atlas_core::task_vector::Delta;
-use atlas_core::{
-    compose, compose_into, Coefficients, Layout, Manifest, StoreDType, TaskVector, TaskVectorMeta,
-};
+use atlas_core::{compose, compose_into, Coefficients, Layout, StoreDType, TaskVector};
 use rayon::prelude::*;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-
-#[derive(clap::Subcommand)]
-pub enum Command {
-    /// CPU composition of task vectors over the ViT-B/32 image tower, next to a memory copy of
-    /// the same bytes and the naive one-pass-per-task-vector loop.
-    Compose(ComposeArgs),
-    /// Image-embedding throughput of a random ViT image tower per batch size and dtype.
-    Classify(crate::bench_classify::ClassifyArgs),
-    /// Write a CLIPModel directory with random weights (a B/32, B/16 or L/14 image tower, a
-    /// small text tower on the demo vocabulary) for `serve --model DIR` and bench/serve_load.py.
-    #[command(name = "write-model")]
-    WriteModel(crate::bench_serve::WriteModelArgs),
-    /// Self-check of the custom ops (fused kernels, composition) against plain candle ops on
-    /// one device, with timings; exits non-zero when one differs beyond tolerance.
-    Kernels(crate::bench_kernels::KernelsArgs),
-}
 
 #[derive(clap::Args)]
 pub struct ComposeArgs {
@@ -38,7 +19,7 @@ pub struct ComposeArgs {
     #[arg(long, default_value_t = 8)]
     pub(crate) n_tv: usize,
     /// Storage dtype of the task vectors: f16, bf16 or f32 (θ0 and θ are always f32).
-    #[arg(long, default_value = "f16", value_parser = parse_store)]
+    #[arg(long, default_value = "f16")]
     pub(crate) store: StoreDType,
     /// Rayon threads (default: all cores).
     #[arg(long)]
@@ -62,128 +43,6 @@ pub struct ComposeArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
-}
-
-fn parse_store(s: &str) -> Result<StoreDType, String> {
-    StoreDType::parse(s).ok_or_else(|| format!("unknown storage dtype {s:?} (f16, bf16 or f32)"))
-}
-
-pub fn run(c: Command) -> anyhow::Result<()> {
-    match c {
-        Command::Compose(a) => bench_compose(a),
-        Command::Classify(a) => crate::bench_classify::run(a),
-        Command::WriteModel(a) => crate::bench_serve::run_write_model(a),
-        Command::Kernels(a) => crate::bench_kernels::run(a),
-    }
-}
-
-/// Timing summary of one figure, in milliseconds.
-pub(crate) struct Timing {
-    pub(crate) median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Timing {
-    pub(crate) fn json(&self) -> serde_json::Value {
-        json!({ "median_ms": self.median, "min_ms": self.min, "max_ms": self.max })
-    }
-}
-
-/// Runs `f` `warmup` times untimed, then `iters` times timed. Whatever `f` returns is dropped
-/// outside the timed region.
-pub(crate) fn time<R>(warmup: usize, iters: usize, mut f: impl FnMut() -> R) -> Timing {
-    for _ in 0..warmup {
-        drop(f());
-    }
-    let mut ms: Vec<f64> = (0..iters.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            let r = f();
-            let dt = t.elapsed().as_secs_f64() * 1e3;
-            drop(r);
-            dt
-        })
-        .collect();
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let n = ms.len();
-    let median = if n % 2 == 1 {
-        ms[n / 2]
-    } else {
-        (ms[n / 2 - 1] + ms[n / 2]) / 2.0
-    };
-    Timing {
-        median,
-        min: ms[0],
-        max: ms[n - 1],
-    }
-}
-
-/// Deterministic pseudo-random values, uniform in [-scale, scale).
-fn fill_random(out: &mut [f32], seed: u64, scale: f32) {
-    for (j, x) in out.iter_mut().enumerate() {
-        let r = splitmix64(seed.wrapping_mul(0x9E37_79B9).wrapping_add(j as u64));
-        *x = ((r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
-    }
-}
-
-pub(crate) fn random_blocks(manifest: &Manifest, seed: u64, scale: f32) -> Vec<Vec<f32>> {
-    manifest
-        .blocks()
-        .par_iter()
-        .enumerate()
-        .map(|(b, block)| {
-            let mut v = vec![0.0; block.numel()];
-            fill_random(&mut v, seed * 100_000 + b as u64, scale);
-            v
-        })
-        .collect()
-}
-
-pub(crate) fn random_task_vector(
-    manifest: &Manifest,
-    i: usize,
-    store: StoreDType,
-) -> anyhow::Result<TaskVector> {
-    let specs: Vec<_> = manifest.tensor_specs().map(|(t, _)| t.clone()).collect();
-    let deltas: Vec<Delta> = specs
-        .into_par_iter()
-        .enumerate()
-        .map(|(j, t)| {
-            let mut data = vec![0.0; t.numel()];
-            fill_random(&mut data, (i as u64 + 1) * 1_000_000 + j as u64, 1e-3);
-            Delta {
-                name: t.name,
-                shape: t.shape,
-                data,
-            }
-        })
-        .collect();
-    let meta = TaskVectorMeta {
-        name: format!("random{i}"),
-        source: "bench: random weights".into(),
-        ..Default::default()
-    };
-    Ok(TaskVector::from_deltas(
-        manifest,
-        meta,
-        store,
-        deltas,
-        &|_| false,
-    )?)
-}
-
-/// Coefficients in [0.05, 0.55): never 0, so no block is skipped by the composition.
-pub(crate) fn random_coefficients(
-    layout: Layout,
-    n_tv: usize,
-    n_blocks: usize,
-) -> anyhow::Result<Coefficients> {
-    let n = layout.len(n_tv, n_blocks);
-    let values = (0..n)
-        .map(|j| 0.05 + (splitmix64(77 + j as u64) >> 11) as f64 / (1u64 << 53) as f64 * 0.5)
-        .collect();
-    Ok(Coefficients::new(layout, n_tv, n_blocks, values)?)
 }
 
 /// Chunk size (elements) of the multi-threaded copy: 1 MiB of f32.
@@ -222,16 +81,12 @@ fn compose_naive(
     out
 }
 
-pub(crate) fn gbps(bytes: usize, ms: f64) -> f64 {
-    bytes as f64 / (ms * 1e-3) / 1e9
-}
-
-fn bench_compose(a: ComposeArgs) -> anyhow::Result<()> {
+pub fn run(a: ComposeArgs) -> anyhow::Result<()> {
     if a.n_tv == 0 {
         bail!("--n-tv must be at least 1");
     }
     if a.device != "cpu" {
-        return crate::bench_compose_device::run(&a);
+        return super::compose_device::run(&a);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads.unwrap_or(cores);

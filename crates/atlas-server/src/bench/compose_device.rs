@@ -2,9 +2,8 @@
 //! image tower (θ0 and the task vectors uploaded once, untimed; one kernel per composition)
 //! next to a device copy moving the same number of bytes, which bounds it from below.
 
-use crate::bench::{
-    gbps, random_blocks, random_coefficients, random_task_vector, time, ComposeArgs, Timing,
-};
+use super::common::{gbps, random_blocks, random_coefficients, random_task_vector, time, Timing};
+use super::compose::ComposeArgs;
 use anyhow::{bail, Context};
 use atlas_clip::device_compose::DeviceComposer;
 use atlas_clip::{vision_manifest, QkvBlocks, VisionConfig};
@@ -15,9 +14,8 @@ use std::sync::Arc;
 
 pub fn run(a: &ComposeArgs) -> anyhow::Result<()> {
     let dev = match a.device.as_str() {
-        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
         "cpu-op" => Device::Cpu,
-        d => bail!("unknown device {d:?} (cpu or cuda)"),
+        d => crate::device::open(d)?,
     };
     let manifest = Arc::new(vision_manifest(
         &VisionConfig::vit_b32(),

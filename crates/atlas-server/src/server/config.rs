@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::path::PathBuf;
 
-const DEFAULTS: &str = include_str!("../../../config/default.toml");
+const DEFAULTS: &str = include_str!("../../../../config/default.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn every_setting_is_in_the_readme_table() {
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../../../../README.md");
         let table: toml::Table = DEFAULTS.parse().unwrap();
         for key in table.keys() {
             let flag = format!(

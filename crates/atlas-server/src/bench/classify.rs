@@ -3,6 +3,7 @@
 //! several batch sizes and dtypes. Each figure runs warm-up passes, then timed passes until
 //! `--iters` passes or `--max-seconds` of timed work, whichever comes first (at least one).
 
+use super::common::{median, vision_config};
 use anyhow::{bail, Context};
 use atlas_clip::manifest::vision_tensors;
 use atlas_clip::{VisionConfig, VisionTower};
@@ -39,35 +40,6 @@ pub struct ClassifyArgs {
     /// Append one JSON object per figure (JSON lines) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-/// The image-tower shape called `name`.
-pub fn vision_config(name: &str) -> anyhow::Result<VisionConfig> {
-    Ok(match name {
-        "B/32" => VisionConfig::vit_b32(),
-        "B/16" => VisionConfig::vit_b16(),
-        "L/14" => VisionConfig::vit_l14(),
-        "tiny" => VisionConfig {
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            image_size: 32,
-            patch_size: 8,
-            projection_dim: 32,
-            ..VisionConfig::default()
-        },
-        _ => bail!("unknown model {name:?} (B/32, B/16, L/14 or tiny)"),
-    })
-}
-
-fn parse_dtype(s: &str) -> anyhow::Result<DType> {
-    Ok(match s {
-        "f32" | "float32" => DType::F32,
-        "f16" | "float16" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        _ => bail!("unknown dtype {s:?} (f32, f16 or bf16)"),
-    })
 }
 
 fn parse_list<T>(s: &str, f: impl Fn(&str) -> anyhow::Result<T>) -> anyhow::Result<Vec<T>> {
@@ -109,23 +81,12 @@ fn time_passes(tower: &VisionTower, pixels: &Tensor, a: &ClassifyArgs) -> anyhow
     Ok(ms)
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
 pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
     if a.iters == 0 {
         bail!("--iters must be at least 1");
     }
     let models = parse_list(&a.models, |m| Ok((m.to_string(), vision_config(m)?)))?;
-    let dtypes = parse_list(&a.dtypes, parse_dtype)?;
+    let dtypes = parse_list(&a.dtypes, crate::device::compute_dtype)?;
     let batches = parse_list(&a.batches, |b| {
         b.parse::<usize>()
             .ok()
@@ -142,7 +103,7 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let dev = open_device(&a.device)?;
+    let dev = crate::device::open(&a.device)?;
     let threads = candle_core::utils::get_num_threads();
     println!(
         "{:<6} {:<5} {:>6} {:>11} {:>11} {:>10} {:>6}",
@@ -192,13 +153,4 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `cpu`, or `cuda` (GPU 0; needs a build with the `cuda` feature).
-pub fn open_device(name: &str) -> anyhow::Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
-        d => bail!("unknown device {d:?} (cpu or cuda)"),
-    })
 }

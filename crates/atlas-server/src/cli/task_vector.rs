@@ -30,7 +30,7 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype: f16, bf16 or f32.
-        #[arg(long, default_value = "f16", value_parser = parse_store)]
+        #[arg(long, default_value = "f16")]
         store: StoreDType,
     },
     /// Convert a delta safetensors file (Hugging Face or open_clip naming) to our format.
@@ -48,7 +48,7 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Storage dtype: f16, bf16 or f32.
-        #[arg(long, default_value = "f16", value_parser = parse_store)]
+        #[arg(long, default_value = "f16")]
         store: StoreDType,
     },
     /// Print a task vector's name, provenance, digest and per-block norms.
@@ -62,10 +62,6 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         top: usize,
     },
-}
-
-fn parse_store(s: &str) -> Result<StoreDType, String> {
-    StoreDType::parse(s).ok_or_else(|| format!("unknown storage dtype {s:?} (f16, bf16 or f32)"))
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {

@@ -23,7 +23,7 @@ pub struct WriteModelArgs {
 
 /// The config: the named image tower and a 2-layer, 64-wide text tower over `vocab` words.
 fn config(vision: &str, vocab: &atlas_demo::vocab::Vocab) -> anyhow::Result<ClipConfig> {
-    let vision = crate::bench_classify::vision_config(vision)?;
+    let vision = super::common::vision_config(vision)?;
     let projection_dim = vision.projection_dim;
     let text = TextConfig {
         vocab_size: vocab.size,
@@ -54,7 +54,7 @@ pub fn write_model(vision: &str, out: &Path, seed: u64) -> anyhow::Result<ClipCo
     Ok(cfg)
 }
 
-pub fn run_write_model(a: WriteModelArgs) -> anyhow::Result<()> {
+pub fn run(a: WriteModelArgs) -> anyhow::Result<()> {
     let cfg = write_model(&a.vision, &a.out, a.seed)?;
     let v = &cfg.vision;
     println!(

@@ -1,13 +1,13 @@
 //! `atlas-serve serve`: load the backbone and task vectors, start the HTTP service.
 
-use crate::config::Config;
+use crate::server::config::Config;
 use crate::server::AppState;
 use anyhow::Context;
 use atlas_clip::{Backbone, LoadOptions};
 use atlas_core::{Library, StoreDType};
 use std::path::PathBuf;
 
-pub type Args = crate::config::Args;
+pub type Args = crate::server::config::Args;
 
 /// Binds the listener first (so /healthz answers and /readyz says "loading"), loads the
 /// backbone and library on a thread, and serves until SIGTERM or Ctrl-C.
@@ -54,7 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn load(state: &AppState) -> anyhow::Result<()> {
     let c = &state.config;
-    let store = StoreDType::parse(&c.store).context("store must be f16, bf16 or f32")?;
+    let store: StoreDType = c.store.parse().map_err(|e| anyhow::anyhow!("store: {e}"))?;
     let (backbone, mut library) = if c.model.is_empty() {
         demo_world(&c.demo_preset)?
     } else {
@@ -83,43 +83,11 @@ fn load(state: &AppState) -> anyhow::Result<()> {
     state.attach(backbone, library, store)
 }
 
-/// CUDA device `n`. cudarc panics when it cannot load the driver library (a machine without
-/// an NVIDIA driver): that becomes an error saying so, not a crash.
-pub fn open_cuda(n: usize) -> anyhow::Result<candle_core::Device> {
-    match std::panic::catch_unwind(|| candle_core::Device::new_cuda(n)) {
-        Ok(dev) => Ok(dev?),
-        Err(_) => anyhow::bail!(
-            "the CUDA driver library could not be loaded (no NVIDIA driver here, or \
-             libcuda.so.1 not on LD_LIBRARY_PATH)"
-        ),
-    }
-}
-
 /// Device and compute dtype from the settings.
 fn load_options(c: &Config) -> anyhow::Result<LoadOptions> {
-    let device = match c.device.as_str() {
-        "cpu" => candle_core::Device::Cpu,
-        d => {
-            let n = match d.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse().ok())
-                    .with_context(|| format!("device {d:?}: use cpu, cuda or cuda:N"))?,
-                None => anyhow::bail!("device {d:?}: use cpu, cuda or cuda:N"),
-            };
-            open_cuda(n).with_context(|| format!("device {d:?}"))?
-        }
-    };
-    let dtype = match c.dtype.as_str() {
-        "f32" => candle_core::DType::F32,
-        "f16" => candle_core::DType::F16,
-        "bf16" => candle_core::DType::BF16,
-        d => anyhow::bail!("dtype {d:?}: use f32, f16 or bf16"),
-    };
     Ok(LoadOptions {
-        device,
-        dtype,
+        device: crate::device::open(&c.device)?,
+        dtype: crate::device::compute_dtype(&c.dtype)?,
         ..LoadOptions::default()
     })
 }

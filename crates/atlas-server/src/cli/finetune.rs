@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Storage dtype of the task vector: f16, bf16 or f32.
-    #[arg(long, default_value = "f16", value_parser = parse_store)]
+    #[arg(long, default_value = "f16")]
     store: StoreDType,
     /// Name recorded in the task vector (default: the data directory's name).
     #[arg(long)]
@@ -50,10 +50,6 @@ pub struct Args {
     /// Share of each class held out to report accuracy before and after (0 to skip).
     #[arg(long, default_value_t = 0.1)]
     holdout: f64,
-}
-
-fn parse_store(s: &str) -> Result<StoreDType, String> {
-    StoreDType::parse(s).ok_or_else(|| format!("unknown dtype {s:?} (expected f16, bf16 or f32)"))
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

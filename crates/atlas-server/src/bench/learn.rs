@@ -57,16 +57,19 @@ pub struct LearnArgs {
     device: String,
 }
 
-pub fn run_learn(a: LearnArgs) -> anyhow::Result<()> {
-    let store = StoreDType::parse(&a.store).context("--store must be f16, bf16 or f32")?;
-    let vision = crate::bench_classify::vision_config(if a.tiny { "tiny" } else { "B/32" })?;
+pub fn run(a: LearnArgs) -> anyhow::Result<()> {
+    let store: StoreDType = a
+        .store
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+    let vision = super::common::vision_config(if a.tiny { "tiny" } else { "B/32" })?;
     let proj = vision.projection_dim;
     let cfg = ClipConfig {
         vision: vision.clone(),
         text: None,
         projection_dim: proj,
     };
-    let dev = crate::bench_classify::open_device(&a.device)?;
+    let dev = crate::device::open(&a.device)?;
     let setup = Instant::now();
     let base = random_blocks(&cfg, 0, 0.02, true);
     let opts = LoadOptions {

@@ -1,0 +1,8 @@
+//! The subcommands other than `bench`, one file each: `serve` (the HTTP server in
+//! `crate::server`), `learn`, `finetune`, `task-vector` and `demo`.
+
+pub mod demo;
+pub mod finetune;
+pub mod learn;
+pub mod serve;
+pub mod task_vector;
