@@ -15,7 +15,7 @@ use std::io::Cursor;
 use std::ops::Range;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::{ClipError, Result};
 
@@ -88,6 +88,11 @@ impl Preprocess {
 
     /// Preprocessed pixels of a decoded image: CHW `f32`, length `3 * crop * crop`.
     pub fn pixels(&self, img: &RgbImage) -> Vec<f32> {
+        let at_crop = (img.width() as usize, img.height() as usize) == (self.crop, self.crop);
+        if at_crop && self.size == self.crop {
+            // Resizing is then the identity (and the exact resampler is slow in debug builds).
+            return self.normalise(img);
+        }
         let (out_w, out_h) = self.resized_size(img.width(), img.height());
         let (x_start, x_range) = crop_window(out_w as usize, self.crop);
         let (y_start, y_range) = crop_window(out_h as usize, self.crop);
@@ -146,6 +151,20 @@ impl Preprocess {
         )?)
     }
 
+    /// CHW pixels of an image already at its final size: each 8-bit level scaled to [0, 1] and
+    /// normalised with HF's arithmetic (the same values as [`Preprocess::pixels`]).
+    pub fn normalise(&self, img: &RgbImage) -> Vec<f32> {
+        let lut = self.normalise_table();
+        let n = (img.width() * img.height()) as usize;
+        let mut out = vec![0f32; 3 * n];
+        for (i, rgb) in img.as_raw().chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * n + i] = lut[c][rgb[c] as usize];
+            }
+        }
+        out
+    }
+
     /// For each channel, the normalised value of every 8-bit level. Mirrors HF's arithmetic:
     /// `float32(uint8 * (1/255 as float64))`, then `(x - mean) / std` in float32.
     fn normalise_table(&self) -> [[f32; 256]; 3] {
@@ -185,38 +204,57 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage> {
     decode_limited(bytes, DEFAULT_MAX_PIXELS)
 }
 
-/// [`decode`] refusing images of more than `max_pixels` (width x height). The size is read
-/// from the header and checked before decoding, and the decoder's own allocations are capped
-/// to what such an image needs, so a small file claiming a huge image costs nothing.
-pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
+/// Checks encoded image bytes from their header alone, before any pixel is decoded (a small
+/// file may claim a huge image): a JPEG, PNG or WebP image, not cut short (JPEG), of 1 to
+/// `max_pixels` pixels. Returns its width and height.
+pub fn check_header(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32)> {
     if bytes.is_empty() {
-        return Err(ClipError::Image("cannot decode an empty byte slice".into()));
+        return Err(ClipError::Image(
+            "image is empty (an empty byte slice)".into(),
+        ));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ClipError::Image(format!("cannot read image bytes: {e}")))?;
-    if reader.format().is_none() {
-        return Err(ClipError::Image(format!(
-            "unrecognised image format ({} bytes; expected JPEG, PNG or WebP)",
-            bytes.len()
-        )));
-    }
+    let reader = reader(bytes)?;
     if reader.format() == Some(ImageFormat::Jpeg) {
         check_jpeg_end(bytes)?;
     }
-    reader.limits(limits(max_pixels));
-    let decoder = reader.into_decoder().map_err(|e| decode_error(bytes, e))?;
-    let (w, h) = decoder.dimensions();
-    if w as u64 * h as u64 > max_pixels {
-        return Err(ClipError::Image(format!(
-            "image is {w}x{h} pixels, more than the {max_pixels} allowed"
-        )));
-    }
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| decode_error(bytes, e))?;
     if w == 0 || h == 0 {
         return Err(ClipError::Image(format!(
             "image is {w}x{h} pixels, it has none"
         )));
     }
+    if w as u64 * h as u64 > max_pixels {
+        return Err(ClipError::Image(format!(
+            "image is {w}x{h} pixels, more than the {max_pixels} allowed"
+        )));
+    }
+    Ok((w, h))
+}
+
+/// A reader over `bytes` whose format is known.
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ClipError::Image(format!("cannot read image bytes: {e}")))?;
+    if reader.format().is_none() {
+        return Err(ClipError::Image(format!(
+            "unrecognised image format: not a JPEG, PNG or WebP image ({} bytes)",
+            bytes.len()
+        )));
+    }
+    Ok(reader)
+}
+
+/// [`decode`] refusing images of more than `max_pixels` (width x height). The header is checked
+/// first ([`check_header`]), and the decoder's own allocations are capped to what such an
+/// image needs, so a small file claiming a huge image costs nothing.
+pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
+    check_header(bytes, max_pixels)?;
+    let mut reader = reader(bytes)?;
+    reader.limits(limits(max_pixels));
+    let decoder = reader.into_decoder().map_err(|e| decode_error(bytes, e))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(bytes, e))?;
     Ok(to_rgb(img))
 }

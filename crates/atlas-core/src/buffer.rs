@@ -93,6 +93,18 @@ impl Buffer {
         }
     }
 
+    /// The L2 norm, accumulated in f64, read a chunk at a time.
+    pub fn l2_norm(&self) -> f64 {
+        let mut chunk = [0f32; 4096];
+        let mut sum = 0.0;
+        for start in (0..self.len()).step_by(chunk.len()) {
+            let part = &mut chunk[..(self.len() - start).min(4096)];
+            self.read_f32(start, part);
+            sum += sum_of_squares(part);
+        }
+        sum.sqrt()
+    }
+
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len()];
         self.read_f32(0, &mut out);
@@ -110,9 +122,27 @@ impl Buffer {
     }
 }
 
+/// Σ x², accumulated in f64.
+pub fn sum_of_squares(xs: &[f32]) -> f64 {
+    xs.iter().map(|&x| (x as f64) * (x as f64)).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l2_norm_spans_chunks_in_every_dtype() {
+        let data: Vec<f32> = (0..5000)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -2.0 })
+            .collect();
+        let want = (2500.0f64 * 1.0 + 2500.0 * 4.0).sqrt();
+        for dtype in [StoreDType::F32, StoreDType::F16, StoreDType::BF16] {
+            let b = Buffer::from_f32(&data, dtype);
+            assert!((b.l2_norm() - want).abs() < 1e-9, "{dtype:?}");
+        }
+        assert_eq!(Buffer::Zero(7).l2_norm(), 0.0);
+    }
 
     #[test]
     fn half_storage_round_trips_within_precision() {

@@ -292,6 +292,10 @@ impl TaskVector {
     pub fn blocks(&self) -> &[Buffer] {
         &self.blocks
     }
+    /// ‖τ_b‖ for every block b, in manifest order.
+    pub fn block_norms(&self) -> Vec<f64> {
+        self.blocks.iter().map(Buffer::l2_norm).collect()
+    }
     pub fn dtype(&self) -> StoreDType {
         self.dtype
     }

@@ -42,9 +42,9 @@ const EVAL_BATCH: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// A few minutes on 2 cores (release).
+    /// The served demo world: minutes to build on 2 cores (release).
     Full,
-    /// Well under a minute on one core (about 36 s of CPU in release): for tests and CI.
+    /// A smaller world that builds in under a minute: for tests and CI.
     Ci,
 }
 
@@ -445,40 +445,7 @@ pub fn head(backbone: &Backbone, spec: &TaskSpec) -> Result<ZeroShotHead> {
 
 pub fn pixels(params: &WorldParams, examples: &[Example]) -> Vec<Vec<f32>> {
     let pre = Preprocess::from_config(params.model.image_size);
-    examples
-        .par_iter()
-        .map(|e| normalise(&pre, &e.image))
-        .collect()
-}
-
-/// `pre.pixels(img)`, with a shortcut for images already at the crop size (resizing is then
-/// the identity, and the PIL-exact resampler is slow in debug builds).
-pub fn normalise(pre: &Preprocess, img: &image::RgbImage) -> Vec<f32> {
-    let s = pre.crop;
-    if (img.width() as usize, img.height() as usize) != (s, s) || pre.size != s {
-        return pre.pixels(img);
-    }
-    let lut = level_table(pre);
-    let mut out = vec![0f32; 3 * s * s];
-    for (i, rgb) in img.as_raw().chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * s * s + i] = lut[c][rgb[c] as usize];
-        }
-    }
-    out
-}
-
-/// The normalised value of every 8-bit level per channel, with HF's arithmetic:
-/// float32(v · (1/255 as f64)), then (x − mean) / std in f32.
-fn level_table(pre: &Preprocess) -> [[f32; 256]; 3] {
-    let mut lut = [[0f32; 256]; 3];
-    for (c, row) in lut.iter_mut().enumerate() {
-        for (v, slot) in row.iter_mut().enumerate() {
-            let x = (v as f64 * (1.0 / 255.0)) as f32;
-            *slot = (x - pre.mean[c]) / pre.std[c];
-        }
-    }
-    lut
+    examples.par_iter().map(|e| pre.pixels(&e.image)).collect()
 }
 
 pub fn labels(examples: &[Example]) -> Vec<u32> {
@@ -685,7 +652,7 @@ impl CaptionSampler {
                 self.single_fraction,
             );
             let img = render(&scene, &self.digits, &mut self.rng);
-            pixels.extend(normalise(&self.pre, &img));
+            pixels.extend(self.pre.pixels(&img));
             for _ in 0..self.captions {
                 let (text, s) = caption(&scene, &self.mention, &mut self.rng);
                 texts.push(text);

@@ -39,7 +39,7 @@ pub fn pixels(pre: &Preprocess, img: &RgbImage, view: View, rng: &mut ChaCha8Rng
         View::Strong => {
             let mut out = crop_flip_image(pre, img, (0.5, 1.0), rng);
             jitter(&mut out, rng);
-            normalise(pre, &out)
+            pre.normalise(&out)
         }
     }
 }
@@ -50,7 +50,7 @@ fn crop_flip(
     scale: (f64, f64),
     rng: &mut ChaCha8Rng,
 ) -> Vec<f32> {
-    normalise(pre, &crop_flip_image(pre, img, scale, rng))
+    pre.normalise(&crop_flip_image(pre, img, scale, rng))
 }
 
 fn crop_flip_image(
@@ -130,18 +130,6 @@ fn jitter(img: &mut RgbImage, rng: &mut ChaCha8Rng) {
 
 fn luma(p: [u8; 3]) -> f32 {
     0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32
-}
-
-/// Scale to [0,1] and normalise an image already at crop size.
-fn normalise(pre: &Preprocess, img: &RgbImage) -> Vec<f32> {
-    let n = (img.width() * img.height()) as usize;
-    let mut out = vec![0.0; 3 * n];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * n + i] = (p.0[c] as f32 / 255.0 - pre.mean[c]) / pre.std[c];
-        }
-    }
-    out
 }
 
 #[cfg(test)]

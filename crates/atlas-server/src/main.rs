@@ -64,10 +64,9 @@ fn keep_freed_memory() {}
 
 /// candle runs its element-wise CPU ops on a pool of its own whose threads spin between ops,
 /// beside the rayon threads that run gemm and this project's kernels: on 2 cores the two pools
-/// took turns, and a ViT-B/32 learning step at batch 8 spent 10% of its time spinning at
-/// candle's barrier (backward 1.2–1.3 s, 0.92–0.97 s with one element-wise thread; inference
-/// unchanged). So unless the user says otherwise, candle's element-wise ops run on the calling
-/// thread alone; gemm keeps every core.
+/// took turns, and a ViT-B/32 learning step spent a tenth of its time spinning at candle's
+/// barrier (inference was unaffected). So unless the user says otherwise, candle's element-wise
+/// ops run on the calling thread alone; gemm keeps every core.
 fn one_elementwise_thread() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

@@ -314,7 +314,7 @@ fn classify_battery(b: &mut Battery) {
         ("PNG with a bad IHDR CRC", bad_crc, "image 0"),
         ("truncated WebP", good_webp[..24].to_vec(), "image 0"),
         ("corrupt WebP", corrupt_webp, "image 0"),
-        ("zero-size image", Vec::new(), "image 0 is empty"),
+        ("zero-size image", Vec::new(), "image 0: image is empty"),
         (
             "PNG claiming 50000x50000",
             png_claiming(50000, 50000),

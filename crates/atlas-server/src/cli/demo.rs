@@ -93,8 +93,8 @@ pub fn run(c: Command) -> anyhow::Result<()> {
 }
 
 /// The demo's tensors are tiny: candle's spinning worker pool for elementwise ops, and rayon
-/// threads for its small matmuls, cost more than they save (the ci build: 73 s with them, 52 s
-/// without, on a loaded 2-core machine). Only where the user has not chosen.
+/// threads for its small matmuls, cost more than they save (the ci build was measured slower
+/// with them on 2 cores). Only where the user has not chosen.
 fn single_threaded() {
     for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {

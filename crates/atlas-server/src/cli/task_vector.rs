@@ -7,6 +7,7 @@
 use anyhow::Context;
 use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::{Backbone, LoadOptions};
+use atlas_core::buffer::sum_of_squares;
 use atlas_core::safetensors_io::{self, RawTensor};
 use atlas_core::{Manifest, StoreDType, TaskVector};
 use safetensors::Dtype;
@@ -188,13 +189,12 @@ fn inspect(file: &Path, base: &str, top: usize) -> anyhow::Result<()> {
 
     // Per-block L2 norms, absolute and relative to θ0's block.
     let mut norms: Vec<(usize, f64, f64)> = tv
-        .blocks()
-        .iter()
+        .block_norms()
+        .into_iter()
         .zip(backbone.base_blocks())
         .enumerate()
-        .map(|(b, (buf, base))| {
-            let n = l2(buf.to_f32_vec().iter().copied());
-            let nb = l2(base.iter().copied());
+        .map(|(b, (n, base))| {
+            let nb = sum_of_squares(base).sqrt();
             (b, n, if nb > 0.0 { n / nb } else { f64::NAN })
         })
         .collect();
@@ -231,10 +231,6 @@ fn inspect(file: &Path, base: &str, top: usize) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn l2(xs: impl Iterator<Item = f32>) -> f64 {
-    xs.map(|x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
 }
 
 fn short(d: &str) -> &str {

@@ -2,9 +2,10 @@
 
 use super::api::{ClassifyRequest, ClassifyResponse, HeadRequest, HeadView, Status};
 use super::body::{parse, Body};
-use super::engine::{EngineRequest, Refused, Target};
+use super::engine::{EngineError, EngineRequest, Refused, Target};
 use super::error::{ApiError, ApiJson, ApiResult};
 use super::{heads, images, AppState, Model};
+use atlas_clip::ClipError;
 use atlas_core::Coefficients;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -156,8 +157,18 @@ async fn run(
             StatusCode::SERVICE_UNAVAILABLE,
             "the engine has stopped",
         )),
-        Ok(Ok(Err(e))) => Err(ApiError::internal(format!("classification failed: {e}"))),
+        Ok(Ok(Err(e))) => Err(engine_error(e)),
         Ok(Ok(Ok(p))) => Ok(p),
+    }
+}
+
+/// A head the tokenizer or the config refuses is the request's fault (400); the rest is ours.
+fn engine_error(e: EngineError) -> ApiError {
+    match &e {
+        EngineError::Head(c) if matches!(**c, ClipError::Tokenizer(_) | ClipError::Config(_)) => {
+            ApiError::bad(format!("classes or templates: {e}"))
+        }
+        _ => ApiError::internal(format!("classification failed: {e}")),
     }
 }
 

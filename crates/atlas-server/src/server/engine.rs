@@ -6,7 +6,7 @@
 
 use super::api::{HeadView, Prediction};
 use super::metrics::Metrics;
-use atlas_clip::{Backbone, VisionTower, ZeroShotHead};
+use atlas_clip::{Backbone, ClipError, VisionTower, ZeroShotHead};
 use atlas_core::{Coefficients, TaskVector};
 use candle_core::{Tensor, D};
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ pub struct EngineRequest {
     /// CHW pixels at the model's image size, preprocessed off the engine thread.
     pub pixels: Vec<Vec<f32>>,
     pub top_k: usize,
-    pub reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, String>>,
+    pub reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, EngineError>>,
 }
 
 impl EngineRequest {
@@ -49,6 +49,23 @@ pub struct Engine {
     queue: usize,
     alive: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+}
+
+/// Why the engine could not answer a request. Clone: one failure answers a whole batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The head could not be built from the request's class names and templates.
+    #[error("building the head: {0}")]
+    Head(Arc<ClipError>),
+    /// Composing the model or running it failed.
+    #[error("running the model: {0}")]
+    Model(Arc<ClipError>),
+}
+
+impl EngineError {
+    fn model(e: impl Into<ClipError>) -> Self {
+        EngineError::Model(Arc::new(e.into()))
+    }
 }
 
 /// Why a request was not queued.
@@ -232,7 +249,10 @@ impl Worker {
         }
     }
 
-    fn predict(&mut self, group: &[EngineRequest]) -> Result<Vec<Vec<Vec<Prediction>>>, String> {
+    fn predict(
+        &mut self,
+        group: &[EngineRequest],
+    ) -> Result<Vec<Vec<Vec<Prediction>>>, EngineError> {
         let first = &group[0];
         let tower = self.tower(first.target.as_deref())?;
         let head = self.head(&first.head)?;
@@ -245,10 +265,10 @@ impl Worker {
             let owned: Vec<Vec<f32>> = chunk.iter().map(|p| (*p).clone()).collect();
             let batch = pre
                 .batch(&owned, self.backbone.device())
-                .map_err(|e| e.to_string())?;
-            let emb = tower.forward(&batch).map_err(|e| e.to_string())?;
-            let logits = head.logits(&emb).map_err(|e| e.to_string())?;
-            probs.extend(softmax_rows(&logits).map_err(|e| e.to_string())?);
+                .map_err(EngineError::model)?;
+            let emb = tower.forward(&batch).map_err(EngineError::model)?;
+            let logits = head.logits(&emb).map_err(EngineError::model)?;
+            probs.extend(softmax_rows(&logits).map_err(EngineError::model)?);
         }
         self.metrics.images.inc_by(pixels.len() as u64);
         for p in &probs {
@@ -276,7 +296,7 @@ impl Worker {
         self.metrics.prediction_confidence.observe(top as f64);
     }
 
-    fn tower(&mut self, target: Option<&Target>) -> Result<Arc<VisionTower>, String> {
+    fn tower(&mut self, target: Option<&Target>) -> Result<Arc<VisionTower>, EngineError> {
         let key = target.map_or("base", |t| t.key.as_str()).to_string();
         if let Some(t) = self.cache.get(&key) {
             self.metrics.cache_hits.inc();
@@ -288,7 +308,7 @@ impl Worker {
             None => self.backbone.base_vision(),
             Some(t) => self.backbone.composed_vision(&t.tvs, &t.coefs),
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(EngineError::model)?;
         self.metrics
             .compose_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -305,13 +325,13 @@ impl Worker {
         Ok(tower)
     }
 
-    fn head(&mut self, view: &HeadView) -> Result<ZeroShotHead, String> {
+    fn head(&mut self, view: &HeadView) -> Result<ZeroShotHead, EngineError> {
         if let Some(h) = self.heads.get(&view.id) {
             return Ok(h.clone());
         }
         let t: Vec<&str> = view.templates.iter().map(String::as_str).collect();
-        let head =
-            ZeroShotHead::build(&self.backbone, &view.classes, &t).map_err(|e| e.to_string())?;
+        let head = ZeroShotHead::build(&self.backbone, &view.classes, &t)
+            .map_err(|e| EngineError::Head(Arc::new(e)))?;
         // Heads are small (classes × embedding); a crude bound keeps a flood of distinct class
         // lists from growing memory without end.
         if self.heads.len() >= 256 {

@@ -28,9 +28,8 @@ impl Heatmap {
         blocks: Vec<String>,
         layout: Layout,
         values: &[f64],
-    ) -> Result<Heatmap, String> {
-        let c = Coefficients::new(layout, rows.len(), blocks.len(), values.to_vec())
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Heatmap, atlas_core::CoreError> {
+        let c = Coefficients::new(layout, rows.len(), blocks.len(), values.to_vec())?;
         let values: Vec<Vec<f64>> = (0..rows.len())
             .map(|i| {
                 (0..blocks.len())
@@ -92,7 +91,7 @@ impl Heatmap {
         s + "</svg>\n"
     }
 
-    pub fn png(&self) -> Result<Vec<u8>, String> {
+    pub fn png(&self) -> Result<Vec<u8>, image::ImageError> {
         let (w, h) = (
             (self.n_blocks() * CELL_W).max(1) as u32,
             (self.rows.len() * CELL_H).max(1) as u32,
@@ -109,8 +108,7 @@ impl Heatmap {
             }
         }
         let mut out = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut out, image::ImageFormat::Png)
-            .map_err(|e| e.to_string())?;
+        img.write_to(&mut out, image::ImageFormat::Png)?;
         Ok(out.into_inner())
     }
 

@@ -189,8 +189,7 @@ impl Workers {
             .library
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .select(&c.task_vectors)
-            .map_err(|e| LearnError::Job(e.to_string()))?;
+            .select(&c.task_vectors)?;
         let job = build_job(&self.backbone, req, &dir)?;
         let config = c
             .provenance

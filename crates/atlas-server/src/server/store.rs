@@ -13,25 +13,18 @@ pub struct Store {
     dir: PathBuf,
 }
 
-#[derive(Debug)]
-pub struct StoreError(pub String);
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "store: {}", self.0)
-    }
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
-    }
-}
-
-impl From<serde_json::Error> for StoreError {
-    fn from(e: serde_json::Error) -> Self {
-        StoreError(e.to_string())
-    }
+/// What went wrong in the store: the database, a stored record, or a directory of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("store: a stored record: {0}")]
+    Record(#[from] serde_json::Error),
+    #[error("store: {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -54,8 +47,10 @@ impl Store {
     /// Opens (creating) the store in `dir`: `atlas.db` plus `jobs/` and `task-vectors/`.
     pub fn open(dir: &Path) -> Result<Store> {
         for sub in ["jobs", "task-vectors"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .map_err(|e| StoreError(format!("creating {}: {e}", dir.join(sub).display())))?;
+            std::fs::create_dir_all(dir.join(sub)).map_err(|source| StoreError::Dir {
+                path: dir.join(sub),
+                source,
+            })?;
         }
         let conn = Connection::open(dir.join("atlas.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -61,16 +61,11 @@ fn detail(backbone: &Backbone, tv: &TaskVector) -> TaskVectorDetail {
         .manifest()
         .blocks()
         .iter()
-        .zip(tv.blocks())
-        .map(|(b, buf)| BlockInfo {
+        .zip(tv.block_norms())
+        .map(|(b, norm)| BlockInfo {
             name: b.name.clone(),
             numel: b.numel(),
-            norm: buf
-                .to_f32_vec()
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>()
-                .sqrt(),
+            norm,
         })
         .collect();
     TaskVectorDetail {

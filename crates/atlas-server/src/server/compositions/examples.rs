@@ -65,10 +65,9 @@ type Item = (String, String, Vec<u8>, Option<u32>);
 fn write_examples(dir: &std::path::Path, items: Vec<Item>, max_pixels: u64) -> ApiResult<String> {
     use rayon::prelude::*;
     items.par_iter().try_for_each(|(what, _, bytes, _)| {
-        images::check(bytes, max_pixels, what)?;
-        atlas_clip::preprocess::decode(bytes)
+        atlas_clip::preprocess::decode_limited(bytes, max_pixels)
             .map(|_| ())
-            .map_err(|e| ApiError::bad(format!("{what}: {e}")))
+            .map_err(|e| images::refused(what, e))
     })?;
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);

@@ -81,7 +81,7 @@ pub(super) async fn learn(
             30,
         ));
     }
-    let config = learn_config(&req, layout).map_err(ApiError::bad)?;
+    let config = learn_config(&req, layout).map_err(|e| ApiError::bad(e.to_string()))?;
     let id = new_id();
     let data_hash = store_examples(s, &id, &mut req, body.files).await?;
     let t = now();
@@ -220,12 +220,15 @@ fn check_overrides(o: &Overrides) -> ApiResult<()> {
 }
 
 /// The recipe of an objective with the request's overrides, validated.
-fn learn_config(req: &LearnRequest, layout: atlas_core::Layout) -> Result<LearnConfig, String> {
+fn learn_config(
+    req: &LearnRequest,
+    layout: atlas_core::Layout,
+) -> atlas_learn::Result<LearnConfig> {
     let c = LearnConfig {
         layout,
         ..LearnConfig::recipe(req.objective)
     }
     .with(&req.config);
-    c.validate().map_err(|e| e.to_string())?;
+    c.validate()?;
     Ok(c)
 }
