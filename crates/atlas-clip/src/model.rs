@@ -11,11 +11,9 @@
 //! q/k/v projections of a tower built from such weights are one matmul. Learning never sees
 //! that path: its weights are `Var`s, so every op records its backward.
 
-// Public for the kernel self-check (`atlas-serve bench kernels`).
-pub mod attention;
+pub(crate) mod attention;
 mod fast_math;
-// Public for the kernel self-check (`atlas-serve bench kernels`).
-pub mod fused;
+pub(crate) mod fused;
 pub(crate) mod fused_grad;
 
 use crate::config::{Activation, TextConfig, VisionConfig};

@@ -5,11 +5,7 @@
 
 use anyhow::{bail, Context};
 use atlas_clip::{vision_manifest, QkvBlocks, VisionConfig};
-use atlas_core::parts::splitmix64;
-use atlas_core::task_vector::Delta;
-use atlas_core::{
-    compose, compose_into, Coefficients, Layout, Manifest, StoreDType, TaskVector, TaskVectorMeta,
-};
+use atlas_core::{compose, compose_into, Coefficients, Layout, Manifest, StoreDType, TaskVector};
 use rayon::prelude::*;
 use serde_json::json;
 use std::path::PathBuf;
@@ -29,7 +25,7 @@ pub enum Command {
     WriteModel(crate::bench_serve::WriteModelArgs),
     /// Self-check of the custom ops (fused kernels, composition) against plain candle ops on
     /// one device, with timings; exits non-zero when one differs beyond tolerance.
-    Kernels(crate::bench_kernels::KernelsArgs),
+    Kernels(KernelsArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,6 +60,16 @@ pub struct ComposeArgs {
     pub(crate) out: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+pub struct KernelsArgs {
+    /// cpu (the CPU fallbacks) or cuda (the CUDA kernels).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Timed calls per timing figure (0 skips the timings).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+}
+
 fn parse_store(s: &str) -> Result<StoreDType, String> {
     StoreDType::parse(s).ok_or_else(|| format!("unknown storage dtype {s:?} (f16, bf16 or f32)"))
 }
@@ -73,8 +79,35 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Compose(a) => bench_compose(a),
         Command::Classify(a) => crate::bench_classify::run(a),
         Command::WriteModel(a) => crate::bench_serve::run_write_model(a),
-        Command::Kernels(a) => crate::bench_kernels::run(a),
+        Command::Kernels(a) => run_kernels(a),
     }
+}
+
+/// `bench kernels`: atlas-clip's kernel check on one device, printed; any failed check makes
+/// the command fail.
+fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
+    use atlas_clip::kernel_check;
+    let dev = match a.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => crate::serve::open_cuda(0).context("opening CUDA device 0")?,
+        d => bail!("unknown device {d:?} (cpu or cuda)"),
+    };
+    let checks = kernel_check::check_all(&dev)?;
+    let failed = checks.iter().filter(|c| !c.pass()).count();
+    for c in &checks {
+        println!("{c}");
+    }
+    println!("{} checks, {failed} failed", checks.len());
+    if a.iters > 0 {
+        println!("{}", kernel_check::Timing::header());
+        for t in kernel_check::timings(&dev, a.iters)? {
+            println!("{t}");
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} custom-op checks failed on {}", a.device);
+    }
+    Ok(())
 }
 
 /// Timing summary of one figure, in milliseconds.
@@ -119,71 +152,14 @@ pub(crate) fn time<R>(warmup: usize, iters: usize, mut f: impl FnMut() -> R) -> 
     }
 }
 
-/// Deterministic pseudo-random values, uniform in [-scale, scale).
-fn fill_random(out: &mut [f32], seed: u64, scale: f32) {
-    for (j, x) in out.iter_mut().enumerate() {
-        let r = splitmix64(seed.wrapping_mul(0x9E37_79B9).wrapping_add(j as u64));
-        *x = ((r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
-    }
-}
-
-pub(crate) fn random_blocks(manifest: &Manifest, seed: u64, scale: f32) -> Vec<Vec<f32>> {
-    manifest
-        .blocks()
-        .par_iter()
-        .enumerate()
-        .map(|(b, block)| {
-            let mut v = vec![0.0; block.numel()];
-            fill_random(&mut v, seed * 100_000 + b as u64, scale);
-            v
-        })
-        .collect()
-}
+pub(crate) use atlas_core::random::{random_blocks, random_coefficients};
 
 pub(crate) fn random_task_vector(
     manifest: &Manifest,
     i: usize,
     store: StoreDType,
 ) -> anyhow::Result<TaskVector> {
-    let specs: Vec<_> = manifest.tensor_specs().map(|(t, _)| t.clone()).collect();
-    let deltas: Vec<Delta> = specs
-        .into_par_iter()
-        .enumerate()
-        .map(|(j, t)| {
-            let mut data = vec![0.0; t.numel()];
-            fill_random(&mut data, (i as u64 + 1) * 1_000_000 + j as u64, 1e-3);
-            Delta {
-                name: t.name,
-                shape: t.shape,
-                data,
-            }
-        })
-        .collect();
-    let meta = TaskVectorMeta {
-        name: format!("random{i}"),
-        source: "bench: random weights".into(),
-        ..Default::default()
-    };
-    Ok(TaskVector::from_deltas(
-        manifest,
-        meta,
-        store,
-        deltas,
-        &|_| false,
-    )?)
-}
-
-/// Coefficients in [0.05, 0.55): never 0, so no block is skipped by the composition.
-pub(crate) fn random_coefficients(
-    layout: Layout,
-    n_tv: usize,
-    n_blocks: usize,
-) -> anyhow::Result<Coefficients> {
-    let n = layout.len(n_tv, n_blocks);
-    let values = (0..n)
-        .map(|j| 0.05 + (splitmix64(77 + j as u64) >> 11) as f64 / (1u64 << 53) as f64 * 0.5)
-        .collect();
-    Ok(Coefficients::new(layout, n_tv, n_blocks, values)?)
+    Ok(atlas_core::random::random_task_vector(manifest, i, store)?)
 }
 
 /// Chunk size (elements) of the multi-threaded copy: 1 MiB of f32.

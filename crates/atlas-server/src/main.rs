@@ -3,7 +3,6 @@
 mod bench;
 mod bench_classify;
 mod bench_compose_device;
-mod bench_kernels;
 mod bench_learn;
 mod bench_serve;
 mod config;

@@ -71,7 +71,7 @@ pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Te
 
 /// The same math in plain candle ops, as `EncoderLayer::attention` computes it for stacked
 /// projections, with `softmax` over the last dimension of the scores: the reference of the
-/// tests and of `bench kernels`.
+/// tests and of the kernel check (`crate::kernel_check`).
 pub fn reference(
     qkv: &Tensor,
     heads: usize,
