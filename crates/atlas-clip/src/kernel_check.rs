@@ -7,7 +7,7 @@
 
 use crate::config::Activation;
 use crate::device_compose::DeviceComposer;
-use crate::model::{attention, fused};
+use crate::model::{attention, causal_mask, fused, softmax_ops};
 use crate::{ClipError, Result};
 use atlas_core::manifest::{Block, TensorSpec};
 use atlas_core::parts::{block_key, part_of};
@@ -122,13 +122,6 @@ fn layer_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
         .to_dtype(x.dtype())
 }
 
-fn softmax_ref(x: &Tensor) -> candle_core::Result<Tensor> {
-    let x32 = f32_of(x)?;
-    let e = x32.broadcast_sub(&x32.max_keepdim(D::Minus1)?)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-        .to_dtype(x.dtype())
-}
-
 fn bias_act_ref(y: &Tensor, b: &Tensor, a: Option<Activation>) -> candle_core::Result<Tensor> {
     let v = f32_of(y)?.broadcast_add(&f32_of(b)?)?;
     let v = match a {
@@ -190,19 +183,6 @@ fn qkv_input(
     Ok(Tensor::cat(&[&q, &kv], 2)?.to_dtype(dtype)?)
 }
 
-fn causal_mask(n: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..n * n)
-        .map(|k| {
-            if k % n > k / n {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)?)
-}
-
 /// The fused attention op against the model's math in plain ops on f32 copies, cast back.
 fn check_attention(dtype: DType, dev: &Device) -> Result<Vec<Check>> {
     let mut out = Vec::new();
@@ -215,7 +195,7 @@ fn check_attention(dtype: DType, dev: &Device) -> Result<Vec<Check>> {
         };
         let got = attention::attention(&qkv, heads, mask.as_ref())?;
         let mask32 = mask.as_ref().map(f32_of).transpose()?;
-        let want = attention::reference(&f32_of(&qkv)?, heads, mask32.as_ref(), softmax_ref)?
+        let want = attention::reference(&f32_of(&qkv)?, heads, mask32.as_ref(), softmax_ops)?
             .to_dtype(dtype)?;
         let name = format!("attention hd{hd}{}", if masked { " causal" } else { "" });
         out.push(compare(&name, &got, &want)?);
@@ -242,7 +222,7 @@ fn check_rows(dims: &[usize], dtype: DType, dev: &Device) -> Result<Vec<Check>> 
         compare(
             "softmax",
             &x.apply_op1_no_bwd(&fused::Softmax)?,
-            &softmax_ref(&x)?,
+            &softmax_ops(&x)?,
         )?,
         compare(
             "bias_residual",
@@ -423,7 +403,14 @@ fn compose_ref(
 
 /// Median milliseconds of `f` over `iters` calls (at least one), the device synchronised
 /// around each call.
-fn time_ms(dev: &Device, iters: usize, f: impl Fn() -> candle_core::Result<Tensor>) -> Result<f64> {
+fn time_ms<E>(
+    dev: &Device,
+    iters: usize,
+    f: impl Fn() -> std::result::Result<Tensor, E>,
+) -> Result<f64>
+where
+    ClipError: From<E>,
+{
     for _ in 0..2 {
         f()?;
     }
@@ -522,7 +509,7 @@ fn time_rows(dev: &Device, iters: usize, dtype: DType) -> Result<Vec<Timing>> {
         timing(
             "softmax",
             time_ms(dev, iters, || s.apply_op1_no_bwd(&fused::Softmax))?,
-            time_ms(dev, iters, || softmax_ref(&s))?,
+            time_ms(dev, iters, || softmax_ops(&s))?,
         ),
         timing(
             "bias_act(quick_gelu)",

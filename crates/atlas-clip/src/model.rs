@@ -114,7 +114,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax from primitive ops: the path for devices and dtypes the fused ops don't take.
-fn softmax_ops(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_ops(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = upcast(x)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -713,7 +713,9 @@ impl TextTower {
     }
 }
 
-fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// The text tower's attention mask `[l, l]`: 0 on and below the diagonal, −∞ above (a token
+/// attends to itself and earlier tokens only).
+pub(crate) fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..l * l)
         .map(|k| {
             if k % l > k / l {
