@@ -650,7 +650,7 @@ impl CustomOp1 for ColumnSum {
 mod tests {
     //! Each op's value and gradients against the primitive ops it replaces, in f64 (to 1e-10)
     //! and f32, through a loss Σ out ⊙ R with a fixed R.
-    use super::super::{activate, causal_mask, layer_norm_ops, repeat_rows, softmax_ops};
+    use super::super::ops::{activate, causal_mask, layer_norm_ops, repeat_rows, softmax_ops};
     use super::*;
     use candle_core::{Device, Var};
 
@@ -893,7 +893,7 @@ mod tests {
                 .contiguous()?)
         };
         let (q, k, v) = (split(&(&t[0] * scale)?)?, split(&t[1])?, split(&t[2])?);
-        let p = super::super::softmax_ops(&q.matmul(&k.t()?)?)?;
+        let p = super::super::ops::softmax_ops(&q.matmul(&k.t()?)?)?;
         let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?;
         let (b, nq, _) = t[0].dims3()?;
         Ok(ctx.reshape((b, nq, ()))?)
