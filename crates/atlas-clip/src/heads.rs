@@ -2,7 +2,7 @@
 //! embeddings of its prompts, renormalised; logits = exp(logit_scale) · normalise(image) · headᵀ.
 
 use crate::backbone::Backbone;
-use crate::model::normalize;
+use crate::model::{normalize, softmax_last};
 use crate::templates::fill;
 use crate::{ClipError, Result};
 use candle_core::{DType, Tensor};
@@ -53,6 +53,24 @@ impl ZeroShotHead {
         Ok((img.matmul(&w.t()?)? * self.scale)?)
     }
 
+    /// Class probabilities per image: the softmax of each row of `logits` (`[B, C]`, as
+    /// [`ZeroShotHead::logits`] gives them), computed in f32 whatever the model's dtype.
+    pub fn probabilities(&self, logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let p = softmax_last(&logits.to_dtype(DType::F32)?)?;
+        Ok(p.to_vec2()?)
+    }
+
+    /// The `k` most probable classes of one row of [`ZeroShotHead::probabilities`] (at least
+    /// one), most probable first: (class index, class name, probability).
+    pub fn top_k<'a>(&'a self, probs: &[f32], k: usize) -> Vec<(usize, &'a str, f32)> {
+        let mut idx: Vec<usize> = (0..probs.len().min(self.classes.len())).collect();
+        idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        idx.into_iter()
+            .take(k.max(1))
+            .map(|i| (i, self.classes[i].as_str(), probs[i]))
+            .collect()
+    }
+
     /// The head at another dtype (f64 for gradient checks).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(ZeroShotHead {
@@ -76,4 +94,34 @@ pub fn encode_texts(backbone: &Backbone, texts: &[String]) -> Result<Tensor> {
         parts.push(text.forward(&ids)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn probabilities_are_row_softmaxes_and_top_k_ranks_them() {
+        let head = ZeroShotHead {
+            classes: vec!["a".into(), "b".into(), "c".into()],
+            weights: Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(),
+            scale: 1.0,
+        };
+        let logits = Tensor::new(&[[0f32, 2.0, 1.0]], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let p = head.probabilities(&logits).unwrap();
+        let e = [1.0f32, 2f32.exp(), 1f32.exp()];
+        let sum: f32 = e.iter().sum();
+        for (got, want) in p[0].iter().zip(e.iter().map(|x| x / sum)) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        let top = head.top_k(&p[0], 2);
+        assert_eq!(top.len(), 2);
+        assert_eq!((top[0].0, top[0].1), (1, "b"));
+        assert_eq!((top[1].0, top[1].1), (2, "c"));
+        assert_eq!(head.top_k(&p[0], 0).len(), 1);
+    }
 }

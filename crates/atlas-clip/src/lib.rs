@@ -10,6 +10,7 @@ pub mod device_compose;
 pub mod error;
 pub mod grad;
 pub mod heads;
+pub mod kernel_check;
 pub mod loss;
 pub mod manifest;
 pub mod model;

@@ -11,6 +11,7 @@ pub mod error;
 pub mod library;
 pub mod manifest;
 pub mod parts;
+pub mod random;
 pub mod safetensors_io;
 pub mod task_vector;
 

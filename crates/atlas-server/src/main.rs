@@ -1,7 +1,6 @@
 //! The `atlas-serve` binary: one subcommand per job.
 
 mod bench;
-mod bench_kernels;
 mod cli;
 mod device;
 mod server;

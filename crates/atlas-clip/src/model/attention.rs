@@ -71,13 +71,16 @@ pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Te
 
 /// The same math in plain candle ops, as `EncoderLayer::attention` computes it for stacked
 /// projections, with `softmax` over the last dimension of the scores: the reference of the
-/// tests and of `bench kernels`.
-pub fn reference(
+/// tests and of the kernel check (`crate::kernel_check`).
+pub fn reference<E>(
     qkv: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
-    softmax: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+    softmax: impl Fn(&Tensor) -> std::result::Result<Tensor, E>,
+) -> crate::Result<Tensor>
+where
+    crate::ClipError: From<E>,
+{
     let (b, n, d, hd) = dims(qkv.shape(), heads, mask.map(|m| m.shape()))?;
     let t = qkv
         .reshape((b, n, 3, heads, hd))?
@@ -88,7 +91,7 @@ pub fn reference(
         scores = scores.broadcast_add(mask)?;
     }
     let ctx = softmax(&scores)?.matmul(&t.get(2)?)?;
-    ctx.transpose(1, 2)?.contiguous()?.reshape((b, n, d))
+    Ok(ctx.transpose(1, 2)?.contiguous()?.reshape((b, n, d))?)
 }
 
 /// The contiguous data of `s` under `l` as f32.
@@ -305,7 +308,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use crate::model::{causal_mask, softmax_ops};
+    use candle_core::Device;
 
     fn values(shape: &[usize], seed: u64) -> Tensor {
         // Deterministic values without a global RNG: a sine of the index.
@@ -317,21 +321,7 @@ mod tests {
     }
 
     fn causal(n: usize) -> Tensor {
-        let m: Vec<f32> = (0..n * n)
-            .map(|k| {
-                if k % n > k / n {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Tensor::from_vec(m, (n, n), &Device::Cpu).unwrap()
-    }
-
-    fn plain_softmax(x: &Tensor) -> Result<Tensor> {
-        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        causal_mask(n, DType::F32, &Device::Cpu).unwrap()
     }
 
     /// The CPU fallback against the plain-op math on f32 copies of the same values, cast back:
@@ -362,7 +352,7 @@ mod tests {
                 assert_eq!(got.dtype(), dtype);
                 let x32 = x.to_dtype(DType::F32).unwrap();
                 let m32 = m.as_ref().map(|m| m.to_dtype(DType::F32).unwrap());
-                let want = reference(&x32, h, m32.as_ref(), plain_softmax)
+                let want = reference(&x32, h, m32.as_ref(), softmax_ops)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();

@@ -8,6 +8,7 @@
 //! `atlas-serve bench kernels --device cuda` compares the CUDA kernels with it on the GPU.
 
 use super::fast_math::{exp_in_place, with_scratch};
+use super::fused_grad::softmax_in_place;
 use crate::config::Activation;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
@@ -204,14 +205,12 @@ pub struct Softmax;
 fn softmax_rows<T: Elem>(x: &[T], n: usize) -> Vec<T> {
     rows(x, n, |s, d| {
         with_scratch(n, |e| {
-            let max = s.iter().map(|v| v.get()).fold(f32::NEG_INFINITY, f32::max);
             for (e, s) in e.iter_mut().zip(s) {
-                *e = s.get() - max;
+                *e = s.get();
             }
-            exp_in_place(e);
-            let inv = 1.0 / e.iter().sum::<f32>();
-            for (d, e) in d.iter_mut().zip(e.iter()) {
-                *d = T::put(e * inv);
+            softmax_in_place(e);
+            for (d, &e) in d.iter_mut().zip(e.iter()) {
+                *d = T::put(e);
             }
         })
     })

@@ -32,7 +32,9 @@ pub fn has_grad_epilogue(act: Option<Activation>) -> bool {
     matches!(act, None | Some(Activation::QuickGelu))
 }
 
-trait Num: Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static {
+pub(super) trait Num:
+    Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static
+{
     fn of(s: &CpuStorage) -> Result<&[Self]>;
     fn wrap(v: Vec<Self>) -> CpuStorage;
     fn c(x: f64) -> Self {
@@ -322,16 +324,22 @@ impl CustomOp3 for LayerNormBack {
 /// Softmax over the last dimension; rows of −∞ but one entry are fine (causal masks).
 pub struct Softmax;
 
+/// x ← softmax(x) over one row, shifted by the row's max so that exp cannot overflow; the
+/// slice-level kernel of every CPU softmax here (inference, learning, attention).
+pub(super) fn softmax_in_place<T: Num>(x: &mut [T]) {
+    let max = x.iter().copied().fold(T::neg_infinity(), T::max);
+    x.iter_mut().for_each(|v| *v = *v - max);
+    T::exp_in_place(x);
+    let inv = x.iter().copied().sum::<T>().recip();
+    x.iter_mut().for_each(|v| *v = *v * inv);
+}
+
 fn softmax_fwd<T: Num>(s: &CpuStorage, l: &Layout, n: usize) -> Result<CpuStorage> {
     let x = slice::<T>(s, l)?;
     let mut out = vec![T::zero(); x.len()];
     map_rows(&mut out, n, |r, y| {
-        let x = &x[r * n..(r + 1) * n];
-        let max = x.iter().copied().fold(T::neg_infinity(), T::max);
-        y.iter_mut().zip(x).for_each(|(y, &x)| *y = x - max);
-        T::exp_in_place(y);
-        let inv = y.iter().copied().sum::<T>().recip();
-        y.iter_mut().for_each(|y| *y = *y * inv);
+        y.copy_from_slice(&x[r * n..(r + 1) * n]);
+        softmax_in_place(y);
     });
     Ok(T::wrap(out))
 }
@@ -642,7 +650,7 @@ impl CustomOp1 for ColumnSum {
 mod tests {
     //! Each op's value and gradients against the primitive ops it replaces, in f64 (to 1e-10)
     //! and f32, through a loss Σ out ⊙ R with a fixed R.
-    use super::super::{activate, causal_mask, layer_norm_ops, repeat_rows, softmax_ops};
+    use super::super::ops::{activate, causal_mask, layer_norm_ops, repeat_rows, softmax_ops};
     use super::*;
     use candle_core::{Device, Var};
 
@@ -885,7 +893,7 @@ mod tests {
                 .contiguous()?)
         };
         let (q, k, v) = (split(&(&t[0] * scale)?)?, split(&t[1])?, split(&t[2])?);
-        let p = super::super::softmax_ops(&q.matmul(&k.t()?)?)?;
+        let p = super::super::ops::softmax_ops(&q.matmul(&k.t()?)?)?;
         let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?;
         let (b, nq, _) = t[0].dims3()?;
         Ok(ctx.reshape((b, nq, ()))?)

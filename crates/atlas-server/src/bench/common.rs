@@ -1,12 +1,8 @@
-//! What the benchmarks share: timing with a median, deterministic random weights, task vectors
-//! and coefficients, bandwidth, and the image-tower shapes by name.
+//! What the benchmarks share: timing with a median, bandwidth, the image-tower shapes by name,
+//! and (from atlas-core) deterministic random weights, task vectors and coefficients.
 
 use anyhow::bail;
 use atlas_clip::VisionConfig;
-use atlas_core::parts::splitmix64;
-use atlas_core::task_vector::Delta;
-use atlas_core::{Coefficients, Layout, Manifest, StoreDType, TaskVector, TaskVectorMeta};
-use rayon::prelude::*;
 use serde_json::json;
 use std::time::Instant;
 
@@ -45,72 +41,7 @@ pub(crate) fn time<R>(warmup: usize, iters: usize, mut f: impl FnMut() -> R) -> 
     }
 }
 
-/// Deterministic pseudo-random values, uniform in [-scale, scale).
-fn fill_random(out: &mut [f32], seed: u64, scale: f32) {
-    for (j, x) in out.iter_mut().enumerate() {
-        let r = splitmix64(seed.wrapping_mul(0x9E37_79B9).wrapping_add(j as u64));
-        *x = ((r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
-    }
-}
-
-pub(crate) fn random_blocks(manifest: &Manifest, seed: u64, scale: f32) -> Vec<Vec<f32>> {
-    manifest
-        .blocks()
-        .par_iter()
-        .enumerate()
-        .map(|(b, block)| {
-            let mut v = vec![0.0; block.numel()];
-            fill_random(&mut v, seed * 100_000 + b as u64, scale);
-            v
-        })
-        .collect()
-}
-
-pub(crate) fn random_task_vector(
-    manifest: &Manifest,
-    i: usize,
-    store: StoreDType,
-) -> anyhow::Result<TaskVector> {
-    let specs: Vec<_> = manifest.tensor_specs().map(|(t, _)| t.clone()).collect();
-    let deltas: Vec<Delta> = specs
-        .into_par_iter()
-        .enumerate()
-        .map(|(j, t)| {
-            let mut data = vec![0.0; t.numel()];
-            fill_random(&mut data, (i as u64 + 1) * 1_000_000 + j as u64, 1e-3);
-            Delta {
-                name: t.name,
-                shape: t.shape,
-                data,
-            }
-        })
-        .collect();
-    let meta = TaskVectorMeta {
-        name: format!("random{i}"),
-        source: "bench: random weights".into(),
-        ..Default::default()
-    };
-    Ok(TaskVector::from_deltas(
-        manifest,
-        meta,
-        store,
-        deltas,
-        &|_| false,
-    )?)
-}
-
-/// Coefficients in [0.05, 0.55): never 0, so no block is skipped by the composition.
-pub(crate) fn random_coefficients(
-    layout: Layout,
-    n_tv: usize,
-    n_blocks: usize,
-) -> anyhow::Result<Coefficients> {
-    let n = layout.len(n_tv, n_blocks);
-    let values = (0..n)
-        .map(|j| 0.05 + (splitmix64(77 + j as u64) >> 11) as f64 / (1u64 << 53) as f64 * 0.5)
-        .collect();
-    Ok(Coefficients::new(layout, n_tv, n_blocks, values)?)
-}
+pub(crate) use atlas_core::random::{random_blocks, random_coefficients, random_task_vector};
 
 pub(crate) fn gbps(bytes: usize, ms: f64) -> f64 {
     bytes as f64 / (ms * 1e-3) / 1e9

@@ -132,7 +132,7 @@ pub fn run(a: ComposeArgs) -> anyhow::Result<()> {
         let base = random_blocks(&manifest, 1, 0.02);
         let tvs: Vec<Arc<TaskVector>> = (0..n_tv)
             .map(|i| random_task_vector(&manifest, i, a.store).map(Arc::new))
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<Result<_, _>>()?;
         let stored: usize = tvs.iter().map(|t| t.nbytes()).sum();
         anyhow::ensure!(
             stored == n_tv * numel * es,

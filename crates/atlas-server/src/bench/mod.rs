@@ -5,6 +5,7 @@ mod classify;
 pub(crate) mod common;
 mod compose;
 mod compose_device;
+mod kernels;
 mod learn;
 mod write_model;
 
@@ -21,7 +22,7 @@ pub enum Command {
     WriteModel(write_model::WriteModelArgs),
     /// Self-check of the custom ops (fused kernels, composition) against plain candle ops on
     /// one device, with timings; exits non-zero when one differs beyond tolerance.
-    Kernels(crate::bench_kernels::KernelsArgs),
+    Kernels(kernels::KernelsArgs),
     /// One aTLAS learning step on ViT-B/32-shaped random weights: time and peak memory.
     Learn(learn::LearnArgs),
 }
@@ -31,7 +32,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Compose(a) => compose::run(a),
         Command::Classify(a) => classify::run(a),
         Command::WriteModel(a) => write_model::run(a),
-        Command::Kernels(a) => crate::bench_kernels::run(a),
+        Command::Kernels(a) => kernels::run(a),
         Command::Learn(a) => learn::run(a),
     }
 }

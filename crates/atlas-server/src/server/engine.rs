@@ -8,7 +8,6 @@ use super::api::{HeadView, Prediction};
 use super::metrics::Metrics;
 use atlas_clip::{Backbone, ClipError, VisionTower, ZeroShotHead};
 use atlas_core::{Coefficients, TaskVector};
-use candle_core::{Tensor, D};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -268,7 +267,7 @@ impl Worker {
                 .map_err(EngineError::model)?;
             let emb = tower.forward(&batch).map_err(EngineError::model)?;
             let logits = head.logits(&emb).map_err(EngineError::model)?;
-            probs.extend(softmax_rows(&logits).map_err(EngineError::model)?);
+            probs.extend(head.probabilities(&logits).map_err(EngineError::model)?);
         }
         self.metrics.images.inc_by(pixels.len() as u64);
         for p in &probs {
@@ -279,7 +278,7 @@ impl Worker {
             .iter()
             .map(|j| {
                 (0..j.pixels.len())
-                    .map(|_| top_k(&rows.next().expect("row"), &j.head.classes, j.top_k))
+                    .map(|_| top_k(&head, &rows.next().expect("row"), j.top_k))
                     .collect()
             })
             .collect())
@@ -357,23 +356,13 @@ fn group_requests(requests: Vec<EngineRequest>) -> Vec<Vec<EngineRequest>> {
     groups
 }
 
-/// Softmax rows of logits (already scaled); inference only, so no gradient concerns.
-fn softmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec2()
-}
-
-fn top_k(probs: &[f32], classes: &[String], k: usize) -> Vec<Prediction> {
-    let mut idx: Vec<usize> = (0..probs.len()).collect();
-    idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    idx.into_iter()
-        .take(k.max(1))
-        .map(|i| Prediction {
-            label: classes[i].clone(),
-            probability: probs[i],
+/// The `k` most probable classes of one image as the API's predictions.
+fn top_k(head: &ZeroShotHead, probs: &[f32], k: usize) -> Vec<Prediction> {
+    head.top_k(probs, k)
+        .into_iter()
+        .map(|(_, label, probability)| Prediction {
+            label: label.to_string(),
+            probability,
         })
         .collect()
 }

@@ -8,7 +8,7 @@
 //! calls gemm on strided views, and the backward recomputes the N×N probabilities instead of
 //! keeping them.
 
-use super::{slice, Num};
+use super::{slice, softmax_in_place, Num};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -122,11 +122,7 @@ unsafe fn probabilities<T: Num>(p: &mut [T], q: *const T, k: *const T, dims: &Di
         scale,
     );
     for row in p.chunks_exact_mut(nk) {
-        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-        row.iter_mut().for_each(|x| *x = *x - max);
-        T::exp_in_place(row);
-        let inv = row.iter().copied().sum::<T>().recip();
-        row.iter_mut().for_each(|x| *x = *x * inv);
+        softmax_in_place(row);
     }
 }
 

@@ -1,60 +1,34 @@
-//! `atlas-serve bench kernels`: every custom op (the fused inference ops, fused attention, the
+//! Self-check of the crate's custom ops (the fused inference ops, fused attention, the
 //! composition, the gradient reduction) on random inputs, each dtype, a few shapes including
 //! odd sizes, against the same computation in plain candle ops (in f32, then cast) on the same
-//! device. On CUDA that checks the kernels; on the CPU it checks the CPU fallbacks. Prints the
-//! largest errors, pass or fail, and the time of each fused op next to its plain-op version; any
-//! failure makes the command fail.
+//! device. On CUDA that checks the kernels; on the CPU it checks the CPU fallbacks. The report
+//! is the largest errors of each comparison, pass or fail, and the time of each fused op next
+//! to its plain-op version (`atlas-serve bench kernels` prints it).
 
-use anyhow::bail;
-use atlas_clip::config::Activation;
-use atlas_clip::device_compose::DeviceComposer;
-use atlas_clip::model::{attention, fused};
+use crate::config::Activation;
+use crate::device_compose::DeviceComposer;
+use crate::model::{attention, causal_mask, fused, softmax_ops};
+use crate::{ClipError, Result};
 use atlas_core::manifest::{Block, TensorSpec};
 use atlas_core::parts::{block_key, part_of};
+use atlas_core::random::{random_blocks, random_coefficients, random_task_vector};
 use atlas_core::{Coefficients, Layout, Manifest, StoreDType, TaskVector};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Arc;
 use std::time::Instant;
 
-#[derive(clap::Args)]
-pub struct KernelsArgs {
-    /// cpu (the CPU fallbacks) or cuda (the CUDA kernels).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Timed calls per timing figure (0 skips the timings).
-    #[arg(long, default_value_t = 20)]
-    iters: usize,
-}
-
-pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
-    let dev = crate::device::open(&a.device)?;
-    let checks = check_all(&dev)?;
-    let failed = checks.iter().filter(|c| !c.pass()).count();
-    for c in &checks {
-        println!("{c}");
-    }
-    println!("{} checks, {failed} failed", checks.len());
-    if a.iters > 0 {
-        for line in timings(&dev, a.iters)? {
-            println!("{line}");
-        }
-    }
-    if failed > 0 {
-        bail!("{failed} custom-op checks failed on {}", a.device);
-    }
-    Ok(())
-}
-
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// One comparison: the largest absolute error and the largest error over its tolerance.
+#[derive(Debug, Clone)]
 pub struct Check {
-    op: String,
-    dtype: DType,
-    dims: Vec<usize>,
-    max_abs: f32,
+    pub op: String,
+    pub dtype: DType,
+    /// Shape of the compared output.
+    pub dims: Vec<usize>,
+    pub max_abs: f32,
     /// max |got - want| / (atol + rtol |want|); at most 1 passes (NaN fails).
-    worst: f32,
+    pub worst: f32,
 }
 
 impl Check {
@@ -88,21 +62,23 @@ fn tolerance(dtype: DType) -> (f32, f32) {
     }
 }
 
-fn compare(op: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<Check> {
+fn compare(op: &str, got: &Tensor, want: &Tensor) -> Result<Check> {
     let dtype = want.dtype();
     let (atol, rtol) = tolerance(dtype);
-    let flat = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
-        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-    };
+    let flat =
+        |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
     let (g, w) = (flat(got)?, flat(want)?);
     if g.len() != w.len() || got.dtype() != dtype {
-        bail!(
-            "{op}: output {:?} {:?}, expected {:?} {:?}",
-            got.dims(),
-            got.dtype(),
-            want.dims(),
-            dtype
-        );
+        return Err(ClipError::tensor(
+            op,
+            format!(
+                "output {:?} {:?}, expected {:?} {:?}",
+                got.dims(),
+                got.dtype(),
+                want.dims(),
+                dtype
+            ),
+        ));
     }
     let (mut max_abs, mut worst) = (0f32, 0f32);
     for (g, w) in g.iter().zip(&w) {
@@ -125,13 +101,7 @@ fn compare(op: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<Check> {
     })
 }
 
-fn randn(
-    dims: &[usize],
-    scale: f64,
-    mean: f64,
-    dtype: DType,
-    dev: &Device,
-) -> anyhow::Result<Tensor> {
+fn randn(dims: &[usize], scale: f64, mean: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
     let t = Tensor::randn(0f32, 1f32, dims, dev)?;
     Ok(t.affine(scale, mean)?.to_dtype(dtype)?)
 }
@@ -149,13 +119,6 @@ fn layer_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
     let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     y.broadcast_mul(&f32_of(w)?)?
         .broadcast_add(&f32_of(b)?)?
-        .to_dtype(x.dtype())
-}
-
-fn softmax_ref(x: &Tensor) -> candle_core::Result<Tensor> {
-    let x32 = f32_of(x)?;
-    let e = x32.broadcast_sub(&x32.max_keepdim(D::Minus1)?)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
         .to_dtype(x.dtype())
 }
 
@@ -178,7 +141,7 @@ fn bias_residual_ref(y: &Tensor, b: &Tensor, r: &Tensor) -> candle_core::Result<
 const ROWS: [&[usize]; 3] = [&[3, 5, 7], &[2, 50, 768], &[1, 13, 257]];
 const ACTS: [Option<Activation>; 3] = [None, Some(Activation::QuickGelu), Some(Activation::Gelu)];
 
-pub fn check_all(dev: &Device) -> anyhow::Result<Vec<Check>> {
+pub fn check_all(dev: &Device) -> Result<Vec<Check>> {
     let mut out = Vec::new();
     for dtype in DTYPES {
         for dims in ROWS {
@@ -213,28 +176,15 @@ fn qkv_input(
     hd: usize,
     dtype: DType,
     dev: &Device,
-) -> anyhow::Result<Tensor> {
+) -> Result<Tensor> {
     let d = heads * hd;
     let q = randn(&[b, n, d], (hd as f64).powf(-0.5), 0.0, DType::F32, dev)?;
     let kv = randn(&[b, n, 2 * d], 1.0, 0.0, DType::F32, dev)?;
     Ok(Tensor::cat(&[&q, &kv], 2)?.to_dtype(dtype)?)
 }
 
-fn causal_mask(n: usize, dtype: DType, dev: &Device) -> anyhow::Result<Tensor> {
-    let m: Vec<f32> = (0..n * n)
-        .map(|k| {
-            if k % n > k / n {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(m, (n, n), dev)?.to_dtype(dtype)?)
-}
-
 /// The fused attention op against the model's math in plain ops on f32 copies, cast back.
-fn check_attention(dtype: DType, dev: &Device) -> anyhow::Result<Vec<Check>> {
+fn check_attention(dtype: DType, dev: &Device) -> Result<Vec<Check>> {
     let mut out = Vec::new();
     for (b, n, heads, hd, masked) in ATTENTION {
         let qkv = qkv_input(b, n, heads, hd, dtype, dev)?;
@@ -245,7 +195,7 @@ fn check_attention(dtype: DType, dev: &Device) -> anyhow::Result<Vec<Check>> {
         };
         let got = attention::attention(&qkv, heads, mask.as_ref())?;
         let mask32 = mask.as_ref().map(f32_of).transpose()?;
-        let want = attention::reference(&f32_of(&qkv)?, heads, mask32.as_ref(), softmax_ref)?
+        let want = attention::reference(&f32_of(&qkv)?, heads, mask32.as_ref(), softmax_ops)?
             .to_dtype(dtype)?;
         let name = format!("attention hd{hd}{}", if masked { " causal" } else { "" });
         out.push(compare(&name, &got, &want)?);
@@ -254,8 +204,10 @@ fn check_attention(dtype: DType, dev: &Device) -> anyhow::Result<Vec<Check>> {
 }
 
 /// The four fused ops on inputs of shape `dims` (rows of the last dimension).
-fn check_rows(dims: &[usize], dtype: DType, dev: &Device) -> anyhow::Result<Vec<Check>> {
-    let n = *dims.last().expect("non-empty");
+fn check_rows(dims: &[usize], dtype: DType, dev: &Device) -> Result<Vec<Check>> {
+    let n = *dims
+        .last()
+        .ok_or_else(|| ClipError::tensor("rows", "a check's shape needs a dimension"))?;
     let x = randn(dims, 2.0, 3.0, dtype, dev)?;
     let w = randn(&[n], 0.5, 1.0, dtype, dev)?;
     let b = randn(&[n], 0.5, 0.0, dtype, dev)?;
@@ -270,7 +222,7 @@ fn check_rows(dims: &[usize], dtype: DType, dev: &Device) -> anyhow::Result<Vec<
         compare(
             "softmax",
             &x.apply_op1_no_bwd(&fused::Softmax)?,
-            &softmax_ref(&x)?,
+            &softmax_ops(&x)?,
         )?,
         compare(
             "bias_residual",
@@ -290,7 +242,7 @@ fn check_rows(dims: &[usize], dtype: DType, dev: &Device) -> anyhow::Result<Vec<
 }
 
 /// Blocks of odd sizes (none a multiple of 8) and a block of two tensors.
-fn small_manifest() -> anyhow::Result<Arc<Manifest>> {
+fn small_manifest() -> Result<Arc<Manifest>> {
     Ok(Arc::new(Manifest::new(vec![
         Block::single(TensorSpec::new("w", &[7, 37])),
         Block {
@@ -302,21 +254,28 @@ fn small_manifest() -> anyhow::Result<Arc<Manifest>> {
     ])?))
 }
 
-/// The composition at every output dtype, τ at f16, bf16 and f32 in one composition, per
-/// block and per part, against θ0 + Σ c τ in plain ops per block.
-fn check_compose(dev: &Device) -> anyhow::Result<Vec<Check>> {
+/// The small manifest's composer over random θ0, and three random task vectors stored at f16,
+/// bf16 and f32.
+fn composer(dev: &Device) -> Result<(Arc<Manifest>, Vec<Arc<TaskVector>>, DeviceComposer)> {
     let m = small_manifest()?;
-    let base = crate::bench::common::random_blocks(&m, 3, 0.02);
+    let base = random_blocks(&m, 3, 0.02);
     let stores = [StoreDType::F16, StoreDType::BF16, StoreDType::F32];
-    let tvs: Vec<Arc<TaskVector>> = stores
+    let tvs = stores
         .iter()
         .enumerate()
-        .map(|(i, &s)| crate::bench::common::random_task_vector(&m, i, s).map(Arc::new))
-        .collect::<anyhow::Result<_>>()?;
+        .map(|(i, &s)| Ok(Arc::new(random_task_vector(&m, i, s)?)))
+        .collect::<Result<_>>()?;
     let dc = DeviceComposer::new(m.clone(), &base, dev)?;
+    Ok((m, tvs, dc))
+}
+
+/// The composition at every output dtype, τ at f16, bf16 and f32 in one composition, per
+/// block and per part, against θ0 + Σ c τ in plain ops per block.
+fn check_compose(dev: &Device) -> Result<Vec<Check>> {
+    let (m, tvs, dc) = composer(dev)?;
     let mut out = Vec::new();
     for layout in [Layout::PerBlock, Layout::PerPart { k: 3, seed: 4 }] {
-        let coefs = crate::bench::common::random_coefficients(layout, tvs.len(), m.len())?;
+        let coefs = random_coefficients(layout, tvs.len(), m.len())?;
         for dtype in DTYPES {
             let got = unpadded(&dc, &dc.compose_flat(&tvs, &coefs, dtype)?)?;
             let want = compose_ref(&dc, &tvs, &coefs, dtype)?;
@@ -334,17 +293,9 @@ fn check_compose(dev: &Device) -> anyhow::Result<Vec<Check>> {
 /// through shared memory), τ at f16, bf16 and f32 together, against `(g · τ · mask).sum_all()`
 /// per (block, τ, part) in plain ops. Both sum in f32 in different orders, so the error is
 /// measured against 1e-5 × Σ|g τ| of the entry (a bound on the rounding of either sum).
-fn check_reduce(dev: &Device) -> anyhow::Result<Vec<Check>> {
-    let m = small_manifest()?;
-    let base = crate::bench::common::random_blocks(&m, 3, 0.02);
-    let stores = [StoreDType::F16, StoreDType::BF16, StoreDType::F32];
-    let tvs: Vec<Arc<TaskVector>> = stores
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| crate::bench::common::random_task_vector(&m, i, s).map(Arc::new))
-        .collect::<anyhow::Result<_>>()?;
-    let dc = DeviceComposer::new(m.clone(), &base, dev)?;
-    let grads = crate::bench::common::random_blocks(&m, 9, 1.0);
+fn check_reduce(dev: &Device) -> Result<Vec<Check>> {
+    let (m, tvs, dc) = composer(dev)?;
+    let grads = random_blocks(&m, 9, 1.0);
     let flat = dc
         .layout()
         .flatten(|b, out: &mut [f32]| out.copy_from_slice(&grads[b]));
@@ -356,7 +307,7 @@ fn check_reduce(dev: &Device) -> anyhow::Result<Vec<Check>> {
         Layout::PerPart { k: 3, seed: 4 },
         Layout::PerPart { k: 11, seed: 5 },
     ] {
-        let coefs = crate::bench::common::random_coefficients(layout, tvs.len(), m.len())?;
+        let coefs = random_coefficients(layout, tvs.len(), m.len())?;
         let k = coefs.parts();
         let got = dc.reduce_flat(&flat, &tvs, &coefs)?;
         let (mut max_abs, mut worst) = (0f32, 0f32);
@@ -407,7 +358,7 @@ fn layout_name(l: Layout) -> String {
 }
 
 /// The blocks of a flat θ end to end, without the padding.
-fn unpadded(dc: &DeviceComposer, flat: &Tensor) -> anyhow::Result<Tensor> {
+fn unpadded(dc: &DeviceComposer, flat: &Tensor) -> Result<Tensor> {
     let parts: Vec<Tensor> = (0..dc.layout().n_blocks())
         .map(|b| {
             let r = dc.layout().block(b);
@@ -423,7 +374,7 @@ fn compose_ref(
     tvs: &[Arc<TaskVector>],
     coefs: &Coefficients,
     dtype: DType,
-) -> anyhow::Result<Tensor> {
+) -> Result<Tensor> {
     let dev = dc.base().device();
     let device_tvs = dc.resident(tvs)?;
     let mut blocks = Vec::new();
@@ -450,17 +401,21 @@ fn compose_ref(
     Ok(Tensor::cat(&blocks, 0)?.to_dtype(dtype)?)
 }
 
-/// Median milliseconds of `f`, the device synchronised around each call.
-fn time_ms(
+/// Median milliseconds of `f` over `iters` calls (at least one), the device synchronised
+/// around each call.
+fn time_ms<E>(
     dev: &Device,
     iters: usize,
-    f: impl Fn() -> candle_core::Result<Tensor>,
-) -> anyhow::Result<f64> {
+    f: impl Fn() -> std::result::Result<Tensor, E>,
+) -> Result<f64>
+where
+    ClipError: From<E>,
+{
     for _ in 0..2 {
         f()?;
     }
-    let mut ms = Vec::with_capacity(iters);
-    for _ in 0..iters {
+    let mut ms = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
         dev.synchronize()?;
         let t = Instant::now();
         f()?;
@@ -471,74 +426,124 @@ fn time_ms(
     Ok(ms[ms.len() / 2])
 }
 
+/// One fused op timed next to its plain-op version, median milliseconds each.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub op: String,
+    pub dtype: DType,
+    pub fused_ms: f64,
+    pub plain_ms: f64,
+}
+
+impl Timing {
+    /// The column titles of the `Display` rows.
+    pub fn header() -> String {
+        format!(
+            "{:<28} {:<5} {:>10} {:>10} {:>8}",
+            "op", "dtype", "fused ms", "plain ms", "speedup"
+        )
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<28} {:<5} {:>10.3} {:>10.3} {:>7.2}x",
+            self.op,
+            format!("{:?}", self.dtype),
+            self.fused_ms,
+            self.plain_ms,
+            self.plain_ms / self.fused_ms
+        )
+    }
+}
+
 /// Fused against plain for each op and dtype at ViT-B/32 sizes (batch 256 on CUDA, 8 on the
-/// CPU, where the plain ops are slow), and attention at L/14 sizes on CUDA.
-fn timings(dev: &Device, iters: usize) -> anyhow::Result<Vec<String>> {
-    let batch = if dev.is_cuda() { 256 } else { 8 };
-    let (tokens, d, heads) = (batch * 50, 768, 12);
-    let mut out = vec![format!(
-        "{:<28} {:<5} {:>10} {:>10} {:>8}",
-        "op", "dtype", "fused ms", "plain ms", "speedup"
-    )];
+/// CPU, where the plain ops are slow), and attention at L/14 sizes on CUDA; `iters` timed calls
+/// per figure.
+pub fn timings(dev: &Device, iters: usize) -> Result<Vec<Timing>> {
+    let mut out = Vec::new();
     for dtype in DTYPES {
-        let x = randn(&[tokens, d], 1.0, 0.0, dtype, dev)?;
-        let h = randn(&[tokens, 4 * d], 1.0, 0.0, dtype, dev)?;
-        let s = randn(&[batch, heads, 50, 50], 1.0, 0.0, dtype, dev)?;
-        let (w, b, b4) = (
-            randn(&[d], 1.0, 1.0, dtype, dev)?,
-            randn(&[d], 1.0, 0.0, dtype, dev)?,
-            randn(&[4 * d], 1.0, 0.0, dtype, dev)?,
-        );
-        let ln = fused::LayerNorm { eps: 1e-5 };
-        let act = fused::BiasAct(Some(Activation::QuickGelu));
-        let mut rows: Vec<(&str, f64, f64)> = vec![
-            (
-                "layer_norm",
-                time_ms(dev, iters, || x.apply_op3_no_bwd(&w, &b, &ln))?,
-                time_ms(dev, iters, || layer_norm_ref(&x, &w, &b, 1e-5))?,
-            ),
-            (
-                "softmax",
-                time_ms(dev, iters, || s.apply_op1_no_bwd(&fused::Softmax))?,
-                time_ms(dev, iters, || softmax_ref(&s))?,
-            ),
-            (
-                "bias_act(quick_gelu)",
-                time_ms(dev, iters, || h.apply_op2_no_bwd(&b4, &act))?,
-                time_ms(dev, iters, || {
-                    bias_act_ref(&h, &b4, Some(Activation::QuickGelu))
-                })?,
-            ),
-            (
-                "bias_residual",
-                time_ms(dev, iters, || {
-                    x.apply_op3_no_bwd(&b, &x, &fused::BiasResidual)
-                })?,
-                time_ms(dev, iters, || bias_residual_ref(&x, &b, &x))?,
-            ),
-        ];
-        // Attention against the model's plain path (permute copy, matmuls, fused softmax,
-        // transpose copy): ViT-B/32's 50 tokens, and on CUDA L/14's 257 at a quarter the batch.
-        let mut shapes = vec![("attention B/32", batch, 50, heads, d / heads)];
-        if dev.is_cuda() {
-            shapes.push(("attention L/14", batch / 4, 257, 16, 64));
-        }
-        for (op, nb, n, nh, hd) in shapes {
-            let qkv = qkv_input(nb, n, nh, hd, dtype, dev)?;
-            let plain = |s: &Tensor| s.apply_op1_no_bwd(&fused::Softmax);
-            rows.push((
-                op,
-                time_ms(dev, iters, || attention::attention(&qkv, nh, None))?,
-                time_ms(dev, iters, || attention::reference(&qkv, nh, None, plain))?,
-            ));
-        }
-        for (op, f, p) in rows {
-            out.push(format!(
-                "{op:<28} {:<5} {f:>10.3} {p:>10.3} {:>7.2}x",
-                format!("{dtype:?}"),
-                p / f
-            ));
-        }
+        out.extend(time_rows(dev, iters, dtype)?);
+        out.extend(time_attention(dev, iters, dtype)?);
+    }
+    Ok(out)
+}
+
+fn batch_of(dev: &Device) -> usize {
+    if dev.is_cuda() {
+        256
+    } else {
+        8
+    }
+}
+
+/// The four fused row ops against their references over ViT-B/32's tokens.
+fn time_rows(dev: &Device, iters: usize, dtype: DType) -> Result<Vec<Timing>> {
+    let batch = batch_of(dev);
+    let (tokens, d, heads) = (batch * 50, 768, 12);
+    let x = randn(&[tokens, d], 1.0, 0.0, dtype, dev)?;
+    let h = randn(&[tokens, 4 * d], 1.0, 0.0, dtype, dev)?;
+    let s = randn(&[batch, heads, 50, 50], 1.0, 0.0, dtype, dev)?;
+    let (w, b, b4) = (
+        randn(&[d], 1.0, 1.0, dtype, dev)?,
+        randn(&[d], 1.0, 0.0, dtype, dev)?,
+        randn(&[4 * d], 1.0, 0.0, dtype, dev)?,
+    );
+    let ln = fused::LayerNorm { eps: 1e-5 };
+    let act = fused::BiasAct(Some(Activation::QuickGelu));
+    let quick_gelu = || bias_act_ref(&h, &b4, Some(Activation::QuickGelu));
+    let timing = |op: &str, fused_ms, plain_ms| Timing {
+        op: op.to_string(),
+        dtype,
+        fused_ms,
+        plain_ms,
+    };
+    Ok(vec![
+        timing(
+            "layer_norm",
+            time_ms(dev, iters, || x.apply_op3_no_bwd(&w, &b, &ln))?,
+            time_ms(dev, iters, || layer_norm_ref(&x, &w, &b, 1e-5))?,
+        ),
+        timing(
+            "softmax",
+            time_ms(dev, iters, || s.apply_op1_no_bwd(&fused::Softmax))?,
+            time_ms(dev, iters, || softmax_ops(&s))?,
+        ),
+        timing(
+            "bias_act(quick_gelu)",
+            time_ms(dev, iters, || h.apply_op2_no_bwd(&b4, &act))?,
+            time_ms(dev, iters, quick_gelu)?,
+        ),
+        timing(
+            "bias_residual",
+            time_ms(dev, iters, || {
+                x.apply_op3_no_bwd(&b, &x, &fused::BiasResidual)
+            })?,
+            time_ms(dev, iters, || bias_residual_ref(&x, &b, &x))?,
+        ),
+    ])
+}
+
+/// Attention against the model's plain path (permute copy, matmuls, fused softmax, transpose
+/// copy): ViT-B/32's 50 tokens, and on CUDA L/14's 257 at a quarter the batch.
+fn time_attention(dev: &Device, iters: usize, dtype: DType) -> Result<Vec<Timing>> {
+    let batch = batch_of(dev);
+    let mut shapes = vec![("attention B/32", batch, 50, 12, 64)];
+    if dev.is_cuda() {
+        shapes.push(("attention L/14", batch / 4, 257, 16, 64));
+    }
+    let plain = |s: &Tensor| s.apply_op1_no_bwd(&fused::Softmax);
+    let mut out = Vec::new();
+    for (op, nb, n, nh, hd) in shapes {
+        let qkv = qkv_input(nb, n, nh, hd, dtype, dev)?;
+        out.push(Timing {
+            op: op.to_string(),
+            dtype,
+            fused_ms: time_ms(dev, iters, || attention::attention(&qkv, nh, None))?,
+            plain_ms: time_ms(dev, iters, || attention::reference(&qkv, nh, None, plain))?,
+        });
     }
     Ok(out)
 }

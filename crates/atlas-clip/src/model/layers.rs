@@ -1,0 +1,400 @@
+//! The layers of both towers: linear (with fused epilogues), LayerNorm, the q/k/v projections,
+//! the pre-LN encoder layer with its attention, and loading a stack of them.
+
+use super::ops::{activate, layer_norm, repeat_rows, softmax_last};
+use super::{attention, fused, fused_grad, WeightSource};
+use crate::config::Activation;
+use crate::Result;
+use candle_core::Tensor;
+
+/// y = x Wᵀ + b over the last dimension of a 2-D or 3-D input.
+#[derive(Debug, Clone)]
+pub(super) struct Linear {
+    /// W ([out, in]), or Wᵀ contiguous ([in, out]) when `transposed`.
+    pub(super) w: Tensor,
+    b: Option<Tensor>,
+    pub(super) transposed: bool,
+}
+
+impl Linear {
+    pub(super) fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let w = src.get(&format!("{name}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(src.get(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Linear::new(w, b)
+    }
+
+    /// A layer over W ([out, in]). For inference on the CPU, W is kept transposed and
+    /// contiguous: gemm repacks a transposed view on every call, which made B/32's matmuls
+    /// 1.5–6.5× slower at batch 1 (the MLP's second matmul most). cuBLAS takes the transposed
+    /// view as it is, so a GPU keeps one copy of the weights.
+    pub(super) fn new(w: Tensor, b: Option<Tensor>) -> Result<Self> {
+        if fused::usable(&[&w]) && w.device().is_cpu() {
+            let w = w.t()?.contiguous()?;
+            return Ok(Linear {
+                w,
+                b,
+                transposed: true,
+            });
+        }
+        Ok(Linear {
+            w,
+            b,
+            transposed: false,
+        })
+    }
+
+    fn out_dim(&self) -> Result<usize> {
+        Ok(self.w.dim(usize::from(self.transposed))?)
+    }
+
+    /// Wᵀ, the right-hand side of x Wᵀ.
+    fn rhs(&self) -> Result<Tensor> {
+        Ok(if self.transposed {
+            self.w.clone()
+        } else {
+            self.w.t()?
+        })
+    }
+}
+
+impl Linear {
+    /// x Wᵀ + b.
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, None, None)
+    }
+
+    /// act(x Wᵀ + b) + residual over the last dimension of a 2-D or 3-D input; the epilogue is
+    /// one fused pass when no graph is recorded.
+    fn apply(
+        &self,
+        x: &Tensor,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut out = x.dims().to_vec();
+        let last = out[out.len() - 1];
+        let x2 = x.reshape(((), last))?;
+        *out.last_mut().expect("non-empty") = self.out_dim()?;
+        let learned = self.w.track_op() && fused_grad::usable(&[&x2, &self.w]);
+        if let (true, Some(b), None, None) = (learned, &self.b, act, residual) {
+            if fused_grad::usable(&[&x2, b]) {
+                return Ok(fused_grad::matmul_wt_bias(&x2, &self.w, b)?.reshape(out)?);
+            }
+        }
+        let y = if learned {
+            fused_grad::matmul_wt(&x2, &self.w)?
+        } else {
+            x2.matmul(&self.rhs()?)?
+        };
+        let residual = match residual {
+            Some(r) => Some(r.reshape(y.shape())?),
+            None => None,
+        };
+        let fusable = |b: &Tensor| {
+            fused::usable(&[&y, b]) && residual.as_ref().is_none_or(|r| fused::usable(&[r]))
+        };
+        let grad_fusable = |b: &Tensor| {
+            fused_grad::usable(&[&y, b])
+                && residual.as_ref().is_none_or(|r| fused_grad::usable(&[r]))
+        };
+        let y = match (&self.b, &residual) {
+            (Some(b), Some(r)) if act.is_none() && fusable(b) => {
+                y.apply_op3_no_bwd(b, &r.contiguous()?, &fused::BiasResidual)?
+            }
+            (Some(b), _) if fusable(b) => {
+                let y = y.apply_op2_no_bwd(b, &fused::BiasAct(act))?;
+                match &residual {
+                    Some(r) => (y + r)?,
+                    None => y,
+                }
+            }
+            (Some(b), Some(r)) if act.is_none() && grad_fusable(b) => {
+                y.apply_op3(b, &r.contiguous()?, fused_grad::BiasResidual)?
+            }
+            (Some(b), _) if fused_grad::has_grad_epilogue(act) && grad_fusable(b) => {
+                let y = y.apply_op2(b, fused_grad::BiasAct(act))?;
+                match &residual {
+                    Some(r) => (y + r)?,
+                    None => y,
+                }
+            }
+            _ => {
+                let mut y = match &self.b {
+                    Some(b) => repeat_rows(&y, b, false)?,
+                    None => y,
+                };
+                if let Some(a) = act {
+                    y = activate(&y, a)?;
+                }
+                match &residual {
+                    Some(r) => (r + y)?,
+                    None => y,
+                }
+            }
+        };
+        Ok(y.reshape(out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Norm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    pub(super) fn load(src: &dyn WeightSource, name: &str, d: usize, eps: f64) -> Result<Self> {
+        Ok(Norm {
+            w: src.get(&format!("{name}.weight"), &[d])?,
+            b: src.get(&format!("{name}.bias"), &[d])?,
+            eps,
+        })
+    }
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.w, &self.b, self.eps)
+    }
+}
+
+/// The q/k/v projections: separate (differentiable, as loaded), or one matmul over the
+/// stacked weights with the 1/√head_dim scale folded into q (inference only).
+#[derive(Debug, Clone)]
+pub(super) enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Stacked(Linear),
+}
+
+impl Qkv {
+    /// Stacks the projections when none of their weights is part of a graph.
+    fn new(q: Linear, k: Linear, v: Linear, scale: f64) -> Result<Self> {
+        let parts = [&q, &k, &v];
+        let plain = parts
+            .iter()
+            .all(|l| fused::usable(&[&l.w]) && l.b.as_ref().is_none_or(|b| fused::usable(&[b])));
+        let (Some(qb), Some(kb), Some(vb)) = (&q.b, &k.b, &v.b) else {
+            return Ok(Qkv::Separate { q, k, v });
+        };
+        if !plain {
+            return Ok(Qkv::Separate { q, k, v });
+        }
+        let transposed = q.transposed && k.transposed && v.transposed;
+        if !transposed && (q.transposed || k.transposed || v.transposed) {
+            return Ok(Qkv::Separate { q, k, v });
+        }
+        // Wᵀ blocks side by side ([in, 3·out]), or W blocks stacked ([3·out, in]).
+        let w = Tensor::cat(&[&(&q.w * scale)?, &k.w, &v.w], usize::from(transposed))?;
+        let b = Tensor::cat(&[&(qb * scale)?, kb, vb], 0)?;
+        Ok(Qkv::Stacked(Linear {
+            w,
+            b: Some(b),
+            transposed,
+        }))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct EncoderLayer {
+    pub(super) qkv: Qkv,
+    out: Linear,
+    ln1: Norm,
+    ln2: Norm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        d: usize,
+        m: usize,
+        heads: usize,
+        act: Activation,
+        eps: f64,
+    ) -> Result<Self> {
+        let lin = |n: &str, o, i| Linear::load(src, &format!("{p}.{n}"), o, i, true);
+        let scale = ((d / heads) as f64).powf(-0.5);
+        Ok(EncoderLayer {
+            qkv: Qkv::new(
+                lin("self_attn.q_proj", d, d)?,
+                lin("self_attn.k_proj", d, d)?,
+                lin("self_attn.v_proj", d, d)?,
+                scale,
+            )?,
+            out: lin("self_attn.out_proj", d, d)?,
+            ln1: Norm::load(src, &format!("{p}.layer_norm1"), d, eps)?,
+            ln2: Norm::load(src, &format!("{p}.layer_norm2"), d, eps)?,
+            fc1: lin("mlp.fc1", m, d)?,
+            fc2: lin("mlp.fc2", d, m)?,
+            heads,
+            act,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_rows(x, mask, false)
+    }
+
+    /// With `first_only`, only token 0's output ([B, 1, D]) is computed; keys and values still
+    /// come from every token. The image tower pools its class token alone, so its last layer
+    /// skips the other tokens' queries, output projection and MLP (B/32: 6.6 % of the
+    /// multiply-adds).
+    pub(super) fn forward_rows(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        first_only: bool,
+    ) -> Result<Tensor> {
+        let h = self.attention(&self.ln1.forward(x)?, mask, x, first_only)?;
+        let a = self
+            .fc1
+            .apply(&self.ln2.forward(&h)?, Some(self.act), None)?;
+        self.fc2.apply(&a, None, Some(&h))
+    }
+
+    /// residual + the fused CPU attention over q ([B, rows, D]), k and v, when it can run.
+    fn fused_cpu_attention(
+        &self,
+        [q, k, v]: [&Tensor; 3],
+        scale: f64,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if mask.is_some() || !fused_grad::attention::usable(q, k, v, self.heads) {
+            return Ok(None);
+        }
+        let ctx = fused_grad::attention::attention(q, k, v, self.heads, scale)?;
+        let residual = residual.narrow(1, 0, q.dim(1)?)?;
+        Ok(Some(self.out.apply(&ctx, None, Some(&residual))?))
+    }
+
+    /// residual + attention(x), for token 0 alone when `first_only`.
+    fn attention(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+        first_only: bool,
+    ) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let rows = if first_only { 1 } else { n };
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => {
+                let q = q.forward(&x.narrow(1, 0, rows)?)?;
+                let (k, v) = (k.forward(x)?, v.forward(x)?);
+                let scale = (hd as f64).powf(-0.5);
+                if let Some(y) = self.fused_cpu_attention([&q, &k, &v], scale, mask, residual)? {
+                    return Ok(y);
+                }
+                let q = split((q * scale)?, rows)?;
+                let k = split(k, n)?.t()?.contiguous()?;
+                (q, k, split(v, n)?)
+            }
+            Qkv::Stacked(qkv) => {
+                let t = qkv.forward(x)?;
+                // On a GPU, one kernel from [B, N, 3·D] straight to [B, N, D].
+                if !first_only && attention::usable(&t, self.heads, mask) {
+                    let ctx = attention::attention(&t, self.heads, mask)?;
+                    return self.out.apply(&ctx, None, Some(residual));
+                }
+                // On the CPU (f32), the fused op over q, k, v cut from t (the scale is in q).
+                let q = t.narrow(1, 0, rows)?.narrow(2, 0, d)?;
+                let (k, v) = (t.narrow(2, d, d)?, t.narrow(2, 2 * d, d)?);
+                if let Some(y) = self.fused_cpu_attention([&q, &k, &v], 1.0, mask, residual)? {
+                    return Ok(y);
+                }
+                // [B, N, 3·D] -> [3, B, H, N, hd] in one copy; k is used transposed in place.
+                let t = t
+                    .reshape((b, n, 3, self.heads, hd))?
+                    .permute((2, 0, 3, 1, 4))?
+                    .contiguous()?;
+                let q = t.get(0)?;
+                let q = if first_only {
+                    q.narrow(2, 0, 1)?.contiguous()?
+                } else {
+                    q
+                };
+                (q, t.get(1)?.t()?, t.get(2)?)
+            }
+        };
+        let mut scores = q.matmul(&k)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(&mask.narrow(mask.rank() - 2, 0, rows)?)?;
+        }
+        let ctx = softmax_last(&scores)?.matmul(&v)?;
+        let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, rows, d))?;
+        let residual = residual.narrow(1, 0, rows)?;
+        self.out.apply(&ctx, None, Some(&residual))
+    }
+}
+
+/// The sizes an encoder layer is built with.
+#[derive(Clone, Copy)]
+pub(super) struct LayerDims {
+    pub(super) d: usize,
+    pub(super) m: usize,
+    pub(super) heads: usize,
+    pub(super) act: Activation,
+    pub(super) eps: f64,
+}
+
+pub(super) fn load_layers(
+    src: &dyn WeightSource,
+    prefix: impl Fn(usize) -> String,
+    n: usize,
+    dims: &LayerDims,
+) -> Result<Vec<EncoderLayer>> {
+    let LayerDims {
+        d,
+        m,
+        heads,
+        act,
+        eps,
+    } = *dims;
+    (0..n)
+        .map(|i| EncoderLayer::load(src, &prefix(i), d, m, heads, act, eps))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fused inference kernels against the primitive-op path they replace. A `Var` input
+    //! records a graph, which forces the primitive path on the same values.
+    use super::*;
+    use crate::model::test_values::{max_diff, rand, tracked};
+
+    #[test]
+    fn fused_epilogues_match_primitive_ops() {
+        let x = rand(&[2, 5, 16], 0.0, 5);
+        let lin = Linear::new(rand(&[24, 16], 0.0, 6), Some(rand(&[24], 0.0, 7))).unwrap();
+        assert!(lin.transposed);
+        let r = rand(&[2, 5, 24], 0.0, 8);
+        for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
+            for res in [None, Some(&r)] {
+                let fast = lin.apply(&x, act, res).unwrap();
+                let slow = lin.apply(&tracked(&x), act, res).unwrap();
+                assert!(!fast.track_op() && slow.track_op());
+                let d = max_diff(&fast, &slow);
+                assert!(d < 1e-5, "{act:?} residual {}: {d}", res.is_some());
+            }
+        }
+    }
+}
