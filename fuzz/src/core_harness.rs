@@ -6,7 +6,7 @@
 use atlas_core::coefficients::{Coefficients, CoefficientsRequest};
 use atlas_core::task_vector::{check_name, Delta};
 use atlas_core::{
-    compose, Block, Library, Manifest, StoreDType, TaskVector, TaskVectorMeta, TensorSpec,
+    compose, Block, Library, Manifest, StorageDType, TaskVector, TaskVectorMeta, TensorSpec,
 };
 use std::sync::Arc;
 
@@ -42,7 +42,7 @@ pub fn task_vector(data: &[u8]) -> Result<(), String> {
         source: "fuzz input".into(),
         ..TaskVectorMeta::default()
     };
-    let tv = TaskVector::from_bytes(data, &m, StoreDType::F16, &may_be_missing, defaults)
+    let tv = TaskVector::from_bytes(data, &m, StorageDType::F16, &may_be_missing, defaults)
         .map_err(|e| e.to_string())?;
     check_name(tv.name()).expect("an accepted task vector has a valid name");
     assert_eq!(tv.blocks().len(), m.len());
@@ -80,7 +80,7 @@ pub fn library() -> Library {
             name: name.into(),
             ..TaskVectorMeta::default()
         };
-        let tv = TaskVector::from_deltas(&m, meta, StoreDType::F16, deltas, &|_| false)
+        let tv = TaskVector::from_deltas(&m, meta, StorageDType::F16, deltas, &|_| false)
             .expect("a valid task vector");
         lib.add(tv).expect("distinct names");
     }

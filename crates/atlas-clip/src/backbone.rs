@@ -12,7 +12,7 @@ use crate::{openclip, ClipError, Result};
 use atlas_core::safetensors_io::{self, RawTensor};
 use atlas_core::task_vector::{float_deltas, Delta};
 use atlas_core::{
-    compose, Coefficients, Manifest, Real, StoreDType, TaskVector, TaskVectorMeta, TensorSpec,
+    compose, Coefficients, Manifest, Real, StorageDType, TaskVector, TaskVectorMeta, TensorSpec,
 };
 use candle_core::{DType, Device, Tensor, WithDType};
 use sha2::{Digest, Sha256};
@@ -244,7 +244,7 @@ impl Backbone {
         &self,
         ft: Checkpoint,
         name: &str,
-        dtype: StoreDType,
+        dtype: StorageDType,
     ) -> Result<TaskVector> {
         if !same_tower(&ft.config.vision, &self.config.vision) {
             return Err(ClipError::file(
@@ -303,7 +303,7 @@ impl Backbone {
         &self,
         path: &Path,
         name: Option<&str>,
-        dtype: StoreDType,
+        dtype: StorageDType,
     ) -> Result<TaskVector> {
         let (tensors, md) = safetensors_io::read_file(path)?;
         let name = name

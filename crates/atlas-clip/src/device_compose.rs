@@ -13,7 +13,7 @@
 //! the CPU, [`atlas_core::reduce_gradient`]).
 
 use crate::{ClipError, Result};
-use atlas_core::{Buffer, Coefficients, Manifest, StoreDType, TaskVector};
+use atlas_core::{Buffer, Coefficients, Manifest, StorageDType, TaskVector};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -218,9 +218,9 @@ pub fn kernel_coefficients(manifest: &Manifest, coefs: &Coefficients) -> (Vec<f3
 pub fn upload_task_vector(layout: &FlatLayout, tv: &TaskVector, device: &Device) -> Result<Tensor> {
     let n = layout.total();
     let t = match tv.dtype() {
-        StoreDType::F32 => Tensor::from_vec(flat_of(layout, tv, |x| x), n, device)?,
-        StoreDType::F16 => Tensor::from_vec(flat_of(layout, tv, f16::from_f32), n, device)?,
-        StoreDType::BF16 => Tensor::from_vec(flat_of(layout, tv, bf16::from_f32), n, device)?,
+        StorageDType::F32 => Tensor::from_vec(flat_of(layout, tv, |x| x), n, device)?,
+        StorageDType::F16 => Tensor::from_vec(flat_of(layout, tv, f16::from_f32), n, device)?,
+        StorageDType::BF16 => Tensor::from_vec(flat_of(layout, tv, bf16::from_f32), n, device)?,
     };
     Ok(t)
 }
@@ -664,7 +664,7 @@ mod tests {
             .collect()
     }
 
-    fn tv(m: &Manifest, seed: u64, store: StoreDType) -> Arc<TaskVector> {
+    fn tv(m: &Manifest, seed: u64, store: StorageDType) -> Arc<TaskVector> {
         let deltas = m.tensor_specs().enumerate().map(|(i, (t, _))| Delta {
             name: t.name.clone(),
             shape: t.shape.clone(),
@@ -727,7 +727,7 @@ mod tests {
     fn compose_op_matches_plain_candle_ops() {
         let m = manifest();
         let dc = composer(&m);
-        for store in [StoreDType::F16, StoreDType::BF16, StoreDType::F32] {
+        for store in [StorageDType::F16, StorageDType::BF16, StorageDType::F32] {
             let tvs = vec![tv(&m, 1, store), tv(&m, 2, store), tv(&m, 3, store)];
             let values = (0..9).map(|x| x as f64 * 0.37 - 1.1).collect();
             let coefs = Coefficients::new(CLayout::PerBlock, 3, m.len(), values).unwrap();
@@ -750,7 +750,7 @@ mod tests {
     fn named_tensors_match_the_host_composition() {
         let m = manifest();
         let dc = composer(&m);
-        let tvs = vec![tv(&m, 4, StoreDType::F16), tv(&m, 5, StoreDType::F32)];
+        let tvs = vec![tv(&m, 4, StorageDType::F16), tv(&m, 5, StorageDType::F32)];
         let coefs = Coefficients::new(
             CLayout::PerPart { k: 3, seed: 11 },
             2,
@@ -811,10 +811,10 @@ mod tests {
                 ..Default::default()
             };
             Arc::new(
-                TaskVector::from_deltas(&m, meta, StoreDType::F16, deltas, &|_| false).unwrap(),
+                TaskVector::from_deltas(&m, meta, StorageDType::F16, deltas, &|_| false).unwrap(),
             )
         };
-        for store in [StoreDType::F16, StoreDType::F32] {
+        for store in [StorageDType::F16, StorageDType::F32] {
             let tvs = vec![tv(&m, 6, store), tv(&m, 7, store), zero_block.clone()];
             for layout in [CLayout::PerBlock, CLayout::PerPart { k: 3, seed: 2 }] {
                 let n = layout.len(tvs.len(), m.len());
@@ -829,7 +829,7 @@ mod tests {
         }
         let coefs = Coefficients::zeros(CLayout::PerBlock, 2, m.len()).unwrap();
         assert!(dc
-            .reduce_flat(&flat, &[tv(&m, 1, StoreDType::F16)], &coefs)
+            .reduce_flat(&flat, &[tv(&m, 1, StorageDType::F16)], &coefs)
             .is_err());
     }
 
@@ -848,7 +848,7 @@ mod tests {
     fn rejects_mismatched_coefficients_and_evicts_unused_vectors() {
         let m = manifest();
         let dc = composer(&m);
-        let tvs = vec![tv(&m, 1, StoreDType::F16)];
+        let tvs = vec![tv(&m, 1, StorageDType::F16)];
         let coefs = Coefficients::zeros(CLayout::PerBlock, 2, m.len()).unwrap();
         assert!(dc.compose_flat(&tvs, &coefs, DType::F32).is_err());
         let mut cache = Cache {

@@ -445,7 +445,7 @@ mod tests {
     use super::*;
     use crate::{vision_manifest, ClipConfig, LoadOptions, QkvBlocks, VisionConfig};
     use atlas_core::parts::splitmix64;
-    use atlas_core::{compose, reduce_gradient, Buffer, Layout, StoreDType, TaskVectorMeta};
+    use atlas_core::{compose, reduce_gradient, Buffer, Layout, StorageDType, TaskVectorMeta};
     use candle_core::Device;
 
     fn pseudo(seed: u64, n: usize, scale: f32) -> Vec<f32> {
@@ -497,14 +497,14 @@ mod tests {
                     .enumerate()
                     .map(|(b, bl)| {
                         let seed = 1000 * (i + 1) + b as u64;
-                        Buffer::from_f32(&pseudo(seed, bl.numel(), 0.05), StoreDType::F16)
+                        Buffer::from_f32(&pseudo(seed, bl.numel(), 0.05), StorageDType::F16)
                     })
                     .collect();
                 let meta = TaskVectorMeta {
                     name: format!("tv{i}"),
                     ..Default::default()
                 };
-                let tv = TaskVector::from_buffers(bb.manifest(), meta, StoreDType::F16, blocks);
+                let tv = TaskVector::from_buffers(bb.manifest(), meta, StorageDType::F16, blocks);
                 Arc::new(tv.unwrap())
             })
             .collect();

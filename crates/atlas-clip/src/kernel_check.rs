@@ -12,7 +12,7 @@ use crate::{ClipError, Result};
 use atlas_core::manifest::{Block, TensorSpec};
 use atlas_core::parts::{block_key, part_of};
 use atlas_core::random::{random_blocks, random_coefficients, random_task_vector};
-use atlas_core::{Coefficients, Layout, Manifest, StoreDType, TaskVector};
+use atlas_core::{Coefficients, Layout, Manifest, StorageDType, TaskVector};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::Arc;
 use std::time::Instant;
@@ -259,7 +259,7 @@ fn small_manifest() -> Result<Arc<Manifest>> {
 fn composer(dev: &Device) -> Result<(Arc<Manifest>, Vec<Arc<TaskVector>>, DeviceComposer)> {
     let m = small_manifest()?;
     let base = random_blocks(&m, 3, 0.02);
-    let stores = [StoreDType::F16, StoreDType::BF16, StoreDType::F32];
+    let stores = [StorageDType::F16, StorageDType::BF16, StorageDType::F32];
     let tvs = stores
         .iter()
         .enumerate()

@@ -9,7 +9,7 @@ use atlas_clip::grad::{coefficient_gradient, Leaves};
 use atlas_clip::loss::{cross_entropy, entropy};
 use atlas_clip::model::normalize;
 use atlas_clip::{Backbone, VisionTower};
-use atlas_core::{Coefficients, Layout, StoreDType, TaskVector};
+use atlas_core::{Coefficients, Layout, StorageDType, TaskVector};
 use candle_core::{DType, Tensor};
 use common::*;
 use std::sync::Arc;
@@ -33,7 +33,7 @@ impl Setup {
     fn new(batch: usize) -> (Self, Reference) {
         let r = Reference::load();
         let bb = backbone(DType::F64);
-        let tvs = task_vectors(&bb, StoreDType::F32);
+        let tvs = task_vectors(&bb, StorageDType::F32);
         let head = normalize(&bb.text().unwrap().forward(&r.ids()).unwrap()).unwrap();
         let scale = bb.logit_scale().exp();
         let pixels = r

@@ -14,7 +14,7 @@ use atlas_clip::{
 };
 use atlas_core::parts::fnv1a64;
 use atlas_core::safetensors_io::{read_file, write_file, OutTensor};
-use atlas_core::{Coefficients, Layout, Library, StoreDType, TaskVector};
+use atlas_core::{Coefficients, Layout, Library, StorageDType, TaskVector};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use safetensors::Dtype;
@@ -120,7 +120,7 @@ fn open(dir: &Path) -> Checkpoint {
 }
 
 fn tv_from(bb: &Backbone, dir: &Path) -> atlas_clip::Result<TaskVector> {
-    bb.task_vector_from_checkpoint(Checkpoint::open(s(dir))?, "t", StoreDType::F32)
+    bb.task_vector_from_checkpoint(Checkpoint::open(s(dir))?, "t", StorageDType::F32)
 }
 
 fn assert_same_tv(a: &TaskVector, b: &TaskVector) {
@@ -360,7 +360,7 @@ fn a_vision_only_checkpoint_without_the_prefix_gives_the_same_task_vector() {
         .iter()
         .all(|t| t.name.starts_with("vision_model.")));
     let got = bb
-        .task_vector_from_checkpoint(ckpt, "t", StoreDType::F32)
+        .task_vector_from_checkpoint(ckpt, "t", StorageDType::F32)
         .unwrap();
     assert_same_tv(&got, &want);
     // And the task vector is not trivially zero.
@@ -526,14 +526,14 @@ fn task_vectors_from_delta_files_are_validated() {
         vec![position_ids("vision_model.embeddings.position_ids", 17)],
     );
     let got = bb
-        .load_task_vector(&path, Some("cars"), StoreDType::F32)
+        .load_task_vector(&path, Some("cars"), StorageDType::F32)
         .unwrap();
     assert_eq!(got.name(), "cars");
     assert!(got.block(last).is_zero());
     for (x, y) in got.blocks().iter().zip(tv_a.blocks()) {
         assert_eq!(x, y);
     }
-    let unnamed = bb.load_task_vector(&path, None, StoreDType::F32).unwrap();
+    let unnamed = bb.load_task_vector(&path, None, StorageDType::F32).unwrap();
     assert_eq!(unnamed.name(), "a_hf");
 
     // Wrong shape.
@@ -541,7 +541,7 @@ fn task_vectors_from_delta_files_are_validated() {
     let mut t = tensors_of(&path);
     find(&mut t, FC1_L1).shape = vec![32, 64];
     write_file(&path, &t, HashMap::new()).unwrap();
-    let e = err(bb.load_task_vector(&path, None, StoreDType::F32));
+    let e = err(bb.load_task_vector(&path, None, StorageDType::F32));
     assert!(
         e.contains(FC1_L1) && e.contains("a_hf.safetensors") && e.contains("[32, 64]"),
         "{e}"
@@ -555,12 +555,12 @@ fn task_vectors_from_delta_files_are_validated() {
         &path,
         vec![f32_tensor(extra, &[64, 32], &[0.25; 64 * 32])],
     );
-    let e = err(bb.load_task_vector(&path, None, StoreDType::F32));
+    let e = err(bb.load_task_vector(&path, None, StorageDType::F32));
     assert!(e.contains(extra), "{e}");
 
     // A garbage file.
     std::fs::write(&path, b"garbage").unwrap();
-    let e = err(bb.load_task_vector(&path, None, StoreDType::F32));
+    let e = err(bb.load_task_vector(&path, None, StorageDType::F32));
     assert!(e.contains("a_hf.safetensors"), "{e}");
 
     // A saved task vector keeps its base digest; the library refuses one over another base.
@@ -568,7 +568,9 @@ fn task_vectors_from_delta_files_are_validated() {
     let mut foreign = tv_from(&bb, &tiny().join("ft_b")).unwrap();
     foreign.meta.base_digest = "0123456789abcdef".into();
     foreign.save(&saved, bb.manifest()).unwrap();
-    let back = bb.load_task_vector(&saved, None, StoreDType::F16).unwrap();
+    let back = bb
+        .load_task_vector(&saved, None, StorageDType::F16)
+        .unwrap();
     assert_eq!(back.meta.base_digest, "0123456789abcdef");
     let mut lib = Library::new(bb.manifest().clone(), bb.base_digest());
     lib.add(tv_a).unwrap();
@@ -869,7 +871,7 @@ fn half_precision_towers_stay_close_to_f32() {
         assert_eq!(txt.dtype(), dtype);
         let d_txt = rel_diff(&txt, &txt32);
         let d_log = rel_diff(&logits(&bb, &img, &r), &r.t("logits_per_image"));
-        let tvs = task_vectors(&bb, StoreDType::F32);
+        let tvs = task_vectors(&bb, StorageDType::F32);
         let composed = bb
             .composed_vision(&tvs, &coefs)
             .unwrap()
@@ -955,8 +957,8 @@ fn fused_qkv_blocks_compose_like_shared_separate_coefficients() {
     // Same θ0, same base digest: the digest does not depend on the block grouping.
     assert_eq!(fused.base_digest(), sep.base_digest());
 
-    let tvs_sep = task_vectors(&sep, StoreDType::F32);
-    let tvs_fused = task_vectors(&fused, StoreDType::F32);
+    let tvs_sep = task_vectors(&sep, StorageDType::F32);
+    let tvs_fused = task_vectors(&fused, StorageDType::F32);
     let c_sep = per_block(&sep, 3);
     let c_fused = per_block(&fused, 3);
     let img_sep = sep
@@ -1011,7 +1013,7 @@ fn a_task_vector_saved_under_one_qkv_layout_loads_under_the_other() {
     tv_sep.save(&path, sep.manifest()).unwrap();
 
     let loaded = fused
-        .load_task_vector(&path, None, StoreDType::F32)
+        .load_task_vector(&path, None, StorageDType::F32)
         .unwrap();
     let direct = tv_from(&fused, &tiny().join("ft_a")).unwrap();
     for (x, y) in loaded.blocks().iter().zip(direct.blocks()) {

@@ -6,7 +6,7 @@ mod common;
 use atlas_clip::model::normalize;
 use atlas_clip::{vision_manifest, QkvBlocks};
 use atlas_core::parts::{block_key, part_of};
-use atlas_core::{Coefficients, Layout, StoreDType};
+use atlas_core::{Coefficients, Layout, StorageDType};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
@@ -44,7 +44,7 @@ fn image_text_embeddings_and_logits_match_transformers() {
 fn composed_logits_match_transformers_for_every_layout() {
     let r = Reference::load();
     let bb = backbone(DType::F32);
-    let tvs = task_vectors(&bb, StoreDType::F32);
+    let tvs = task_vectors(&bb, StorageDType::F32);
     let nb = bb.manifest().len();
     let k = r.json["part_k"].as_u64().unwrap() as usize;
     let seed = r.json["part_seed"].as_u64().unwrap();
@@ -84,7 +84,7 @@ fn half_precision_storage_stays_close() {
     let bb = backbone(DType::F32);
     let nb = bb.manifest().len();
     let coefs = Coefficients::new(Layout::PerBlock, 3, nb, r.f64s("coef_block")).unwrap();
-    for dtype in [StoreDType::F16, StoreDType::BF16] {
+    for dtype in [StorageDType::F16, StorageDType::BF16] {
         let tvs = task_vectors(&bb, dtype);
         let img = bb
             .composed_vision(&tvs, &coefs)
@@ -145,13 +145,13 @@ fn tokenizer_reproduces_the_reference_ids() {
 fn open_clip_deltas_map_to_the_same_task_vector() {
     let r = Reference::load();
     let bb = backbone(DType::F32);
-    let tvs = task_vectors(&bb, StoreDType::F32);
+    let tvs = task_vectors(&bb, StorageDType::F32);
     let m = bb.manifest();
     let oc = bb
         .load_task_vector(
             &tiny().join("delta_c_openclip.safetensors"),
             None,
-            StoreDType::F32,
+            StorageDType::F32,
         )
         .unwrap();
     for (a, b) in oc.blocks().iter().zip(tvs[2].blocks()) {
@@ -161,7 +161,7 @@ fn open_clip_deltas_map_to_the_same_task_vector() {
         .load_task_vector(
             &tiny().join("delta_a_openclip_with_proj.safetensors"),
             None,
-            StoreDType::F32,
+            StorageDType::F32,
         )
         .unwrap();
     let proj = with_proj.tensor_f32(m, "visual_projection.weight").unwrap();

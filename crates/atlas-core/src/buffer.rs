@@ -7,32 +7,32 @@ use serde::{Deserialize, Serialize};
 /// The dtype task vectors are stored at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum StoreDType {
+pub enum StorageDType {
     F32,
     #[default]
     F16,
     BF16,
 }
 
-impl std::str::FromStr for StoreDType {
+impl std::str::FromStr for StorageDType {
     type Err = String;
 
     /// `f16` (also `float16`, `half`), `bf16` (`bfloat16`) or `f32` (`float32`), any case.
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(StoreDType::F32),
-            "f16" | "float16" | "half" => Ok(StoreDType::F16),
-            "bf16" | "bfloat16" => Ok(StoreDType::BF16),
+            "f32" | "float32" => Ok(StorageDType::F32),
+            "f16" | "float16" | "half" => Ok(StorageDType::F16),
+            "bf16" | "bfloat16" => Ok(StorageDType::BF16),
             _ => Err(format!("unknown storage dtype {s:?} (f16, bf16 or f32)")),
         }
     }
 }
 
-impl StoreDType {
+impl StorageDType {
     pub fn size_in_bytes(self) -> usize {
         match self {
-            StoreDType::F32 => 4,
-            StoreDType::F16 | StoreDType::BF16 => 2,
+            StorageDType::F32 => 4,
+            StorageDType::F16 | StorageDType::BF16 => 2,
         }
     }
 }
@@ -47,14 +47,14 @@ pub enum Buffer {
 
 impl Buffer {
     /// Stores `data` at `dtype`; all zeros become [`Buffer::Zero`].
-    pub fn from_f32(data: &[f32], dtype: StoreDType) -> Self {
+    pub fn from_f32(data: &[f32], dtype: StorageDType) -> Self {
         if data.iter().all(|&x| x == 0.0) {
             return Buffer::Zero(data.len());
         }
         match dtype {
-            StoreDType::F32 => Buffer::F32(data.to_vec()),
-            StoreDType::F16 => Buffer::F16(data.iter().map(|&x| f16::from_f32(x)).collect()),
-            StoreDType::BF16 => Buffer::BF16(data.iter().map(|&x| bf16::from_f32(x)).collect()),
+            StorageDType::F32 => Buffer::F32(data.to_vec()),
+            StorageDType::F16 => Buffer::F16(data.iter().map(|&x| f16::from_f32(x)).collect()),
+            StorageDType::BF16 => Buffer::BF16(data.iter().map(|&x| bf16::from_f32(x)).collect()),
         }
     }
 
@@ -137,7 +137,7 @@ mod tests {
             .map(|i| if i % 2 == 0 { 1.0 } else { -2.0 })
             .collect();
         let want = (2500.0f64 * 1.0 + 2500.0 * 4.0).sqrt();
-        for dtype in [StoreDType::F32, StoreDType::F16, StoreDType::BF16] {
+        for dtype in [StorageDType::F32, StorageDType::F16, StorageDType::BF16] {
             let b = Buffer::from_f32(&data, dtype);
             assert!((b.l2_norm() - want).abs() < 1e-9, "{dtype:?}");
         }
@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn half_storage_round_trips_within_precision() {
         let data: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 1e-3).collect();
-        for dtype in [StoreDType::F16, StoreDType::BF16] {
+        for dtype in [StorageDType::F16, StorageDType::BF16] {
             let buf = Buffer::from_f32(&data, dtype);
             assert_eq!(buf.nbytes(), 2000);
             let back = buf.to_f32_vec();
@@ -159,13 +159,13 @@ mod tests {
             }
         }
         let mut part = [0.0f32; 3];
-        Buffer::from_f32(&data, StoreDType::F32).read_f32(10, &mut part);
+        Buffer::from_f32(&data, StorageDType::F32).read_f32(10, &mut part);
         assert_eq!(part, [data[10], data[11], data[12]]);
     }
 
     #[test]
     fn zeros_take_no_memory() {
-        let buf = Buffer::from_f32(&[0.0; 16], StoreDType::F16);
+        let buf = Buffer::from_f32(&[0.0; 16], StorageDType::F16);
         assert!(buf.is_zero());
         assert_eq!(buf.nbytes(), 0);
         assert_eq!(buf.to_f32_vec(), vec![0.0; 16]);

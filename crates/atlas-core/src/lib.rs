@@ -15,7 +15,7 @@ pub mod random;
 pub mod safetensors_io;
 pub mod task_vector;
 
-pub use buffer::{Buffer, StoreDType};
+pub use buffer::{Buffer, StorageDType};
 pub use coefficients::{Coefficients, Layout};
 pub use compose::{compose, compose_into, reduce_gradient, Real};
 pub use error::{CoreError, Result};

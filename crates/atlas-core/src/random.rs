@@ -6,7 +6,7 @@ use crate::coefficients::{Coefficients, Layout};
 use crate::manifest::Manifest;
 use crate::parts::splitmix64;
 use crate::task_vector::{Delta, TaskVector, TaskVectorMeta};
-use crate::{Result, StoreDType};
+use crate::{Result, StorageDType};
 use rayon::prelude::*;
 
 /// Values uniform in [-scale, scale), a function of `seed` and the index only.
@@ -33,7 +33,11 @@ pub fn random_blocks(manifest: &Manifest, seed: u64, scale: f32) -> Vec<Vec<f32>
 
 /// Task vector number `i` (named `random{i}`), entries uniform in [-1e-3, 1e-3), stored at
 /// `store`.
-pub fn random_task_vector(manifest: &Manifest, i: usize, store: StoreDType) -> Result<TaskVector> {
+pub fn random_task_vector(
+    manifest: &Manifest,
+    i: usize,
+    store: StorageDType,
+) -> Result<TaskVector> {
     let specs: Vec<_> = manifest.tensor_specs().map(|(t, _)| t.clone()).collect();
     let deltas: Vec<Delta> = specs
         .into_par_iter()

@@ -1,7 +1,7 @@
 //! Task vectors τ = θ_ft − θ0 over a manifest: validated on the way in, stored at half precision
 //! (or f32), written as safetensors with their provenance in the metadata.
 
-use crate::buffer::{Buffer, StoreDType};
+use crate::buffer::{Buffer, StorageDType};
 use crate::manifest::{Manifest, TensorSpec};
 use crate::safetensors_io::{self, is_float, printable, OutTensor, RawTensor};
 use crate::{CoreError, Result};
@@ -26,7 +26,7 @@ pub struct TaskVectorMeta {
 pub struct TaskVector {
     pub meta: TaskVectorMeta,
     manifest_digest: String,
-    dtype: StoreDType,
+    dtype: StorageDType,
     blocks: Vec<Buffer>,
     digest: String,
 }
@@ -85,7 +85,7 @@ impl TaskVector {
     pub fn from_deltas(
         manifest: &Manifest,
         meta: TaskVectorMeta,
-        dtype: StoreDType,
+        dtype: StorageDType,
         deltas: impl IntoIterator<Item = Delta>,
         may_be_missing: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
@@ -146,7 +146,7 @@ impl TaskVector {
     pub fn from_buffers(
         manifest: &Manifest,
         meta: TaskVectorMeta,
-        dtype: StoreDType,
+        dtype: StorageDType,
         blocks: Vec<Buffer>,
     ) -> Result<Self> {
         check_name(&meta.name)?;
@@ -171,7 +171,7 @@ impl TaskVector {
     fn assemble(
         manifest: &Manifest,
         meta: TaskVectorMeta,
-        dtype: StoreDType,
+        dtype: StorageDType,
         blocks: Vec<Buffer>,
     ) -> Self {
         let mut h = Sha256::new();
@@ -196,7 +196,7 @@ impl TaskVector {
     pub fn load(
         path: &Path,
         manifest: &Manifest,
-        dtype: StoreDType,
+        dtype: StorageDType,
         may_be_missing: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| CoreError::file(path, e))?;
@@ -217,7 +217,7 @@ impl TaskVector {
     pub fn from_bytes(
         bytes: &[u8],
         manifest: &Manifest,
-        dtype: StoreDType,
+        dtype: StorageDType,
         may_be_missing: &dyn Fn(&str) -> bool,
         defaults: TaskVectorMeta,
     ) -> Result<Self> {
@@ -238,9 +238,9 @@ impl TaskVector {
     pub fn save(&self, path: &Path, manifest: &Manifest) -> Result<()> {
         self.check_manifest(manifest)?;
         let st_dtype = match self.dtype {
-            StoreDType::F32 => Dtype::F32,
-            StoreDType::F16 => Dtype::F16,
-            StoreDType::BF16 => Dtype::BF16,
+            StorageDType::F32 => Dtype::F32,
+            StorageDType::F16 => Dtype::F16,
+            StorageDType::BF16 => Dtype::BF16,
         };
         let mut out = Vec::new();
         for (block, buf) in manifest.blocks().iter().zip(&self.blocks) {
@@ -296,7 +296,7 @@ impl TaskVector {
     pub fn block_norms(&self) -> Vec<f64> {
         self.blocks.iter().map(Buffer::l2_norm).collect()
     }
-    pub fn dtype(&self) -> StoreDType {
+    pub fn dtype(&self) -> StorageDType {
         self.dtype
     }
     /// SHA-256 of the stored deltas (and the manifest they are over).
@@ -347,11 +347,11 @@ fn checked_deltas(st: &SafeTensors<'_>, manifest: &Manifest) -> Result<Vec<Delta
 }
 
 /// Whether the finite `x` stays finite when stored at `dtype`.
-fn fits(dtype: StoreDType, x: f32) -> bool {
+fn fits(dtype: StorageDType, x: f32) -> bool {
     match dtype {
-        StoreDType::F32 => true,
-        StoreDType::F16 => half::f16::from_f32(x).is_finite(),
-        StoreDType::BF16 => half::bf16::from_f32(x).is_finite(),
+        StorageDType::F32 => true,
+        StorageDType::F16 => half::f16::from_f32(x).is_finite(),
+        StorageDType::BF16 => half::bf16::from_f32(x).is_finite(),
     }
 }
 

@@ -5,7 +5,7 @@ use atlas_core::coefficients::{resolve, CoefficientsRequest, MAX_ABS_COEFFICIENT
 use atlas_core::safetensors_io::{check_header, printable, read_bytes, MAX_HEADER_BYTES};
 use atlas_core::task_vector::{check_name, Delta};
 use atlas_core::{
-    Block, Coefficients, Layout, Library, Manifest, StoreDType, TaskVector, TaskVectorMeta,
+    Block, Coefficients, Layout, Library, Manifest, StorageDType, TaskVector, TaskVectorMeta,
     TensorSpec,
 };
 use std::sync::Arc;
@@ -39,7 +39,7 @@ fn good_file(name: &str, b: [f32; 3]) -> Vec<u8> {
     file(&header, &data)
 }
 
-fn parse(bytes: &[u8], dtype: StoreDType) -> Result<TaskVector, String> {
+fn parse(bytes: &[u8], dtype: StorageDType) -> Result<TaskVector, String> {
     let defaults = TaskVectorMeta {
         name: "upload".into(),
         ..TaskVectorMeta::default()
@@ -120,24 +120,24 @@ fn offsets_must_tile_the_data_exactly() {
 #[test]
 fn from_bytes_validates_and_matches_load() {
     let bytes = good_file("mine", [1.0, 2.0, 3.0]);
-    let tv = parse(&bytes, StoreDType::F16).unwrap();
+    let tv = parse(&bytes, StorageDType::F16).unwrap();
     assert_eq!(tv.name(), "mine");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.safetensors");
     std::fs::write(&path, &bytes).unwrap();
-    let loaded = TaskVector::load(&path, &manifest(), StoreDType::F16, &|_| false).unwrap();
+    let loaded = TaskVector::load(&path, &manifest(), StorageDType::F16, &|_| false).unwrap();
     assert_eq!(loaded.digest(), tv.digest());
 
     // Tensors are checked against the manifest before their data is converted.
     let header = r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[3],"data_offsets":[16,28]}}"#;
-    let e = parse(&file(header, &[0; 28]), StoreDType::F16).unwrap_err();
+    let e = parse(&file(header, &[0; 28]), StorageDType::F16).unwrap_err();
     assert!(
         e.contains("tensor w: has shape [4], the backbone has [2, 2]"),
         "{e}"
     );
     // A load error names the file too.
     std::fs::write(&path, file(header, &[0; 28])).unwrap();
-    let e = TaskVector::load(&path, &manifest(), StoreDType::F16, &|_| false)
+    let e = TaskVector::load(&path, &manifest(), StorageDType::F16, &|_| false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("t.safetensors") && e.contains("tensor w"), "{e}");
@@ -146,16 +146,16 @@ fn from_bytes_validates_and_matches_load() {
 #[test]
 fn values_must_fit_the_storage_dtype() {
     let big = good_file("big", [1.0, 1e10, 3.0]);
-    let e = parse(&big, StoreDType::F16).unwrap_err();
+    let e = parse(&big, StorageDType::F16).unwrap_err();
     assert!(
         e.contains("tensor b: element 1 is 10000000000, beyond the range of F16"),
         "{e}"
     );
     // f32 storage holds it; 65504 is the largest f16 and fits.
-    assert!(parse(&big, StoreDType::F32).is_ok());
+    assert!(parse(&big, StorageDType::F32).is_ok());
     assert!(parse(
         &good_file("edge", [65504.0, -65504.0, 0.0]),
-        StoreDType::F16
+        StorageDType::F16
     )
     .is_ok());
 }
@@ -178,7 +178,7 @@ fn task_vector_names_are_checked() {
         let e = check_name(name).unwrap_err().to_string();
         assert!(e.contains(want), "{name:?}: {e}");
     }
-    let e = parse(&good_file("../../x", [0.0; 3]), StoreDType::F16).unwrap_err();
+    let e = parse(&good_file("../../x", [0.0; 3]), StorageDType::F16).unwrap_err();
     assert!(
         e.contains("task vector name \"../../x\" must not be a path"),
         "{e}"
@@ -206,7 +206,7 @@ fn library() -> Library {
             name: name.into(),
             ..TaskVectorMeta::default()
         };
-        lib.add(TaskVector::from_deltas(&m, meta, StoreDType::F16, deltas, &|_| false).unwrap())
+        lib.add(TaskVector::from_deltas(&m, meta, StorageDType::F16, deltas, &|_| false).unwrap())
             .unwrap();
     }
     lib

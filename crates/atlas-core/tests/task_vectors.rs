@@ -4,7 +4,7 @@
 use atlas_core::safetensors_io::{read_file, write_file, OutTensor};
 use atlas_core::task_vector::Delta;
 use atlas_core::{
-    Block, Buffer, Library, Manifest, StoreDType, TaskVector, TaskVectorMeta, TensorSpec,
+    Block, Buffer, Library, Manifest, StorageDType, TaskVector, TaskVectorMeta, TensorSpec,
 };
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -87,7 +87,7 @@ fn meta(name: &str) -> TaskVectorMeta {
     }
 }
 
-fn build(name: &str, dtype: StoreDType, seed: f32) -> TaskVector {
+fn build(name: &str, dtype: StorageDType, seed: f32) -> TaskVector {
     TaskVector::from_deltas(&manifest(), meta(name), dtype, deltas(seed), &only_proj).unwrap()
 }
 
@@ -101,7 +101,7 @@ fn err_of(r: atlas_core::Result<TaskVector>) -> String {
 #[test]
 fn blocks_follow_the_manifest_layout() {
     let m = manifest();
-    let tv = build("t", StoreDType::F32, 0.5);
+    let tv = build("t", StorageDType::F32, 0.5);
     let ds = deltas(0.5);
     // Grouped block: q, k, v concatenated in manifest order, whatever order the deltas came in.
     let qkv = tv.block(1).to_f32_vec();
@@ -123,9 +123,9 @@ fn save_and_load_round_trip_at_every_dtype() {
     let m = manifest();
     let dir = tempfile::tempdir().unwrap();
     for (dtype, st_dtype) in [
-        (StoreDType::F16, Dtype::F16),
-        (StoreDType::BF16, Dtype::BF16),
-        (StoreDType::F32, Dtype::F32),
+        (StorageDType::F16, Dtype::F16),
+        (StorageDType::BF16, Dtype::BF16),
+        (StorageDType::F32, Dtype::F32),
     ] {
         let tv = build("cars", dtype, 0.25);
         assert_eq!(tv.dtype(), dtype);
@@ -145,9 +145,9 @@ fn save_and_load_round_trip_at_every_dtype() {
 
         // Values stay within the storage precision of the originals.
         let tol = match dtype {
-            StoreDType::F32 => 0.0,
-            StoreDType::F16 => 1e-3,
-            StoreDType::BF16 => 8e-3,
+            StorageDType::F32 => 0.0,
+            StorageDType::F16 => 1e-3,
+            StorageDType::BF16 => 8e-3,
         };
         for d in deltas(0.25) {
             let got = back.tensor_f32(&m, &d.name).unwrap();
@@ -186,8 +186,8 @@ fn save_and_load_round_trip_at_every_dtype() {
 
 #[test]
 fn digest_depends_on_values_and_dtype() {
-    let a = build("a", StoreDType::F32, 0.25);
-    let same = build("other-name", StoreDType::F32, 0.25);
+    let a = build("a", StorageDType::F32, 0.25);
+    let same = build("other-name", StorageDType::F32, 0.25);
     assert_eq!(
         a.digest(),
         same.digest(),
@@ -196,11 +196,11 @@ fn digest_depends_on_values_and_dtype() {
     let mut ds = deltas(0.25);
     ds[4].data[2] += 0.5;
     let changed =
-        TaskVector::from_deltas(&manifest(), meta("a"), StoreDType::F32, ds, &only_proj).unwrap();
+        TaskVector::from_deltas(&manifest(), meta("a"), StorageDType::F32, ds, &only_proj).unwrap();
     assert_ne!(a.digest(), changed.digest());
     assert_ne!(
         a.digest(),
-        build("a", StoreDType::F16, 0.25).digest(),
+        build("a", StorageDType::F16, 0.25).digest(),
         "storage dtype is part of the digest"
     );
 }
@@ -210,9 +210,9 @@ fn loading_at_another_dtype_converts() {
     let m = manifest();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f32.safetensors");
-    build("t", StoreDType::F32, 1.5).save(&path, &m).unwrap();
-    let as_f16 = TaskVector::load(&path, &m, StoreDType::F16, &nothing).unwrap();
-    let direct = build("t", StoreDType::F16, 1.5);
+    build("t", StorageDType::F32, 1.5).save(&path, &m).unwrap();
+    let as_f16 = TaskVector::load(&path, &m, StorageDType::F16, &nothing).unwrap();
+    let direct = build("t", StorageDType::F16, 1.5);
     assert_eq!(as_f16.blocks(), direct.blocks());
     assert!(matches!(as_f16.block(0), Buffer::F16(_)));
 }
@@ -230,11 +230,11 @@ fn files_without_metadata_take_the_file_name_and_skip_integer_buffers() {
         bytes: [0i64, 1, 2].iter().flat_map(|x| x.to_le_bytes()).collect(),
     });
     write_file(&path, &out, HashMap::new()).unwrap();
-    let tv = TaskVector::load(&path, &m, StoreDType::F32, &only_proj).unwrap();
+    let tv = TaskVector::load(&path, &m, StorageDType::F32, &only_proj).unwrap();
     assert_eq!(tv.name(), "plain_delta");
     assert_eq!(tv.meta.source, path.display().to_string());
     assert_eq!(tv.meta.base_digest, "");
-    assert_eq!(tv.blocks(), build("x", StoreDType::F32, 0.1).blocks());
+    assert_eq!(tv.blocks(), build("x", StorageDType::F32, 0.1).blocks());
 
     // An integer tensor under a manifest name is not a buffer to skip.
     let mut out: Vec<OutTensor> = deltas(0.1).into_iter().map(f32_tensor).collect();
@@ -246,7 +246,7 @@ fn files_without_metadata_take_the_file_name_and_skip_integer_buffers() {
         bytes: vec![0; 20],
     });
     write_file(&path, &out, HashMap::new()).unwrap();
-    let e = err_of(TaskVector::load(&path, &m, StoreDType::F32, &only_proj));
+    let e = err_of(TaskVector::load(&path, &m, StorageDType::F32, &only_proj));
     assert!(e.contains("bias") && e.contains("I32"), "{e}");
     assert!(e.contains(&path.display().to_string()), "{e}");
 }
@@ -264,7 +264,7 @@ fn f32_tensor(d: Delta) -> OutTensor {
 fn validation_names_the_first_bad_tensor() {
     let m = manifest();
     let make = |ds: Vec<Delta>, missing: &dyn Fn(&str) -> bool| {
-        TaskVector::from_deltas(&m, meta("t"), StoreDType::F16, ds, missing)
+        TaskVector::from_deltas(&m, meta("t"), StorageDType::F16, ds, missing)
     };
 
     // Unknown name; a second bad tensor after it must not be the one reported.
@@ -333,21 +333,26 @@ fn file_errors_name_the_path() {
     let dir = tempfile::tempdir().unwrap();
 
     let missing = dir.path().join("nope.safetensors");
-    let e = err_of(TaskVector::load(&missing, &m, StoreDType::F16, &nothing));
+    let e = err_of(TaskVector::load(&missing, &m, StorageDType::F16, &nothing));
     assert!(e.contains("nope.safetensors"), "{e}");
 
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
-    let e = err_of(TaskVector::load(&garbage, &m, StoreDType::F16, &nothing));
+    let e = err_of(TaskVector::load(&garbage, &m, StorageDType::F16, &nothing));
     assert!(e.contains("garbage.safetensors"), "{e}");
 
     let good = dir.path().join("good.safetensors");
-    build("t", StoreDType::F16, 0.3).save(&good, &m).unwrap();
+    build("t", StorageDType::F16, 0.3).save(&good, &m).unwrap();
     let bytes = std::fs::read(&good).unwrap();
     for cut in [4, 20, bytes.len() / 2, bytes.len() - 1] {
         let truncated = dir.path().join("truncated.safetensors");
         std::fs::write(&truncated, &bytes[..cut]).unwrap();
-        let e = err_of(TaskVector::load(&truncated, &m, StoreDType::F16, &nothing));
+        let e = err_of(TaskVector::load(
+            &truncated,
+            &m,
+            StorageDType::F16,
+            &nothing,
+        ));
         assert!(e.contains("truncated.safetensors"), "cut at {cut}: {e}");
         assert!(read_file(&truncated).is_err());
     }
@@ -357,7 +362,7 @@ fn file_errors_name_the_path() {
     let mut out: Vec<OutTensor> = deltas(0.0).into_iter().map(f32_tensor).collect();
     out[4] = f32_tensor(delta("bias", &[7], 0.0));
     write_file(&wrong, &out, HashMap::new()).unwrap();
-    let e = err_of(TaskVector::load(&wrong, &m, StoreDType::F16, &only_proj));
+    let e = err_of(TaskVector::load(&wrong, &m, StorageDType::F16, &only_proj));
     assert!(
         e.contains("wrong_shape.safetensors") && e.contains("tensor bias") && e.contains("[7]"),
         "{e}"
@@ -367,7 +372,7 @@ fn file_errors_name_the_path() {
 #[test]
 fn saving_over_another_manifest_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let tv = build("t", StoreDType::F16, 0.0);
+    let tv = build("t", StorageDType::F16, 0.0);
     let path = dir.path().join("t.safetensors");
     let e = tv.save(&path, &other_manifest()).unwrap_err().to_string();
     assert!(e.contains("another block manifest"), "{e}");
@@ -379,10 +384,10 @@ fn library_admission_and_selection() {
     let m = Arc::new(manifest());
     let mut lib = Library::new(m.clone(), "ab12cd34ef56");
     assert!(lib.is_empty());
-    lib.add(build("cars", StoreDType::F16, 0.0)).unwrap();
-    lib.add(build("dtd", StoreDType::F16, 1.0)).unwrap();
+    lib.add(build("cars", StorageDType::F16, 0.0)).unwrap();
+    lib.add(build("dtd", StorageDType::F16, 1.0)).unwrap();
     // A task vector that records no base digest is accepted.
-    let mut no_base = build("svhn", StoreDType::F16, 2.0);
+    let mut no_base = build("svhn", StorageDType::F16, 2.0);
     no_base.meta.base_digest.clear();
     lib.add(no_base).unwrap();
     assert_eq!(lib.names(), ["cars", "dtd", "svhn"]);
@@ -390,7 +395,7 @@ fn library_admission_and_selection() {
 
     // Duplicate name.
     let e = lib
-        .add(build("dtd", StoreDType::F16, 5.0))
+        .add(build("dtd", StorageDType::F16, 5.0))
         .unwrap_err()
         .to_string();
     assert!(e.contains("dtd") && e.contains("already"), "{e}");
@@ -399,7 +404,7 @@ fn library_admission_and_selection() {
     let other = TaskVector::from_deltas(
         &other_manifest(),
         meta("eurosat"),
-        StoreDType::F16,
+        StorageDType::F16,
         {
             let mut ds = deltas(0.0);
             ds[4] = delta("bias", &[6], 0.0);
@@ -415,7 +420,7 @@ fn library_admission_and_selection() {
     );
 
     // Relative to another base.
-    let mut foreign = build("gtsrb", StoreDType::F16, 0.0);
+    let mut foreign = build("gtsrb", StorageDType::F16, 0.0);
     foreign.meta.base_digest = "ffff0000ffff0000".into();
     let e = lib.add(foreign).unwrap_err().to_string();
     assert!(e.contains("gtsrb") && e.contains("ffff0000ffff"), "{e}");
@@ -438,6 +443,6 @@ fn library_admission_and_selection() {
 #[test]
 fn a_library_without_a_base_digest_takes_any_base() {
     let mut lib = Library::new(Arc::new(manifest()), "");
-    lib.add(build("cars", StoreDType::F16, 0.0)).unwrap();
+    lib.add(build("cars", StorageDType::F16, 0.0)).unwrap();
     assert_eq!(lib.len(), 1);
 }

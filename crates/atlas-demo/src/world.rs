@@ -19,7 +19,7 @@ use crate::{DemoError, Result};
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::tokenizer::ClipTokenizer;
 use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
-use atlas_core::{StoreDType, TaskVector};
+use atlas_core::{StorageDType, TaskVector};
 use atlas_learn::finetune::{accuracy, finetune, FinetuneConfig, Labelled};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -92,7 +92,7 @@ pub struct FinetuneParams {
     pub lr: f64,
     pub weight_decay: f64,
     pub warmup: f64,
-    pub store: StoreDType,
+    pub store: StorageDType,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,7 +144,7 @@ impl WorldParams {
             lr: 1e-3,
             weight_decay: 0.1,
             warmup: 0.1,
-            store: StoreDType::F16,
+            store: StorageDType::F16,
         };
         match preset {
             Preset::Full => WorldParams {

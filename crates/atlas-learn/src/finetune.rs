@@ -14,7 +14,7 @@ use atlas_clip::backbone::block_tensors;
 use atlas_clip::loss::cross_entropy;
 use atlas_clip::{Backbone, ClipError, VisionTower, ZeroShotHead};
 use atlas_core::task_vector::Delta;
-use atlas_core::{CoreError, StoreDType, TaskVector, TaskVectorMeta};
+use atlas_core::{CoreError, StorageDType, TaskVector, TaskVectorMeta};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -55,7 +55,7 @@ pub struct FinetuneConfig {
     /// Seed of the per-epoch shuffles.
     pub seed: u64,
     /// Storage dtype of the task vector.
-    pub store: StoreDType,
+    pub store: StorageDType,
 }
 
 impl Default for FinetuneConfig {
@@ -69,7 +69,7 @@ impl Default for FinetuneConfig {
             warmup: 0.1,
             grad_clip: Some(1.0),
             seed: 0,
-            store: StoreDType::F16,
+            store: StorageDType::F16,
         }
     }
 }

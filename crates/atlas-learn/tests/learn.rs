@@ -5,7 +5,7 @@
 
 use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::{Backbone, LoadOptions};
-use atlas_core::{Coefficients, Layout, StoreDType, TaskVector};
+use atlas_core::{Coefficients, Layout, StorageDType, TaskVector};
 use atlas_learn::augment::View;
 use atlas_learn::budget::{self, Budget};
 #[allow(unused_imports)]
@@ -42,7 +42,7 @@ fn setup() -> (Backbone, Vec<Arc<TaskVector>>) {
         .map(|n| {
             let ck = Checkpoint::open(tiny().join(n).to_str().unwrap()).unwrap();
             Arc::new(
-                bb.task_vector_from_checkpoint(ck, n, StoreDType::F32)
+                bb.task_vector_from_checkpoint(ck, n, StorageDType::F32)
                     .unwrap(),
             )
         })

@@ -3,7 +3,7 @@
 
 use atlas_clip::backbone::may_be_missing;
 use atlas_clip::{Backbone, LoadOptions};
-use atlas_core::{StoreDType, TaskVector};
+use atlas_core::{StorageDType, TaskVector};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -59,7 +59,7 @@ fn build_inspect_and_convert() {
         tv_a.to_str().unwrap(),
     ]);
     let stdout = ok(&out);
-    let loaded = TaskVector::load(&tv_a, manifest, StoreDType::F16, &may_be_missing).unwrap();
+    let loaded = TaskVector::load(&tv_a, manifest, StorageDType::F16, &may_be_missing).unwrap();
     assert_eq!(loaded.name(), "task_a");
     assert_eq!(loaded.meta.base_digest, bb.base_digest());
     assert!(loaded.blocks().iter().any(|b| !b.is_zero()));
@@ -69,7 +69,7 @@ fn build_inspect_and_convert() {
         .task_vector_from_checkpoint(
             atlas_clip::checkpoint::Checkpoint::open(&ft_a).unwrap(),
             "task_a",
-            StoreDType::F16,
+            StorageDType::F16,
         )
         .unwrap();
     assert_eq!(loaded.digest(), want.digest());
@@ -110,10 +110,10 @@ fn build_inspect_and_convert() {
         "--out",
         tv_c.to_str().unwrap(),
     ]));
-    let loaded = TaskVector::load(&tv_c, manifest, StoreDType::F32, &may_be_missing).unwrap();
+    let loaded = TaskVector::load(&tv_c, manifest, StorageDType::F32, &may_be_missing).unwrap();
     assert_eq!(loaded.name(), "task_c");
     let want = bb
-        .load_task_vector(&delta, Some("task_c"), StoreDType::F32)
+        .load_task_vector(&delta, Some("task_c"), StorageDType::F32)
         .unwrap();
     assert_eq!(loaded.digest(), want.digest());
 }

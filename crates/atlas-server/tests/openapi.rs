@@ -1133,15 +1133,15 @@ fn enums_match_the_serde_names() {
     assert_eq!(parsed, Objective::TaskAddition);
     // Task-vector dtypes, as task_vectors.rs writes them.
     let dtypes = [
-        atlas_core::StoreDType::F32,
-        atlas_core::StoreDType::F16,
-        atlas_core::StoreDType::BF16,
+        atlas_core::StorageDType::F32,
+        atlas_core::StorageDType::F16,
+        atlas_core::StorageDType::BF16,
     ];
     for d in dtypes {
         match d {
-            atlas_core::StoreDType::F32
-            | atlas_core::StoreDType::F16
-            | atlas_core::StoreDType::BF16 => {}
+            atlas_core::StorageDType::F32
+            | atlas_core::StorageDType::F16
+            | atlas_core::StorageDType::BF16 => {}
         }
     }
     assert!(server_source("task_vectors").contains("format!(\"{:?}\", t.dtype()).to_lowercase()"));

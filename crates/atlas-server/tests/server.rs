@@ -6,7 +6,7 @@ mod common;
 
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::{templates, Backbone, LoadOptions, ZeroShotHead};
-use atlas_core::{Coefficients, Layout, StoreDType};
+use atlas_core::{Coefficients, Layout, StorageDType};
 use common::{b64, fixtures, png, spec, start, tiny_flags, Server, TVS, TV_NAMES};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ fn direct(coefs: Option<&Coefficients>, images: &[Vec<u8>]) -> Vec<Vec<f32>> {
         .iter()
         .map(|t| {
             Arc::new(
-                bb.load_task_vector(&fixtures().join(t), None, StoreDType::F32)
+                bb.load_task_vector(&fixtures().join(t), None, StorageDType::F32)
                     .unwrap(),
             )
         })

@@ -37,6 +37,10 @@ fn exp_loop(v: &mut [f32]) {
     }
 }
 
+/// [`exp_loop`] compiled for AVX2 and FMA, so the loop vectorises.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_avx2(v: &mut [f32]) {

@@ -3,7 +3,7 @@
 
 use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::{Backbone, LoadOptions};
-use atlas_core::{StoreDType, TaskVector};
+use atlas_core::{StorageDType, TaskVector};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,7 +60,7 @@ pub fn backbone(dtype: DType) -> Backbone {
 }
 
 /// τ_a, τ_b, τ_c from the fine-tuned checkpoints.
-pub fn task_vectors(bb: &Backbone, dtype: StoreDType) -> Vec<Arc<TaskVector>> {
+pub fn task_vectors(bb: &Backbone, dtype: StorageDType) -> Vec<Arc<TaskVector>> {
     ["ft_a", "ft_b", "ft_c"]
         .iter()
         .map(|n| {

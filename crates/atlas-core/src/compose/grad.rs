@@ -168,7 +168,7 @@ fn dot<T: Real>(g: &[T], t: &[f32]) -> f64 {
 mod tests {
     use super::super::tests::{coefs_for, layouts, manifest, odd_manifest, pseudo, tv, tv_at};
     use super::*;
-    use crate::buffer::StoreDType;
+    use crate::buffer::StorageDType;
     use crate::compose::compose;
 
     /// The composition is linear in Λ, so the reduction must equal the exact directional
@@ -228,7 +228,7 @@ mod tests {
             .iter()
             .map(|g| g.iter().map(|&x| x as f64).collect())
             .collect();
-        for store in [StoreDType::F16, StoreDType::BF16, StoreDType::F32] {
+        for store in [StorageDType::F16, StorageDType::BF16, StorageDType::F32] {
             let tvs = vec![tv_at(&m, 1, store), tv_at(&m, 2, store)];
             for k in [1, 2, 3, 8, 9] {
                 let c = coefs_for(&m, tvs.len(), k);
@@ -252,8 +252,8 @@ mod tests {
     fn reduce_gradient_pieces_matches_whole_blocks() {
         let m = odd_manifest();
         let tvs = vec![
-            tv_at(&m, 1, StoreDType::F16),
-            tv_at(&m, 2, StoreDType::BF16),
+            tv_at(&m, 1, StorageDType::F16),
+            tv_at(&m, 2, StorageDType::BF16),
         ];
         let mut whole: Vec<Vec<f32>> = m
             .blocks()

@@ -440,7 +440,7 @@ fn compose_span_portable<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::StoreDType;
+    use crate::buffer::StorageDType;
     use crate::manifest::{Block, TensorSpec};
     use crate::parts::part_of;
     use crate::task_vector::{Delta, TaskVectorMeta};
@@ -466,10 +466,10 @@ mod tests {
     }
 
     pub(super) fn tv(m: &Manifest, seed: u64) -> Arc<TaskVector> {
-        tv_at(m, seed, StoreDType::F32)
+        tv_at(m, seed, StorageDType::F32)
     }
 
-    pub(super) fn tv_at(m: &Manifest, seed: u64, store: StoreDType) -> Arc<TaskVector> {
+    pub(super) fn tv_at(m: &Manifest, seed: u64, store: StorageDType) -> Arc<TaskVector> {
         let deltas = m.tensor_specs().enumerate().map(|(i, (t, _))| Delta {
             name: t.name.clone(),
             shape: t.shape.clone(),
@@ -560,7 +560,7 @@ mod tests {
     fn f32_kernels_match_the_scalar_loop_exactly() {
         let m = manifest();
         let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| pseudo(7, bl.numel())).collect();
-        for store in [StoreDType::F16, StoreDType::BF16, StoreDType::F32] {
+        for store in [StorageDType::F16, StorageDType::BF16, StorageDType::F32] {
             let tvs = vec![
                 tv_at(&m, 1, store),
                 tv_at(&m, 2, store),
@@ -668,10 +668,10 @@ mod tests {
         let m = odd_manifest();
         let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| pseudo(11, bl.numel())).collect();
         let stores = [
-            vec![StoreDType::F16; 3],
-            vec![StoreDType::BF16; 3],
-            vec![StoreDType::F32; 3],
-            vec![StoreDType::F16, StoreDType::F32, StoreDType::BF16],
+            vec![StorageDType::F16; 3],
+            vec![StorageDType::BF16; 3],
+            vec![StorageDType::F32; 3],
+            vec![StorageDType::F16, StorageDType::F32, StorageDType::BF16],
         ];
         for store in &stores {
             let tvs: Vec<_> = store
@@ -720,7 +720,10 @@ mod tests {
     fn compose_into_uninit_pieces_matches_compose() {
         let m = odd_manifest();
         let base: Vec<Vec<f32>> = m.blocks().iter().map(|bl| pseudo(9, bl.numel())).collect();
-        let tvs = vec![tv_at(&m, 1, StoreDType::F16), tv_at(&m, 2, StoreDType::F16)];
+        let tvs = vec![
+            tv_at(&m, 1, StorageDType::F16),
+            tv_at(&m, 2, StorageDType::F16),
+        ];
         for k in [1, 3] {
             let c = coefs_for(&m, tvs.len(), k);
             let mut tensors: Vec<Vec<f64>> = m

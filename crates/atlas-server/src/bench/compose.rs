@@ -6,7 +6,7 @@
 use super::common::{gbps, random_blocks, random_coefficients, random_task_vector, time, Timing};
 use anyhow::{bail, Context};
 use atlas_clip::{vision_manifest, QkvBlocks, VisionConfig};
-use atlas_core::{compose, compose_into, Coefficients, Layout, StoreDType, TaskVector};
+use atlas_core::{compose, compose_into, Coefficients, Layout, StorageDType, TaskVector};
 use rayon::prelude::*;
 use serde_json::json;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ pub struct ComposeArgs {
     pub(crate) n_tv: usize,
     /// Storage dtype of the task vectors: f16, bf16 or f32 (θ0 and θ are always f32).
     #[arg(long, default_value = "f16")]
-    pub(crate) store: StoreDType,
+    pub(crate) store: StorageDType,
     /// Rayon threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,

@@ -11,7 +11,7 @@ use atlas_clip::loss::cross_entropy;
 use atlas_clip::manifest::vision_tensors;
 use atlas_clip::model::normalize;
 use atlas_clip::{Backbone, ClipConfig, LoadOptions, VisionTower};
-use atlas_core::{Buffer, Coefficients, Layout, StoreDType, TaskVector, TaskVectorMeta};
+use atlas_core::{Buffer, Coefficients, Layout, StorageDType, TaskVector, TaskVectorMeta};
 use atlas_learn::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -58,7 +58,7 @@ pub struct LearnArgs {
 }
 
 pub fn run(a: LearnArgs) -> anyhow::Result<()> {
-    let store: StoreDType = a
+    let store: StorageDType = a
         .store
         .parse()
         .map_err(|e| anyhow::anyhow!("--store: {e}"))?;

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use atlas_clip::preprocess::{decode, Preprocess};
 use atlas_clip::templates::default_templates;
 use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
-use atlas_core::StoreDType;
+use atlas_core::StorageDType;
 use atlas_learn::finetune::{accuracy, finetune, FinetuneConfig, Labelled, Step};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -39,7 +39,7 @@ pub struct Args {
     seed: u64,
     /// Storage dtype of the task vector: f16, bf16 or f32.
     #[arg(long, default_value = "f16")]
-    store: StoreDType,
+    store: StorageDType,
     /// Name recorded in the task vector (default: the data directory's name).
     #[arg(long)]
     name: Option<String>,

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use atlas_clip::{templates, Backbone, LoadOptions};
-use atlas_core::{Layout, StoreDType};
+use atlas_core::{Layout, StorageDType};
 use atlas_learn::budget::{self, Budget};
 use atlas_learn::output::CoefficientsFile;
 use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, Objective, Overrides, Task};
@@ -68,7 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut tvs = Vec::new();
     for p in &a.tvs {
         let tv = backbone
-            .load_task_vector(p, None, StoreDType::F16)
+            .load_task_vector(p, None, StorageDType::F16)
             .with_context(|| format!("loading {}", p.display()))?;
         tvs.push(Arc::new(tv));
     }

@@ -4,7 +4,7 @@ use crate::server::config::Config;
 use crate::server::AppState;
 use anyhow::Context;
 use atlas_clip::{Backbone, LoadOptions};
-use atlas_core::{Library, StoreDType};
+use atlas_core::{Library, StorageDType};
 use std::path::PathBuf;
 
 pub type Args = crate::server::config::Args;
@@ -54,7 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn load(state: &AppState) -> anyhow::Result<()> {
     let c = &state.config;
-    let store: StoreDType = c.store.parse().map_err(|e| anyhow::anyhow!("store: {e}"))?;
+    let store: StorageDType = c.store.parse().map_err(|e| anyhow::anyhow!("store: {e}"))?;
     let (backbone, mut library) = if c.model.is_empty() {
         demo_world(&c.demo_preset)?
     } else {

@@ -9,7 +9,7 @@ use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::{Backbone, LoadOptions};
 use atlas_core::buffer::sum_of_squares;
 use atlas_core::safetensors_io::{self, RawTensor};
-use atlas_core::{Manifest, StoreDType, TaskVector};
+use atlas_core::{Manifest, StorageDType, TaskVector};
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 
@@ -32,7 +32,7 @@ pub enum Command {
         out: PathBuf,
         /// Storage dtype: f16, bf16 or f32.
         #[arg(long, default_value = "f16")]
-        store: StoreDType,
+        store: StorageDType,
     },
     /// Convert a delta safetensors file (Hugging Face or open_clip naming) to our format.
     Convert {
@@ -50,7 +50,7 @@ pub enum Command {
         name: Option<String>,
         /// Storage dtype: f16, bf16 or f32.
         #[arg(long, default_value = "f16")]
-        store: StoreDType,
+        store: StorageDType,
     },
     /// Print a task vector's name, provenance, digest and per-block norms.
     Inspect {
@@ -137,11 +137,11 @@ fn print_summary(tv: &TaskVector, out: &Path, manifest: &Manifest) {
 }
 
 /// The storage dtype a task-vector file was written at: that of its float tensors.
-fn file_store_dtype(tensors: &[RawTensor]) -> StoreDType {
+fn file_storage_dtype(tensors: &[RawTensor]) -> StorageDType {
     match tensors.iter().find(|t| t.is_float()).map(|t| t.dtype) {
-        Some(Dtype::F16) => StoreDType::F16,
-        Some(Dtype::BF16) => StoreDType::BF16,
-        _ => StoreDType::F32,
+        Some(Dtype::F16) => StorageDType::F16,
+        Some(Dtype::BF16) => StorageDType::BF16,
+        _ => StorageDType::F32,
     }
 }
 
@@ -151,7 +151,7 @@ fn inspect(file: &Path, base: &str, top: usize) -> anyhow::Result<()> {
     // Read once for the metadata and the stored dtype, then load it as a task vector.
     let (tensors, md) = safetensors_io::read_file(file)
         .with_context(|| format!("reading task vector {}", file.display()))?;
-    let store = file_store_dtype(&tensors);
+    let store = file_storage_dtype(&tensors);
     drop(tensors);
     let tv = backbone
         .load_task_vector(file, None, store)

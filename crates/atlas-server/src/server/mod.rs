@@ -19,7 +19,7 @@ pub mod store;
 pub mod task_vectors;
 
 use atlas_clip::Backbone;
-use atlas_core::{Library, StoreDType};
+use atlas_core::{Library, StorageDType};
 use config::Config;
 use engine::{Engine, EngineSettings};
 use jobs::Workers;
@@ -51,7 +51,7 @@ impl std::ops::Deref for AppState {
 pub struct Model {
     pub backbone: Arc<Backbone>,
     pub library: Arc<RwLock<Library>>,
-    pub store_dtype: StoreDType,
+    pub storage_dtype: StorageDType,
     pub engine: Engine,
     pub workers: Arc<Workers>,
 }
@@ -88,9 +88,9 @@ impl AppState {
         &self,
         backbone: Backbone,
         mut library: Library,
-        store_dtype: StoreDType,
+        storage_dtype: StorageDType,
     ) -> anyhow::Result<()> {
-        task_vectors::load_uploaded(&self.store, &backbone, &mut library, store_dtype)?;
+        task_vectors::load_uploaded(&self.store, &backbone, &mut library, storage_dtype)?;
         let backbone = Arc::new(backbone);
         let m = &self.metrics;
         m.memory
@@ -122,7 +122,7 @@ impl AppState {
         let model = Model {
             backbone,
             library,
-            store_dtype,
+            storage_dtype,
             engine,
             workers,
         };

@@ -9,7 +9,7 @@ use super::store::Store;
 use super::{images, AppState, Model};
 use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::Backbone;
-use atlas_core::{Library, StoreDType, TaskVector};
+use atlas_core::{Library, StorageDType, TaskVector};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -130,7 +130,7 @@ pub async fn create(
     }
     let (backbone, dtype, store, tv_dir) = (
         model.backbone.clone(),
-        model.store_dtype,
+        model.storage_dtype,
         s.store.clone(),
         s.config.tv_dir.clone(),
     );
@@ -170,7 +170,7 @@ fn load(
     backbone: &Backbone,
     path: &std::path::Path,
     name: &str,
-    dtype: StoreDType,
+    dtype: StorageDType,
 ) -> ApiResult<TaskVector> {
     backbone
         .load_task_vector(path, Some(name), dtype)
@@ -210,7 +210,7 @@ fn from_checkpoint(
     ckpt: &str,
     tv_dir: &str,
     name: &str,
-    dtype: StoreDType,
+    dtype: StorageDType,
 ) -> ApiResult<TaskVector> {
     // A hub id (org/name[@revision]) is fetched from the hub; anything else is a local path
     // and must be inside the library directory. A hub id that also names a local path (the
@@ -249,7 +249,7 @@ fn from_upload(
     store: &Store,
     bytes: &[u8],
     name: &str,
-    dtype: StoreDType,
+    dtype: StorageDType,
 ) -> ApiResult<TaskVector> {
     let dir = store.tv_dir();
     let tmp = dir.join(format!(".{name}.upload"));
@@ -302,7 +302,7 @@ pub fn load_uploaded(
     store: &Store,
     backbone: &Backbone,
     library: &mut Library,
-    dtype: StoreDType,
+    dtype: StorageDType,
 ) -> anyhow::Result<()> {
     // Uploads cut off by a crash are temporary files never recorded in the store.
     for entry in std::fs::read_dir(store.tv_dir())?.flatten() {

@@ -1,10 +1,10 @@
 //! Multi-head attention with its own backward, on the CPU (f32, f64): softmax(s·Q Kᵀ) V per
 //! head, straight from the q, k and v projections ([B, N, D], heads side by side in D) to the
 //! context ([B, Nq, D]). Learning runs it on the separate projections; inference (f32) on q, k
-//! and v cut from the stacked projection, with the scale already in q (ViT-B/16 at batch 8:
-//! 1,672 → 1,500–1,570 ms a pass in back-to-back runs). Built from candle ops, this split and
-//! merged the heads with copies, scaled q in its own pass and ran 3 × B·H small batched matmuls
-//! forward and 4 × B·H backward at 30–60 GFLOP/s; here each (image, head) pair is one task that
+//! and v cut from the stacked projection, with the scale already in q (bench/results has the
+//! figures). Built from candle ops, this split and merged the heads with copies, scaled q in its
+//! own pass and ran 3 × B·H small batched matmuls forward and 4 × B·H backward, far below gemm's
+//! speed on large matrices; here each (image, head) pair is one task that
 //! calls gemm on strided views, and the backward recomputes the N×N probabilities instead of
 //! keeping them.
 
@@ -129,7 +129,10 @@ unsafe fn probabilities<T: Num>(p: &mut [T], q: *const T, k: *const T, dims: &Di
 /// A pointer that rayon tasks may share: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
+// SAFETY: the tasks that share it write disjoint elements and the owner outlives them (the
+// parallel loop returns before the buffer is read or freed).
 unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as for Send: no two tasks touch the same element.
 unsafe impl<T> Sync for Shared<T> {}
 
 impl<T> Shared<T> {

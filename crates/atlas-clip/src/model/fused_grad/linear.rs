@@ -142,10 +142,10 @@ impl CustomOp3 for LinearWt {
 }
 
 /// x Wᵀ ([m, n], row-major) for x [m, k] and W [n, k]. gemm reads Wᵀ through its transposed
-/// view at full speed when k is short, but not when k is long: ViT-B/32's fc2 (k = 3072,
-/// n = 768) at 400 rows took 16 ms through the view against 9.4 ms on a contiguous Wᵀ. So a
-/// long-k W is first transposed, in parallel, into a scratch buffer kept per thread (2.4 ms;
-/// a fresh buffer costs as much again in page faults).
+/// view at full speed when k is short, but not when k is long (ViT-B/32's fc2, k = 3072, was
+/// measured far slower through the view than on a contiguous Wᵀ). So a long-k W is first
+/// transposed, in parallel, into a scratch buffer kept per thread (a fresh buffer would cost
+/// as much again in page faults).
 fn product<T: Num>(
     x: &[T],
     w: &[T],
