@@ -38,8 +38,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         });
+        let signalled = state.clone();
         axum::serve(listener, state.router())
-            .with_graceful_shutdown(shutdown())
+            .with_graceful_shutdown(async move {
+                shutdown().await;
+                signalled.stopping.send_replace(true);
+            })
             .await?;
         // Requests in flight are done; running jobs go back to the queue at their next step.
         let s = state.clone();

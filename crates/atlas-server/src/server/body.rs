@@ -64,6 +64,11 @@ async fn multipart(mut mp: Multipart) -> ApiResult<Body> {
                 filename,
                 bytes: bytes.to_vec(),
             }),
+            None if name == "request" && json.is_some() => {
+                return Err(ApiError::bad(
+                    "multipart part \"request\" is given twice: send one",
+                ))
+            }
             None if name == "request" => {
                 json = Some(serde_json::from_slice(&bytes).map_err(|e| {
                     ApiError::bad(format!("multipart part \"request\" is not valid JSON: {e}"))

@@ -208,13 +208,19 @@ fn typed_value(default: &toml::Value, s: &str) -> anyhow::Result<toml::Value> {
             "0" | "false" | "no" | "off" => false,
             _ => bail!("expected true or false"),
         }),
-        Value::Array(_) => Value::Array(
-            s.split(',')
+        Value::Array(_) => {
+            let items: Vec<Value> = s
+                .split(',')
                 .map(str::trim)
                 .filter(|x| !x.is_empty())
                 .map(|x| Value::String(x.to_string()))
-                .collect(),
-        ),
+                .collect();
+            // " , " must not pass for "no keys": that would silently turn authentication off.
+            if items.is_empty() && !s.trim().is_empty() {
+                bail!("{s:?} has separators but no values: give comma-separated values or nothing");
+            }
+            Value::Array(items)
+        }
         other => bail!("unsupported setting type {}", other.type_str()),
     })
 }
@@ -283,5 +289,13 @@ mod tests {
             ..Args::default()
         };
         assert!(format!("{:#}", Config::load(&args).unwrap_err()).contains("16 characters"));
+        for only_separators in [" , ", ",", " ,, "] {
+            let args = Args {
+                api_keys: Some(only_separators.into()),
+                ..Args::default()
+            };
+            let e = format!("{:#}", Config::load(&args).unwrap_err());
+            assert!(e.contains("api_keys") && e.contains("no values"), "{e}");
+        }
     }
 }

@@ -38,6 +38,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub model: OnceLock<Model>,
     pub load_error: OnceLock<String>,
+    /// Flips to true when shutdown begins: open event streams end so the server can exit.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::ops::Deref for AppState {
@@ -75,6 +77,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             model: OnceLock::new(),
             load_error: OnceLock::new(),
+            stopping: tokio::sync::watch::channel(false).0,
         })))
     }
 

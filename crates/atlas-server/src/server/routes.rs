@@ -91,7 +91,7 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method()).to_string();
     let started = Instant::now();
     let resp = next.run(req).await;
     s.metrics
@@ -103,6 +103,26 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
         .with_label_values(&[&route, &method, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// A request's method as a metric label: one of the methods HTTP defines, else "other", so
+/// that clients cannot create series (the route label is already a template or "unmatched").
+fn method_label(m: &Method) -> &'static str {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    KNOWN
+        .iter()
+        .find(|k| *k == m)
+        .map_or("other", |k| k.as_str())
 }
 
 /// With API keys configured: a valid bearer key on every mutating route, and on reads too
@@ -119,8 +139,7 @@ async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Re
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     let Some(given) = given else {
         return unauthorized("missing bearer token: send Authorization: Bearer <api key>");
     };
@@ -133,6 +152,13 @@ async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Re
     } else {
         unauthorized("invalid API key")
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 fn unauthorized(detail: &str) -> Response {
@@ -190,5 +216,26 @@ impl AppState {
                 5,
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_a_closed_set() {
+        assert_eq!(method_label(&Method::POST), "POST");
+        let odd = Method::from_bytes(b"FROBNICATE").unwrap();
+        assert_eq!(method_label(&odd), "other");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 }

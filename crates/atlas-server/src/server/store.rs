@@ -29,6 +29,27 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// What [`Store::insert`] did.
+pub enum Inserted {
+    New,
+    /// The idempotency key was used before: that composition and its request's hash.
+    Earlier(Box<Composition>, String),
+    /// Nothing: this many jobs are queued already.
+    QueueFull(usize),
+}
+
+fn find_idempotent(conn: &Connection, key: &str) -> Result<Option<(Composition, String)>> {
+    let row: Option<(String, Option<String>)> = conn
+        .query_row(
+            "SELECT doc, request_hash FROM compositions WHERE idempotency_key = ?1",
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    row.map(|(doc, hash)| Ok((serde_json::from_str(&doc)?, hash.unwrap_or_default())))
+        .transpose()
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS compositions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,21 +97,33 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Inserts a new composition, with an optional (idempotency key, request hash). With the
-    /// key already used, inserts nothing and returns the earlier composition and its hash.
+    /// Inserts a new composition, with an optional (idempotency key, request hash), unless
+    /// the key was used before or, with `queue_limit`, that many jobs are queued already. The
+    /// checks and the insert hold the connection throughout: concurrent requests cannot both
+    /// pass a check and then both insert.
     pub fn insert(
         &self,
         c: &Composition,
         key: Option<(&str, &str)>,
-    ) -> Result<Option<(Composition, String)>> {
-        if let Some(earlier) = key
-            .map(|k| self.find_idempotent(k.0))
-            .transpose()?
-            .flatten()
-        {
-            return Ok(Some(earlier));
+        queue_limit: Option<usize>,
+    ) -> Result<Inserted> {
+        let conn = self.conn();
+        if let Some((k, _)) = key {
+            if let Some((earlier, hash)) = find_idempotent(&conn, k)? {
+                return Ok(Inserted::Earlier(Box::new(earlier), hash));
+            }
         }
-        self.conn().execute(
+        if let Some(limit) = queue_limit {
+            let queued: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM compositions WHERE status = 'queued'",
+                [],
+                |r| r.get(0),
+            )?;
+            if queued as usize >= limit {
+                return Ok(Inserted::QueueFull(queued as usize));
+            }
+        }
+        conn.execute(
             "INSERT INTO compositions (id, status, idempotency_key, request_hash, doc)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
@@ -101,21 +134,12 @@ impl Store {
                 serde_json::to_string(c)?
             ],
         )?;
-        Ok(None)
+        Ok(Inserted::New)
     }
 
     /// The composition created earlier with this idempotency key, and its request's hash.
     pub fn find_idempotent(&self, key: &str) -> Result<Option<(Composition, String)>> {
-        let row: Option<(String, Option<String>)> = self
-            .conn()
-            .query_row(
-                "SELECT doc, request_hash FROM compositions WHERE idempotency_key = ?1",
-                [key],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        row.map(|(doc, hash)| Ok((serde_json::from_str(&doc)?, hash.unwrap_or_default())))
-            .transpose()
+        find_idempotent(&self.conn(), key)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Composition>> {

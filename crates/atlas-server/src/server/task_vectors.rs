@@ -274,7 +274,10 @@ fn from_upload(
 
 pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
     let model = s.ready()?;
-    if model.library().get(&name).is_none() {
+    // Held from the check of its users to the removal: a composition being created checks
+    // its task vectors and inserts itself under the same lock.
+    let mut lib = model.library_mut();
+    if lib.get(&name).is_none() {
         return Err(ApiError::not_found(format!("no task vector {name:?}")));
     }
     let users = s.store.users_of(&name)?;
@@ -284,7 +287,8 @@ pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiR
             users.join(", ")
         )));
     }
-    let removed: Option<Arc<TaskVector>> = model.library_mut().remove(&name);
+    let removed: Option<Arc<TaskVector>> = lib.remove(&name);
+    drop(lib);
     if removed.is_some() {
         if let Some(file) = s.store.delete_task_vector(&name)? {
             let _ = std::fs::remove_file(s.store.tv_dir().join(file));

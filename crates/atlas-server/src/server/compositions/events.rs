@@ -12,7 +12,8 @@ use futures_util::stream::{self, Stream};
 use std::convert::Infallible;
 
 /// Server-Sent Events: the composition's current state, then each progress event, until the
-/// job ends (the last event has its final status).
+/// job ends (the last event has its final status) or the server shuts down (the stream just
+/// ends: a client reconnects to another replica or to this one after its restart).
 pub async fn events(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -26,27 +27,35 @@ pub async fn events(
         progress: c.progress,
     };
     let done = first.status.is_final();
-    let state = (Some(first), rx, done, id);
-    let stream = stream::unfold(state, |(first, mut rx, done, id)| async move {
-        if let Some(e) = first {
-            let ev = sse(&e);
-            return Some((Ok(ev), (None, rx, done, id)));
-        }
-        if done {
-            return None;
-        }
-        loop {
-            match rx.recv().await {
-                Ok(e) if e.id == id => {
-                    let end = e.status.is_final();
-                    return Some((Ok(sse(&e)), (None, rx, end, id)));
-                }
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+    let stopping = s.stopping.subscribe();
+    let state = (Some(first), rx, done, id, stopping);
+    let stream = stream::unfold(
+        state,
+        |(first, mut rx, done, id, mut stopping)| async move {
+            if let Some(e) = first {
+                let ev = sse(&e);
+                return Some((Ok(ev), (None, rx, done, id, stopping)));
             }
-        }
-    });
+            if done || *stopping.borrow() {
+                return None;
+            }
+            loop {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = stopping.changed() => return None,
+                };
+                match next {
+                    Ok(e) if e.id == id => {
+                        let end = e.status.is_final();
+                        return Some((Ok(sse(&e)), (None, rx, end, id, stopping)));
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

@@ -1,7 +1,7 @@
 //! Explicit compositions: coefficients given in the request (a scalar, a per-block row, per-part
 //! rows or a map by block name per task vector), checked and stored; servable at once (201).
 
-use super::{check_name, new_id, provenance, select};
+use super::{check_name, insert_bound, new_id, provenance, select};
 use crate::server::api::*;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::now;
@@ -50,7 +50,7 @@ pub(super) fn explicit(
         created_at: t,
         updated_at: t,
     };
-    s.store.insert(&c, None)?;
+    insert_bound(s, model, &c, None, None)?;
     Ok(c)
 }
 

@@ -2,11 +2,12 @@
 //! a job (202); an Idempotency-Key seen before answers with the earlier job.
 
 use super::examples::{request_hash, store_examples};
-use super::{check_name, new_id, provenance, select};
+use super::{check_name, insert_bound, new_id, provenance, select};
 use crate::server::api::*;
 use crate::server::body::{parse, Body};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::now;
+use crate::server::store::Inserted;
 use crate::server::{heads, AppState, Model};
 use atlas_core::Layout;
 use atlas_learn::LearnConfig;
@@ -66,6 +67,8 @@ pub(super) async fn learn(
     let layout = layout(&req.layout, s.config.max_parts)?;
     check_tasks(s, &req)?;
     check_overrides(&req.config)?;
+    // Refuse early when the queue is full, before the examples are decoded and written; the
+    // insert below checks again, atomically.
     let queued = s
         .store
         .count_by_status()?
@@ -74,12 +77,7 @@ pub(super) async fn learn(
         .map(|c| c.1)
         .sum::<i64>();
     if queued as usize >= s.config.job_queue {
-        s.metrics.rejected.with_label_values(&["jobs_full"]).inc();
-        return Err(ApiError::busy(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("{queued} learning jobs are queued already; retry later"),
-            30,
-        ));
+        return Err(queue_full(s, queued as usize));
     }
     let config = learn_config(&req, layout).map_err(|e| ApiError::bad(e.to_string()))?;
     let id = new_id();
@@ -108,14 +106,34 @@ pub(super) async fn learn(
         updated_at: t,
     };
     let key_ref = key.as_ref().map(|(k, h)| (k.as_str(), h.as_str()));
-    if let Some((earlier, earlier_hash)) = s.store.insert(&c, key_ref)? {
-        // Lost a race with the same key: keep the first job.
+    let inserted = insert_bound(s, model, &c, key_ref, Some(s.config.job_queue));
+    let inserted = inserted.inspect_err(|_| {
         let _ = std::fs::remove_dir_all(s.store.job_dir(&id));
-        let (k, hash) = key.as_ref().expect("a key was given");
-        return replay(k, hash, earlier, &earlier_hash);
+    })?;
+    if !matches!(inserted, Inserted::New) {
+        let _ = std::fs::remove_dir_all(s.store.job_dir(&id));
     }
-    model.workers.notify();
-    Ok((StatusCode::ACCEPTED, c))
+    match inserted {
+        Inserted::New => {
+            model.workers.notify();
+            Ok((StatusCode::ACCEPTED, c))
+        }
+        // Lost a race with the same key: keep the first job.
+        Inserted::Earlier(earlier, earlier_hash) => {
+            let (k, hash) = key.as_ref().expect("a key was given");
+            replay(k, hash, *earlier, &earlier_hash)
+        }
+        Inserted::QueueFull(queued) => Err(queue_full(s, queued)),
+    }
+}
+
+fn queue_full(s: &AppState, queued: usize) -> ApiError {
+    s.metrics.rejected.with_label_values(&["jobs_full"]).inc();
+    ApiError::busy(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("{queued} learning jobs are queued already; retry later"),
+        30,
+    )
 }
 
 /// The same key again: the earlier job if the request is the same, else a conflict.

@@ -13,6 +13,7 @@ use super::api::*;
 use super::body::{parse, Body};
 use super::error::{ApiError, ApiResult};
 use super::jobs::now;
+use super::store::Inserted;
 use super::{AppState, Model};
 use atlas_core::TaskVector;
 use axum::extract::{Path, Query, State};
@@ -41,6 +42,9 @@ pub async fn create(
     Ok((status, [(header::LOCATION, location)], Json(c)).into_response())
 }
 
+/// Largest `offset` of a listing.
+const MAX_OFFSET: usize = i64::MAX as usize - 1000;
+
 fn new_id() -> String {
     format!("c{:016x}", rand::random::<u64>())
 }
@@ -64,6 +68,37 @@ fn select(model: &Model, names: &[String]) -> ApiResult<Vec<Arc<TaskVector>>> {
             })
         })
         .collect()
+}
+
+/// Inserts `c` while holding the library, after checking that its task vectors are still
+/// there with the digests it was built on: deleting a task vector holds the library to check
+/// its users and remove it, so the two cannot interleave (a composition never outlives a
+/// vector it names).
+fn insert_bound(
+    s: &AppState,
+    model: &Model,
+    c: &Composition,
+    key: Option<(&str, &str)>,
+    queue_limit: Option<usize>,
+) -> ApiResult<Inserted> {
+    let lib = model.library();
+    let bound = c.task_vectors.iter().zip(&c.provenance.task_vector_digests);
+    for (name, digest) in bound {
+        match lib.get(name) {
+            Some(tv) if tv.digest() == digest => {}
+            Some(_) => {
+                return Err(ApiError::conflict(format!(
+                    "task vector {name:?} was replaced while the composition was being created"
+                )))
+            }
+            None => {
+                return Err(ApiError::conflict(format!(
+                    "task vector {name:?} was deleted while the composition was being created"
+                )))
+            }
+        }
+    }
+    Ok(s.store.insert(c, key, queue_limit)?)
 }
 
 fn provenance(model: &Model, tvs: &[Arc<TaskVector>]) -> Provenance {
@@ -113,6 +148,12 @@ pub async fn list(
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > 500 {
         return Err(ApiError::bad("limit must be between 1 and 500"));
+    }
+    // SQLite's OFFSET is an i64: a larger one would wrap round to the first page.
+    if q.offset > MAX_OFFSET {
+        return Err(ApiError::bad(format!(
+            "offset must be at most {MAX_OFFSET}"
+        )));
     }
     let items = s.store.list(status, q.offset, limit + 1)?;
     let more = items.len() > limit;

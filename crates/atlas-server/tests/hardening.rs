@@ -1,0 +1,266 @@
+//! Hardening against classes of hostile or careless use found by an outside battery: limits that
+//! a burst of concurrent requests could slip past, races between requests, streams that held
+//! shutdown, settings that silently turned authentication off, and clients that could create
+//! metric series. Each test fails on the code before its fix.
+
+mod common;
+
+use common::{b64, fixtures, png, start, tiny_flags, Server, TVS, TV_NAMES};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+const CLASSES: [&str; 4] = ["red circle", "blue square", "green forest", "dog toy"];
+
+fn job(epochs: usize) -> Value {
+    let examples: Vec<Value> = (0..32)
+        .map(|i| json!({"image": b64(&png((i * 11 % 256) as u8)), "label": i % 4}))
+        .collect();
+    json!({"objective": "few_shot", "task_vectors": TV_NAMES,
+        "tasks": [{"classes": CLASSES, "examples": examples}],
+        "config": {"epochs": epochs, "batch_size": 4}})
+}
+
+fn flags(extra: &[&str]) -> Vec<String> {
+    let mut f = tiny_flags();
+    f.extend(extra.iter().map(|s| s.to_string()));
+    f
+}
+
+fn queued(s: &Server) -> usize {
+    let (code, page) = s.get("/compositions?status=queued&limit=500");
+    assert_eq!(code, 200, "{page}");
+    page["items"].as_array().unwrap().len()
+}
+
+/// The job-queue limit was checked before the insert, not with it: 50 concurrent submissions
+/// once left 28 jobs queued against a limit of 16.
+#[test]
+fn the_job_queue_limit_holds_under_concurrent_submissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &flags(&["--job-queue", "3", "--workers", "1"]),
+        &[],
+    );
+    // One long job keeps the only worker busy, so every later job stays queued.
+    let (code, first) = s.post("/compositions", &job(1000));
+    assert_eq!(code, 202, "{first}");
+    let body = job(1000);
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..12)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..3)
+                        .map(|_| s.post("/compositions", &body).0)
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect::<Vec<u16>>()
+    });
+    let accepted = answers.iter().filter(|&&c| c == 202).count();
+    assert!(
+        answers.iter().all(|c| [202, 429].contains(c)),
+        "{answers:?}"
+    );
+    assert!(
+        queued(&s) <= 3,
+        "{} queued against a limit of 3",
+        queued(&s)
+    );
+    assert!(
+        accepted <= 4,
+        "{accepted} accepted with one slot running and 3 queued"
+    );
+}
+
+/// Creating a composition raced deleting one of its task vectors: both could succeed, and the
+/// composition then answered 409 for good.
+#[test]
+fn a_composition_and_the_deletion_of_its_task_vector_never_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    let bytes = b64(&std::fs::read(fixtures().join(TVS[0])).unwrap());
+    let upload = json!({"name": "racer", "safetensors": bytes});
+    let create = json!({"task_vectors": ["racer"], "coefficients": [0.5]});
+    let mut both = 0;
+    for round in 0..40 {
+        let (code, up) = s.post("/task-vectors", &upload);
+        assert_eq!(code, 201, "round {round}: {up}");
+        let ((created, c), (deleted, _)) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| s.post("/compositions", &create));
+            let b = scope.spawn(|| s.delete("/task-vectors/racer"));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        if created == 201 && deleted == 204 {
+            both += 1;
+        }
+        if created == 201 {
+            let id = c["id"].as_str().unwrap();
+            let (code, _) = s.post(
+                "/classify",
+                &json!({"composition": id, "classes": CLASSES,
+                "images": [b64(&png(1))]}),
+            );
+            assert!(deleted != 204 || code == 409);
+            assert_eq!(s.delete(&format!("/compositions/{id}")).0, 204);
+        }
+        if deleted != 204 {
+            assert_eq!(s.delete("/task-vectors/racer").0, 204, "round {round}");
+        }
+    }
+    assert_eq!(
+        both, 0,
+        "{both} of 40 rounds created a composition over a deleted vector"
+    );
+}
+
+/// An open event stream held shutdown: after SIGTERM the server had not exited in 40 s, past
+/// Kubernetes' default grace period of 30 s.
+#[test]
+fn open_event_streams_do_not_hold_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &flags(&["--workers", "1"]), &[]);
+    let (code, _) = s.post("/compositions", &job(1000));
+    assert_eq!(code, 202);
+    let (code, waiting) = s.post("/compositions", &job(1000));
+    assert_eq!(code, 202);
+    let url = format!(
+        "{}/compositions/{}/events",
+        s.base,
+        waiting["id"].as_str().unwrap()
+    );
+    let mut stream = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    let mut first = [0u8; 16];
+    stream.read_exact(&mut first).unwrap();
+    // Keep reading in the background, as a client following a job does.
+    let reader = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    });
+    let t = Instant::now();
+    let status = s.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "shutdown took {:?} with a stream open",
+        t.elapsed()
+    );
+    reader.join().unwrap();
+}
+
+/// `api_keys` made only of separators started the server with no authentication and no
+/// warning; and the bearer scheme was matched case-sensitively (RFC 7235: it is not).
+#[test]
+fn authentication_cannot_be_turned_off_by_separators_and_its_scheme_is_case_insensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("separators.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_atlas-serve"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(tiny_flags())
+        .env("ATLAS_API_KEYS", " , ")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "still serving, or started, with api_keys \" , \": {err}"
+    );
+    assert!(
+        err.contains("api_keys") && err.contains("no values"),
+        "{err}"
+    );
+
+    let key = "a-key-of-sixteen-characters";
+    let s = start(
+        &dir.path().join("data2"),
+        &tiny_flags(),
+        &[("ATLAS_API_KEYS", key)],
+    );
+    let body = json!({"classes": CLASSES, "images": [b64(&png(2))]});
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = reqwest::blocking::Client::new()
+            .post(format!("{}/classify", s.base))
+            .header("authorization", format!("{scheme} {key}"))
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "scheme {scheme}");
+    }
+}
+
+/// Every distinct HTTP method made a new metric series (5,000 methods: /metrics grew from
+/// 11 KB to 15.9 MB), without a key on a server with keys.
+#[test]
+fn clients_cannot_create_metric_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    let client = reqwest::blocking::Client::new();
+    for i in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("XMETHOD{i}").as_bytes()).unwrap();
+        let path = format!("/no-such-route-{i}");
+        let _ = client
+            .request(method.clone(), format!("{}/healthz", s.base))
+            .send();
+        let _ = client.request(method, format!("{}{path}", s.base)).send();
+    }
+    let text = s.metrics();
+    assert!(!text.contains("XMETHOD"), "a method became a label");
+    assert!(!text.contains("no-such-route"), "a path became a label");
+    assert!(text.contains("method=\"other\""));
+}
+
+/// `?offset=18446744073709551615` wrapped round in SQLite and returned the first page; a
+/// second multipart `request` part silently replaced the first.
+#[test]
+fn an_offset_past_the_end_and_a_repeated_request_part_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    let (code, _) = s.post(
+        "/compositions",
+        &json!({"task_vectors": [TV_NAMES[0]], "coefficients": [0.5]}),
+    );
+    assert_eq!(code, 201);
+    let (code, p) = s.get("/compositions?offset=18446744073709551615");
+    assert_eq!(code, 400, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("offset"), "{p}");
+    let (code, page) = s.get("/compositions?offset=1000000");
+    assert_eq!((code, page["items"].as_array().unwrap().len()), (200, 0));
+
+    let part = |v: &Value| reqwest::blocking::multipart::Part::text(v.to_string());
+    let classify = json!({"classes": CLASSES});
+    let form = reqwest::blocking::multipart::Form::new()
+        .part("request", part(&classify))
+        .part("request", part(&json!({"classes": ["x", "y"]})))
+        .part(
+            "image",
+            reqwest::blocking::multipart::Part::bytes(png(3)).file_name("a.png"),
+        );
+    let (code, p) = s.post_with("/classify", |r| r.multipart(form));
+    assert_eq!(code, 400, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("twice"), "{p}");
+}
