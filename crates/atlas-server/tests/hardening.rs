@@ -264,3 +264,95 @@ fn an_offset_past_the_end_and_a_repeated_request_part_are_refused() {
     assert_eq!(code, 400, "{p}");
     assert!(p["detail"].as_str().unwrap().contains("twice"), "{p}");
 }
+
+/// Reads what the server sends on `stream` until it closes the connection or `limit` passes;
+/// returns the text and whether the connection was closed.
+fn read_until_closed(stream: &mut std::net::TcpStream, limit: Duration) -> (String, bool) {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (String::from_utf8_lossy(&got).into_owned(), true)
+            }
+            Err(_) => {}
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), false)
+}
+
+fn connect(s: &Server) -> std::net::TcpStream {
+    std::net::TcpStream::connect(s.base.trim_start_matches("http://")).unwrap()
+}
+
+/// Partial headers, a body trickled in, and a body cut short each held a connection past 65 s
+/// (300 of them exhausted file descriptors); `Expect: 100-continue` with a Content-Length of
+/// 10^11 was answered "100 Continue".
+#[test]
+fn slow_and_oversized_requests_are_cut_off() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &flags(&["--header-timeout-s", "2", "--body-timeout-s", "2"]),
+        &[],
+    );
+    let mut partial = connect(&s);
+    partial
+        .write_all(b"POST /classify HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let (_, closed) = read_until_closed(&mut partial, Duration::from_secs(15));
+    assert!(closed, "partial headers held the connection for 15 s");
+
+    let mut short = connect(&s);
+    short
+        .write_all(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 1000\r\n\r\n{\"classes\"",
+        )
+        .unwrap();
+    let (text, _) = read_until_closed(&mut short, Duration::from_secs(15));
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+
+    let mut huge = connect(&s);
+    huge.write_all(
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100000000000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let (text, _) = read_until_closed(&mut huge, Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+    assert!(!text.contains("100 Continue"), "{text:?}");
+    assert_eq!(s.get("/readyz").0, 200);
+}
+
+/// Connections past `max_connections` wait for a free slot instead of taking a descriptor each.
+#[test]
+fn connections_past_the_limit_wait_for_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &flags(&["--max-connections", "3", "--header-timeout-s", "30"]),
+        &[],
+    );
+    let idle: Vec<_> = (0..3).map(|_| connect(&s)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let waited = quick.get(format!("{}/healthz", s.base)).send();
+    assert!(
+        waited.is_err(),
+        "a fourth connection was served: {waited:?}"
+    );
+    drop(idle);
+    let r = quick.get(format!("{}/healthz", s.base)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}

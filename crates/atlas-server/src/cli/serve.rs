@@ -1,11 +1,13 @@
 //! `atlas-serve serve`: load the backbone and task vectors, start the HTTP service.
 
 use crate::server::config::Config;
+use crate::server::http::{self, ConnectionLimits};
 use crate::server::AppState;
 use anyhow::Context;
 use atlas_clip::{Backbone, LoadOptions};
 use atlas_core::{Library, StorageDType};
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub type Args = crate::server::config::Args;
 
@@ -39,17 +41,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         });
         let signalled = state.clone();
-        axum::serve(listener, state.router())
-            .with_graceful_shutdown(async move {
-                shutdown().await;
-                signalled.stopping.send_replace(true);
-            })
-            .await?;
+        let limits = ConnectionLimits {
+            max: config.max_connections,
+            header_timeout: Duration::from_secs(config.header_timeout_s),
+        };
+        http::serve(listener, state.router(), limits, async move {
+            shutdown().await;
+            signalled.stopping.send_replace(true);
+        })
+        .await;
         // Requests in flight are done; running jobs go back to the queue at their next step.
         let s = state.clone();
         tokio::task::spawn_blocking(move || {
             s.stop_jobs();
-            s.wait_jobs(std::time::Duration::from_secs(20));
+            s.wait_jobs(Duration::from_secs(20));
         })
         .await?;
         anyhow::Ok(())

@@ -34,6 +34,9 @@ pub struct Config {
     pub max_examples: usize,
     pub max_classes: usize,
     pub max_parts: usize,
+    pub max_connections: usize,
+    pub header_timeout_s: u64,
+    pub body_timeout_s: u64,
 }
 
 /// Flags of `serve`, one per key of config/default.toml; each also reads ATLAS_<KEY>.
@@ -92,6 +95,12 @@ pub struct Args {
     pub max_classes: Option<String>,
     #[arg(long, env = "ATLAS_MAX_PARTS")]
     pub max_parts: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
+    #[arg(long, env = "ATLAS_HEADER_TIMEOUT_S")]
+    pub header_timeout_s: Option<String>,
+    #[arg(long, env = "ATLAS_BODY_TIMEOUT_S")]
+    pub body_timeout_s: Option<String>,
 }
 
 impl Args {
@@ -121,6 +130,9 @@ impl Args {
             ("max_examples", &self.max_examples),
             ("max_classes", &self.max_classes),
             ("max_parts", &self.max_parts),
+            ("max_connections", &self.max_connections),
+            ("header_timeout_s", &self.header_timeout_s),
+            ("body_timeout_s", &self.body_timeout_s),
         ]
     }
 }
@@ -177,6 +189,9 @@ impl Config {
             ("max_classes", self.max_classes),
             ("max_parts", self.max_parts),
             ("request_timeout_s", self.request_timeout_s as usize),
+            ("max_connections", self.max_connections),
+            ("header_timeout_s", self.header_timeout_s as usize),
+            ("body_timeout_s", self.body_timeout_s as usize),
         ];
         for (k, v) in positive {
             if v == 0 {
@@ -188,6 +203,9 @@ impl Config {
                 "setting max_parts must be at most {}",
                 atlas_core::coefficients::MAX_PARTS
             );
+        }
+        if self.max_connections > 1 << 20 {
+            bail!("setting max_connections must be at most {}", 1 << 20);
         }
         if self.api_keys.iter().any(|k| k.len() < 16) {
             bail!("api_keys: each key must be at least 16 characters");

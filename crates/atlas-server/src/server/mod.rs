@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod heads;
 pub mod heatmap;
+pub mod http;
 pub mod images;
 pub mod jobs;
 pub mod metrics;

@@ -9,7 +9,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use std::time::Instant;
+use http_body_util::BodyExt;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 pub fn router(state: AppState) -> Router {
@@ -43,6 +44,10 @@ pub fn router(state: AppState) -> Router {
         .route("/compositions/{id}/coefficients.png", get(heatmap::png))
         .fallback(not_found)
         .layer(middleware::from_fn(plain_errors_as_problems))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            read_body_in_time,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
@@ -103,6 +108,59 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
         .with_label_values(&[&route, &method, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// Reads the whole body before the handler runs, within `body_timeout_s` and `max_body_mib`: a
+/// body trickled in, or cut short, cannot hold a connection and a task for longer than that.
+/// A client that waits for `100 Continue` with a declared length over the limit gets the 413
+/// at once, before anything is read. One that sends its body anyway is read up to the limit,
+/// as before: answering mid-upload makes most clients report a broken pipe, not the 413.
+async fn read_body_in_time(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = s.config.max_body_mib << 20;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let waits = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits && declared.is_some_and(|n| n > limit as u64) {
+        let detail = format!(
+            "the body declares {} bytes; at most {} MiB are accepted",
+            declared.unwrap_or_default(),
+            s.config.max_body_mib
+        );
+        return problem(StatusCode::PAYLOAD_TOO_LARGE, detail, None);
+    }
+    let (parts, body) = req.into_parts();
+    let within = Duration::from_secs(s.config.body_timeout_s);
+    let read = http_body_util::Limited::new(body, limit).collect();
+    let bytes = match tokio::time::timeout(within, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            let detail = format!("the body is larger than {} MiB", s.config.max_body_mib);
+            return problem(StatusCode::PAYLOAD_TOO_LARGE, detail, None);
+        }
+        Ok(Err(e)) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("reading the body: {e}"),
+                None,
+            )
+        }
+        Err(_) => {
+            s.metrics
+                .rejected
+                .with_label_values(&["body_timeout"])
+                .inc();
+            let detail = format!("the body did not arrive within {within:?}");
+            return problem(StatusCode::REQUEST_TIMEOUT, detail, None);
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// A request's method as a metric label: one of the methods HTTP defines, else "other", so
