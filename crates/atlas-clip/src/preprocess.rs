@@ -86,6 +86,35 @@ impl Preprocess {
         }
     }
 
+    /// The size an image is kept at for learning ([`Preprocess::kept`]) from its size: the
+    /// shorter side at most `size`, the longer side at most [`MAX_KEPT_ASPECT`] times that.
+    pub fn kept_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let (w, h) = long_side_cropped(width, height);
+        if w.min(h) as usize <= self.size {
+            return (w, h);
+        }
+        self.resized_size(w, h)
+    }
+
+    /// The image as learning keeps it: resized as [`Preprocess::pixels`] would before its
+    /// centre crop, so that `pixels(&kept(img)) == pixels(&img)`, and so that memory per image
+    /// is bounded (at most `3 · size · 4·size` bytes) whatever the upload's size. An image
+    /// longer than [`MAX_KEPT_ASPECT`] : 1 first loses the ends of its long side.
+    pub fn kept(&self, img: RgbImage) -> RgbImage {
+        let (w, h) = long_side_cropped(img.width(), img.height());
+        let img = if (w, h) == img.dimensions() {
+            img
+        } else {
+            let (x, y) = ((img.width() - w) / 2, (img.height() - h) / 2);
+            image::imageops::crop_imm(&img, x, y, w, h).to_image()
+        };
+        if w.min(h) as usize <= self.size {
+            return img;
+        }
+        let (out_w, out_h) = self.resized_size(w, h);
+        resize_bicubic(&img, out_w, out_h)
+    }
+
     /// Preprocessed pixels of a decoded image: CHW `f32`, length `3 * crop * crop`.
     pub fn pixels(&self, img: &RgbImage) -> Vec<f32> {
         let at_crop = (img.width() as usize, img.height() as usize) == (self.crop, self.crop);
@@ -177,6 +206,15 @@ impl Preprocess {
         }
         lut
     }
+}
+
+/// Longest ratio of long to short side that [`Preprocess::kept`] keeps.
+pub const MAX_KEPT_ASPECT: u32 = 4;
+
+/// (width, height) with the long side cut to at most [`MAX_KEPT_ASPECT`] times the short one.
+fn long_side_cropped(width: u32, height: u32) -> (u32, u32) {
+    let cap = |long: u32, short: u32| long.min(short.saturating_mul(MAX_KEPT_ASPECT));
+    (cap(width, height), cap(height, width))
 }
 
 fn clamp_u32(v: u64) -> u32 {
@@ -507,6 +545,28 @@ mod tests {
         assert_eq!(crop_window(32, 32), (0, 0..32));
         // Smaller than the crop: HF pads, ceil((32 - 29) / 2) = 2 zeros before.
         assert_eq!(crop_window(29, 32), (-2, 0..29));
+    }
+
+    #[test]
+    fn kept_images_preprocess_like_the_originals_and_are_bounded() {
+        let pre = Preprocess::from_config(8);
+        let img = RgbImage::from_fn(37, 23, |x, y| {
+            image::Rgb([
+                (x * 7 % 256) as u8,
+                (y * 11 % 256) as u8,
+                ((x * y) % 256) as u8,
+            ])
+        });
+        let kept = pre.kept(img.clone());
+        assert_eq!(kept.dimensions(), pre.resized_size(37, 23));
+        assert_eq!(kept.dimensions(), pre.kept_size(37, 23));
+        assert_eq!(pre.pixels(&kept), pre.pixels(&img));
+        // Small images stay as they are; very long ones lose the ends of their long side.
+        let small = RgbImage::new(5, 6);
+        assert_eq!(pre.kept(small.clone()), small);
+        let long = pre.kept(RgbImage::new(400, 10));
+        assert_eq!(long.dimensions(), (32, 8));
+        assert_eq!(pre.kept_size(400, 10), (32, 8));
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! Image sets for learning: decoded once, labelled or not, loaded from an ImageFolder layout
+//! Image sets for learning: decoded once and kept at the model's input size (so memory per
+//! image is bounded whatever was uploaded), labelled or not, loaded from an ImageFolder layout
 //! (one subfolder per class) or from memory; deterministic stratified splits and k-shot subsets.
 
 use crate::{LearnError, Result};
-use atlas_clip::preprocess::decode;
+use atlas_clip::preprocess::{decode, Preprocess};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -38,15 +39,20 @@ impl Dataset {
         Self::checked(classes, items)
     }
 
-    /// Decodes encoded images (JPEG, PNG, WebP) in parallel; the error names the bad one.
-    pub fn from_bytes(classes: Vec<String>, items: Vec<(Vec<u8>, Option<u32>)>) -> Result<Self> {
+    /// Decodes encoded images (JPEG, PNG, WebP) in parallel, each kept as `pre` keeps it
+    /// ([`Preprocess::kept`]); the error names the bad one.
+    pub fn from_bytes(
+        classes: Vec<String>,
+        items: Vec<(Vec<u8>, Option<u32>)>,
+        pre: &Preprocess,
+    ) -> Result<Self> {
         let items = items
             .par_iter()
             .enumerate()
             .map(|(i, (bytes, label))| {
                 let img = decode(bytes).map_err(|e| LearnError::Data(format!("image {i}: {e}")))?;
                 Ok(Item {
-                    image: Arc::new(img),
+                    image: Arc::new(pre.kept(img)),
                     label: *label,
                 })
             })
@@ -55,8 +61,8 @@ impl Dataset {
     }
 
     /// One subfolder per class (sorted by name, as torchvision's ImageFolder does); files with
-    /// image extensions inside are that class's examples.
-    pub fn from_image_folder(dir: &Path) -> Result<Self> {
+    /// image extensions inside are that class's examples, kept as `pre` keeps them.
+    pub fn from_image_folder(dir: &Path, pre: &Preprocess) -> Result<Self> {
         let err = |e: &dyn std::fmt::Display| LearnError::Data(format!("{}: {e}", dir.display()));
         let mut classes: Vec<String> = std::fs::read_dir(dir)
             .map_err(|e| err(&e))?
@@ -88,7 +94,7 @@ impl Dataset {
                 let img = decode(&bytes)
                     .map_err(|e| LearnError::Data(format!("{}: {e}", path.display())))?;
                 Ok(Item {
-                    image: Arc::new(img),
+                    image: Arc::new(pre.kept(img)),
                     label: Some(*label),
                 })
             })

@@ -356,3 +356,92 @@ fn connections_past_the_limit_wait_for_a_slot() {
     let r = quick.get(format!("{}/healthz", s.base)).send().unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+fn rss_mib(s: &Server) -> f64 {
+    let m = s.metrics();
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("process_resident_memory_bytes "))
+        .unwrap();
+    line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() / 1048576.0
+}
+
+fn big_png(w: u32, h: u32, shade: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(w, h, image::Rgb([shade, 255 - shade, shade / 2]));
+    common::encode_png(&img)
+}
+
+fn wait_status(s: &Server, id: &str, want: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, c) = s.get(&format!("/compositions/{id}"));
+        if c["status"] == want {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "not {want}: {c}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A learning job's examples were kept decoded at full size: 40 PNGs of 4096×4096 in a 3 MiB
+/// request took the server from 74 MiB to 2 GiB. They are kept at the model's input size, and
+/// what they take then is bounded (max_job_mib) before the job is accepted.
+#[test]
+fn a_job_holds_its_examples_at_the_model_input_size_within_a_stated_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &flags(&["--max-job-mib", "1"]),
+        &[],
+    );
+    let examples: Vec<Value> = (0..24)
+        .map(|i| json!({"image": b64(&big_png(3000, 3000, i as u8 * 10)), "label": i % 4}))
+        .collect();
+    let body = json!({"objective": "few_shot", "task_vectors": TV_NAMES,
+        "tasks": [{"classes": CLASSES, "examples": examples}],
+        "config": {"epochs": 1000, "batch_size": 4}});
+    let (code, c) = s.post("/compositions", &body);
+    assert_eq!(code, 202, "{c}");
+    let id = c["id"].as_str().unwrap();
+    wait_status(&s, id, "running", Duration::from_secs(60));
+    // Decoded at full size, the 24 images alone would be 24 × 27 MB.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut peak: f64 = 0.0;
+    while Instant::now() < deadline {
+        peak = peak.max(rss_mib(&s));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(peak < 400.0, "RSS {peak:.0} MiB while the job learns");
+
+    // 300 examples 4:1 wide keep 3 × 32 × 128 bytes each: more than the 1 MiB allowed.
+    let wide: Vec<Value> = (0..300)
+        .map(|i| json!({"image": b64(&big_png(512, 128, i as u8)), "label": i % 4}))
+        .collect();
+    let body = json!({"objective": "few_shot", "task_vectors": TV_NAMES,
+        "tasks": [{"classes": CLASSES, "examples": wide}]});
+    let (code, p) = s.post("/compositions", &body);
+    assert_eq!(code, 413, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("max_job_mib"), "{p}");
+}
+
+/// A job that killed the server was requeued at every start and killed it again: one request,
+/// a permanent crash loop. Found running after three abrupt stops, it fails, saying why.
+#[test]
+fn a_job_the_server_dies_under_three_times_ends_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = start(&data, &tiny_flags(), &[]);
+    let (code, c) = s.post("/compositions", &job(1000));
+    assert_eq!(code, 202, "{c}");
+    let id = c["id"].as_str().unwrap().to_string();
+    for _ in 0..2 {
+        wait_status(&s, &id, "running", Duration::from_secs(60));
+        s.kill();
+        s = start(&data, &tiny_flags(), &[]);
+    }
+    wait_status(&s, &id, "running", Duration::from_secs(60));
+    s.kill();
+    let s = start(&data, &tiny_flags(), &[]);
+    let c = wait_status(&s, &id, "failed", Duration::from_secs(10));
+    assert!(c["error"].as_str().unwrap().contains("3 times"), "{c}");
+}

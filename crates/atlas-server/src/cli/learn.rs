@@ -3,6 +3,7 @@
 //! before (zero-shot) and after.
 
 use anyhow::Context;
+use atlas_clip::preprocess::Preprocess;
 use atlas_clip::{templates, Backbone, LoadOptions};
 use atlas_core::{Layout, StorageDType};
 use atlas_learn::budget::{self, Budget};
@@ -154,9 +155,10 @@ fn job(a: &Args, backbone: &Backbone) -> anyhow::Result<Job> {
             })?
             .to_vec(),
     };
+    let pre = Preprocess::from_config(backbone.config.vision.image_size);
     let mut tasks = Vec::new();
     for dir in &a.data {
-        let data = Dataset::from_image_folder(dir)?;
+        let data = Dataset::from_image_folder(dir, &pre)?;
         let name = dir
             .file_name()
             .map_or("task".into(), |n| n.to_string_lossy().into_owned());

@@ -35,6 +35,7 @@ pub struct Config {
     pub max_classes: usize,
     pub max_parts: usize,
     pub max_connections: usize,
+    pub max_job_mib: usize,
     pub header_timeout_s: u64,
     pub body_timeout_s: u64,
 }
@@ -97,6 +98,8 @@ pub struct Args {
     pub max_parts: Option<String>,
     #[arg(long, env = "ATLAS_MAX_CONNECTIONS")]
     pub max_connections: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_JOB_MIB")]
+    pub max_job_mib: Option<String>,
     #[arg(long, env = "ATLAS_HEADER_TIMEOUT_S")]
     pub header_timeout_s: Option<String>,
     #[arg(long, env = "ATLAS_BODY_TIMEOUT_S")]
@@ -131,6 +134,7 @@ impl Args {
             ("max_classes", &self.max_classes),
             ("max_parts", &self.max_parts),
             ("max_connections", &self.max_connections),
+            ("max_job_mib", &self.max_job_mib),
             ("header_timeout_s", &self.header_timeout_s),
             ("body_timeout_s", &self.body_timeout_s),
         ]
@@ -190,6 +194,7 @@ impl Config {
             ("max_parts", self.max_parts),
             ("request_timeout_s", self.request_timeout_s as usize),
             ("max_connections", self.max_connections),
+            ("max_job_mib", self.max_job_mib),
             ("header_timeout_s", self.header_timeout_s as usize),
             ("body_timeout_s", self.body_timeout_s as usize),
         ];

@@ -6,6 +6,7 @@
 use super::api::{Composition, LearnRequest, Status, TaskData};
 use super::metrics::Metrics;
 use super::store::Store;
+use atlas_clip::preprocess::Preprocess;
 use atlas_clip::Backbone;
 use atlas_core::Library;
 use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnError, Task};
@@ -47,9 +48,12 @@ impl Workers {
         metrics: Arc<Metrics>,
         workers: usize,
     ) -> Result<Arc<Workers>, super::store::StoreError> {
-        let resumed = store.requeue_running()?;
+        let (resumed, failed) = store.requeue_running()?;
         if resumed > 0 {
             eprintln!("atlas-serve: {resumed} interrupted learning job(s) requeued; they resume from their checkpoints");
+        }
+        if failed > 0 {
+            eprintln!("atlas-serve: {failed} learning job(s) failed: the server stopped abruptly under each of them {} times", super::store::MAX_INTERRUPTIONS);
         }
         let jobs = Arc::new(Workers {
             store,
@@ -266,7 +270,8 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
             Ok((bytes, e.label))
         })
         .collect::<Result<Vec<_>, LearnError>>()?;
-    let data = Dataset::from_bytes(t.classes.clone(), items)?;
+    let pre = Preprocess::from_config(backbone.config.vision.image_size);
+    let data = Dataset::from_bytes(t.classes.clone(), items, &pre)?;
     let templates =
         super::heads::resolve_templates(&t.templates).map_err(|e| LearnError::Job(e.detail))?;
     let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();

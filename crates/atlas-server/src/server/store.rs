@@ -62,7 +62,12 @@ CREATE TABLE IF NOT EXISTS compositions (
 CREATE INDEX IF NOT EXISTS compositions_status ON compositions(status, seq);
 CREATE TABLE IF NOT EXISTS heads (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS task_vectors (name TEXT PRIMARY KEY, file TEXT NOT NULL, source TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_interruptions (id TEXT PRIMARY KEY, count INTEGER NOT NULL);
 ";
+
+/// A job found running at start this many times (the process died under it each time) fails
+/// instead of being requeued: a job that kills the process would otherwise do so forever.
+pub const MAX_INTERRUPTIONS: i64 = 3;
 
 impl Store {
     /// Opens (creating) the store in `dir`: `atlas.db` plus `jobs/` and `task-vectors/`.
@@ -228,8 +233,9 @@ impl Store {
     }
 
     /// After a restart: jobs that were running go back to the queue (they resume from their
-    /// checkpoints). Returns how many.
-    pub fn requeue_running(&self) -> Result<usize> {
+    /// checkpoints), unless they were found running [`MAX_INTERRUPTIONS`] times: those fail,
+    /// saying so. Returns (requeued, failed).
+    pub fn requeue_running(&self) -> Result<(usize, usize)> {
         let ids: Vec<String> = {
             let conn = self.conn();
             let mut stmt = conn.prepare("SELECT id FROM compositions WHERE status = 'running'")?;
@@ -238,10 +244,29 @@ impl Store {
                 .collect::<rusqlite::Result<_>>()?;
             ids
         };
+        let mut failed = 0;
         for id in &ids {
-            self.update(id, |c| c.status = Status::Queued)?;
+            let count: i64 = self.conn().query_row(
+                "INSERT INTO job_interruptions (id, count) VALUES (?1, 1)
+                 ON CONFLICT(id) DO UPDATE SET count = count + 1 RETURNING count",
+                [id],
+                |r| r.get(0),
+            )?;
+            let give_up = count >= MAX_INTERRUPTIONS;
+            failed += usize::from(give_up);
+            self.update(id, |c| {
+                if give_up {
+                    c.status = Status::Failed;
+                    c.error = Some(format!(
+                        "the server stopped abruptly {count} times while this job ran (out of \
+                         memory or killed); it is not retried again"
+                    ));
+                } else {
+                    c.status = Status::Queued;
+                }
+            })?;
         }
-        Ok(ids.len())
+        Ok((ids.len() - failed, failed))
     }
 
     /// Learning jobs (not explicit compositions) by status.

@@ -6,6 +6,8 @@ use crate::server::api::LearnRequest;
 use crate::server::body::{Body, FilePart};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::{images, AppState};
+use atlas_clip::preprocess::Preprocess;
+use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
 
 /// Hash of a request: its JSON (keys sorted by serde_json's map) and its file parts.
@@ -29,6 +31,7 @@ pub(super) async fn store_examples(
     id: &str,
     req: &mut LearnRequest,
     files: Vec<FilePart>,
+    image_size: usize,
 ) -> ApiResult<String> {
     let mut items = Vec::new();
     for (i, t) in req.tasks.iter_mut().enumerate() {
@@ -54,16 +57,53 @@ pub(super) async fn store_examples(
         }
     }
     let dir = s.store.job_dir(id);
-    let max_pixels = s.config.max_image_pixels;
-    tokio::task::spawn_blocking(move || write_examples(&dir, items, max_pixels))
+    let bounds = Bounds {
+        max_pixels: s.config.max_image_pixels,
+        max_job_mib: s.config.max_job_mib,
+        pre: Preprocess::from_config(image_size),
+    };
+    tokio::task::spawn_blocking(move || write_examples(&dir, items, &bounds))
         .await
         .map_err(ApiError::internal)?
 }
 
 type Item = (String, String, Vec<u8>, Option<u32>);
 
-fn write_examples(dir: &std::path::Path, items: Vec<Item>, max_pixels: u64) -> ApiResult<String> {
+/// What a job's examples may take: pixels per upload, and memory once kept at the model's
+/// input size (what the job holds while it learns).
+struct Bounds {
+    max_pixels: u64,
+    max_job_mib: usize,
+    pre: Preprocess,
+}
+
+/// Bytes the examples take once kept for learning, from their headers alone.
+fn kept_bytes(items: &[Item], b: &Bounds) -> ApiResult<usize> {
+    let mut total = 0usize;
+    for (what, _, bytes, _) in items {
+        let (w, h) = atlas_clip::preprocess::check_header(bytes, b.max_pixels)
+            .map_err(|e| images::refused(what, e))?;
+        let (w, h) = b.pre.kept_size(w, h);
+        total = total.saturating_add(3 * w as usize * h as usize);
+    }
+    Ok(total)
+}
+
+fn write_examples(dir: &std::path::Path, items: Vec<Item>, b: &Bounds) -> ApiResult<String> {
     use rayon::prelude::*;
+    let kept = kept_bytes(&items, b)?;
+    if kept > b.max_job_mib << 20 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the examples take {} MiB at the model's input size; a job may hold {} MiB \
+                 (max_job_mib): send fewer or smaller images",
+                kept.div_ceil(1 << 20),
+                b.max_job_mib
+            ),
+        ));
+    }
+    let max_pixels = b.max_pixels;
     items.par_iter().try_for_each(|(what, _, bytes, _)| {
         atlas_clip::preprocess::decode_limited(bytes, max_pixels)
             .map(|_| ())

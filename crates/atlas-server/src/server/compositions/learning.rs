@@ -81,7 +81,8 @@ pub(super) async fn learn(
     }
     let config = learn_config(&req, layout).map_err(|e| ApiError::bad(e.to_string()))?;
     let id = new_id();
-    let data_hash = store_examples(s, &id, &mut req, body.files).await?;
+    let image_size = model.backbone.config.vision.image_size;
+    let data_hash = store_examples(s, &id, &mut req, body.files, image_size).await?;
     let t = now();
     let c = Composition {
         id: id.clone(),
