@@ -48,8 +48,10 @@ impl ZeroShotHead {
 
     /// Logits `[B, C]` for image embeddings `[B, P]` (unnormalised).
     pub fn logits(&self, image_embeds: &Tensor) -> Result<Tensor> {
-        let img = normalize(image_embeds)?;
-        let w = self.weights.to_dtype(img.dtype())?;
+        // In f32 whatever the model's dtype: at f16 the squared norm of a large embedding
+        // overflows, and every probability became NaN.
+        let img = normalize(&image_embeds.to_dtype(DType::F32)?)?;
+        let w = self.weights.to_dtype(DType::F32)?;
         Ok((img.matmul(&w.t()?)? * self.scale)?)
     }
 

@@ -445,3 +445,39 @@ fn a_job_the_server_dies_under_three_times_ends_failed() {
     let c = wait_status(&s, &id, "failed", Duration::from_secs(10));
     assert!(c["error"].as_str().unwrap().contains("3 times"), "{c}");
 }
+
+/// At `--dtype f16` an explicit coefficient of 100 answered 200 with `"probability": null` for
+/// every class. Logits and softmax run in f32, and a model whose outputs still overflow the
+/// serving dtype is a 409 that says so, never a 200 without numbers.
+#[test]
+fn large_coefficients_at_f16_never_answer_null_probabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &flags(&["--dtype", "f16"]), &[]);
+    let mut refused = 0;
+    for lambda in [1.0, 100.0, 1e4] {
+        let (code, c) = s.post(
+            "/compositions",
+            &json!({"task_vectors": TV_NAMES, "coefficients": [lambda, lambda]}),
+        );
+        assert_eq!(code, 201, "{c}");
+        let (code, r) = s.post(
+            "/classify",
+            &json!({"composition": c["id"], "classes": CLASSES, "images": [b64(&png(5))]}),
+        );
+        match code {
+            200 => {
+                let preds = r["predictions"][0].as_array().unwrap();
+                assert!(
+                    preds.iter().all(|p| p["probability"].is_f64()),
+                    "λ = {lambda}: {r}"
+                );
+            }
+            409 => {
+                assert!(r["detail"].as_str().unwrap().contains("overflow"), "{r}");
+                refused += 1;
+            }
+            _ => panic!("λ = {lambda}: {code} {r}"),
+        }
+    }
+    assert!(refused < 3, "even λ = 1 was refused");
+}

@@ -168,6 +168,7 @@ fn engine_error(e: EngineError) -> ApiError {
         EngineError::Head(c) if matches!(**c, ClipError::Tokenizer(_) | ClipError::Config(_)) => {
             ApiError::bad(format!("classes or templates: {e}"))
         }
+        EngineError::NonFinite { .. } => ApiError::conflict(e.to_string()),
         _ => ApiError::internal(format!("classification failed: {e}")),
     }
 }

@@ -59,6 +59,10 @@ pub enum EngineError {
     /// Composing the model or running it failed.
     #[error("running the model: {0}")]
     Model(Arc<ClipError>),
+    /// The model's outputs are not finite numbers: its weights or activations overflow the
+    /// serving dtype (coefficients too large for it).
+    #[error("the composed model's outputs overflow {dtype:?}: its coefficients are too large for that dtype (serve it at f32, or use smaller coefficients)")]
+    NonFinite { dtype: candle_core::DType },
 }
 
 impl EngineError {
@@ -267,7 +271,12 @@ impl Worker {
                 .map_err(EngineError::model)?;
             let emb = tower.forward(&batch).map_err(EngineError::model)?;
             let logits = head.logits(&emb).map_err(EngineError::model)?;
-            probs.extend(head.probabilities(&logits).map_err(EngineError::model)?);
+            let p = head.probabilities(&logits).map_err(EngineError::model)?;
+            if p.iter().flatten().any(|x| !x.is_finite()) {
+                let dtype = self.backbone.dtype();
+                return Err(EngineError::NonFinite { dtype });
+            }
+            probs.extend(p);
         }
         self.metrics.images.inc_by(pixels.len() as u64);
         for p in &probs {
