@@ -5,7 +5,7 @@ mod cli;
 mod device;
 mod server;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use cli::{demo, finetune, learn, serve, task_vector};
 
 #[derive(Parser)]
@@ -14,7 +14,7 @@ use cli::{demo, finetune, learn, serve, task_vector};
     version,
     about = "Model merging with learned anisotropic task-vector scaling (aTLAS) for CLIP"
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -75,7 +75,9 @@ fn one_elementwise_thread() {
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     one_elementwise_thread();
-    match Cli::parse().command {
+    let command = Cli::command().mut_subcommand("serve", server::config::describe_flags);
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    match cli.command {
         Command::Serve(a) => serve::run(*a),
         Command::TaskVector(c) => task_vector::run(c),
         Command::Learn(a) => learn::run(a),

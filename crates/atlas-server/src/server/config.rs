@@ -219,6 +219,32 @@ impl Config {
     }
 }
 
+/// Each setting's description: the comment above it in config/default.toml, on one line.
+pub fn descriptions() -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let mut comment: Vec<&str> = Vec::new();
+    for line in DEFAULTS.lines() {
+        let line = line.trim();
+        if let Some(c) = line.strip_prefix('#') {
+            comment.push(c.trim());
+        } else if let Some((key, _)) = line.split_once('=') {
+            out.push((key.trim(), comment.join(" ")));
+            comment.clear();
+        } else {
+            comment.clear();
+        }
+    }
+    out
+}
+
+/// `serve`'s flags with their descriptions (one source: config/default.toml).
+pub fn describe_flags(mut serve: clap::Command) -> clap::Command {
+    for (key, help) in descriptions() {
+        serve = serve.mut_arg(key, |a| a.help(help));
+    }
+    serve
+}
+
 /// A flag or environment string as a TOML value of the default's type (lists comma-separated).
 fn typed_value(default: &toml::Value, s: &str) -> anyhow::Result<toml::Value> {
     use toml::Value;
@@ -266,6 +292,31 @@ mod tests {
         assert_eq!(c.cache_mib, 17);
         assert_eq!(c.tvs, vec!["a.safetensors", "b.safetensors"]);
         assert!(c.auth_reads);
+    }
+
+    #[test]
+    fn every_flag_of_serve_has_its_description() {
+        use clap::{Args as _, CommandFactory as _};
+        let serve = describe_flags(Args::augment_args(clap::Command::new("serve")));
+        let table: toml::Table = DEFAULTS.parse().unwrap();
+        let described = descriptions();
+        for key in table.keys() {
+            let help = &described
+                .iter()
+                .find(|(k, _)| k == key)
+                .expect("described")
+                .1;
+            assert!(
+                !help.is_empty(),
+                "{key} has no comment in config/default.toml"
+            );
+            let arg = serve.get_arguments().find(|a| a.get_id() == key).unwrap();
+            assert_eq!(
+                arg.get_help().map(|h| h.to_string()).as_deref(),
+                Some(help.as_str())
+            );
+        }
+        let _ = crate::Cli::command();
     }
 
     #[test]
