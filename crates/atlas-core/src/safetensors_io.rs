@@ -295,8 +295,9 @@ impl safetensors::View for &OutTensor {
     }
 }
 
-/// Writes tensors with metadata, atomically (temporary file then rename), so a crash never
-/// leaves a half-written file under the final name.
+/// Writes tensors with metadata, atomically and durably (temporary file, fsync, rename, fsync
+/// of the directory), so neither a crash nor a power loss leaves a half-written file under the
+/// final name.
 pub fn write_file(
     path: &Path,
     tensors: &[OutTensor],
@@ -305,7 +306,19 @@ pub fn write_file(
     let data: Vec<(&str, &OutTensor)> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let bytes = safetensors::serialize(data, Some(metadata))
         .map_err(|e| CoreError::file(path, format!("cannot serialise: {e}")))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| CoreError::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| CoreError::file(path, e))
+    write_durably(path, &bytes).map_err(|e| CoreError::file(path, e))
+}
+
+/// `bytes` under `path`, atomically and durably: a temporary sibling written and fsynced,
+/// renamed over `path`, then the directory fsynced so the rename survives a power loss.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
 }

@@ -481,3 +481,121 @@ fn large_coefficients_at_f16_never_answer_null_probabilities() {
     }
     assert!(refused < 3, "even λ = 1 was refused");
 }
+
+/// Adding a different task vector under a name a composition uses served the old composition
+/// with the new weights, with 200. A composition is bound to its vectors' digests.
+#[test]
+fn a_composition_is_never_served_with_a_different_vector_under_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, lib) = (dir.path().join("data"), dir.path().join("lib"));
+    std::fs::create_dir(&lib).unwrap();
+    std::fs::copy(fixtures().join(TVS[0]), lib.join("x.safetensors")).unwrap();
+    let flags: Vec<String> = [
+        "--model",
+        fixtures().join("clip").to_str().unwrap(),
+        "--store",
+        "f32",
+        "--tv-dir",
+        lib.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let s = start(&data, &flags, &[]);
+    let (code, c) = s.post(
+        "/compositions",
+        &json!({"task_vectors": ["x"], "coefficients": [0.5]}),
+    );
+    assert_eq!(code, 201, "{c}");
+    let digest = c["provenance"]["task_vector_digests"][0].as_str().unwrap();
+    let classify = json!({"composition": c["id"], "classes": CLASSES, "images": [b64(&png(7))]});
+    assert_eq!(s.post("/classify", &classify).0, 200);
+    assert!(s.terminate().success());
+
+    std::fs::copy(fixtures().join(TVS[1]), lib.join("x.safetensors")).unwrap();
+    let s = start(&data, &flags, &[]);
+    let (code, p) = s.post("/classify", &classify);
+    assert_eq!(code, 409, "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    let (_, now) = s.get("/task-vectors/x");
+    let new_digest = now["digest"].as_str().unwrap();
+    assert_ne!(digest, new_digest);
+    assert!(
+        detail.contains(digest) && detail.contains(new_digest),
+        "{detail}"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Task vectors added from a checkpoint were not kept across a restart (a composition that got
+/// 201 then answered 409, queued jobs failed); an empty uploaded file (a power loss before the
+/// data reached the disk) stopped the server from starting at all.
+#[test]
+fn every_library_entry_survives_a_restart_and_an_unreadable_one_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, lib) = (dir.path().join("data"), dir.path().join("lib"));
+    copy_dir(&fixtures().join("ft_a"), &lib.join("ft_a"));
+    std::fs::copy(fixtures().join(TVS[0]), lib.join("c.safetensors")).unwrap();
+    let flags: Vec<String> = [
+        "--model",
+        fixtures().join("clip").to_str().unwrap(),
+        "--store",
+        "f32",
+        "--tv-dir",
+        lib.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let s = start(&data, &flags, &[]);
+    let added = [
+        json!({"name": "from-checkpoint", "checkpoint": "ft_a"}),
+        json!({"name": "from-file", "file": "c.safetensors"}),
+        json!({"name": "uploaded", "safetensors": b64(&std::fs::read(fixtures().join(TVS[1])).unwrap())}),
+    ];
+    let mut digests = Vec::new();
+    for body in &added {
+        let (code, tv) = s.post("/task-vectors", body);
+        assert_eq!(code, 201, "{tv}");
+        digests.push((tv["name"].clone(), tv["digest"].clone()));
+    }
+    let names: Vec<&Value> = digests.iter().map(|d| &d.0).collect();
+    let (code, c) = s.post(
+        "/compositions",
+        &json!({"task_vectors": names, "coefficients": [0.3, 0.3, 0.3]}),
+    );
+    assert_eq!(code, 201, "{c}");
+    drop(s.kill());
+
+    let s = start(&data, &flags, &[]);
+    for (name, digest) in &digests {
+        let (code, tv) = s.get(&format!("/task-vectors/{}", name.as_str().unwrap()));
+        assert_eq!(code, 200, "{name} is gone after a restart: {tv}");
+        assert_eq!(&tv["digest"], digest, "{name}");
+    }
+    let classify = json!({"composition": c["id"], "classes": CLASSES, "images": [b64(&png(9))]});
+    let (code, r) = s.post("/classify", &classify);
+    assert_eq!(code, 200, "{r}");
+    assert!(s.terminate().success());
+
+    // The upload's file empty, as a power loss before fsync could leave it.
+    let uploaded = data.join("task-vectors/uploaded.safetensors");
+    std::fs::write(&uploaded, b"").unwrap();
+    let s = start(&data, &flags, &[]);
+    assert_eq!(s.get("/task-vectors/uploaded").0, 404);
+    assert_eq!(s.get("/task-vectors/from-checkpoint").0, 200);
+    assert!(data
+        .join("task-vectors/quarantine/uploaded.safetensors")
+        .exists());
+    assert!(s.log_text().contains("quarantine"), "{}", s.log_text());
+    let (code, r) = s.post("/classify", &classify);
+    assert_eq!(code, 409, "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("uploaded"), "{r}");
+}

@@ -98,8 +98,13 @@ fn resolve_target(s: &AppState, model: &Model, id: &str) -> ApiResult<Option<Arc
         .get(id)?
         .ok_or_else(|| ApiError::not_found(format!("no composition {id}")))?;
     let (Status::Succeeded, Some(values)) = (c.status, c.coefficients) else {
+        let when = if c.status.is_final() {
+            "it will not serve (create it again)"
+        } else {
+            "it cannot serve yet"
+        };
         return Err(ApiError::conflict(format!(
-            "composition {id} is {}, not succeeded: it cannot serve yet",
+            "composition {id} is {}, not succeeded: {when}",
             c.status.as_str()
         )));
     };
@@ -107,6 +112,17 @@ fn resolve_target(s: &AppState, model: &Model, id: &str) -> ApiResult<Option<Arc
         .library()
         .select(&c.task_vectors)
         .map_err(|e| ApiError::conflict(format!("composition {id}: {e}")))?;
+    // A composition is bound to the task vectors it was made with, not to their names.
+    let bound = c.provenance.task_vector_digests.iter();
+    for ((name, tv), digest) in c.task_vectors.iter().zip(&tvs).zip(bound) {
+        if tv.digest() != digest {
+            return Err(ApiError::conflict(format!(
+                "composition {id} was made with task vector {name:?} of digest {digest}; the \
+                 library's {name:?} now has digest {}: serving it would silently change the model",
+                tv.digest()
+            )));
+        }
+    }
     let coefs = Coefficients::new(c.layout, tvs.len(), model.backbone.manifest().len(), values)
         .map_err(ApiError::internal)?;
     let digests: Vec<&str> = tvs.iter().map(|t| t.digest()).collect();

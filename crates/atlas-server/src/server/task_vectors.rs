@@ -137,10 +137,16 @@ pub async fn create(
     let name = req.name.clone();
     let tv = tokio::task::spawn_blocking(move || -> ApiResult<TaskVector> {
         match (req.checkpoint, req.file, upload) {
-            (Some(ckpt), _, _) => from_checkpoint(&backbone, &ckpt, &tv_dir, &name, dtype),
+            (Some(ckpt), _, _) => {
+                let tv = from_checkpoint(&backbone, &ckpt, &tv_dir, &name, dtype)?;
+                keep(&store, &backbone, &tv, &format!("checkpoint {ckpt}"))?;
+                Ok(tv)
+            }
             (_, Some(file), _) => {
                 let path = inside_library(&tv_dir, &file)?;
-                load(&backbone, &path, &name, dtype)
+                let tv = load(&backbone, &path, &name, dtype)?;
+                keep(&store, &backbone, &tv, &format!("file {file}"))?;
+                Ok(tv)
             }
             (_, _, Some(bytes)) => from_upload(&backbone, &store, &bytes, &name, dtype),
             _ => unreachable!("one source checked above"),
@@ -253,7 +259,7 @@ fn from_upload(
 ) -> ApiResult<TaskVector> {
     let dir = store.tv_dir();
     let tmp = dir.join(format!(".{name}.upload"));
-    std::fs::write(&tmp, bytes).map_err(ApiError::internal)?;
+    write_synced(&tmp, bytes).map_err(ApiError::internal)?;
     let tv = load(backbone, &tmp, name, dtype);
     let tv = match tv {
         Ok(mut tv) => {
@@ -268,8 +274,29 @@ fn from_upload(
     };
     let file = format!("{name}.safetensors");
     std::fs::rename(&tmp, dir.join(&file)).map_err(ApiError::internal)?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ApiError::internal)?;
     store.put_task_vector(name, &file, "upload")?;
     Ok(tv)
+}
+
+fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Keeps a task vector made from a checkpoint or a library file in the data directory too,
+/// recorded with its source, so that it is in the library after a restart exactly as it was
+/// added (the checkpoint may change or go away; the library file may be edited).
+fn keep(store: &Store, backbone: &Backbone, tv: &TaskVector, source: &str) -> ApiResult<()> {
+    let file = format!("{}.safetensors", tv.name());
+    tv.save(&store.tv_dir().join(&file), backbone.manifest())
+        .map_err(ApiError::internal)?;
+    store.put_task_vector(tv.name(), &file, source)?;
+    Ok(())
 }
 
 pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
@@ -315,11 +342,47 @@ pub fn load_uploaded(
             let _ = std::fs::remove_file(entry.path());
         }
     }
-    for (name, file, _) in store.task_vectors().map_err(|e| anyhow::anyhow!("{e}"))? {
+    for (name, file, source) in store.task_vectors().map_err(|e| anyhow::anyhow!("{e}"))? {
         let path = store.tv_dir().join(&file);
-        let mut tv = backbone.load_task_vector(&path, Some(&name), dtype)?;
-        tv.meta.source = "upload".into();
+        let mut tv = match backbone.load_task_vector(&path, Some(&name), dtype) {
+            Ok(tv) => tv,
+            Err(e) => {
+                quarantine(store, &name, &file, &e.to_string())?;
+                continue;
+            }
+        };
+        tv.meta.source = source;
+        // Added over HTTP from a file of the library directory, it may stand there too; what
+        // was acknowledged is the stored copy.
+        match library.get(&name).map(|t| t.digest() == tv.digest()) {
+            Some(true) => continue,
+            Some(false) => {
+                eprintln!(
+                    "atlas-serve: task vector {name:?} differs from the library directory's \
+                     file of that name; the copy added over HTTP is served"
+                );
+                library.remove(&name);
+            }
+            None => {}
+        }
         library.add(tv)?;
     }
+    Ok(())
+}
+
+/// A stored task vector that cannot be read (cut short by a power loss, say) is moved to
+/// `task-vectors/quarantine/` and dropped from the store, with a line in the log; the server
+/// serves the rest, and compositions that use it answer 409 naming it.
+fn quarantine(store: &Store, name: &str, file: &str, why: &str) -> anyhow::Result<()> {
+    let dir = store.tv_dir().join("quarantine");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::rename(store.tv_dir().join(file), dir.join(file))?;
+    store
+        .delete_task_vector(name)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "atlas-serve: task vector {name:?} ({file}) cannot be read ({why}): moved to \
+         task-vectors/quarantine/ and not served"
+    );
     Ok(())
 }
