@@ -114,7 +114,10 @@ impl AdamW<Vec<Tensor>> {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            // Detached: the gradient carries the ops that made it, and the moments built from
+            // it would chain every step's graph to the next (memory growing per step).
+            let g = g.detach();
+            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&*m / f.c1)? / ((&*v / f.c2)?.sqrt()? + c.eps)?)?;
             let decayed = (var.as_tensor() * f.decay)?;
