@@ -36,36 +36,57 @@ pub struct State {
 
 pub const VERSION: u32 = 1;
 
+/// Writes the state durably (temporary file, fsync, rename, fsync of the directory); the
+/// checkpoint it replaces is kept as the previous one, which [`load`] falls back to.
 pub fn save(path: &Path, state: &State) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| LearnError::Checkpoint {
         path: path.display().to_string(),
         message: e.to_string(),
     };
     let text = serde_json::to_string(state).map_err(|e| err(&e))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| err(&e))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(&e))
+    if path.exists() {
+        std::fs::rename(path, previous(path)).map_err(|e| err(&e))?;
+    }
+    atlas_core::safetensors_io::write_durably(path, text.as_bytes()).map_err(|e| err(&e))
 }
 
-/// The saved state, or None when there is no checkpoint yet.
+/// Where the checkpoint before the last one is kept.
+fn previous(path: &Path) -> std::path::PathBuf {
+    path.with_extension("prev.json")
+}
+
+/// The saved state, or None when there is no checkpoint yet. A checkpoint that cannot be read
+/// (cut short, emptied) gives way to the previous one, and with neither readable the job
+/// starts again from epoch 0; a checkpoint of another job is an error.
 pub fn load(path: &Path, fingerprint: &str) -> Result<Option<State>> {
-    let err = |m: String| LearnError::Checkpoint {
-        path: path.display().to_string(),
-        message: m,
-    };
+    for p in [path.to_path_buf(), previous(path)] {
+        if let Some(state) = read(&p)? {
+            if state.fingerprint != fingerprint {
+                return Err(LearnError::Checkpoint {
+                    path: p.display().to_string(),
+                    message: "belongs to another job (different config, task vectors or data)"
+                        .into(),
+                });
+            }
+            return Ok(Some(state));
+        }
+    }
+    Ok(None)
+}
+
+/// A checkpoint file's state; None when it is missing or cannot be read as one.
+fn read(path: &Path) -> Result<Option<State>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(err(e.to_string())),
+        Err(e) => {
+            return Err(LearnError::Checkpoint {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
+        }
     };
-    let state: State = serde_json::from_str(&text).map_err(|e| err(format!("unreadable: {e}")))?;
-    if state.version != VERSION {
-        return Err(err(format!("version {} is not {VERSION}", state.version)));
-    }
-    if state.fingerprint != fingerprint {
-        return Err(err(
-            "belongs to another job (different config, task vectors or data)".into(),
-        ));
-    }
-    Ok(Some(state))
+    Ok(serde_json::from_str::<State>(&text)
+        .ok()
+        .filter(|s| s.version == VERSION))
 }

@@ -365,6 +365,26 @@ fn a_stopped_run_resumes_to_the_same_coefficients() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("another job"), "{err}");
+
+    // An emptied checkpoint failed the job for good. It gives way to the previous one, and
+    // with both unreadable the job starts again: either way it ends with the same Λ.
+    let prev = path.with_extension("prev.json");
+    for broken in [vec![path.clone()], vec![path.clone(), prev.clone()]] {
+        for p in &broken {
+            std::fs::write(p, b"").unwrap();
+        }
+        let again = learn(
+            &bb,
+            &tvs,
+            &job,
+            &cfg,
+            &mut quiet(),
+            &AtomicBool::new(false),
+            Some(&path),
+        )
+        .unwrap();
+        assert_eq!(again.coefs, whole.coefs, "with {broken:?} emptied");
+    }
 }
 
 #[test]
