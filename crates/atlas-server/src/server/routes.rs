@@ -159,8 +159,62 @@ async fn read_body_in_time(State(s): State<AppState>, req: Request, next: Next) 
             return problem(StatusCode::REQUEST_TIMEOUT, detail, None);
         }
     };
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        if let Err(detail) = check_json_size(&bytes) {
+            return problem(StatusCode::BAD_REQUEST, detail, None);
+        }
+    }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+/// Most values (numbers, strings, containers...) a JSON body may hold, and its deepest nesting:
+/// parsed into a JSON tree, each value takes tens of bytes, so a body of small numbers would
+/// cost many times its size before any handler could refuse it. 10^6 values is more than the
+/// largest explicit composition (64 task vectors × 200 blocks × 64 parts) needs.
+const MAX_JSON_VALUES: usize = 1_000_000;
+const MAX_JSON_DEPTH: usize = 64;
+
+/// Counts a JSON text's values and nesting from its bytes alone (strings skipped), so that an
+/// oversized one is refused before it is parsed.
+fn check_json_size(bytes: &[u8]) -> Result<(), String> {
+    let (mut values, mut depth) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(format!("the JSON body nests deeper than {MAX_JSON_DEPTH}"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' => {
+                values += 1;
+                if values >= MAX_JSON_VALUES {
+                    return Err(format!(
+                        "the JSON body holds more than {MAX_JSON_VALUES} values"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A request's method as a metric label: one of the methods HTTP defines, else "other", so
@@ -286,6 +340,22 @@ mod tests {
         assert_eq!(method_label(&Method::POST), "POST");
         let odd = Method::from_bytes(b"FROBNICATE").unwrap();
         assert_eq!(method_label(&odd), "other");
+    }
+
+    #[test]
+    fn json_size_is_counted_outside_strings() {
+        assert!(check_json_size(br#"{"a": [1, 2, 3], "s": "[[[,,,"}"#).is_ok());
+        let many = format!("[{}0]", "0,".repeat(MAX_JSON_VALUES));
+        assert!(check_json_size(many.as_bytes())
+            .unwrap_err()
+            .contains("values"));
+        let deep = "[".repeat(MAX_JSON_DEPTH + 1);
+        assert!(check_json_size(deep.as_bytes())
+            .unwrap_err()
+            .contains("nests"));
+        let escaped =
+            br#"{"s": "a\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#;
+        assert!(check_json_size(escaped).is_ok());
     }
 
     #[test]
