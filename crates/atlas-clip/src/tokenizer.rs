@@ -94,8 +94,11 @@ impl ClipTokenizer {
         self.eos
     }
 
-    /// `[bos, tokens…, eos]`, at most `max_len` ids, always ending with `eos`.
+    /// `[bos, tokens…, eos]`, at most `max_len` ids, always ending with `eos`. Only the start
+    /// of a long text is tokenized ([`Self::kept_text`]): what lies past the context cannot
+    /// reach the ids, and tokenizing it would cost time in proportion to its length.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let text = self.kept_text(text);
         let encoding = self
             .inner
             .encode(text, false)
@@ -107,6 +110,24 @@ impl ClipTokenizer {
         ids.extend_from_slice(&body[..keep]);
         ids.push(self.eos);
         Ok(ids)
+    }
+
+    /// The start of `text` that can contribute ids: at most 8 bytes per id of the context,
+    /// cut at whitespace when there is some in its second half (words are tokenized one by one,
+    /// so the ids of whole words are those of the full text), else at a character boundary.
+    pub fn kept_text<'a>(&self, text: &'a str) -> &'a str {
+        let limit = 8 * self.max_len;
+        if text.len() <= limit {
+            return text;
+        }
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        match text[..end].rfind(char::is_whitespace) {
+            Some(space) if space >= limit / 2 => &text[..space],
+            _ => &text[..end],
+        }
     }
 
     /// `encode` for each text.

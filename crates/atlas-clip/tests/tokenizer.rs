@@ -139,3 +139,21 @@ fn invalid_json_is_a_tokenizer_error() {
     let err = ClipTokenizer::from_file(&path).unwrap_err();
     assert!(err.to_string().contains("broken.json"), "{err}");
 }
+
+/// Only the start of a long text is tokenized, and the ids are those of the whole text: a
+/// 100,000-character prompt once cost its full length in tokenizing time.
+#[test]
+fn long_texts_give_the_ids_of_their_start() {
+    let tok = tokenizer();
+    let words = "a photo of the number seven on a wall, ".repeat(3000);
+    let kept = tok.kept_text(&words);
+    assert!(kept.len() <= 8 * tok.max_len(), "{}", kept.len());
+    let full = tok.encode(&words).unwrap();
+    assert_eq!(full.len(), tok.max_len());
+    // The same ids as tokenizing a prefix that is plainly long enough, cut between words.
+    assert_eq!(full, tok.encode(&words[..390]).unwrap());
+    // One word of 100,000 characters: no whitespace to cut at, still bounded.
+    let word = "x".repeat(100_000);
+    assert!(tok.kept_text(&word).len() <= 8 * tok.max_len());
+    assert_eq!(tok.encode(&word).unwrap().len(), tok.max_len());
+}

@@ -621,3 +621,47 @@ fn a_json_body_of_many_small_values_is_refused_before_it_is_parsed() {
     let grew = rss_mib(&s) - before;
     assert!(grew < 120.0, "RSS grew {grew:.0} MiB for a 24 MB body");
 }
+
+/// Heads were built on the engine thread: 1,000 classes × 10 long templates held every other
+/// client for 24 s. Heads are built on a thread of their own; a classification whose head
+/// and composition are ready does not wait for another request's head.
+#[test]
+fn building_a_large_head_does_not_stall_requests_with_ready_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    let ready = json!({"classes": CLASSES, "images": [b64(&png(3))]});
+    assert_eq!(s.post("/classify", &ready).0, 200);
+    let words = "a very long description of a picture with many words in it ".repeat(15);
+    let classes: Vec<String> = (0..300).map(|i| format!("class {i} {words}")).collect();
+    let templates: Vec<String> = (0..10).map(|i| format!("{i} {words} {{}}")).collect();
+    let big = json!({"classes": classes, "templates": templates, "images": [b64(&png(4))]});
+    let (big_took, victims) = std::thread::scope(|scope| {
+        let builder = scope.spawn(|| {
+            let t = Instant::now();
+            let (code, r) = s.post("/classify", &big);
+            assert_eq!(code, 200, "{r}");
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let mut victims = Vec::new();
+        while !builder.is_finished() {
+            let t = Instant::now();
+            assert_eq!(s.post("/classify", &ready).0, 200);
+            victims.push(t.elapsed());
+        }
+        (builder.join().unwrap(), victims)
+    });
+    let slowest = victims.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "a head of 3,000 prompts built in {big_took:?}; meanwhile {} ready requests, slowest {slowest:?}",
+        victims.len()
+    );
+    assert!(
+        !victims.is_empty(),
+        "the large head was built in {big_took:?}"
+    );
+    assert!(
+        slowest < big_took / 2,
+        "a ready request took {slowest:?} while a head took {big_took:?} to build"
+    );
+}

@@ -4,8 +4,10 @@ use super::api::{ClassifyRequest, ClassifyResponse, HeadRequest, HeadView, Statu
 use super::body::{parse, Body};
 use super::engine::{EngineError, EngineRequest, Refused, Target};
 use super::error::{ApiError, ApiJson, ApiResult};
+use super::head_builder::HeadRefused;
 use super::{heads, images, AppState, Model};
 use atlas_clip::ClipError;
+use atlas_clip::ZeroShotHead;
 use atlas_core::Coefficients;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -66,7 +68,20 @@ pub async fn classify(State(s): State<AppState>, body: Body) -> ApiResult<Json<C
     let size = model.backbone.config.vision.image_size;
     let pixels = images::preprocess(raw, size, s.config.max_image_pixels).await?;
     let head_id = head.id.clone();
-    let predictions = run(&s, model, target, head, pixels, req.top_k).await?;
+    let built = model
+        .heads
+        .get(head)
+        .await
+        .map_err(|e| head_refused(&s, e))?;
+    let predictions = run(
+        &s,
+        model,
+        target,
+        (head_id.clone(), built),
+        pixels,
+        req.top_k,
+    )
+    .await?;
     Ok(Json(ClassifyResponse {
         composition,
         head: head_id,
@@ -137,13 +152,14 @@ async fn run(
     s: &AppState,
     model: &Model,
     target: Option<Arc<Target>>,
-    head: HeadView,
+    (head_id, head): (String, Arc<ZeroShotHead>),
     pixels: Vec<Vec<f32>>,
     top_k: usize,
 ) -> ApiResult<Vec<Vec<super::api::Prediction>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let request = EngineRequest {
         target,
+        head_id,
         head,
         pixels,
         top_k,
@@ -186,6 +202,24 @@ fn engine_error(e: EngineError) -> ApiError {
         }
         EngineError::NonFinite { .. } => ApiError::conflict(e.to_string()),
         _ => ApiError::internal(format!("classification failed: {e}")),
+    }
+}
+
+fn head_refused(s: &AppState, e: HeadRefused) -> ApiError {
+    match e {
+        HeadRefused::Busy => {
+            s.metrics.rejected.with_label_values(&["heads_full"]).inc();
+            ApiError::busy(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many heads are waiting to be built; retry later",
+                1,
+            )
+        }
+        HeadRefused::Stopped => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the head builder has stopped",
+        ),
+        HeadRefused::Failed(e) => engine_error(e),
     }
 }
 

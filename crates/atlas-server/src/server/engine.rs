@@ -4,7 +4,7 @@
 //! (LRU by bytes; task-vector digests are part of the key) and answers each request on its own
 //! oneshot channel.
 
-use super::api::{HeadView, Prediction};
+use super::api::Prediction;
 use super::metrics::Metrics;
 use atlas_clip::{Backbone, ClipError, VisionTower, ZeroShotHead};
 use atlas_core::{Coefficients, TaskVector};
@@ -26,7 +26,9 @@ pub struct Target {
 /// One /classify request's images as the engine thread receives them, with where to answer.
 pub struct EngineRequest {
     pub target: Option<Arc<Target>>,
-    pub head: HeadView,
+    /// The head's id (requests with the same composition and head share a forward pass).
+    pub head_id: String,
+    pub head: Arc<ZeroShotHead>,
     /// CHW pixels at the model's image size, preprocessed off the engine thread.
     pub pixels: Vec<Vec<f32>>,
     pub top_k: usize,
@@ -37,7 +39,7 @@ impl EngineRequest {
     fn group_key(&self) -> (&str, &str) {
         (
             self.target.as_ref().map_or("", |t| t.key.as_str()),
-            &self.head.id,
+            &self.head_id,
         )
     }
 }
@@ -104,7 +106,6 @@ impl Engine {
             backbone,
             metrics: metrics.clone(),
             cache: Cache::new(s.cache_bytes),
-            heads: HashMap::new(),
             max_batch: s.max_batch,
             max_wait: s.max_wait,
         };
@@ -196,7 +197,6 @@ struct Worker {
     backbone: Arc<Backbone>,
     metrics: Arc<Metrics>,
     cache: Cache,
-    heads: HashMap<String, ZeroShotHead>,
     max_batch: usize,
     max_wait: Duration,
 }
@@ -258,7 +258,7 @@ impl Worker {
     ) -> Result<Vec<Vec<Vec<Prediction>>>, EngineError> {
         let first = &group[0];
         let tower = self.tower(first.target.as_deref())?;
-        let head = self.head(&first.head)?;
+        let head = first.head.clone();
         let pixels: Vec<&Vec<f32>> = group.iter().flat_map(|j| j.pixels.iter()).collect();
         let pre =
             atlas_clip::preprocess::Preprocess::from_config(self.backbone.config.vision.image_size);
@@ -332,25 +332,9 @@ impl Worker {
             .set(resident);
         Ok(tower)
     }
-
-    fn head(&mut self, view: &HeadView) -> Result<ZeroShotHead, EngineError> {
-        if let Some(h) = self.heads.get(&view.id) {
-            return Ok(h.clone());
-        }
-        let t: Vec<&str> = view.templates.iter().map(String::as_str).collect();
-        let head = ZeroShotHead::build(&self.backbone, &view.classes, &t)
-            .map_err(|e| EngineError::Head(Arc::new(e)))?;
-        // Heads are small (classes × embedding); a crude bound keeps a flood of distinct class
-        // lists from growing memory without end.
-        if self.heads.len() >= 256 {
-            self.heads.clear();
-        }
-        self.heads.insert(view.id.clone(), head.clone());
-        Ok(head)
-    }
 }
 
-/// Workers grouped by (composition, head), keeping arrival order inside a group.
+/// Requests grouped by (composition, head), keeping arrival order inside a group.
 fn group_requests(requests: Vec<EngineRequest>) -> Vec<Vec<EngineRequest>> {
     let mut groups: Vec<Vec<EngineRequest>> = Vec::new();
     for request in requests {

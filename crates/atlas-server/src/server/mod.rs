@@ -9,6 +9,7 @@ pub mod compositions;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod head_builder;
 pub mod heads;
 pub mod heatmap;
 pub mod http;
@@ -23,6 +24,7 @@ use atlas_clip::Backbone;
 use atlas_core::{Library, StorageDType};
 use config::Config;
 use engine::{Engine, EngineSettings};
+use head_builder::HeadBuilder;
 use jobs::Workers;
 use metrics::Metrics;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -56,6 +58,7 @@ pub struct Model {
     pub library: Arc<RwLock<Library>>,
     pub storage_dtype: StorageDType,
     pub engine: Engine,
+    pub heads: HeadBuilder,
     pub workers: Arc<Workers>,
 }
 
@@ -114,6 +117,7 @@ impl AppState {
                 max_wait: Duration::from_millis(c.max_wait_ms),
             },
         );
+        let heads = HeadBuilder::start(backbone.clone(), c.queue);
         let library = Arc::new(RwLock::new(library));
         let workers = Workers::start(
             self.store.clone(),
@@ -128,6 +132,7 @@ impl AppState {
             library,
             storage_dtype,
             engine,
+            heads,
             workers,
         };
         if self.model.set(model).is_err() {
