@@ -35,6 +35,9 @@ pub struct LearnConfig {
     pub eval_batch: usize,
 }
 
+/// Largest learning rate a job may ask for (the recipes use 1e-3 and 1e-1).
+pub const MAX_LR: f64 = 10.0;
+
 impl LearnConfig {
     /// The paper's recipe for the objective (method notes: AdamW, cosine, grad-norm clip 1.0).
     pub fn recipe(objective: Objective) -> Self {
@@ -107,8 +110,9 @@ impl LearnConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(LearnError::Job(m.to_string()));
         let o = &self.optimizer;
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            return bad("lr must be a positive number");
+        // A larger rate only overflows Λ a few steps in, failing the job long after its 202.
+        if !(o.lr.is_finite() && o.lr > 0.0 && o.lr <= MAX_LR) {
+            return bad("lr must be a positive number at most 10");
         }
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
             return bad("betas must be in [0, 1)");

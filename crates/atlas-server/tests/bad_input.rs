@@ -856,6 +856,11 @@ fn learning_battery(b: &mut Battery) {
             "val_fraction",
         ),
         ("lr \"NaN\"", json!({"lr": "NaN"}), "lr"),
+        (
+            "lr 1e308",
+            json!({"lr": 1e308}),
+            "lr must be a positive number at most 10",
+        ),
         ("epochs 0", json!({"epochs": 0}), "epochs"),
         (
             "weight_decay -1",

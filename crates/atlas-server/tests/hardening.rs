@@ -665,3 +665,54 @@ fn building_a_large_head_does_not_stall_requests_with_ready_heads() {
         "a ready request took {slowest:?} while a head took {big_took:?} to build"
     );
 }
+
+/// 1,000 subscribers to /events used 1.75 cores, each woken by every job's events: open event
+/// streams are bounded (256), past that a 429 with Retry-After, and a closed stream frees its
+/// slot.
+#[test]
+fn event_streams_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    let (code, c) = s.post(
+        "/compositions",
+        &json!({"task_vectors": [TV_NAMES[0]], "coefficients": [0.5]}),
+    );
+    assert_eq!(code, 201);
+    let (_, job) = s.post("/compositions", &job(1000));
+    let url = format!(
+        "{}/compositions/{}/events",
+        s.base,
+        job["id"].as_str().unwrap()
+    );
+    let client = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap();
+    let open: Vec<_> = (0..256)
+        .map(|i| {
+            let r = client.get(&url).send().unwrap();
+            assert_eq!(r.status().as_u16(), 200, "stream {i}");
+            r
+        })
+        .collect();
+    let refused = client.get(&url).send().unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client.get(&url).send().unwrap();
+        if r.status().as_u16() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // An ended composition's stream is one event, then closed: it needs no slot for long.
+    let ended = format!(
+        "{}/compositions/{}/events",
+        s.base,
+        c["id"].as_str().unwrap()
+    );
+    assert_eq!(client.get(ended).send().unwrap().status().as_u16(), 200);
+}

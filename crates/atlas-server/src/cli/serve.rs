@@ -77,9 +77,14 @@ fn load(state: &AppState) -> anyhow::Result<()> {
         tv_paths.extend(safetensors_in(std::path::Path::new(&c.tv_dir))?);
     }
     for p in &tv_paths {
-        let tv = backbone
+        let mut tv = backbone
             .load_task_vector(p, None, store)
             .with_context(|| format!("loading {}", p.display()))?;
+        // Shown to clients: the file's name, not where this server keeps it.
+        if tv.meta.source == p.display().to_string() {
+            let file = p.file_name().unwrap_or_default().to_string_lossy();
+            tv.meta.source = format!("file {file}");
+        }
         library.add(tv)?;
     }
     eprintln!(

@@ -43,6 +43,8 @@ pub struct Shared {
     pub load_error: OnceLock<String>,
     /// Flips to true when shutdown begins: open event streams end so the server can exit.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// One permit per open event stream.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for AppState {
@@ -82,6 +84,7 @@ impl AppState {
             model: OnceLock::new(),
             load_error: OnceLock::new(),
             stopping: tokio::sync::watch::channel(false).0,
+            streams: Arc::new(tokio::sync::Semaphore::new(compositions::MAX_STREAMS)),
         })))
     }
 

@@ -7,7 +7,7 @@ mod examples;
 mod explicit;
 mod learning;
 
-pub use events::events;
+pub use events::{events, MAX_STREAMS};
 
 use super::api::*;
 use super::body::{parse, Body};
