@@ -22,7 +22,7 @@ fn routes() -> Vec<(Method, String)> {
             }
         }
     }
-    assert_eq!(out.len(), 18, "{out:?}");
+    assert_eq!(out.len(), 19, "{out:?}");
     out
 }
 

@@ -1231,7 +1231,13 @@ fn path_battery(b: &mut Battery) {
             400,
         ),
         ("PUT on /classify", Method::PUT, "/classify", 405),
-        ("DELETE on /heads/x", Method::DELETE, "/heads/x", 405),
+        ("PUT on /heads/x", Method::PUT, "/heads/x", 405),
+        (
+            "DELETE of a head never stored",
+            Method::DELETE,
+            "/heads/x",
+            404,
+        ),
     ] {
         b.read(what, method, path, code, "");
     }

@@ -83,7 +83,9 @@ fn the_job_queue_limit_holds_under_concurrent_submissions() {
 #[test]
 fn a_composition_and_the_deletion_of_its_task_vector_never_both_succeed() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    // The model alone: the upload must not have the digest of a vector loaded at start.
+    let model_only: Vec<String> = tiny_flags().into_iter().take(4).collect();
+    let s = start(&dir.path().join("data"), &model_only, &[]);
     let bytes = b64(&std::fs::read(fixtures().join(TVS[0])).unwrap());
     let upload = json!({"name": "racer", "safetensors": bytes});
     let create = json!({"task_vectors": ["racer"], "coefficients": [0.5]});
@@ -542,7 +544,9 @@ fn every_library_entry_survives_a_restart_and_an_unreadable_one_is_quarantined()
     let dir = tempfile::tempdir().unwrap();
     let (data, lib) = (dir.path().join("data"), dir.path().join("lib"));
     copy_dir(&fixtures().join("ft_a"), &lib.join("ft_a"));
-    std::fs::copy(fixtures().join(TVS[0]), lib.join("c.safetensors")).unwrap();
+    // In a subfolder: not loaded at start, so it is added over HTTP only.
+    std::fs::create_dir_all(lib.join("sub")).unwrap();
+    std::fs::copy(fixtures().join(TVS[0]), lib.join("sub/c.safetensors")).unwrap();
     let flags: Vec<String> = [
         "--model",
         fixtures().join("clip").to_str().unwrap(),
@@ -557,7 +561,7 @@ fn every_library_entry_survives_a_restart_and_an_unreadable_one_is_quarantined()
     let s = start(&data, &flags, &[]);
     let added = [
         json!({"name": "from-checkpoint", "checkpoint": "ft_a"}),
-        json!({"name": "from-file", "file": "c.safetensors"}),
+        json!({"name": "from-file", "file": "sub/c.safetensors"}),
         json!({"name": "uploaded", "safetensors": b64(&std::fs::read(fixtures().join(TVS[1])).unwrap())}),
     ];
     let mut digests = Vec::new();
@@ -715,4 +719,41 @@ fn event_streams_are_bounded() {
         c["id"].as_str().unwrap()
     );
     assert_eq!(client.get(ended).send().unwrap().status().as_u16(), 200);
+}
+
+/// Heads and the library grew without bound: 2,000 POST /heads of 1,000 classes added 406 MB
+/// to the database with no way to delete a head, and one checkpoint added under 1,000 names
+/// stored 1,000 copies.
+#[test]
+fn stored_heads_are_bounded_and_deletable_and_a_task_vector_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &flags(&["--max-heads", "3"]), &[]);
+    let head = |i: usize| json!({"classes": [format!("class {i}"), "other"]});
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (code, h) = s.post("/heads", &head(i));
+        assert_eq!(code, 201, "{h}");
+        ids.push(h["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(s.post("/heads", &head(0)).0, 200, "the same head again");
+    let (code, p) = s.post("/heads", &head(3));
+    assert_eq!(code, 409, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("max_heads"), "{p}");
+    assert_eq!(s.delete(&format!("/heads/{}", ids[0])).0, 204);
+    assert_eq!(s.get(&format!("/heads/{}", ids[0])).0, 404);
+    assert_eq!(s.delete(&format!("/heads/{}", ids[0])).0, 404);
+    assert_eq!(s.post("/heads", &head(3)).0, 201);
+
+    let bytes = b64(&std::fs::read(fixtures().join(TVS[0])).unwrap());
+    let (code, p) = s.post(
+        "/task-vectors",
+        &json!({"name": "again", "safetensors": bytes}),
+    );
+    assert_eq!(code, 409, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains(TV_NAMES[0]), "{p}");
+    let stored = std::fs::read_dir(s.data.join("task-vectors"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_file())
+        .count();
+    assert_eq!(stored, 0, "a refused task vector left a file");
 }

@@ -198,7 +198,11 @@ fn classify_explicit_compositions_heads_and_task_vectors() {
 
     // Uploading a task vector (base64 safetensors), using it, refusing to delete it while a
     // composition uses it, then deleting both.
-    let bytes = std::fs::read(fixtures().join(TVS[0])).unwrap();
+    // The fixture with one value's last bit changed: the library holds one vector per digest,
+    // and the fixture itself is loaded at start.
+    let mut bytes = std::fs::read(fixtures().join(TVS[0])).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header] ^= 1;
     let (code, up) = s.post(
         "/task-vectors",
         &json!({"name": "uploaded", "safetensors": b64(&bytes)}),

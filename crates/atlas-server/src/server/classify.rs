@@ -5,6 +5,7 @@ use super::body::{parse, Body};
 use super::engine::{EngineError, EngineRequest, Refused, Target};
 use super::error::{ApiError, ApiJson, ApiResult};
 use super::head_builder::HeadRefused;
+use super::store::PutHead;
 use super::{heads, images, AppState, Model};
 use atlas_clip::ClipError;
 use atlas_clip::ZeroShotHead;
@@ -20,12 +21,30 @@ pub async fn create_head(
     ApiJson(req): ApiJson<HeadRequest>,
 ) -> ApiResult<(StatusCode, Json<HeadView>)> {
     let head = heads::head(req.classes, &req.templates, s.config.max_classes)?;
-    let status = if s.store.put_head(&head)? {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
+    let status = match s.store.put_head(&head, s.config.max_heads)? {
+        PutHead::New => StatusCode::CREATED,
+        PutHead::Existing => StatusCode::OK,
+        PutHead::Full => {
+            return Err(ApiError::conflict(format!(
+                "{} heads are stored, the most allowed (max_heads): delete some with DELETE \
+                 /heads/{{id}}, or send class names with each /classify request",
+                s.config.max_heads
+            )))
+        }
     };
     Ok((status, Json(head)))
+}
+
+/// Deletes a stored head (204; 404 when there is none).
+pub async fn delete_head(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    if s.store.delete_head(&id)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no head {id}")))
+    }
 }
 
 pub async fn get_head(

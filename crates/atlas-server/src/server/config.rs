@@ -36,6 +36,7 @@ pub struct Config {
     pub max_parts: usize,
     pub max_connections: usize,
     pub max_job_mib: usize,
+    pub max_heads: usize,
     pub header_timeout_s: u64,
     pub body_timeout_s: u64,
 }
@@ -100,6 +101,8 @@ pub struct Args {
     pub max_connections: Option<String>,
     #[arg(long, env = "ATLAS_MAX_JOB_MIB")]
     pub max_job_mib: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_HEADS")]
+    pub max_heads: Option<String>,
     #[arg(long, env = "ATLAS_HEADER_TIMEOUT_S")]
     pub header_timeout_s: Option<String>,
     #[arg(long, env = "ATLAS_BODY_TIMEOUT_S")]
@@ -135,6 +138,7 @@ impl Args {
             ("max_parts", &self.max_parts),
             ("max_connections", &self.max_connections),
             ("max_job_mib", &self.max_job_mib),
+            ("max_heads", &self.max_heads),
             ("header_timeout_s", &self.header_timeout_s),
             ("body_timeout_s", &self.body_timeout_s),
         ]
@@ -195,6 +199,7 @@ impl Config {
             ("request_timeout_s", self.request_timeout_s as usize),
             ("max_connections", self.max_connections),
             ("max_job_mib", self.max_job_mib),
+            ("max_heads", self.max_heads),
             ("header_timeout_s", self.header_timeout_s as usize),
             ("body_timeout_s", self.body_timeout_s as usize),
         ];

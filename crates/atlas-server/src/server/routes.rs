@@ -21,7 +21,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/classify", post(classify::classify))
         .route("/heads", post(classify::create_head))
-        .route("/heads/{id}", get(classify::get_head))
+        .route(
+            "/heads/{id}",
+            get(classify::get_head).delete(classify::delete_head),
+        )
         .route(
             "/task-vectors",
             get(task_vectors::list).post(task_vectors::create),

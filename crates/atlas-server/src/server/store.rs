@@ -29,6 +29,14 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// What [`Store::put_head`] did.
+pub enum PutHead {
+    New,
+    Existing,
+    /// Nothing: the store holds its most heads.
+    Full,
+}
+
 /// What [`Store::insert`] did.
 pub enum Inserted {
     New,
@@ -299,12 +307,35 @@ impl Store {
     }
 
     /// Stores a head; false when it was there already (same content, same id).
-    pub fn put_head(&self, h: &HeadView) -> Result<bool> {
-        let n = self.conn().execute(
-            "INSERT OR IGNORE INTO heads (id, doc) VALUES (?1, ?2)",
-            params![h.id, serde_json::to_string(h)?],
+    /// Stores a head unless it is stored already or `max` heads are (one statement: the
+    /// count and the insert cannot interleave with another request's).
+    pub fn put_head(&self, h: &HeadView, max: usize) -> Result<PutHead> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "INSERT OR IGNORE INTO heads (id, doc) SELECT ?1, ?2
+             WHERE (SELECT COUNT(*) FROM heads) < ?3",
+            params![h.id, serde_json::to_string(h)?, max as i64],
         )?;
-        Ok(n > 0)
+        if n > 0 {
+            return Ok(PutHead::New);
+        }
+        let exists = conn
+            .query_row("SELECT 1 FROM heads WHERE id = ?1", [&h.id], |_| Ok(()))
+            .optional()?
+            .is_some();
+        Ok(if exists {
+            PutHead::Existing
+        } else {
+            PutHead::Full
+        })
+    }
+
+    /// Deletes a stored head; false when there was none.
+    pub fn delete_head(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM heads WHERE id = ?1", [id])?
+            > 0)
     }
 
     pub fn get_head(&self, id: &str) -> Result<Option<HeadView>> {

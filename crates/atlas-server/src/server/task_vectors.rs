@@ -135,26 +135,44 @@ pub async fn create(
         s.config.tv_dir.clone(),
     );
     let name = req.name.clone();
-    let tv = tokio::task::spawn_blocking(move || -> ApiResult<TaskVector> {
+    let made = tokio::task::spawn_blocking(move || -> ApiResult<(TaskVector, String)> {
         match (req.checkpoint, req.file, upload) {
-            (Some(ckpt), _, _) => {
-                let tv = from_checkpoint(&backbone, &ckpt, &tv_dir, &name, dtype)?;
-                keep(&store, &backbone, &tv, &format!("checkpoint {ckpt}"))?;
-                Ok(tv)
-            }
+            (Some(ckpt), _, _) => from_checkpoint(&backbone, &ckpt, &tv_dir, &name, dtype)
+                .map(|tv| (tv, format!("checkpoint {ckpt}"))),
             (_, Some(file), _) => {
                 let path = inside_library(&tv_dir, &file)?;
-                let tv = load(&backbone, &path, &name, dtype)?;
-                keep(&store, &backbone, &tv, &format!("file {file}"))?;
-                Ok(tv)
+                load(&backbone, &path, &name, dtype).map(|tv| (tv, format!("file {file}")))
             }
-            (_, _, Some(bytes)) => from_upload(&backbone, &store, &bytes, &name, dtype),
+            (_, _, Some(bytes)) => {
+                from_upload(&backbone, &store, &bytes, &name, dtype).map(|tv| (tv, "upload".into()))
+            }
             _ => unreachable!("one source checked above"),
         }
-    })
-    .await
-    .map_err(ApiError::internal)??;
+    });
+    let (mut tv, source) = made.await.map_err(ApiError::internal)??;
+    check_unique(model, &tv)?;
+    tv.meta.source = source;
+    let (store, backbone) = (s.store.clone(), model.backbone.clone());
+    let kept = tokio::task::spawn_blocking(move || keep(&store, &backbone, &tv).map(|_| tv));
+    let tv = kept.await.map_err(ApiError::internal)??;
     add(&s, model, tv)
+}
+
+/// One stored copy per digest: the same deltas under a second name are refused, naming the
+/// first (the same checkpoint under 1,000 names once stored, and held, 1,000 copies).
+fn check_unique(model: &Model, tv: &TaskVector) -> ApiResult<()> {
+    let lib = model.library();
+    let same = lib
+        .names()
+        .into_iter()
+        .find(|n| lib.get(n).is_some_and(|t| t.digest() == tv.digest()));
+    match same {
+        Some(other) => Err(ApiError::conflict(format!(
+            "task vector {other:?} has the same deltas (digest {}); use it instead",
+            tv.digest()
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn add(
@@ -248,8 +266,8 @@ fn is_hub_id(s: &str) -> bool {
     matches!(id.split_once('/'), Some((org, name)) if plain(org) && plain(name)) && plain(revision)
 }
 
-/// Validates an uploaded delta and keeps it in the data directory, recorded in the store so it
-/// is loaded again after a restart.
+/// Validates an uploaded delta (read from a temporary file of the data directory, removed
+/// after).
 fn from_upload(
     backbone: &Backbone,
     store: &Store,
@@ -257,28 +275,11 @@ fn from_upload(
     name: &str,
     dtype: StorageDType,
 ) -> ApiResult<TaskVector> {
-    let dir = store.tv_dir();
-    let tmp = dir.join(format!(".{name}.upload"));
+    let tmp = store.tv_dir().join(format!(".{name}.upload"));
     write_synced(&tmp, bytes).map_err(ApiError::internal)?;
     let tv = load(backbone, &tmp, name, dtype);
-    let tv = match tv {
-        Ok(mut tv) => {
-            // Not the temporary file's path: it is gone after the rename below.
-            tv.meta.source = "upload".into();
-            tv
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let file = format!("{name}.safetensors");
-    std::fs::rename(&tmp, dir.join(&file)).map_err(ApiError::internal)?;
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(ApiError::internal)?;
-    store.put_task_vector(name, &file, "upload")?;
-    Ok(tv)
+    let _ = std::fs::remove_file(&tmp);
+    tv
 }
 
 fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -288,14 +289,14 @@ fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Keeps a task vector made from a checkpoint or a library file in the data directory too,
-/// recorded with its source, so that it is in the library after a restart exactly as it was
-/// added (the checkpoint may change or go away; the library file may be edited).
-fn keep(store: &Store, backbone: &Backbone, tv: &TaskVector, source: &str) -> ApiResult<()> {
+/// Keeps a task vector in the data directory (written durably), recorded with its source, so
+/// that after a restart it is in the library exactly as it was added, whatever its source
+/// (an upload, a checkpoint that may change or go away, a library file that may be edited).
+fn keep(store: &Store, backbone: &Backbone, tv: &TaskVector) -> ApiResult<()> {
     let file = format!("{}.safetensors", tv.name());
     tv.save(&store.tv_dir().join(&file), backbone.manifest())
         .map_err(ApiError::internal)?;
-    store.put_task_vector(tv.name(), &file, source)?;
+    store.put_task_vector(tv.name(), &file, &tv.meta.source)?;
     Ok(())
 }
 
@@ -335,10 +336,10 @@ pub fn load_uploaded(
     library: &mut Library,
     dtype: StorageDType,
 ) -> anyhow::Result<()> {
-    // Uploads cut off by a crash are temporary files never recorded in the store.
+    // Uploads and saves cut off by a crash are temporary files never recorded in the store.
     for entry in std::fs::read_dir(store.tv_dir())?.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if n.starts_with('.') && n.ends_with(".upload") {
+        if (n.starts_with('.') && n.ends_with(".upload")) || n.ends_with(".tmp") {
             let _ = std::fs::remove_file(entry.path());
         }
     }
