@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{b64, fixtures, png, start, tiny_flags, Server, TVS, TV_NAMES};
+use common::{b64, fixtures, library_flags, png, start, tiny_flags, Server, TVS, TV_NAMES};
 use serde_json::{json, Value};
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -359,15 +359,6 @@ fn connections_past_the_limit_wait_for_a_slot() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
-fn rss_mib(s: &Server) -> f64 {
-    let m = s.metrics();
-    let line = m
-        .lines()
-        .find(|l| l.starts_with("process_resident_memory_bytes "))
-        .unwrap();
-    line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() / 1048576.0
-}
-
 fn big_png(w: u32, h: u32, shade: u8) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(w, h, image::Rgb([shade, 255 - shade, shade / 2]));
     common::encode_png(&img)
@@ -410,7 +401,7 @@ fn a_job_holds_its_examples_at_the_model_input_size_within_a_stated_bound() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut peak: f64 = 0.0;
     while Instant::now() < deadline {
-        peak = peak.max(rss_mib(&s));
+        peak = peak.max(s.rss_mib());
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(peak < 400.0, "RSS {peak:.0} MiB while the job learns");
@@ -492,17 +483,7 @@ fn a_composition_is_never_served_with_a_different_vector_under_its_name() {
     let (data, lib) = (dir.path().join("data"), dir.path().join("lib"));
     std::fs::create_dir(&lib).unwrap();
     std::fs::copy(fixtures().join(TVS[0]), lib.join("x.safetensors")).unwrap();
-    let flags: Vec<String> = [
-        "--model",
-        fixtures().join("clip").to_str().unwrap(),
-        "--store",
-        "f32",
-        "--tv-dir",
-        lib.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let flags = library_flags(&lib);
     let s = start(&data, &flags, &[]);
     let (code, c) = s.post(
         "/compositions",
@@ -547,17 +528,7 @@ fn every_library_entry_survives_a_restart_and_an_unreadable_one_is_quarantined()
     // In a subfolder: not loaded at start, so it is added over HTTP only.
     std::fs::create_dir_all(lib.join("sub")).unwrap();
     std::fs::copy(fixtures().join(TVS[0]), lib.join("sub/c.safetensors")).unwrap();
-    let flags: Vec<String> = [
-        "--model",
-        fixtures().join("clip").to_str().unwrap(),
-        "--store",
-        "f32",
-        "--tv-dir",
-        lib.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let flags = library_flags(&lib);
     let s = start(&data, &flags, &[]);
     let added = [
         json!({"name": "from-checkpoint", "checkpoint": "ft_a"}),
@@ -610,7 +581,7 @@ fn every_library_entry_survives_a_restart_and_an_unreadable_one_is_quarantined()
 fn a_json_body_of_many_small_values_is_refused_before_it_is_parsed() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
-    let before = rss_mib(&s);
+    let before = s.rss_mib();
     let numbers = "0,".repeat(12_000_000);
     let body = format!("{{\"classes\": [\"a\", \"b\"], \"images\": [], \"x\": [{numbers}0]}}");
     let r = reqwest::blocking::Client::new()
@@ -622,7 +593,7 @@ fn a_json_body_of_many_small_values_is_refused_before_it_is_parsed() {
     assert_eq!(r.status().as_u16(), 400);
     let p: Value = r.json().unwrap();
     assert!(p["detail"].as_str().unwrap().contains("values"), "{p}");
-    let grew = rss_mib(&s) - before;
+    let grew = s.rss_mib() - before;
     assert!(grew < 120.0, "RSS grew {grew:.0} MiB for a 24 MB body");
 }
 

@@ -19,15 +19,6 @@ struct Answer {
     latency: Duration,
 }
 
-fn rss_mib(s: &Server) -> f64 {
-    let m = s.metrics();
-    let line = m
-        .lines()
-        .find(|l| l.starts_with("process_resident_memory_bytes "))
-        .unwrap();
-    line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() / 1048576.0
-}
-
 fn send(client: &reqwest::blocking::Client, base: &str, body: &Value) -> Answer {
     let t0 = Instant::now();
     let r = client
@@ -73,7 +64,7 @@ fn overload_is_refused_quickly_and_the_server_recovers() {
     let images: Vec<String> = (0..8).map(|i| b64(&png(i))).collect();
     let body = json!({"classes": ["a", "b", "c"], "images": images});
     let rate = sustainable(&s, &body);
-    let rss_before = rss_mib(&s);
+    let rss_before = s.rss_mib();
 
     let started = Instant::now();
     let sent = std::sync::atomic::AtomicUsize::new(0);
@@ -98,7 +89,7 @@ fn overload_is_refused_quickly_and_the_server_recovers() {
             .collect()
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let rss_peak = rss_mib(&s);
+    let rss_peak = s.rss_mib();
 
     let mut admitted: Vec<Duration> = Vec::new();
     let mut refused: Vec<Duration> = Vec::new();

@@ -20,6 +20,21 @@ pub const TVS: [&str; 2] = [
 ];
 pub const TV_NAMES: [&str; 2] = ["delta_c_openclip", "delta_a_openclip_with_proj"];
 
+/// Flags serving the tiny fixture CLIP at f32 with `lib` as its library directory.
+pub fn library_flags(lib: &Path) -> Vec<String> {
+    [
+        "--model",
+        fixtures().join("clip").to_str().unwrap(),
+        "--store",
+        "f32",
+        "--tv-dir",
+        lib.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Flags serving the tiny fixture CLIP with its two task vectors at f32.
 pub fn tiny_flags() -> Vec<String> {
     let tvs: Vec<String> = TVS
@@ -162,6 +177,16 @@ impl Server {
 
     pub fn delete(&self, path: &str) -> (u16, Value) {
         answer(self.req(reqwest::Method::DELETE, path).send().unwrap())
+    }
+
+    /// The server's resident memory, MiB, from its own /metrics.
+    pub fn rss_mib(&self) -> f64 {
+        let m = self.metrics();
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("process_resident_memory_bytes "))
+            .unwrap();
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() / 1048576.0
     }
 
     pub fn metrics(&self) -> String {
