@@ -728,3 +728,31 @@ fn stored_heads_are_bounded_and_deletable_and_a_task_vector_is_stored_once() {
         .count();
     assert_eq!(stored, 0, "a refused task vector left a file");
 }
+
+/// Error details showed absolute server paths (of the library directory and the data
+/// directory): a client is told which of its names was wrong, not where the server keeps it.
+#[test]
+fn error_details_do_not_show_the_servers_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("lib");
+    std::fs::create_dir_all(lib.join("not-a-checkpoint")).unwrap();
+    // In a subfolder: a broken file at the top would stop the server from starting.
+    std::fs::create_dir_all(lib.join("sub")).unwrap();
+    let broken = b"\x08\x00\x00\x00\x00\x00\x00\x00{}";
+    std::fs::write(lib.join("sub/broken.safetensors"), broken).unwrap();
+    let s = start(&dir.path().join("data"), &library_flags(&lib), &[]);
+    let root = std::fs::canonicalize(dir.path())
+        .unwrap()
+        .display()
+        .to_string();
+    for body in [
+        json!({"name": "a", "checkpoint": "not-a-checkpoint"}),
+        json!({"name": "b", "file": "sub/broken.safetensors"}),
+        json!({"name": "c", "safetensors": b64(b"not safetensors at all")}),
+    ] {
+        let (code, p) = s.post("/task-vectors", &body);
+        assert_eq!(code, 400, "{p}");
+        let detail = p["detail"].as_str().unwrap();
+        assert!(!detail.contains(&root), "{detail}");
+    }
+}

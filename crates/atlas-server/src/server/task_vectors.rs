@@ -149,13 +149,31 @@ pub async fn create(
             _ => unreachable!("one source checked above"),
         }
     });
-    let (mut tv, source) = made.await.map_err(ApiError::internal)??;
+    let roots = [
+        std::fs::canonicalize(&s.config.tv_dir).ok(),
+        Some(s.store.tv_dir()),
+    ];
+    let made = made.await.map_err(ApiError::internal)?;
+    let (mut tv, source) = made.map_err(|e| without_paths(e, &roots))?;
     check_unique(model, &tv)?;
     tv.meta.source = source;
     let (store, backbone) = (s.store.clone(), model.backbone.clone());
     let kept = tokio::task::spawn_blocking(move || keep(&store, &backbone, &tv).map(|_| tv));
     let tv = kept.await.map_err(ApiError::internal)??;
     add(&s, model, tv)
+}
+
+/// The error with the server's own directories cut from its detail: a client learns which
+/// of its files was wrong, not where this server keeps them.
+fn without_paths(mut e: ApiError, roots: &[Option<PathBuf>]) -> ApiError {
+    for root in roots.iter().flatten() {
+        let root = root.display().to_string();
+        e.detail = e
+            .detail
+            .replace(&format!("{root}/"), "")
+            .replace(&root, ".");
+    }
+    e
 }
 
 /// One stored copy per digest: the same deltas under a second name are refused, naming the
