@@ -140,10 +140,16 @@ fn demo_world(preset: &str) -> anyhow::Result<(Backbone, Library)> {
         .with_context(|| format!("unknown demo preset {preset:?} (full or ci)"))?;
     let params = atlas_demo::WorldParams::preset(preset);
     let root = atlas_demo::world::default_cache_root()?;
+    let dir = atlas_demo::world::world_dir(&root, &params);
+    let when = if dir.exists() {
+        "cached"
+    } else {
+        "not built yet: building it now takes minutes"
+    };
     eprintln!(
-        "atlas-serve: no model configured (--model / ATLAS_MODEL): serving the offline demo world '{}' from {} (built on first use; that takes minutes)",
+        "atlas-serve: no model configured (--model / ATLAS_MODEL): serving the offline demo world '{}' from {} ({when})",
         preset.name(),
-        atlas_demo::world::world_dir(&root, &params).display()
+        dir.display()
     );
     let (world, built) = atlas_demo::World::open(
         &params,
