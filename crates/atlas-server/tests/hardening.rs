@@ -756,3 +756,129 @@ fn error_details_do_not_show_the_servers_paths() {
         assert!(!detail.contains(&root), "{detail}");
     }
 }
+
+/// Runs the binary's `args` to completion (a subcommand other than `serve`).
+fn atlas(args: &[&str]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_atlas-serve"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+}
+
+/// Compositions were composed on the engine thread: every request for a model already resident
+/// waited behind each cache miss queued ahead of it. Models are composed on a thread of their
+/// own (one at a time, on the background pool): while six misses of a ViT-B/32 compose, requests
+/// for a resident composition keep being answered.
+#[test]
+fn composing_models_does_not_stall_requests_for_resident_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    atlas(&[
+        "bench",
+        "write-model",
+        "--vision",
+        "B/32",
+        "--out",
+        &d("base"),
+    ]);
+    atlas(&[
+        "bench",
+        "write-model",
+        "--vision",
+        "B/32",
+        "--seed",
+        "1",
+        "--out",
+        &d("ft"),
+    ]);
+    let tv = d("t1.safetensors");
+    atlas(&[
+        "task-vector",
+        "build",
+        "--base",
+        &d("base"),
+        "--finetuned",
+        &d("ft"),
+        "--name",
+        "t1",
+        "--out",
+        &tv,
+    ]);
+    std::fs::remove_dir_all(d("ft")).unwrap();
+    let flags: Vec<String> = ["--model", &d("base"), "--tvs", &tv, "--cache-mib", "1024"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let s = start(&dir.path().join("data"), &flags, &[]);
+    let create = |c: f64| {
+        let (code, r) = s.post(
+            "/compositions",
+            &json!({"task_vectors": ["t1"], "coefficients": [c]}),
+        );
+        assert_eq!(code, 201, "{r}");
+        r["id"].as_str().unwrap().to_string()
+    };
+    let classify = |id: &str| {
+        let body = json!({"composition": id, "classes": ["cat", "dog"], "images": [b64(&png(5))]});
+        let t = Instant::now();
+        let (code, r) = s.post("/classify", &body);
+        assert_eq!(code, 200, "{r}");
+        t.elapsed()
+    };
+    let resident = create(0.01);
+    classify(&resident);
+    let misses: Vec<String> = (1..=6).map(|i| create(0.01 + i as f64 * 1e-3)).collect();
+    let (misses_took, victims) = std::thread::scope(|scope| {
+        let started = Instant::now();
+        let handles: Vec<_> = misses
+            .iter()
+            .map(|id| scope.spawn(move || classify(id)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut victims = Vec::new();
+        while handles.iter().any(|h| !h.is_finished()) {
+            victims.push(classify(&resident));
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+        (started.elapsed(), victims)
+    });
+    let slowest = victims.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "six compositions served in {misses_took:?}; meanwhile {} requests for a resident one, \
+         slowest {slowest:?}",
+        victims.len()
+    );
+    assert!(victims.len() >= 2, "the misses took {misses_took:?}");
+    assert!(
+        slowest < misses_took / 2,
+        "a resident composition took {slowest:?} while six misses took {misses_took:?}"
+    );
+}
+
+/// 256 images of 4096x4096 in one 19 MiB request took 20 CPU-seconds to decode. A request's
+/// images may hold `max_request_pixels` together, checked from their headers before any is
+/// decoded: past it, a 413 that names the setting.
+#[test]
+fn a_requests_decoding_work_is_bounded_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &flags(&["--max-request-pixels", "5000000"]),
+        &[],
+    );
+    let big = b64(&big_png(3000, 1000, 7));
+    let two = json!({"classes": CLASSES, "images": [big, big]});
+    let t = Instant::now();
+    let (code, r) = s.post("/classify", &two);
+    assert_eq!(code, 413, "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("max_request_pixels"),
+        "{r}"
+    );
+    eprintln!("refused in {:?}", t.elapsed());
+    let one = json!({"classes": CLASSES, "images": [big]});
+    assert_eq!(s.post("/classify", &one).0, 200);
+}

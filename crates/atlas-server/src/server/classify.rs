@@ -2,13 +2,14 @@
 
 use super::api::{ClassifyRequest, ClassifyResponse, HeadRequest, HeadView, Status};
 use super::body::{parse, Body};
+use super::composer::{self, ComposeRefused};
 use super::engine::{EngineError, EngineRequest, Refused, Target};
 use super::error::{ApiError, ApiJson, ApiResult};
 use super::head_builder::HeadRefused;
 use super::store::PutHead;
 use super::{heads, images, AppState, Model};
 use atlas_clip::ClipError;
-use atlas_clip::ZeroShotHead;
+use atlas_clip::{VisionTower, ZeroShotHead};
 use atlas_core::Coefficients;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -85,17 +86,27 @@ pub async fn classify(State(s): State<AppState>, body: Body) -> ApiResult<Json<C
         return Err(queue_full(&s));
     }
     let size = model.backbone.config.vision.image_size;
-    let pixels = images::preprocess(raw, size, s.config.max_image_pixels).await?;
+    let bounds = images::PixelBounds {
+        image: s.config.max_image_pixels,
+        request: s.config.max_request_pixels,
+    };
+    let pixels = images::preprocess(raw, size, bounds).await?;
     let head_id = head.id.clone();
     let built = model
         .heads
         .get(head)
         .await
         .map_err(|e| head_refused(&s, e))?;
+    let key = composer::key(target.as_deref()).to_string();
+    let tower = model
+        .composer
+        .get(target)
+        .await
+        .map_err(|e| compose_refused(&s, e))?;
     let predictions = run(
         &s,
         model,
-        target,
+        (key, tower),
         (head_id.clone(), built),
         pixels,
         req.top_k,
@@ -170,14 +181,15 @@ fn resolve_target(s: &AppState, model: &Model, id: &str) -> ApiResult<Option<Arc
 async fn run(
     s: &AppState,
     model: &Model,
-    target: Option<Arc<Target>>,
+    (key, tower): (String, Arc<VisionTower>),
     (head_id, head): (String, Arc<ZeroShotHead>),
     pixels: Vec<Vec<f32>>,
     top_k: usize,
 ) -> ApiResult<Vec<Vec<super::api::Prediction>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let request = EngineRequest {
-        target,
+        key,
+        tower,
         head_id,
         head,
         pixels,
@@ -239,6 +251,26 @@ fn head_refused(s: &AppState, e: HeadRefused) -> ApiError {
             "the head builder has stopped",
         ),
         HeadRefused::Failed(e) => engine_error(e),
+    }
+}
+
+fn compose_refused(s: &AppState, e: ComposeRefused) -> ApiError {
+    match e {
+        ComposeRefused::Busy => {
+            s.metrics
+                .rejected
+                .with_label_values(&["composer_full"])
+                .inc();
+            ApiError::busy(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many compositions are waiting to be composed; retry later",
+                1,
+            )
+        }
+        ComposeRefused::Stopped => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the composer has stopped")
+        }
+        ComposeRefused::Failed(e) => engine_error(e),
     }
 }
 

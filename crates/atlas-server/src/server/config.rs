@@ -30,6 +30,7 @@ pub struct Config {
     pub auth_reads: bool,
     pub max_body_mib: usize,
     pub max_image_pixels: u64,
+    pub max_request_pixels: u64,
     pub max_images: usize,
     pub max_examples: usize,
     pub max_classes: usize,
@@ -89,6 +90,8 @@ pub struct Args {
     pub max_body_mib: Option<String>,
     #[arg(long, env = "ATLAS_MAX_IMAGE_PIXELS")]
     pub max_image_pixels: Option<String>,
+    #[arg(long, env = "ATLAS_MAX_REQUEST_PIXELS")]
+    pub max_request_pixels: Option<String>,
     #[arg(long, env = "ATLAS_MAX_IMAGES")]
     pub max_images: Option<String>,
     #[arg(long, env = "ATLAS_MAX_EXAMPLES")]
@@ -132,6 +135,7 @@ impl Args {
             ("auth_reads", &self.auth_reads),
             ("max_body_mib", &self.max_body_mib),
             ("max_image_pixels", &self.max_image_pixels),
+            ("max_request_pixels", &self.max_request_pixels),
             ("max_images", &self.max_images),
             ("max_examples", &self.max_examples),
             ("max_classes", &self.max_classes),
@@ -193,6 +197,7 @@ impl Config {
             ("job_queue", self.job_queue),
             ("max_body_mib", self.max_body_mib),
             ("max_images", self.max_images),
+            ("max_request_pixels", self.max_request_pixels as usize),
             ("max_examples", self.max_examples),
             ("max_classes", self.max_classes),
             ("max_parts", self.max_parts),

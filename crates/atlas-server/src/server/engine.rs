@@ -1,14 +1,13 @@
-//! The engine: one thread that owns model work for serving. Requests arrive on a bounded
-//! channel (full means 429, not an unbounded queue); the thread waits up to `max_wait` for more,
-//! groups requests by (composition, head) into forward batches, composes models on a cache miss
-//! (LRU by bytes; task-vector digests are part of the key) and answers each request on its own
-//! oneshot channel.
+//! The engine: one thread that runs forward passes for serving, and nothing else (heads and
+//! composed towers are built on threads of their own and handed to it with each request).
+//! Requests arrive on a bounded channel (full means 429, not an unbounded queue); the thread
+//! waits up to `max_wait` for more, groups requests by (composition, head) into forward batches
+//! and answers each request on its own oneshot channel.
 
 use super::api::Prediction;
 use super::metrics::Metrics;
 use atlas_clip::{Backbone, ClipError, VisionTower, ZeroShotHead};
 use atlas_core::{Coefficients, TaskVector};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -25,7 +24,9 @@ pub struct Target {
 
 /// One /classify request's images as the engine thread receives them, with where to answer.
 pub struct EngineRequest {
-    pub target: Option<Arc<Target>>,
+    /// The composition's cache key (see [`super::composer::key`]) and its composed tower.
+    pub key: String,
+    pub tower: Arc<VisionTower>,
     /// The head's id (requests with the same composition and head share a forward pass).
     pub head_id: String,
     pub head: Arc<ZeroShotHead>,
@@ -37,10 +38,7 @@ pub struct EngineRequest {
 
 impl EngineRequest {
     fn group_key(&self) -> (&str, &str) {
-        (
-            self.target.as_ref().map_or("", |t| t.key.as_str()),
-            &self.head_id,
-        )
+        (&self.key, &self.head_id)
     }
 }
 
@@ -68,7 +66,7 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    fn model(e: impl Into<ClipError>) -> Self {
+    pub fn model(e: impl Into<ClipError>) -> Self {
         EngineError::Model(Arc::new(e.into()))
     }
 }
@@ -90,7 +88,6 @@ impl Drop for AliveGuard {
 
 pub struct EngineSettings {
     pub queue: usize,
-    pub cache_bytes: usize,
     pub max_batch: usize,
     pub max_wait: Duration,
 }
@@ -101,11 +98,9 @@ impl Engine {
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
         metrics.queue_capacity.set(s.queue as i64);
-        metrics.cache_capacity.set(s.cache_bytes as i64);
         let mut worker = Worker {
             backbone,
             metrics: metrics.clone(),
-            cache: Cache::new(s.cache_bytes),
             max_batch: s.max_batch,
             max_wait: s.max_wait,
         };
@@ -148,55 +143,9 @@ impl Engine {
     }
 }
 
-/// Composed image towers by key, least recently used evicted past the byte budget.
-struct Cache {
-    budget: usize,
-    entries: HashMap<String, (Arc<VisionTower>, usize, u64)>,
-    clock: u64,
-}
-
-impl Cache {
-    fn new(budget: usize) -> Self {
-        Cache {
-            budget,
-            entries: HashMap::new(),
-            clock: 0,
-        }
-    }
-    fn get(&mut self, key: &str) -> Option<Arc<VisionTower>> {
-        self.clock += 1;
-        let clock = self.clock;
-        self.entries.get_mut(key).map(|e| {
-            e.2 = clock;
-            e.0.clone()
-        })
-    }
-    /// Inserts, evicting least recently used entries first; returns how many were evicted.
-    fn put(&mut self, key: String, tower: Arc<VisionTower>, bytes: usize) -> usize {
-        let mut evicted = 0;
-        while !self.entries.is_empty() && self.bytes() + bytes > self.budget {
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|e| e.1 .2)
-                .map(|e| e.0.clone())
-                .expect("non-empty");
-            self.entries.remove(&oldest);
-            evicted += 1;
-        }
-        self.clock += 1;
-        self.entries.insert(key, (tower, bytes, self.clock));
-        evicted
-    }
-    fn bytes(&self) -> usize {
-        self.entries.values().map(|e| e.1).sum()
-    }
-}
-
 struct Worker {
     backbone: Arc<Backbone>,
     metrics: Arc<Metrics>,
-    cache: Cache,
     max_batch: usize,
     max_wait: Duration,
 }
@@ -257,7 +206,7 @@ impl Worker {
         group: &[EngineRequest],
     ) -> Result<Vec<Vec<Vec<Prediction>>>, EngineError> {
         let first = &group[0];
-        let tower = self.tower(first.target.as_deref())?;
+        let tower = first.tower.clone();
         let head = first.head.clone();
         let pixels: Vec<&Vec<f32>> = group.iter().flat_map(|j| j.pixels.iter()).collect();
         let pre =
@@ -302,35 +251,6 @@ impl Worker {
         let top = p.iter().copied().fold(0.0f32, f32::max);
         self.metrics.prediction_entropy.observe(entropy);
         self.metrics.prediction_confidence.observe(top as f64);
-    }
-
-    fn tower(&mut self, target: Option<&Target>) -> Result<Arc<VisionTower>, EngineError> {
-        let key = target.map_or("base", |t| t.key.as_str()).to_string();
-        if let Some(t) = self.cache.get(&key) {
-            self.metrics.cache_hits.inc();
-            return Ok(t);
-        }
-        self.metrics.cache_misses.inc();
-        let started = Instant::now();
-        let tower = match target {
-            None => self.backbone.base_vision(),
-            Some(t) => self.backbone.composed_vision(&t.tvs, &t.coefs),
-        }
-        .map_err(EngineError::model)?;
-        self.metrics
-            .compose_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let bytes = self.backbone.manifest().numel() * self.backbone.dtype().size_in_bytes();
-        let tower = Arc::new(tower);
-        let evicted = self.cache.put(key, tower.clone(), bytes);
-        self.metrics.cache_evictions.inc_by(evicted as u64);
-        let resident = self.cache.bytes() as i64;
-        self.metrics.cache_bytes.set(resident);
-        self.metrics
-            .memory
-            .with_label_values(&["cache"])
-            .set(resident);
-        Ok(tower)
     }
 }
 

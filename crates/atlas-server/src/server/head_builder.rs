@@ -88,7 +88,7 @@ fn build_all(
 
 fn build(backbone: &Backbone, view: &HeadView) -> Result<Arc<ZeroShotHead>, EngineError> {
     let templates: Vec<&str> = view.templates.iter().map(String::as_str).collect();
-    ZeroShotHead::build(backbone, &view.classes, &templates)
+    super::background::run(|| ZeroShotHead::build(backbone, &view.classes, &templates))
         .map(Arc::new)
         .map_err(|e| EngineError::Head(Arc::new(e)))
 }

@@ -4,6 +4,7 @@
 
 use super::error::{ApiError, ApiResult};
 use atlas_clip::ClipError;
+use axum::http::StatusCode;
 use base64::Engine as _;
 
 pub fn b64(s: &str, what: &str) -> ApiResult<Vec<u8>> {
@@ -20,23 +21,54 @@ pub fn refused(what: &str, e: ClipError) -> ApiError {
     }
 }
 
-/// Checks, decodes and preprocesses images on the blocking pool, in parallel.
+/// Pixels a request's images may take: each, and all together.
+pub struct PixelBounds {
+    pub image: u64,
+    pub request: u64,
+}
+
+/// Checks, decodes and preprocesses images in parallel on the background pool. Every header is
+/// checked first, so a request over its pixel bounds costs no decoding.
 pub async fn preprocess(
     images: Vec<(String, Vec<u8>)>,
     image_size: usize,
-    max_pixels: u64,
+    bounds: PixelBounds,
 ) -> ApiResult<Vec<Vec<f32>>> {
+    check_pixels(&images, &bounds)?;
+    let max_pixels = bounds.image;
     tokio::task::spawn_blocking(move || {
         use rayon::prelude::*;
         let pre = atlas_clip::preprocess::Preprocess {
             max_pixels,
             ..atlas_clip::preprocess::Preprocess::from_config(image_size)
         };
-        images
-            .par_iter()
-            .map(|(what, bytes)| pre.from_bytes(bytes).map_err(|e| refused(what, e)))
-            .collect()
+        super::background::run(|| {
+            images
+                .par_iter()
+                .map(|(what, bytes)| pre.from_bytes(bytes).map_err(|e| refused(what, e)))
+                .collect()
+        })
     })
     .await
     .map_err(ApiError::internal)?
+}
+
+fn check_pixels(images: &[(String, Vec<u8>)], bounds: &PixelBounds) -> ApiResult<()> {
+    let mut total = 0u64;
+    for (what, bytes) in images {
+        let (w, h) = atlas_clip::preprocess::check_header(bytes, bounds.image)
+            .map_err(|e| refused(what, e))?;
+        total = total.saturating_add(u64::from(w) * u64::from(h));
+    }
+    if total > bounds.request {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the images have {total} pixels together; a request may have {} \
+                 (max_request_pixels): send fewer or smaller images, or split the request",
+                bounds.request
+            ),
+        ));
+    }
+    Ok(())
 }

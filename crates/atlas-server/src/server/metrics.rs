@@ -173,7 +173,13 @@ impl Metrics {
             self.registry.register(c).expect("register");
         }
         // Labelled series exist from the start, so dashboards and alerts see zeros, not gaps.
-        for reason in ["queue_full", "timeout", "jobs_full"] {
+        for reason in [
+            "queue_full",
+            "timeout",
+            "jobs_full",
+            "heads_full",
+            "composer_full",
+        ] {
             self.rejected.with_label_values(&[reason]);
         }
         for kind in ["backbone", "library", "cache"] {

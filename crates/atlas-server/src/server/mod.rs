@@ -1,10 +1,13 @@
-//! The HTTP service: axum routes over an engine thread (serving), learning workers (jobs), a
+//! The HTTP service: axum routes over an engine thread (serving; heads and composed models are
+//! built on threads of their own and handed to it), learning workers (jobs), a
 //! durable store (SQLite + data directory) and Prometheus metrics. The listener comes up
 //! first; the model side attaches once loaded, and /readyz flips then.
 
 pub mod api;
+pub mod background;
 pub mod body;
 pub mod classify;
+pub mod composer;
 pub mod compositions;
 pub mod config;
 pub mod engine;
@@ -22,6 +25,7 @@ pub mod task_vectors;
 
 use atlas_clip::Backbone;
 use atlas_core::{Library, StorageDType};
+use composer::Composer;
 use config::Config;
 use engine::{Engine, EngineSettings};
 use head_builder::HeadBuilder;
@@ -60,6 +64,7 @@ pub struct Model {
     pub library: Arc<RwLock<Library>>,
     pub storage_dtype: StorageDType,
     pub engine: Engine,
+    pub composer: Composer,
     pub heads: HeadBuilder,
     pub workers: Arc<Workers>,
 }
@@ -115,10 +120,15 @@ impl AppState {
             self.metrics.clone(),
             EngineSettings {
                 queue: c.queue,
-                cache_bytes: c.cache_mib << 20,
                 max_batch: c.max_batch,
                 max_wait: Duration::from_millis(c.max_wait_ms),
             },
+        );
+        let composer = Composer::start(
+            backbone.clone(),
+            self.metrics.clone(),
+            c.cache_mib << 20,
+            c.queue,
         );
         let heads = HeadBuilder::start(backbone.clone(), c.queue);
         let library = Arc::new(RwLock::new(library));
@@ -135,6 +145,7 @@ impl AppState {
             library,
             storage_dtype,
             engine,
+            composer,
             heads,
             workers,
         };

@@ -5,7 +5,7 @@
 use crate::server::api::LearnRequest;
 use crate::server::body::{Body, FilePart};
 use crate::server::error::{ApiError, ApiResult};
-use crate::server::{images, AppState};
+use crate::server::{background, images, AppState};
 use atlas_clip::preprocess::Preprocess;
 use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
@@ -104,10 +104,12 @@ fn write_examples(dir: &std::path::Path, items: Vec<Item>, b: &Bounds) -> ApiRes
         ));
     }
     let max_pixels = b.max_pixels;
-    items.par_iter().try_for_each(|(what, _, bytes, _)| {
-        atlas_clip::preprocess::decode_limited(bytes, max_pixels)
-            .map(|_| ())
-            .map_err(|e| images::refused(what, e))
+    background::run(|| {
+        items.par_iter().try_for_each(|(what, _, bytes, _)| {
+            atlas_clip::preprocess::decode_limited(bytes, max_pixels)
+                .map(|_| ())
+                .map_err(|e| images::refused(what, e))
+        })
     })?;
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
