@@ -882,3 +882,82 @@ fn a_requests_decoding_work_is_bounded_before_decoding() {
     let one = json!({"classes": CLASSES, "images": [big]});
     assert_eq!(s.post("/classify", &one).0, 200);
 }
+
+/// Fills the file system under `dir` with one file, to the last byte it takes.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    loop {
+        if let Err(e) = f.write_all(&chunk) {
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            return path;
+        }
+    }
+}
+
+/// A full disk left a job "running" with no progress, a cancel of it answered 202 and did
+/// nothing, and the half-written examples of a refused job (jobs/<id>.tmp) stayed. The server
+/// runs on a small tmpfs of its own (a mount namespace, so no privileges are needed): when it
+/// fills, a new job is a 507 that leaves nothing behind, the running job ends failed saying why,
+/// and once space is freed jobs run again.
+#[test]
+fn a_full_disk_fails_jobs_with_the_reason_and_leaves_nothing_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mount = "mount -t tmpfs -o size=24m tmpfs \"$1\" && shift && exec \"$@\"";
+    let under: Vec<String> = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([mount.to_string(), "sh".into(), data.display().to_string()])
+    .collect();
+    let s = common::start_under(&under, &data, &tiny_flags(), &[]);
+    // The server's view of its data directory: the tmpfs, through its mount namespace.
+    let seen = std::path::PathBuf::from(format!("/proc/{}/root{}", s.pid(), data.display()));
+    let (code, running) = s.post("/compositions", &job(1000));
+    assert_eq!(code, 202, "{running}");
+    let id = running["id"].as_str().unwrap();
+    wait_status(&s, id, "running", Duration::from_secs(60));
+    let filler = fill(&seen);
+
+    let (code, r) = s.post("/compositions", &job(1));
+    assert_eq!(code, 507, "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("disk is full"),
+        "{r}"
+    );
+    let left: Vec<String> = std::fs::read_dir(seen.join("jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "half-written examples left: {left:?}");
+
+    // The job notices at its next write (progress or checkpoint); its end is recorded at the
+    // latest once space is freed.
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::remove_file(filler).unwrap();
+    let ended = s.wait_final(id, Duration::from_secs(60));
+    assert_eq!(ended["status"], "failed", "{ended}");
+    let why = ended["error"].as_str().unwrap();
+    eprintln!("the running job ended failed: {why}");
+    assert!(why.contains("space") || why.contains("full"), "{ended}");
+    assert_eq!(
+        s.post(&format!("/compositions/{id}/cancel"), &json!({})).0,
+        409
+    );
+
+    let (code, again) = s.post("/compositions", &job(1));
+    assert_eq!(code, 202, "{again}");
+    let done = s.wait_final(again["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(done["status"], "succeeded", "{done}");
+}

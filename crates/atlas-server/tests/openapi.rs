@@ -587,12 +587,14 @@ fn status_code(name: &str) -> u16 {
         "TOO_MANY_REQUESTS" => 429,
         "INTERNAL_SERVER_ERROR" => 500,
         "SERVICE_UNAVAILABLE" => 503,
+        "INSUFFICIENT_STORAGE" => 507,
         other => panic!("StatusCode::{other} in the server: add it to tests/openapi.rs"),
     }
 }
 
 /// Codes a function's own text answers with: `StatusCode::X`, the `ApiError` constructors, and
-/// 500 for the store's errors (`?` turns them into internal errors).
+/// 500 for the store's errors (`?` turns them into internal errors; a full disk's 507 is
+/// documented where the handler writes files, through `ApiError::io`).
 fn codes_in(text: &str) -> BTreeSet<u16> {
     let mut out = BTreeSet::new();
     for (at, _) in text.match_indices("StatusCode::") {
@@ -607,6 +609,8 @@ fn codes_in(text: &str) -> BTreeSet<u16> {
         ("ApiError::not_found(", 404),
         ("ApiError::conflict(", 409),
         ("ApiError::internal", 500),
+        ("ApiError::io", 500),
+        ("ApiError::io", 507),
     ] {
         if text.contains(call) {
             out.insert(code);

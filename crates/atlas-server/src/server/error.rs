@@ -37,6 +37,24 @@ impl ApiError {
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, detail.to_string())
     }
+    /// 507: the server's disk is full, so nothing of the request was stored.
+    pub fn disk_full(e: impl std::fmt::Display) -> Self {
+        ApiError::busy(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "the server's disk is full, nothing was stored; retry once space is freed ({e})"
+            ),
+            60,
+        )
+    }
+    /// A failed write to the data directory: 507 when the disk is full, else 500.
+    pub fn io(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            ApiError::disk_full(e)
+        } else {
+            ApiError::internal(e)
+        }
+    }
     /// 429 or 503 with Retry-After.
     pub fn busy(status: StatusCode, detail: impl Into<String>, retry_after: u64) -> Self {
         ApiError {
@@ -48,9 +66,15 @@ impl ApiError {
 
 impl From<super::store::StoreError> for ApiError {
     fn from(e: super::store::StoreError) -> Self {
-        ApiError::internal(e)
+        if e.is_disk_full() {
+            ApiError::disk_full(e)
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
+
+
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -144,6 +144,12 @@ impl Workers {
         let id = c.id.clone();
         let flag = Arc::new(AtomicBool::new(false));
         self.lock_cancels().insert(id.clone(), flag.clone());
+        // A cancel between the claim and the line above found no worker and cancelled the job
+        // in the store: it stays cancelled.
+        if !matches!(self.store.get(&id), Ok(Some(now)) if now.status == Status::Running) {
+            self.lock_cancels().remove(&id);
+            return;
+        }
         self.publish(&id, Status::Running, None);
         self.refresh_gauges();
         let started = Instant::now();
@@ -160,11 +166,7 @@ impl Workers {
             (Status::Failed, Err(e)) => Some(e.to_string()),
             _ => None,
         };
-        let _ = self.store.update(&id, |c| {
-            c.status = status;
-            c.error = error;
-            c.updated_at = now();
-        });
+        let status = self.finish(&id, status, error);
         if status.is_final() {
             self.metrics
                 .job_seconds
@@ -173,6 +175,36 @@ impl Workers {
         }
         self.publish(&id, status, None);
         self.refresh_gauges();
+    }
+
+    /// Records how a job ended, retrying while the store refuses the write (a full disk):
+    /// a job whose end is not recorded would look running forever. A cancel that reached the
+    /// store meanwhile wins. Returns the status the store holds.
+    fn finish(&self, id: &str, status: Status, error: Option<String>) -> Status {
+        let mut logged = false;
+        loop {
+            let recorded = self.store.update(id, |c| {
+                if c.status == Status::Running {
+                    c.status = status;
+                    c.error = error.clone();
+                    c.updated_at = now();
+                }
+            });
+            match recorded {
+                Ok(c) => return c.map_or(status, |c| c.status),
+                Err(e) if self.stopping.load(Ordering::Relaxed) => {
+                    eprintln!("atlas-serve: job {id} ended {} but the store refused it ({e}); it is requeued at the next start", status.as_str());
+                    return Status::Running;
+                }
+                Err(e) => {
+                    if !logged {
+                        eprintln!("atlas-serve: job {id} ended {}; the store refuses to record it, retrying every second: {e}", status.as_str());
+                        logged = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     pub fn publish(&self, id: &str, status: Status, progress: Option<Event>) {
@@ -201,6 +233,7 @@ impl Workers {
             .clone()
             .ok_or_else(|| LearnError::Job("the job has no stored configuration".into()))?;
         let mut last_step = Instant::now();
+        let mut refused = None;
         let mut on_event = |e: &Event| {
             if e.kind == EventKind::Step {
                 self.metrics
@@ -208,9 +241,14 @@ impl Workers {
                     .observe(last_step.elapsed().as_secs_f64());
                 last_step = Instant::now();
             }
-            self.record(&c.id, e);
+            // Progress the store cannot keep (a full disk) would be lost, and the checkpoints
+            // with it: the job stops and fails, saying why.
+            if let Err(err) = self.record(&c.id, e) {
+                refused.get_or_insert(err);
+                cancel.store(true, Ordering::Relaxed);
+            }
         };
-        let out = learn(
+        let learned = learn(
             &self.backbone,
             &tvs,
             &job,
@@ -218,7 +256,15 @@ impl Workers {
             &mut on_event,
             cancel,
             Some(&dir.join("checkpoint.json")),
-        )?;
+        );
+        let out = match (learned, refused) {
+            (Err(LearnError::Cancelled), Some(err)) => {
+                return Err(LearnError::Job(format!(
+                    "the store could not record the job's progress: {err}"
+                )))
+            }
+            (learned, _) => learned?,
+        };
         let summary = serde_json::json!({
             "metric": out.metric, "before": out.before, "after": out.after,
             "best_epoch": out.best_epoch, "epochs": out.history,
@@ -233,18 +279,16 @@ impl Workers {
     }
 
     /// Stores a progress event (epoch events also join the history) and publishes it.
-    fn record(&self, id: &str, e: &Event) {
-        let stored = self.store.update(id, |c| {
+    fn record(&self, id: &str, e: &Event) -> Result<(), super::store::StoreError> {
+        self.store.update(id, |c| {
             if matches!(e.kind, EventKind::Epoch | EventKind::Resumed) {
                 c.history.push(e.clone());
             }
             c.progress = Some(e.clone());
             c.updated_at = now();
-        });
-        if let Err(err) = stored {
-            eprintln!("atlas-serve: recording progress of {id}: {err}");
-        }
+        })?;
         self.publish(id, Status::Running, Some(e.clone()));
+        Ok(())
     }
 }
 

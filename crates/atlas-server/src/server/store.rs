@@ -27,6 +27,19 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// True when the write failed for want of disk space (SQLite's SQLITE_FULL, or ENOSPC).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Database(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Dir { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// What [`Store::put_head`] did.
@@ -86,6 +99,7 @@ impl Store {
                 source,
             })?;
         }
+        remove_unfinished(&dir.join("jobs"));
         let conn = Connection::open(dir.join("atlas.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -374,5 +388,28 @@ impl Store {
             .optional()?;
         conn.execute("DELETE FROM task_vectors WHERE name = ?1", [name])?;
         Ok(file)
+    }
+}
+
+/// Removes the `*.tmp` directories of job examples whose writing never finished (the process
+/// stopped, or the disk filled, before the rename that makes them whole).
+fn remove_unfinished(jobs: &Path) {
+    let Ok(entries) = std::fs::read_dir(jobs) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "tmp") {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => eprintln!(
+                    "atlas-serve: removed unfinished job examples {}",
+                    e.file_name().to_string_lossy()
+                ),
+                Err(err) => eprintln!(
+                    "atlas-serve: removing unfinished job examples {}: {err}",
+                    e.file_name().to_string_lossy()
+                ),
+            }
+        }
     }
 }

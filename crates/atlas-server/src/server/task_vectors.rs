@@ -294,7 +294,10 @@ fn from_upload(
     dtype: StorageDType,
 ) -> ApiResult<TaskVector> {
     let tmp = store.tv_dir().join(format!(".{name}.upload"));
-    write_synced(&tmp, bytes).map_err(ApiError::internal)?;
+    if let Err(e) = write_synced(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ApiError::io(e));
+    }
     let tv = load(backbone, &tmp, name, dtype);
     let _ = std::fs::remove_file(&tmp);
     tv

@@ -76,10 +76,29 @@ fn free_port() -> u16 {
 
 /// Starts the server on `data` (kept between restarts) and waits until /readyz says ready.
 pub fn start(data: &Path, flags: &[String], env: &[(&str, &str)]) -> Server {
+    start_under(&[], data, flags, env)
+}
+
+/// [`start`], run by the program `under` (a program and its arguments, which ends by
+/// executing the server binary it is given after them), e.g. in a namespace of its own.
+pub fn start_under(
+    under: &[String],
+    data: &Path,
+    flags: &[String],
+    env: &[(&str, &str)],
+) -> Server {
     let port = free_port();
     let log = data.with_extension(format!("{port}.log"));
     let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atlas-serve"));
+    let bin = env!("CARGO_BIN_EXE_atlas-serve");
+    let mut cmd = match under.split_first() {
+        None => Command::new(bin),
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+    };
     cmd.arg("serve")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--data-dir", data.to_str().unwrap()])
@@ -102,6 +121,11 @@ pub fn start(data: &Path, flags: &[String], env: &[(&str, &str)]) -> Server {
 }
 
 impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn wait_ready(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {

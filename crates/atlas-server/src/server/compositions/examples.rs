@@ -112,23 +112,34 @@ fn write_examples(dir: &std::path::Path, items: Vec<Item>, b: &Bounds) -> ApiRes
         })
     })?;
     let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(ApiError::internal)?;
+    let written = write_all(&tmp, &items).and_then(|digest| {
+        // The directory appears whole or not at all; the job row is inserted only after it.
+        std::fs::rename(&tmp, dir).map_err(ApiError::io)?;
+        Ok(digest)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
+/// Writes every example into `tmp` (made afresh), each file synced; returns their digest.
+fn write_all(tmp: &std::path::Path, items: &[Item]) -> ApiResult<String> {
+    let _ = std::fs::remove_dir_all(tmp);
+    std::fs::create_dir_all(tmp).map_err(ApiError::io)?;
     let mut hash = Sha256::new();
-    for (_, name, bytes, label) in &items {
+    for (_, name, bytes, label) in items {
         write_synced(&tmp.join(name), bytes)?;
         hash.update((bytes.len() as u64).to_le_bytes());
         hash.update(bytes);
         hash.update(label.map_or(-1i64, i64::from).to_le_bytes());
     }
-    // The directory appears whole or not at all; the job row is inserted only after it.
-    std::fs::rename(&tmp, dir).map_err(ApiError::internal)?;
     Ok(hex::encode(hash.finalize()))
 }
 
 fn write_synced(path: &std::path::Path, bytes: &[u8]) -> ApiResult<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(ApiError::internal)?;
-    f.write_all(bytes).map_err(ApiError::internal)?;
-    f.sync_all().map_err(ApiError::internal)
+    let mut f = std::fs::File::create(path).map_err(ApiError::io)?;
+    f.write_all(bytes).map_err(ApiError::io)?;
+    f.sync_all().map_err(ApiError::io)
 }

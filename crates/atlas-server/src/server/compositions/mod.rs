@@ -189,14 +189,15 @@ pub async fn cancel(
             c.status.as_str()
         )));
     }
-    // Still queued: cancel in the store (a worker claiming it meanwhile sees the flag below).
+    let running_here = model.workers.cancel(&id);
+    // Queued, or marked running with no worker on it (one that ended without the store taking
+    // its end, or one just claiming it, which then sees this): cancelled in the store.
     let updated = s.store.update(&id, |c| {
-        if c.status == Status::Queued {
+        if c.status == Status::Queued || (c.status == Status::Running && !running_here) {
             c.status = Status::Cancelled;
             c.updated_at = now();
         }
     })?;
-    model.workers.cancel(&id);
     model.workers.refresh_gauges();
     let c = updated.unwrap_or(c);
     if c.status == Status::Cancelled {
