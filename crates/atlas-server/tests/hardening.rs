@@ -961,3 +961,44 @@ fn a_full_disk_fails_jobs_with_the_reason_and_leaves_nothing_half_written() {
     let done = s.wait_final(again["id"].as_str().unwrap(), Duration::from_secs(120));
     assert_eq!(done["status"], "succeeded", "{done}");
 }
+
+/// A classification waited for its head without a bound: a head of many long prompts held its
+/// client for as long as it took to build. `request_timeout_s` bounds the whole answer (head,
+/// composition and forward pass): past it a 503 with Retry-After, while the head goes on being
+/// built and cached, so that a retry is answered.
+#[test]
+fn a_slow_head_answers_503_within_the_request_timeout_and_a_retry_finds_it_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &flags(&["--request-timeout-s", "1"]),
+        &[],
+    );
+    let words = "a very long description of a picture with many words in it ".repeat(15);
+    let classes: Vec<String> = (0..200).map(|i| format!("class {i} {words}")).collect();
+    let templates: Vec<String> = (0..20).map(|i| format!("{i} {words} {{}}")).collect();
+    let big = json!({"classes": classes, "templates": templates, "images": [b64(&png(4))]});
+    let t = Instant::now();
+    let (code, r) = s.post("/classify", &big);
+    let took = t.elapsed();
+    assert_eq!(code, 503, "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("request_timeout_s"),
+        "{r}"
+    );
+    assert!(took < Duration::from_secs(5), "answered in {took:?}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (code, r) = s.post("/classify", &big);
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 503, "{r}");
+        assert!(Instant::now() < deadline, "the head was never built");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!(
+        "refused after {took:?}; built and answered within {:?}",
+        t.elapsed()
+    );
+}

@@ -9,7 +9,6 @@ use super::head_builder::HeadRefused;
 use super::store::PutHead;
 use super::{heads, images, AppState, Model};
 use atlas_clip::ClipError;
-use atlas_clip::{VisionTower, ZeroShotHead};
 use atlas_core::Coefficients;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -90,28 +89,17 @@ pub async fn classify(State(s): State<AppState>, body: Body) -> ApiResult<Json<C
         image: s.config.max_image_pixels,
         request: s.config.max_request_pixels,
     };
-    let pixels = images::preprocess(raw, size, bounds).await?;
+    // One bound for the whole answer: a head or a composition still being built when it
+    // passes goes on being built (and cached), so a retry finds it.
+    let timeout = Duration::from_secs(s.config.request_timeout_s);
     let head_id = head.id.clone();
-    let built = model
-        .heads
-        .get(head)
+    let answer = async {
+        let pixels = images::preprocess(raw, size, bounds).await?;
+        answer(&s, model, head, target, pixels, req.top_k).await
+    };
+    let predictions = tokio::time::timeout(timeout, answer)
         .await
-        .map_err(|e| head_refused(&s, e))?;
-    let key = composer::key(target.as_deref()).to_string();
-    let tower = model
-        .composer
-        .get(target)
-        .await
-        .map_err(|e| compose_refused(&s, e))?;
-    let predictions = run(
-        &s,
-        model,
-        (key, tower),
-        (head_id.clone(), built),
-        pixels,
-        req.top_k,
-    )
-    .await?;
+        .map_err(|_| timed_out(&s, timeout))??;
     Ok(Json(ClassifyResponse {
         composition,
         head: head_id,
@@ -178,20 +166,27 @@ fn resolve_target(s: &AppState, model: &Model, id: &str) -> ApiResult<Option<Arc
     })))
 }
 
-async fn run(
+/// Has the head and the composed tower built (at once, each on its thread), then the engine
+/// run them over the images.
+async fn answer(
     s: &AppState,
     model: &Model,
-    (key, tower): (String, Arc<VisionTower>),
-    (head_id, head): (String, Arc<ZeroShotHead>),
+    head: HeadView,
+    target: Option<Arc<Target>>,
     pixels: Vec<Vec<f32>>,
     top_k: usize,
 ) -> ApiResult<Vec<Vec<super::api::Prediction>>> {
+    let head_id = head.id.clone();
+    let key = composer::key(target.as_deref()).to_string();
+    let (built, tower) = tokio::join!(model.heads.get(head), model.composer.get(target));
+    let built = built.map_err(|e| head_refused(s, e))?;
+    let tower = tower.map_err(|e| compose_refused(s, e))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let request = EngineRequest {
         key,
         tower,
         head_id,
-        head,
+        head: built,
         pixels,
         top_k,
         reply: tx,
@@ -199,30 +194,29 @@ async fn run(
     match model.engine.submit(request) {
         Ok(()) => {}
         Err(Refused::Full) => return Err(queue_full(s)),
-        Err(Refused::Stopped) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the engine has stopped",
-            ))
-        }
+        Err(Refused::Stopped) => return Err(engine_stopped()),
     }
-    let timeout = Duration::from_secs(s.config.request_timeout_s);
-    match tokio::time::timeout(timeout, rx).await {
-        Err(_) => {
-            s.metrics.rejected.with_label_values(&["timeout"]).inc();
-            Err(ApiError::busy(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("classification did not finish within {timeout:?}"),
-                1,
-            ))
-        }
-        Ok(Err(_)) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine has stopped",
-        )),
-        Ok(Ok(Err(e))) => Err(engine_error(e)),
-        Ok(Ok(Ok(p))) => Ok(p),
+    match rx.await {
+        Err(_) => Err(engine_stopped()),
+        Ok(Err(e)) => Err(engine_error(e)),
+        Ok(Ok(p)) => Ok(p),
     }
+}
+
+fn engine_stopped() -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped")
+}
+
+fn timed_out(s: &AppState, timeout: Duration) -> ApiError {
+    s.metrics.rejected.with_label_values(&["timeout"]).inc();
+    ApiError::busy(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "classification did not finish within {timeout:?} (request_timeout_s); a head or \
+             composition still being built goes on being built, so retry"
+        ),
+        1,
+    )
 }
 
 /// A head the tokenizer or the config refuses is the request's fault (400); the rest is ours.

@@ -129,11 +129,12 @@ impl Worker {
 
     fn compose(&self, target: Option<&Target>) -> Result<Arc<VisionTower>, EngineError> {
         let started = Instant::now();
-        let tower = super::background::run(|| match target {
-            None => self.backbone.base_vision(),
-            Some(t) => self.backbone.composed_vision(&t.tvs, &t.coefs),
-        })
-        .map_err(EngineError::model)?;
+        let tower =
+            super::background::run(super::background::Pool::Compositions, || match target {
+                None => self.backbone.base_vision(),
+                Some(t) => self.backbone.composed_vision(&t.tvs, &t.coefs),
+            })
+            .map_err(EngineError::model)?;
         self.metrics
             .compose_seconds
             .observe(started.elapsed().as_secs_f64());

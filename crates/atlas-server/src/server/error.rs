@@ -74,8 +74,6 @@ impl From<super::store::StoreError> for ApiError {
     }
 }
 
-
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         problem(self.status, self.detail, self.retry_after)

@@ -88,7 +88,9 @@ fn build_all(
 
 fn build(backbone: &Backbone, view: &HeadView) -> Result<Arc<ZeroShotHead>, EngineError> {
     let templates: Vec<&str> = view.templates.iter().map(String::as_str).collect();
-    super::background::run(|| ZeroShotHead::build(backbone, &view.classes, &templates))
-        .map(Arc::new)
-        .map_err(|e| EngineError::Head(Arc::new(e)))
+    super::background::run(super::background::Pool::Heads, || {
+        ZeroShotHead::build(backbone, &view.classes, &templates)
+    })
+    .map(Arc::new)
+    .map_err(|e| EngineError::Head(Arc::new(e)))
 }

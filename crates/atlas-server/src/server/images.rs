@@ -42,7 +42,7 @@ pub async fn preprocess(
             max_pixels,
             ..atlas_clip::preprocess::Preprocess::from_config(image_size)
         };
-        super::background::run(|| {
+        super::background::run(super::background::Pool::Images, || {
             images
                 .par_iter()
                 .map(|(what, bytes)| pre.from_bytes(bytes).map_err(|e| refused(what, e)))

@@ -104,7 +104,7 @@ fn write_examples(dir: &std::path::Path, items: Vec<Item>, b: &Bounds) -> ApiRes
         ));
     }
     let max_pixels = b.max_pixels;
-    background::run(|| {
+    background::run(background::Pool::Images, || {
         items.par_iter().try_for_each(|(what, _, bytes, _)| {
             atlas_clip::preprocess::decode_limited(bytes, max_pixels)
                 .map(|_| ())
