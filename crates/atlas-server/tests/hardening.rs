@@ -1002,3 +1002,36 @@ fn a_slow_head_answers_503_within_the_request_timeout_and_a_retry_finds_it_built
         t.elapsed()
     );
 }
+
+/// 431 and 414 answers had empty bodies (hyper's own). A request target or header section over
+/// the server's bounds is refused with a problem that names the bound.
+#[test]
+fn a_long_target_or_large_headers_get_a_problem_that_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    let (code, r) = s.get(&format!("/compositions?status={}", "a".repeat(9000)));
+    assert_eq!(code, 414, "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("at most 8192"),
+        "{r}"
+    );
+    let client = reqwest::blocking::Client::new();
+    let mut many = reqwest::blocking::Client::new().get(format!("{}/healthz", s.base));
+    for i in 0..70 {
+        many = many.header(format!("x-extra-{i}"), "1");
+    }
+    let large = client
+        .get(format!("{}/healthz", s.base))
+        .header("x-large", "b".repeat(40 << 10));
+    for req in [many, large] {
+        let r = req.send().unwrap();
+        assert_eq!(r.status().as_u16(), 431);
+        assert_eq!(common::content_type(&r), "application/problem+json");
+        let v: Value = r.json().unwrap();
+        assert!(
+            v["detail"].as_str().unwrap().contains("header fields"),
+            "{v}"
+        );
+    }
+    assert_eq!(s.get("/healthz").0, 200);
+}

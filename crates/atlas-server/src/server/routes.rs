@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
             read_body_in_time,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(check_head))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -111,6 +112,37 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
         .with_label_values(&[&route, &method, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// Longest request target (path and query), in bytes.
+pub const MAX_URI_BYTES: usize = 8 << 10;
+/// Most header fields in a request, and most bytes of them together.
+pub const MAX_HEADERS: usize = 64;
+pub const MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// Refuses a request whose target or headers are over the bounds above with a problem that
+/// says which (414, 431). hyper's own refusals, for what is over its larger limits (a target
+/// of 64 KiB, 100 headers, 400 KiB of headers), come before any of this and have no body.
+async fn check_head(req: Request, next: Next) -> Response {
+    let uri = req.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        let detail = format!("the request target is {uri} bytes; at most {MAX_URI_BYTES}");
+        return problem(StatusCode::URI_TOO_LONG, detail, None);
+    }
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        let detail = format!(
+            "the request has {} header fields of {bytes} bytes; at most {MAX_HEADERS} fields \
+             and {MAX_HEADER_BYTES} bytes",
+            headers.len()
+        );
+        return problem(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, detail, None);
+    }
+    next.run(req).await
 }
 
 /// Reads the whole body before the handler runs, within `body_timeout_s` and `max_body_mib`: a
