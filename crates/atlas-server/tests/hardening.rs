@@ -1035,3 +1035,32 @@ fn a_long_target_or_large_headers_get_a_problem_that_says_so() {
     }
     assert_eq!(s.get("/healthz").0, 200);
 }
+
+/// What a classify request at its bounds costs in memory: images of `max_request_pixels`
+/// (64 Mi pixels: four of 4096x4096) are decoded a pool thread at a time and kept at the model's
+/// input size, so the server's resident memory grows by a few decoded images, not by all of
+/// them at full size. The README's per-request figure comes from this test.
+#[test]
+fn a_classify_request_at_its_pixel_bound_takes_a_bounded_amount_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &tiny_flags(), &[]);
+    let small = json!({"classes": CLASSES, "images": [b64(&png(3))]});
+    assert_eq!(s.post("/classify", &small).0, 200);
+    let before = s.rss_mib();
+    let images: Vec<String> = (0..4).map(|i| b64(&big_png(4096, 4096, i * 40))).collect();
+    let body = json!({"classes": CLASSES, "images": images});
+    let peak = std::thread::scope(|scope| {
+        let request = scope.spawn(|| s.post("/classify", &body));
+        let mut peak = before;
+        while !request.is_finished() {
+            peak = peak.max(s.rss_mib());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (code, r) = request.join().unwrap();
+        assert_eq!(code, 200, "{r}");
+        peak.max(s.rss_mib())
+    });
+    eprintln!("4 images of 4096x4096 in one request: RSS {before:.0} MiB -> peak {peak:.0} MiB");
+    // One decoded 4096x4096 RGB image is 48 MiB; all four at once would be 192 MiB.
+    assert!(peak - before < 160.0, "RSS {before:.0} -> {peak:.0} MiB");
+}
