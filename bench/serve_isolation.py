@@ -3,13 +3,15 @@
 other clients make the server build heads and compose models, against a running
 `atlas-serve serve`. Standard library only.
 
-Three phases, each `--requests` sequential single-image requests on one kept-alive connection
+Four phases, each `--requests` sequential single-image requests on one kept-alive connection
 for a composition already resident (`A`, coefficient 0.01 on `--tv`) with a head already built:
   alone        nothing else runs;
-  compose      a second client keeps classifying with new compositions (each a cache miss that
-               composes the image tower);
-  heads        a second client keeps classifying with new heads of `--head-classes` classes ×
-               10 long templates (each built through the text tower).
+  shared       a second client keeps classifying with another resident composition: the cost of
+               sharing the engine and the cores, and the baseline for the next two;
+  compose      the second client classifies with a new composition each time (a cache miss
+               that composes the image tower, then a forward pass);
+  heads        the second client classifies with a new head each time, of `--head-classes`
+               classes × 10 long templates (built through the text tower, then a forward pass).
 Prints one Markdown row per phase: p50, p99, max and how much background work finished.
 
     atlas-serve bench write-model --vision B/32 --out /tmp/iso/base --seed 0
@@ -61,14 +63,19 @@ def composition(client, tv, coefficient):
 
 
 def background(url, tv, kind, head_classes, stop, done):
-    """Keeps the server building: a new composition or a new head per request."""
+    """Keeps the server busy: the same resident composition, or a new composition or a new
+    head per request."""
     c = Client(url)
+    resident = composition(c, tv, 0.02)
     image = base64.b64encode(png(224, 90)).decode()
     words = "a long description of a picture with many words in it " * 4
     i = 0
     while not stop.is_set():
         i += 1
-        if kind == "compose":
+        if kind == "shared":
+            c.post("/classify", {"composition": resident, "classes": ["cat", "dog"],
+                                 "images": [image]})
+        elif kind == "compose":
             cid = composition(c, tv, 0.01 + i * 1e-4)
             c.post("/classify", {"composition": cid, "classes": ["cat", "dog"], "images": [image]})
         else:
@@ -115,7 +122,7 @@ def main():
     cid = composition(c, a.tv, 0.01)
     print("| phase | requests | p50 ms | p99 ms | max ms | background requests done |")
     print("|---|---|---|---|---|---|")
-    for name in ("alone", "compose", "heads"):
+    for name in ("alone", "shared", "compose", "heads"):
         phase(a.url, a.tv, name, cid, a.requests, a.head_classes)
 
 
