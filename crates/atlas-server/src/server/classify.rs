@@ -20,7 +20,7 @@ pub async fn create_head(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<HeadRequest>,
 ) -> ApiResult<(StatusCode, Json<HeadView>)> {
-    let head = heads::head(req.classes, &req.templates, s.config.max_classes)?;
+    let head = heads::head_for(&s, req.classes, &req.templates)?;
     let status = match s.store.put_head(&head, s.config.max_heads)? {
         PutHead::New => StatusCode::CREATED,
         PutHead::Existing => StatusCode::OK,
@@ -115,7 +115,7 @@ fn resolve_head(s: &AppState, req: &ClassifyRequest) -> ApiResult<HeadView> {
             .store
             .get_head(id)?
             .ok_or_else(|| ApiError::not_found(format!("no head {id}"))),
-        (None, Some(classes)) => heads::head(classes.clone(), &req.templates, s.config.max_classes),
+        (None, Some(classes)) => heads::head_for(s, classes.clone(), &req.templates),
         (None, None) => Err(ApiError::bad(
             "give a head id (POST /heads) or class names in \"classes\"",
         )),

@@ -3,7 +3,8 @@
 
 use super::api::{HeadView, Templates};
 use super::error::{ApiError, ApiResult};
-use atlas_clip::templates;
+use super::AppState;
+use atlas_clip::{templates, ClipError};
 use sha2::{Digest, Sha256};
 
 /// Longest class name or template, in bytes (the tokenizer truncates at 77 tokens anyway).
@@ -90,6 +91,22 @@ pub fn head(
         classes,
         templates,
     })
+}
+
+/// [`head`] with the server's class limit, refused (400, naming the classes) once the model is
+/// loaded if its tokenizer cannot tell the classes apart. Before that, the head is built and
+/// checked when a classification first uses it.
+pub fn head_for(s: &AppState, classes: Vec<String>, templates: &Templates) -> ApiResult<HeadView> {
+    let view = head(classes, templates, s.config.max_classes)?;
+    if let Some(tokenizer) = s.model.get().and_then(|m| m.backbone.tokenizer()) {
+        atlas_clip::heads::check_distinct(tokenizer, &view.classes).map_err(|e| {
+            ApiError::bad(match e {
+                ClipError::Config(m) | ClipError::Tokenizer(m) => m,
+                e => e.to_string(),
+            })
+        })?;
+    }
+    Ok(view)
 }
 
 fn truncate(s: &str) -> String {
