@@ -647,6 +647,20 @@ fn heads_battery(b: &mut Battery) {
 fn explicit_battery(b: &mut Battery) {
     let one = |coefs: Value| json!({"task_vectors": [TV_NAMES[0]], "coefficients": coefs});
     b.json(
+        "block pattern matching nothing",
+        "/compositions",
+        one(json!([{"*": 0.1, "vision_model.encoder.layers.99.*": 1}])),
+        400,
+        "pattern \"vision_model.encoder.layers.99.*\" matches no block",
+    );
+    b.json(
+        "block patterns equally specific, different values",
+        "/compositions",
+        one(json!([{"*.fc1.*": 1, "*.fc2.*": 1, "*.mlp.*": 2, "*.fc1.weight": 3}])),
+        400,
+        "alike, with different values",
+    );
+    b.json(
         "coefficient \"NaN\"",
         "/compositions",
         one(json!(["NaN"])),
