@@ -115,7 +115,7 @@ fn resolve_head(s: &AppState, req: &ClassifyRequest) -> ApiResult<HeadView> {
             .store
             .get_head(id)?
             .ok_or_else(|| ApiError::not_found(format!("no head {id}"))),
-        (None, Some(classes)) => heads::head_for(s, classes.clone(), &req.templates),
+        (None, Some(classes)) => heads::head(classes.clone(), &req.templates, s.config.max_classes),
         (None, None) => Err(ApiError::bad(
             "give a head id (POST /heads) or class names in \"classes\"",
         )),

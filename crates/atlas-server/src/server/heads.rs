@@ -94,18 +94,28 @@ pub fn head(
 }
 
 /// [`head`] with the server's class limit, refused (400, naming the classes) once the model is
-/// loaded if its tokenizer cannot tell the classes apart. Before that, the head is built and
-/// checked when a classification first uses it.
+/// loaded if its tokenizer cannot tell the classes apart: for heads stored (POST /heads) or
+/// learned with (POST /compositions) before they are built. Before the model is loaded, and
+/// for class names sent to /classify, the check runs where the head is built (off the async
+/// threads, once per head).
 pub fn head_for(s: &AppState, classes: Vec<String>, templates: &Templates) -> ApiResult<HeadView> {
     let view = head(classes, templates, s.config.max_classes)?;
-    if let Some(tokenizer) = s.model.get().and_then(|m| m.backbone.tokenizer()) {
-        atlas_clip::heads::check_distinct(tokenizer, &view.classes).map_err(|e| {
-            ApiError::bad(match e {
-                ClipError::Config(m) | ClipError::Tokenizer(m) => m,
-                e => e.to_string(),
-            })
-        })?;
-    }
+    let Some(tokenizer) = s.model.get().and_then(|m| m.backbone.tokenizer()) else {
+        return Ok(view);
+    };
+    // Up to max_classes names of up to 1,000 bytes each: about half a second of tokenizing
+    // at worst, which must not hold an async worker thread.
+    let check = || atlas_clip::heads::check_distinct(tokenizer, &view.classes);
+    let checked = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(check),
+        _ => check(),
+    };
+    checked.map_err(|e| {
+        ApiError::bad(match e {
+            ClipError::Config(m) | ClipError::Tokenizer(m) => m,
+            e => e.to_string(),
+        })
+    })?;
     Ok(view)
 }
 
