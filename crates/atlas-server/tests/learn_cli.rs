@@ -175,7 +175,20 @@ fn learn_and_finetune_take_the_demo_world_by_name() {
         ],
     ));
     assert!(stderr.contains("demo world 'demo:ci'"), "{stderr}");
-    assert!(tv.is_file());
+    // The fine-tuned task vector is relative to the demo backbone, named the same way.
+    let inspect = atlas(
+        &cache,
+        &[
+            "task-vector",
+            "inspect",
+            tv.to_str().unwrap(),
+            "--base",
+            "demo:ci",
+        ],
+    );
+    succeeded(&inspect);
+    let stdout = String::from_utf8_lossy(&inspect.stdout);
+    assert!(stdout.contains("position"), "{stdout}");
 
     // A preset that does not exist is named in the refusal.
     let out = atlas(
