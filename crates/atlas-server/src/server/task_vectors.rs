@@ -263,7 +263,6 @@ fn is_plain(path: &std::path::Path) -> bool {
 }
 
 /// Where a `checkpoint` is read from: the forms documented for POST /task-vectors.
-#[derive(Debug, PartialEq)]
 enum CheckpointSource {
     /// A directory inside the library directory (`./dir`, or `dir` / `sub/dir` when it exists).
     Local(PathBuf),

@@ -227,7 +227,57 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{by_name, glob_match};
+    use atlas_core::manifest::{Block, TensorSpec};
+    use atlas_core::Manifest;
+
+    #[test]
+    fn exact_names_beat_patterns_and_specific_patterns_beat_general_ones() {
+        let names = [
+            "emb",
+            "layers.0.fc1",
+            "layers.0.fc2",
+            "layers.1.fc1",
+            "layers.1.fc2",
+        ];
+        let blocks = names
+            .iter()
+            .map(|n| Block::single(TensorSpec::new(*n, &[2])))
+            .collect();
+        let m = Manifest::new(blocks).unwrap();
+        let row = |pairs: &[(&str, f64)]| {
+            let map = pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            by_name(&map, &m)
+        };
+        // In key order "*" < "*.fc1" < "layers.1.*" < "layers.1.fc2": precedence, not order.
+        let got = row(&[
+            ("*", 0.1),
+            ("*.fc1", 0.2),
+            ("layers.1.*", 0.3),
+            ("layers.1.fc2", 0.4),
+        ]);
+        assert_eq!(got.unwrap(), [0.1, 0.2, 0.1, 0.3, 0.4]);
+        assert_eq!(
+            row(&[("layers.0.*", 1.0)]).unwrap(),
+            [0.0, 1.0, 1.0, 0.0, 0.0]
+        );
+        let e = row(&[("layers.9.*", 1.0)]).unwrap_err();
+        assert!(e.contains("pattern \"layers.9.*\" matches no block"), "{e}");
+        let e = row(&[("layers.0", 1.0)]).unwrap_err();
+        assert!(e.contains("no block named \"layers.0\""), "{e}");
+        // Equally specific patterns: the same value is fine, different values are refused
+        // unless something more specific decides the block.
+        assert!(row(&[("*.fc1", 1.0), ("layers.0.*", 1.0)]).is_ok());
+        let e = row(&[("*.fc1", 1.0), ("laye*", 2.0)]).unwrap_err();
+        assert!(e.contains("\"layers.0.fc1\""), "{e}");
+        let decided = row(&[
+            ("*.fc1", 1.0),
+            ("laye*", 2.0),
+            ("layers.0.fc1", 3.0),
+            ("layers.1.fc1", 3.0),
+        ]);
+        assert_eq!(decided.unwrap(), [0.0, 3.0, 2.0, 3.0, 2.0]);
+    }
 
     #[test]
     fn globs_match_prefixes_and_runs() {
