@@ -87,7 +87,8 @@ pub fn offline() -> bool {
     })
 }
 
-fn from_hub(model: &str) -> Result<CheckpointFiles> {
+/// A hub id (`org/name` or `org/name@revision`) from the cache, or fetched unless offline.
+pub fn from_hub(model: &str) -> Result<CheckpointFiles> {
     let (id, revision) = match model.split_once('@') {
         Some((id, rev)) => (id, rev),
         None => (model, "main"),

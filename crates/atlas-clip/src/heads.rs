@@ -4,8 +4,10 @@
 use crate::backbone::Backbone;
 use crate::model::{normalize, softmax_last};
 use crate::templates::fill;
+use crate::tokenizer::ClipTokenizer;
 use crate::{ClipError, Result};
 use candle_core::{DType, Tensor};
+use std::collections::HashMap;
 
 /// Texts encoded per text-tower call: bounds memory for large class lists.
 const TEXT_BATCH: usize = 256;
@@ -30,6 +32,9 @@ impl ZeroShotHead {
             return Err(ClipError::Config(
                 "a head needs at least one prompt template".into(),
             ));
+        }
+        if let Some(tokenizer) = backbone.tokenizer() {
+            check_distinct(tokenizer, classes)?;
         }
         let rows = classes
             .iter()
@@ -80,6 +85,27 @@ impl ZeroShotHead {
             ..self.clone()
         })
     }
+}
+
+/// Refuses classes the tokenizer cannot tell apart: a class with no token it knows (a small
+/// vocabulary drops unknown words) or two classes with the same ids (`Cat` and `cat` once
+/// lowercased). Their prompts would embed alike and split the probability between them.
+pub fn check_distinct(tokenizer: &ClipTokenizer, classes: &[String]) -> Result<()> {
+    let mut seen: HashMap<Vec<u32>, &str> = HashMap::with_capacity(classes.len());
+    for class in classes {
+        let ids = tokenizer.known_ids(class)?;
+        if ids.is_empty() {
+            return Err(ClipError::Config(format!(
+                "class {class:?} has no word this model's tokenizer knows: the model cannot read it"
+            )));
+        }
+        if let Some(other) = seen.insert(ids, class) {
+            return Err(ClipError::Config(format!(
+                "classes {other:?} and {class:?} are the same to this model's tokenizer (the same token ids): the model cannot tell them apart"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Text embeddings `[N, P]` (unnormalised) for raw texts.

@@ -26,6 +26,9 @@ pub struct ClipTokenizer {
     inner: Tokenizer,
     bos: u32,
     eos: u32,
+    /// The id unknown words become, for vocabularies that have one (word-level ones do; CLIP's
+    /// byte-level BPE knows every byte and has none).
+    unk: Option<u32>,
     max_len: usize,
 }
 
@@ -62,10 +65,15 @@ impl ClipTokenizer {
                 .ok_or_else(|| ClipError::Tokenizer(format!("tokenizer.json has no {token} token")))
         };
         let (bos, eos) = (id(BOS_TOKEN)?, id(EOS_TOKEN)?);
+        let unk = serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|v| v["model"]["unk_token"].as_str().map(str::to_string))
+            .and_then(|t| inner.token_to_id(&t));
         Ok(Self {
             inner,
             bos,
             eos,
+            unk,
             max_len: DEFAULT_MAX_LEN,
         })
     }
@@ -128,6 +136,14 @@ impl ClipTokenizer {
             Some(space) if space >= limit / 2 => &text[..space],
             _ => &text[..end],
         }
+    }
+
+    /// The ids of `text` that carry meaning: without `<|startoftext|>`, `<|endoftext|>` and
+    /// the unknown-word id. Two texts with the same known ids are the same to the model.
+    pub fn known_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        ids.retain(|&i| i != self.bos && i != self.eos && Some(i) != self.unk);
+        Ok(ids)
     }
 
     /// `encode` for each text.

@@ -133,6 +133,25 @@ mod tests {
     use super::*;
     use atlas_clip::tokenizer::ClipTokenizer;
 
+    /// The demo world knows a few dozen words and reads every other as unknown: classes it
+    /// cannot read, or reads alike, are refused by name instead of splitting probability.
+    #[test]
+    fn heads_of_unknown_or_alike_classes_are_refused() {
+        let v = tokenizer().unwrap();
+        let tok = ClipTokenizer::from_bytes(v.json.as_bytes()).unwrap();
+        let check = |classes: &[&str]| {
+            let classes: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
+            atlas_clip::heads::check_distinct(&tok, &classes).map_err(|e| e.to_string())
+        };
+        let known = &words()[0];
+        assert!(check(&[known.as_str(), &words()[1]]).is_ok());
+        let e = check(&[known.as_str(), "cat", "dog"]).unwrap_err();
+        assert!(e.contains("\"cat\" has no word"), "{e}");
+        let (a, b) = (format!("{known} cat"), format!("{known} dog"));
+        let e = check(&[&a, &b]).unwrap_err();
+        assert!(e.contains(&format!("{a:?} and {b:?} are the same")), "{e}");
+    }
+
     #[test]
     fn splits_like_the_whitespace_pretokenizer() {
         assert_eq!(split_words("A photo of {}."), ["a", "photo", "of", "{}."]);

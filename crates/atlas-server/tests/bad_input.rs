@@ -567,6 +567,32 @@ fn classify_battery(b: &mut Battery) {
 
 fn heads_battery(b: &mut Battery) {
     b.json("head without classes", "/heads", json!({}), 400, "classes");
+    // The tokenizer lowercases: "Cat" and "cat" have the same ids, so the model cannot tell
+    // them apart (with a small vocabulary, "cat" and "dog" could both be unknown words).
+    let alike = "\"Cat\" and \"cat\" are the same to this model's tokenizer";
+    b.json(
+        "head classes the tokenizer reads alike",
+        "/heads",
+        json!({"classes": ["dog", "Cat", "cat"]}),
+        400,
+        alike,
+    );
+    b.json(
+        "classify classes the tokenizer reads alike",
+        "/classify",
+        json!({"classes": ["Cat", "cat"], "images": [b64(&png(1))]}),
+        400,
+        alike,
+    );
+    let task =
+        json!({"classes": ["Cat", "cat"], "examples": [{"image": b64(&png(1)), "label": 0}]});
+    b.json(
+        "learning classes the tokenizer reads alike",
+        "/compositions",
+        json!({"objective": "few_shot", "tasks": [task]}),
+        400,
+        &format!("task 0: classes {alike}"),
+    );
     b.json(
         "head classes empty",
         "/heads",
@@ -620,6 +646,20 @@ fn heads_battery(b: &mut Battery) {
 
 fn explicit_battery(b: &mut Battery) {
     let one = |coefs: Value| json!({"task_vectors": [TV_NAMES[0]], "coefficients": coefs});
+    b.json(
+        "block pattern matching nothing",
+        "/compositions",
+        one(json!([{"*": 0.1, "vision_model.encoder.layers.99.*": 1}])),
+        400,
+        "pattern \"vision_model.encoder.layers.99.*\" matches no block",
+    );
+    b.json(
+        "block patterns equally specific, different values",
+        "/compositions",
+        one(json!([{"*.fc1.*": 1, "*.fc2.*": 1, "*.mlp.*": 2, "*.fc1.weight": 3}])),
+        400,
+        "alike, with different values",
+    );
     b.json(
         "coefficient \"NaN\"",
         "/compositions",
@@ -1162,6 +1202,34 @@ fn library_battery(b: &mut Battery) {
     ] {
         b.json(what, "/task-vectors", src("checkpoint", ckpt), 400, needle);
     }
+    for (what, ckpt, code, needle) in [
+        (
+            "checkpoint ./ missing",
+            "./missing",
+            404,
+            "checkpoint \"./missing\": nothing of that name",
+        ),
+        (
+            "checkpoint ./../",
+            "./../x",
+            400,
+            "checkpoint \"./../x\" must be a relative path",
+        ),
+        (
+            "checkpoint ./ link outside",
+            "./link.safetensors",
+            400,
+            "checkpoint \"./link.safetensors\" resolves outside",
+        ),
+        (
+            "checkpoint neither local nor hub id",
+            "nothing-here",
+            404,
+            "not a hub id",
+        ),
+    ] {
+        b.json(what, "/task-vectors", src("checkpoint", ckpt), code, needle);
+    }
     b.json(
         "two sources",
         "/task-vectors",
@@ -1241,4 +1309,46 @@ fn path_battery(b: &mut Battery) {
     ] {
         b.read(what, method, path, code, "");
     }
+}
+
+/// Every documented form of `checkpoint`: `./dir` was refused with a message about `file`, and
+/// `sub/dir` (a directory inside the library) was taken for a hub id.
+#[test]
+fn checkpoint_forms_are_read_from_where_the_docs_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("library");
+    for (from, to) in [("ft_b", "ft"), ("ft_c", "sub/ft_c")] {
+        let to = lib.join(to);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(fixtures().join(from)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+    let s = start(
+        &dir.path().join("data"),
+        &common::library_flags(&lib),
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    for (name, ckpt) in [("dot", "./ft"), ("sub", "sub/ft_c")] {
+        let (code, tv) = s.post("/task-vectors", &json!({"name": name, "checkpoint": ckpt}));
+        assert_eq!(code, 201, "{ckpt}: {tv}");
+        assert_eq!(tv["source"], format!("checkpoint {ckpt}"));
+    }
+    // A hub id is still a hub id when nothing of its name is in the library.
+    let (code, p) = s.post(
+        "/task-vectors",
+        &json!({"name": "hub", "checkpoint": "sub/not-here"}),
+    );
+    assert_eq!(code, 400, "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains("HF_HUB_OFFLINE"), "{detail}");
+    let (code, p) = s.post(
+        "/task-vectors",
+        &json!({"name": "gone", "checkpoint": "./gone"}),
+    );
+    assert_eq!(code, 404, "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.starts_with("checkpoint \"./gone\""), "{detail}");
+    assert!(!detail.contains("file"), "{detail}");
 }

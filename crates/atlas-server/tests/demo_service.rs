@@ -38,7 +38,8 @@ fn few_shot_learning_over_http_beats_the_pretrained_model_on_held_out_images() {
     let cache_env = cache.display().to_string();
     let s = start(
         &dir.path().join("data"),
-        &["--demo-preset".into(), "ci".into()],
+        // The demo world by the name the CLI takes (as `learn` and `finetune` do).
+        &["--model".into(), "demo:ci".into()],
         // The demo world's tensors are tiny: one thread each is faster (see `demo` command).
         &[
             ("ATLAS_CACHE", &cache_env),
@@ -46,7 +47,11 @@ fn few_shot_learning_over_http_beats_the_pretrained_model_on_held_out_images() {
             ("RAYON_NUM_THREADS", "1"),
         ],
     );
-    assert!(s.log_text().contains("demo world"), "{}", s.log_text());
+    assert!(
+        s.log_text().contains("demo world 'demo:ci'"),
+        "{}",
+        s.log_text()
+    );
     // The server has built (or loaded) the world: this loads the same one from the cache.
     let params = WorldParams::preset(Preset::Ci);
     let (world, built) = World::open(

@@ -90,3 +90,115 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
         "{stderr}"
     );
 }
+
+fn atlas(cache: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_atlas-serve"))
+        .args(args)
+        .env("ATLAS_CACHE", cache)
+        // The demo world's tensors are tiny: one thread each is faster.
+        .env("CANDLE_NUM_THREADS", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+fn succeeded(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
+/// The demo world had no name the CLI took (its path appeared only in the server log):
+/// `--model demo:ci` builds it if needed (the log says which) and learns and fine-tunes on it,
+/// with its task vectors named by task.
+#[test]
+fn learn_and_finetune_take_the_demo_world_by_name() {
+    // Shared with tests/demo_service.rs: the ci world is built once per target directory.
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("atlas-cache");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("position");
+    let export = [
+        "demo", "export", "--preset", "ci", "--task", "position", "--split", "val", "--out",
+    ];
+    let mut args = export.to_vec();
+    args.push(data.to_str().unwrap());
+    succeeded(&atlas(&cache, &args));
+
+    let coefs = dir.path().join("coefs.json");
+    let stderr = succeeded(&atlas(
+        &cache,
+        &[
+            "learn",
+            "--model",
+            "demo:ci",
+            "--tv",
+            "position",
+            "--tv",
+            "count",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--out",
+            coefs.to_str().unwrap(),
+        ],
+    ));
+    assert!(stderr.contains("demo world 'demo:ci'"), "{stderr}");
+    // Whether built by this test or an earlier one, the log says which.
+    assert!(
+        stderr.contains("(cached)") || stderr.contains("building it now"),
+        "{stderr}"
+    );
+    let file = CoefficientsFile::load(&coefs).unwrap();
+    let names: Vec<&str> = file.task_vectors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["position", "count"]);
+
+    let tv = dir.path().join("tv.safetensors");
+    let stderr = succeeded(&atlas(
+        &cache,
+        &[
+            "finetune",
+            "--model",
+            "demo:ci",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--out",
+            tv.to_str().unwrap(),
+        ],
+    ));
+    assert!(stderr.contains("demo world 'demo:ci'"), "{stderr}");
+    // The fine-tuned task vector is relative to the demo backbone, named the same way.
+    let inspect = atlas(
+        &cache,
+        &[
+            "task-vector",
+            "inspect",
+            tv.to_str().unwrap(),
+            "--base",
+            "demo:ci",
+        ],
+    );
+    succeeded(&inspect);
+    let stdout = String::from_utf8_lossy(&inspect.stdout);
+    assert!(stdout.contains("position"), "{stdout}");
+
+    // A preset that does not exist is named in the refusal.
+    let out = atlas(
+        &cache,
+        &["learn", "--model", "demo:huge", "--data", "x", "--out", "y"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("demo:huge") && stderr.contains("demo:ci"),
+        "{stderr}"
+    );
+}

@@ -12,9 +12,7 @@
 #[path = "../src/server/api.rs"]
 mod api;
 
-mod common {
-    pub mod spec;
-}
+mod common;
 
 use common::spec;
 use serde::de::DeserializeOwned;
@@ -1876,5 +1874,203 @@ fn validate_accepts_a_good_object_and_rejects_a_bad_one() {
     assert!(
         msg.contains("no schema at /components/schemas/NoSuchSchema"),
         "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request examples against a real server.
+
+/// Ids the examples use for objects a client made earlier.
+const EXAMPLE_COMPOSITION: &str = "c5f0e1d2c3b4a5968";
+const EXAMPLE_HEAD: &str = "h3f9a0c1b2d3e4f50";
+
+/// Every string equal to `from`, anywhere in `v`, becomes `to`.
+fn replace_strings(v: &mut Value, from: &str, to: &str) {
+    match v {
+        Value::String(s) if s == from => *s = to.to_string(),
+        Value::Array(a) => a.iter_mut().for_each(|x| replace_strings(x, from, to)),
+        Value::Object(o) => o.values_mut().for_each(|x| replace_strings(x, from, to)),
+        _ => {}
+    }
+}
+
+/// Rows written for a short backbone, widened to `n_blocks` by repeating their last block.
+fn widen_rows(v: &mut Value, n_blocks: usize) {
+    for entry in v["coefficients"].as_array_mut().into_iter().flatten() {
+        if let Some(row) = entry.as_array_mut() {
+            let last = row.last().cloned().unwrap();
+            row.resize(n_blocks, last);
+        }
+    }
+}
+
+/// A safetensors file with every f32 doubled: a delta or checkpoint whose task vector has a
+/// digest new to the library (the fixture's fine-tunes are the fixture's deltas).
+fn doubled(path: &std::path::Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert!(header
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, t)| k == "__metadata__" || t["dtype"] == "F32"));
+    for x in bytes[8 + n..].chunks_exact_mut(4) {
+        let v = f32::from_le_bytes(x.try_into().unwrap()) * 2.0;
+        x.copy_from_slice(&v.to_le_bytes());
+    }
+    bytes
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Every request example in openapi.yaml is posted to a real server (the tiny fixture model,
+/// its library and hub cache laid out with the names the examples use) and must be accepted.
+/// The liberties taken, and no others: the example ids of a composition and a head become ids
+/// this server made; an uploaded delta's placeholder bytes become a real delta; rows written
+/// for "a 2-block backbone" widen to the fixture's blocks; multipart examples get the file
+/// parts they name.
+#[test]
+fn every_request_example_is_accepted_by_a_real_server() {
+    let fixtures = common::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::copy(fixtures.join(common::TVS[0]), lib.join("MNIST.safetensors")).unwrap();
+    for (ft, to) in [("ft_a", "finetuned/gtsrb"), ("ft_c", "finetuned/dtd")] {
+        copy_dir(&fixtures.join(ft), &lib.join(to));
+        let weights = lib.join(to).join("model.safetensors");
+        std::fs::write(&weights, doubled(&weights)).unwrap();
+    }
+    // The hub id of the checkpoint example, in a hub cache (the server runs offline).
+    let hub = dir.path().join("hub");
+    let repo = hub.join("models--someone--clip-vit-b32-eurosat");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    copy_dir(&fixtures.join("ft_b"), &repo.join("snapshots").join(commit));
+    let s = common::start(
+        &dir.path().join("data"),
+        &common::library_flags(&lib),
+        &[
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HUB_CACHE", hub.to_str().unwrap()),
+        ],
+    );
+    // Copied after the start, as the `file` example's description has it.
+    std::fs::copy(fixtures.join(common::TVS[1]), lib.join("SVHN.safetensors")).unwrap();
+    let upload = common::b64(&doubled(&fixtures.join(common::TVS[0])));
+    let (_, mnist) = s.get("/task-vectors/MNIST");
+    let blocks: Vec<String> = mnist["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+
+    let spec = spec();
+    // In this order: task vectors before the compositions that use them, and a composition
+    // and a head before the classifications that name them.
+    let order = ["/task-vectors", "/heads", "/compositions", "/classify"];
+    for ((method, path), op) in operations(spec) {
+        let content = &op["requestBody"]["content"];
+        let has_examples = content.as_object().into_iter().flatten().any(|(_, m)| {
+            m.get("example").is_some() || m.get("examples").is_some_and(|e| e.is_object())
+        });
+        assert!(
+            !has_examples || order.contains(&path.as_str()),
+            "{method} {path} has request examples this test does not post"
+        );
+    }
+    let (mut composition, mut head) = (None::<String>, None::<String>);
+    let mut posted = 0;
+    for path in order {
+        let media = &spec["paths"][path]["post"]["requestBody"]["content"];
+        for mtype in ["application/json", "multipart/form-data"] {
+            let summaries = &media[mtype]["examples"];
+            for (name, mut value) in request_examples(spec, path, mtype) {
+                let place = format!("POST {path} {mtype} example {name:?}");
+                let summary = summaries[&name]["summary"].as_str().unwrap_or("");
+                if let Some(id) = &composition {
+                    replace_strings(&mut value, EXAMPLE_COMPOSITION, id);
+                }
+                if let Some(id) = &head {
+                    replace_strings(&mut value, EXAMPLE_HEAD, id);
+                }
+                if summary.contains("2-block backbone") {
+                    widen_rows(&mut value, blocks.len());
+                }
+                if value.get("safetensors").is_some() {
+                    value["safetensors"] = json!(upload);
+                }
+                let (code, answer) = if mtype == "application/json" {
+                    s.post(path, &value)
+                } else {
+                    let mut form = reqwest::blocking::multipart::Form::new()
+                        .text("request", value["request"].to_string());
+                    let files = value["request"]["tasks"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|t| t["examples"].as_array().unwrap())
+                        .filter_map(|e| e["file"].as_str());
+                    for (i, f) in files.enumerate() {
+                        let part = reqwest::blocking::multipart::Part::bytes(common::png(i as u8))
+                            .file_name(f.to_string());
+                        form = form.part("images", part);
+                    }
+                    s.post_with(path, |r| r.multipart(form))
+                };
+                assert!(
+                    (200..300).contains(&code),
+                    "{place} was refused: {code} {answer}"
+                );
+                posted += 1;
+                if path == "/compositions" && code == 201 && composition.is_none() {
+                    composition = answer["id"].as_str().map(String::from);
+                }
+                if path == "/heads" {
+                    head = answer["id"].as_str().map(String::from);
+                }
+                if name == "by_block_name" {
+                    check_by_name(&value, &answer, &blocks);
+                }
+            }
+        }
+    }
+    assert!(composition.is_some() && head.is_some());
+    assert!(posted >= 15, "only {posted} examples posted");
+}
+
+/// The by-name example's stored row: exact names over patterns, `*` for the rest.
+fn check_by_name(request: &Value, answer: &Value, blocks: &[String]) {
+    let map = request["coefficients"][0].as_object().unwrap();
+    let row = answer["coefficients"].as_array().unwrap();
+    assert_eq!(row.len(), blocks.len(), "{answer}");
+    let mut patterned = 0;
+    for (b, name) in blocks.iter().enumerate() {
+        let want = if let Some(v) = map.get(name) {
+            v
+        } else if let Some(prefix) = map
+            .keys()
+            .filter_map(|k| k.strip_suffix(".*").filter(|p| !p.contains('*')))
+            .find(|p| name.starts_with(&format!("{p}.")))
+        {
+            patterned += 1;
+            &map[&format!("{prefix}.*")]
+        } else {
+            &map["*"]
+        };
+        assert_eq!(&row[b], want, "block {name}");
+    }
+    assert!(
+        patterned > 1,
+        "the example's pattern matched {patterned} blocks"
     );
 }

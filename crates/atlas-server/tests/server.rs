@@ -194,7 +194,14 @@ fn classify_explicit_compositions_heads_and_task_vectors() {
         .bytes()
         .unwrap();
     let img = image::load_from_memory(&png).unwrap();
-    assert_eq!(img.width() as usize, n_blocks * 4);
+    // The PNG is the SVG's picture (labels, title, colour bar around the cells), at its size.
+    let attr = |name: &str| -> u32 {
+        let at = svg.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        svg[at..].split('"').next().unwrap().parse().unwrap()
+    };
+    assert_eq!((img.width(), img.height()), (attr("width"), attr("height")));
+    assert!(img.width() as usize > n_blocks * 4 + 100);
+    assert!(svg.contains("<g id=\"colour-bar\">"));
 
     // Uploading a task vector (base64 safetensors), using it, refusing to delete it while a
     // composition uses it, then deleting both.

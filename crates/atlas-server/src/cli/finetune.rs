@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use atlas_clip::preprocess::{decode, Preprocess};
 use atlas_clip::templates::default_templates;
-use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
+use atlas_clip::{LoadOptions, ZeroShotHead};
 use atlas_core::StorageDType;
 use atlas_learn::finetune::{accuracy, finetune, FinetuneConfig, Labelled, Step};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,8 +16,9 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Pre-trained CLIP: a Hugging Face CLIPModel directory or hub id.
-    #[arg(long)]
+    /// Pre-trained CLIP: a Hugging Face CLIPModel directory or hub id, or `demo` /
+    /// `demo:full` / `demo:ci` for the offline demo world's (built first if needed).
+    #[arg(long, visible_alias = "model")]
     base: String,
     /// ImageFolder directory: one subfolder per class, named by the class.
     #[arg(long)]
@@ -56,8 +57,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&a.holdout) {
         bail!("--holdout must be in [0, 1), got {}", a.holdout);
     }
-    let backbone = Backbone::load(&a.base, LoadOptions::default())
-        .with_context(|| format!("loading {}", a.base))?;
+    let (backbone, _) = super::model::load(&a.base, LoadOptions::default())?;
     let pre = Preprocess::from_config(backbone.config.vision.image_size);
     let folder = read_image_folder(&a.data, &pre)?;
     let templates: Vec<&str> = if a.template.is_empty() {

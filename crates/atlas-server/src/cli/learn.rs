@@ -2,15 +2,15 @@
 //! vectors, with a progress bar; writes the coefficients file and prints the validation metric
 //! before (zero-shot) and after.
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::{templates, Backbone, LoadOptions};
-use atlas_core::{Layout, StorageDType};
+use atlas_core::{Layout, StorageDType, TaskVector};
 use atlas_learn::budget::{self, Budget};
 use atlas_learn::output::CoefficientsFile;
 use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, Objective, Overrides, Task};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -23,11 +23,13 @@ pub enum LayoutArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Backbone: a CLIPModel directory or hub id.
+    /// Backbone: a CLIPModel directory or hub id, or `demo` / `demo:full` / `demo:ci` for the
+    /// offline demo world (built into the cache first if needed).
     #[arg(long)]
     model: String,
-    /// Task-vector safetensors files (repeat).
-    #[arg(long = "tv", required = true)]
+    /// Task-vector safetensors files (repeat). With the demo world also a task's name
+    /// (colour, shape, ...), and by default all of its task vectors.
+    #[arg(long = "tv")]
     tvs: Vec<PathBuf>,
     /// ImageFolder directories (one subfolder per class). Multi-task takes several; negation
     /// takes the target then the control.
@@ -64,15 +66,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let backbone = Backbone::load(&a.model, LoadOptions::default())
-        .with_context(|| format!("loading the backbone {}", a.model))?;
-    let mut tvs = Vec::new();
-    for p in &a.tvs {
-        let tv = backbone
-            .load_task_vector(p, None, StorageDType::F16)
-            .with_context(|| format!("loading {}", p.display()))?;
-        tvs.push(Arc::new(tv));
-    }
+    let (backbone, demo_tvs) = super::model::load(&a.model, LoadOptions::default())?;
+    let tvs = task_vectors(&a.tvs, &backbone, demo_tvs)?;
     let job = job(&a, &backbone)?;
     let config = config(&a, &job)?;
     let tvs = match a.budget {
@@ -120,6 +115,39 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     println!("coefficients written to {}", a.out.display());
     Ok(())
+}
+
+/// The `--tv` files; with the demo world, its task vectors by name too (all by default).
+fn task_vectors(
+    given: &[PathBuf],
+    backbone: &Backbone,
+    demo: Option<Vec<Arc<TaskVector>>>,
+) -> anyhow::Result<Vec<Arc<TaskVector>>> {
+    match (&demo, given.is_empty()) {
+        (Some(all), true) => return Ok(all.clone()),
+        (None, true) => bail!("give task vectors with --tv (safetensors files)"),
+        _ => {}
+    }
+    let mut tvs = Vec::new();
+    for p in given {
+        let named = demo.iter().flatten().find(|t| Path::new(t.name()) == p);
+        if let Some(tv) = named.filter(|_| !p.exists()) {
+            tvs.push(tv.clone());
+            continue;
+        }
+        let tv = backbone
+            .load_task_vector(p, None, StorageDType::F16)
+            .with_context(|| match &demo {
+                Some(all) => format!(
+                    "loading {} (the demo world's task vectors: {})",
+                    p.display(),
+                    all.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+                ),
+                None => format!("loading {}", p.display()),
+            })?;
+        tvs.push(Arc::new(tv));
+    }
+    Ok(tvs)
 }
 
 fn report(bar: &ProgressBar, e: &Event) {

@@ -4,5 +4,6 @@
 pub mod demo;
 pub mod finetune;
 pub mod learn;
+pub mod model;
 pub mod serve;
 pub mod task_vector;

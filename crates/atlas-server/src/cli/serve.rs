@@ -64,8 +64,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 fn load(state: &AppState) -> anyhow::Result<()> {
     let c = &state.config;
     let store: StorageDType = c.store.parse().map_err(|e| anyhow::anyhow!("store: {e}"))?;
-    let (backbone, mut library) = if c.model.is_empty() {
-        demo_world(&c.demo_preset)?
+    let demo = if c.model.is_empty() {
+        let preset = atlas_demo::Preset::parse(&c.demo_preset)
+            .with_context(|| format!("unknown demo preset {:?} (full or ci)", c.demo_preset))?;
+        eprintln!(
+            "atlas-serve: no model configured (--model / ATLAS_MODEL): serving the offline demo \
+             world (--model demo:{})",
+            preset.name()
+        );
+        Some(preset)
+    } else {
+        super::model::demo_preset(&c.model)?
+    };
+    let (backbone, mut library) = if let Some(preset) = demo {
+        demo_world(preset)?
     } else {
         let backbone = Backbone::load(&c.model, load_options(c)?)
             .with_context(|| format!("loading {}", c.model))?;
@@ -133,33 +145,9 @@ fn safetensors_in(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// No model configured: the demo world (a tiny CLIP pre-trained here, with fine-tuned task
-/// vectors), built on first use into the cache and loaded from there afterwards.
-fn demo_world(preset: &str) -> anyhow::Result<(Backbone, Library)> {
-    let preset = atlas_demo::Preset::parse(preset)
-        .with_context(|| format!("unknown demo preset {preset:?} (full or ci)"))?;
-    let params = atlas_demo::WorldParams::preset(preset);
-    let root = atlas_demo::world::default_cache_root()?;
-    let dir = atlas_demo::world::world_dir(&root, &params);
-    let when = if dir.exists() {
-        "cached"
-    } else {
-        "not built yet: building it now takes minutes"
-    };
-    eprintln!(
-        "atlas-serve: no model configured (--model / ATLAS_MODEL): serving the offline demo world '{}' from {} ({when})",
-        preset.name(),
-        dir.display()
-    );
-    let (world, built) = atlas_demo::World::open(
-        &params,
-        &root,
-        &mut LogProgress,
-        &std::sync::atomic::AtomicBool::new(false),
-    )?;
-    if built {
-        eprintln!("atlas-serve: demo world built");
-    }
+/// The demo world and its task vectors as the library.
+fn demo_world(preset: atlas_demo::Preset) -> anyhow::Result<(Backbone, Library)> {
+    let world = super::model::demo_world(preset)?;
     let mut library = Library::new(
         world.backbone.manifest().clone(),
         world.backbone.base_digest(),
@@ -168,17 +156,4 @@ fn demo_world(preset: &str) -> anyhow::Result<(Backbone, Library)> {
         library.add((**tv).clone())?;
     }
     Ok((world.backbone, library))
-}
-
-/// Build progress of the demo world, as log lines.
-struct LogProgress;
-
-impl atlas_demo::world::Progress for LogProgress {
-    fn stage(&mut self, name: &str, total: u64) {
-        eprintln!("atlas-serve: demo world: {name} ({total} steps)");
-    }
-    fn tick(&mut self, _done: u64, _message: &str) {}
-    fn note(&mut self, line: &str) {
-        eprintln!("atlas-serve: demo world: {line}");
-    }
 }

@@ -56,7 +56,8 @@ pub enum Command {
     Inspect {
         /// The task vector file.
         file: PathBuf,
-        /// The pre-trained CLIPModel (directory or hub id) it is relative to.
+        /// The pre-trained CLIPModel (directory or hub id, or `demo` / `demo:ci`) it is
+        /// relative to.
         #[arg(long)]
         base: String,
         /// How many of the largest blocks (by norm) to list.
@@ -105,8 +106,11 @@ pub fn run(c: Command) -> anyhow::Result<()> {
     }
 }
 
+/// A checkpoint's backbone, or the demo world's (`demo`, `demo:ci`): task vectors of the demo
+/// world are inspected against it.
 fn load_backbone(base: &str) -> anyhow::Result<Backbone> {
-    Backbone::load(base, LoadOptions::default())
+    super::model::load(base, LoadOptions::default())
+        .map(|(backbone, _)| backbone)
         .with_context(|| format!("loading the pre-trained backbone {base}"))
 }
 

@@ -20,7 +20,7 @@ pub async fn create_head(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<HeadRequest>,
 ) -> ApiResult<(StatusCode, Json<HeadView>)> {
-    let head = heads::head(req.classes, &req.templates, s.config.max_classes)?;
+    let head = heads::head_for(&s, req.classes, &req.templates)?;
     let status = match s.store.put_head(&head, s.config.max_heads)? {
         PutHead::New => StatusCode::CREATED,
         PutHead::Existing => StatusCode::OK,

@@ -3,7 +3,8 @@
 
 use super::api::{HeadView, Templates};
 use super::error::{ApiError, ApiResult};
-use atlas_clip::templates;
+use super::AppState;
+use atlas_clip::{templates, ClipError};
 use sha2::{Digest, Sha256};
 
 /// Longest class name or template, in bytes (the tokenizer truncates at 77 tokens anyway).
@@ -90,6 +91,32 @@ pub fn head(
         classes,
         templates,
     })
+}
+
+/// [`head`] with the server's class limit, refused (400, naming the classes) once the model is
+/// loaded if its tokenizer cannot tell the classes apart: for heads stored (POST /heads) or
+/// learned with (POST /compositions) before they are built. Before the model is loaded, and
+/// for class names sent to /classify, the check runs where the head is built (off the async
+/// threads, once per head).
+pub fn head_for(s: &AppState, classes: Vec<String>, templates: &Templates) -> ApiResult<HeadView> {
+    let view = head(classes, templates, s.config.max_classes)?;
+    let Some(tokenizer) = s.model.get().and_then(|m| m.backbone.tokenizer()) else {
+        return Ok(view);
+    };
+    // Up to max_classes names of up to 1,000 bytes each: about half a second of tokenizing
+    // at worst, which must not hold an async worker thread.
+    let check = || atlas_clip::heads::check_distinct(tokenizer, &view.classes);
+    let checked = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(check),
+        _ => check(),
+    };
+    checked.map_err(|e| {
+        ApiError::bad(match e {
+            ClipError::Config(m) | ClipError::Tokenizer(m) => m,
+            e => e.to_string(),
+        })
+    })?;
+    Ok(view)
 }
 
 fn truncate(s: &str) -> String {

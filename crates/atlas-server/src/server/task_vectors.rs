@@ -7,7 +7,7 @@ use super::body::{parse, Body};
 use super::error::{ApiError, ApiResult};
 use super::store::Store;
 use super::{images, AppState, Model};
-use atlas_clip::checkpoint::Checkpoint;
+use atlas_clip::checkpoint::{self, Checkpoint};
 use atlas_clip::Backbone;
 use atlas_core::{Library, StorageDType, TaskVector};
 use axum::extract::{Path, State};
@@ -140,7 +140,7 @@ pub async fn create(
             (Some(ckpt), _, _) => from_checkpoint(&backbone, &ckpt, &tv_dir, &name, dtype)
                 .map(|tv| (tv, format!("checkpoint {ckpt}"))),
             (_, Some(file), _) => {
-                let path = inside_library(&tv_dir, &file)?;
+                let path = inside_library(&tv_dir, "file", &file)?;
                 load(&backbone, &path, &name, dtype).map(|tv| (tv, format!("file {file}")))
             }
             (_, _, Some(bytes)) => {
@@ -219,32 +219,80 @@ fn load(
         .map_err(|e| ApiError::bad(format!("task vector {name:?}: {e}")))
 }
 
-/// A path for `file` that stays inside the library directory (no `..`, no absolute paths, no
-/// links out of it).
-fn inside_library(tv_dir: &str, file: &str) -> ApiResult<PathBuf> {
+/// A path for `rel` (the request's `field`) that stays inside the library directory (no `..`,
+/// no absolute paths, no links out of it).
+fn inside_library(tv_dir: &str, field: &str, rel: &str) -> ApiResult<PathBuf> {
     if tv_dir.is_empty() {
-        return Err(ApiError::bad(
-            "no library directory is configured (tv_dir), so \"file\" cannot be used",
-        ));
-    }
-    let root = std::fs::canonicalize(tv_dir).map_err(ApiError::internal)?;
-    let rel = std::path::Path::new(file);
-    let plain = rel
-        .components()
-        .all(|c| matches!(c, std::path::Component::Normal(_)));
-    if !plain || file.contains('\0') {
         return Err(ApiError::bad(format!(
-            "file {file:?} must be a relative path inside the library directory"
+            "no library directory is configured (tv_dir), so \"{field}\" {rel:?} cannot name a local {}",
+            if field == "file" { "file" } else { "directory" }
         )));
     }
-    let path = std::fs::canonicalize(root.join(rel))
-        .map_err(|_| ApiError::not_found(format!("no file {file:?} in the library directory")))?;
+    let root = std::fs::canonicalize(tv_dir).map_err(ApiError::internal)?;
+    let path = std::path::Path::new(rel);
+    if !is_plain(path) || rel.contains('\0') {
+        return Err(ApiError::bad(format!(
+            "{field} {rel:?} must be a relative path inside the library directory (no \"..\", not absolute)"
+        )));
+    }
+    let path = std::fs::canonicalize(root.join(path)).map_err(|_| {
+        ApiError::not_found(format!(
+            "{field} {rel:?}: nothing of that name in the library directory"
+        ))
+    })?;
     if !path.starts_with(&root) {
         return Err(ApiError::bad(format!(
-            "file {file:?} resolves outside the library directory"
+            "{field} {rel:?} resolves outside the library directory"
         )));
     }
     Ok(path)
+}
+
+/// Only names below the current directory: `a/b` or `./a/b`, never `..`, `/` or a prefix.
+fn is_plain(path: &std::path::Path) -> bool {
+    use std::path::Component;
+    let mut names = 0;
+    for c in path.components() {
+        match c {
+            Component::Normal(_) => names += 1,
+            Component::CurDir => {}
+            _ => return false,
+        }
+    }
+    names > 0
+}
+
+/// Where a `checkpoint` is read from: the forms documented for POST /task-vectors.
+enum CheckpointSource {
+    /// A directory inside the library directory (`./dir`, or `dir` / `sub/dir` when it exists).
+    Local(PathBuf),
+    /// A hub id, `org/name` or `org/name@revision`.
+    Hub(String),
+}
+
+/// `./dir` is always local; any other relative path is local when it names something inside
+/// the library directory (so `sub/dir` is not taken for a hub id), else a hub id if it reads
+/// as one; anything else is refused, naming the forms.
+fn checkpoint_source(tv_dir: &str, ckpt: &str) -> ApiResult<CheckpointSource> {
+    if ckpt.starts_with("./") || ckpt == "." {
+        return inside_library(tv_dir, "checkpoint", ckpt).map(CheckpointSource::Local);
+    }
+    if !tv_dir.is_empty() && is_plain(std::path::Path::new(ckpt)) {
+        let in_library = std::fs::canonicalize(tv_dir).map(|root| root.join(ckpt).exists());
+        if in_library.unwrap_or(false) {
+            return inside_library(tv_dir, "checkpoint", ckpt).map(CheckpointSource::Local);
+        }
+    }
+    if is_hub_id(ckpt) {
+        return Ok(CheckpointSource::Hub(ckpt.to_string()));
+    }
+    if !is_plain(std::path::Path::new(ckpt)) || tv_dir.is_empty() {
+        // The path error (`..`, absolute, no library directory), naming the field.
+        return inside_library(tv_dir, "checkpoint", ckpt).map(CheckpointSource::Local);
+    }
+    Err(ApiError::not_found(format!(
+        "checkpoint {ckpt:?} names nothing in the library directory and is not a hub id (\"org/name\" or \"org/name@revision\")"
+    )))
 }
 
 fn from_checkpoint(
@@ -254,19 +302,22 @@ fn from_checkpoint(
     name: &str,
     dtype: StorageDType,
 ) -> ApiResult<TaskVector> {
-    // A hub id (org/name[@revision]) is fetched from the hub; anything else is a local path
-    // and must be inside the library directory. A hub id that also names a local path (the
-    // checkpoint loader prefers paths) must be inside the library too.
-    let model = if is_hub_id(ckpt) && !std::path::Path::new(ckpt).exists() {
-        ckpt.to_string()
-    } else {
-        inside_library(tv_dir, ckpt)?.display().to_string()
+    let bad = |e: atlas_clip::ClipError| ApiError::bad(format!("checkpoint {ckpt:?}: {e}"));
+    // Read through the form decided here: the checkpoint loader's own guess (a path if one
+    // exists relative to the server's working directory) must not pick the source.
+    let files = match checkpoint_source(tv_dir, ckpt)? {
+        CheckpointSource::Local(dir) if !dir.is_dir() => {
+            return Err(ApiError::bad(format!(
+                "checkpoint {ckpt:?} is a file; it must be a checkpoint directory (config.json, model.safetensors)"
+            )))
+        }
+        CheckpointSource::Local(dir) => checkpoint::from_dir(&dir).map_err(bad)?,
+        CheckpointSource::Hub(id) => checkpoint::from_hub(&id).map_err(bad)?,
     };
-    let ft =
-        Checkpoint::open(&model).map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))?;
+    let ft = Checkpoint::read(files).map_err(bad)?;
     backbone
         .task_vector_from_checkpoint(ft, name, dtype)
-        .map_err(|e| ApiError::bad(format!("checkpoint {ckpt:?}: {e}")))
+        .map_err(bad)
 }
 
 /// `org/name` or `org/name@revision` in the hub's alphabet: no `..`, no leading dots, no

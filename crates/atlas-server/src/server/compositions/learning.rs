@@ -190,9 +190,8 @@ fn check_tasks(s: &AppState, req: &LearnRequest) -> ApiResult<()> {
         )));
     }
     for (i, t) in req.tasks.iter().enumerate() {
-        heads::check_classes(&t.classes, s.config.max_classes)
-            .map_err(|e| ApiError::bad(format!("task {i}: {}", e.detail)))?;
-        heads::resolve_templates(&t.templates)
+        // Classes, templates, and whether the tokenizer tells the classes apart.
+        heads::head_for(s, t.classes.clone(), &t.templates)
             .map_err(|e| ApiError::bad(format!("task {i}: {}", e.detail)))?;
         if t.examples.is_empty() {
             return Err(ApiError::bad(format!("task {i} has no examples")));
