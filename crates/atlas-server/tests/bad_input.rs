@@ -1249,10 +1249,16 @@ fn path_battery(b: &mut Battery) {
         ),
         ("composition id NUL", Method::GET, "/compositions/%00", 404),
         (
-            "head id 10,000 characters",
+            "head id 5,000 characters",
+            Method::GET,
+            &format!("/heads/{}", "h".repeat(5_000)),
+            404,
+        ),
+        (
+            "head id 10,000 characters (a target over 8 KiB)",
             Method::GET,
             &format!("/heads/{}", "h".repeat(10_000)),
-            404,
+            414,
         ),
         (
             "task vector %2F name",
