@@ -324,7 +324,7 @@ impl Runner<'_> {
         edit: impl FnOnce(&mut LearnConfig),
         progress: &mut dyn Progress,
         label: &str,
-    ) -> Result<atlas_learn::Outcome> {
+    ) -> Result<atlas_learn::Learned> {
         let mut config = LearnConfig::recipe(job.objective());
         config.view = View::Plain;
         config.epochs = self.config.epochs;
