@@ -3,7 +3,8 @@
 //! label-free selection metric per epoch, and few-shot learning under each training view.
 //!
 //! `cargo run -p atlas-demo --example defaults -- ci negation 0.001,0.01,0.05`
-//! (preset; `negation`, `tta` or `few_shot`; learning rates, default: the recipe's).
+//! (preset; `negation`, `tta`, `few_shot` or `task_addition`; learning rates, an empty entry
+//! or none for the recipe's).
 
 use atlas_core::{Coefficients, Layout, TaskVector};
 use atlas_demo::replicate::shift;
@@ -25,10 +26,13 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let preset = Preset::parse(args.first().map_or("ci", |s| s)).expect("preset: ci or full");
     let what = args.get(1).map_or("negation", |s| s).to_string();
-    let lrs: Vec<Option<f64>> = match args.get(2) {
-        Some(s) if !s.is_empty() => s.split(',').map(|x| Some(x.parse().unwrap())).collect(),
-        _ => vec![None],
-    };
+    // An empty entry: the recipe's lr (with its travel raise).
+    let lrs: Vec<Option<f64>> = args
+        .get(2)
+        .map_or("", |s| s)
+        .split(',')
+        .map(|x| (!x.is_empty()).then(|| x.parse().unwrap()))
+        .collect();
     let params = WorldParams::preset(preset);
     let root = default_cache_root().unwrap();
     let (world, _) = World::open(&params, &root, &mut Quiet, &AtomicBool::new(false)).unwrap();
@@ -36,7 +40,8 @@ fn main() {
         "negation" => negation(&world, &lrs),
         "tta" => tta(&world, &lrs, args.get(3).map_or("1", |s| s)),
         "few_shot" => few_shot(&world),
-        _ => panic!("negation, tta or few_shot"),
+        "task_addition" => task_addition(&world, &lrs),
+        _ => panic!("negation, tta, few_shot or task_addition"),
     }
 }
 
@@ -208,6 +213,55 @@ fn tta(w: &World, lrs: &[Option<f64>], tasks: &str) {
                 println!("  epoch:mi/acc {}", line.join(" "));
             }
         }
+    }
+}
+
+/// aTLAS per block over all tasks, learned on the val splits (as the replication): mean test
+/// accuracy per lr.
+fn task_addition(w: &World, lrs: &[Option<f64>]) {
+    let n = w.tasks.len();
+    let tasks: Vec<Task> = (0..n)
+        .map(|i| {
+            let mut t = task(w, i, dataset(w, i, &w.tasks[i].val, true));
+            t.reference_accuracy = Some(w.report.tasks[i].finetuned);
+            t
+        })
+        .collect();
+    let tests: Vec<Dataset> = (0..n)
+        .map(|i| dataset(w, i, &w.tasks[i].test, true))
+        .collect();
+    let job = Job::TaskAddition(tasks.clone());
+    for &lr in lrs {
+        let cfg = config(&job, lr);
+        let mut lr_used = 0.0;
+        let out = learn(
+            &w.backbone,
+            &w.task_vectors,
+            &job,
+            &cfg,
+            &mut |e: &Event| {
+                lr_used = if e.kind == EventKind::Started {
+                    e.lr
+                } else {
+                    lr_used
+                }
+            },
+            &AtomicBool::new(false),
+            None,
+        )
+        .unwrap();
+        let accs: Vec<f64> = tasks
+            .iter()
+            .zip(&tests)
+            .map(|(t, d)| acc(w, &w.task_vectors, &out.coefs, t, d))
+            .collect();
+        let mean = accs.iter().sum::<f64>() / n as f64;
+        println!(
+            "task addition lr {lr_used:.4}: mean test {mean:.3} {:?}, epoch {} {:?}",
+            accs.iter().map(|a| format!("{a:.3}")).collect::<Vec<_>>(),
+            out.best_epoch,
+            out.outcome
+        );
     }
 }
 

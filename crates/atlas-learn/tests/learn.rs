@@ -292,7 +292,9 @@ fn small_config(job: &Job) -> LearnConfig {
     cfg.view = View::Plain;
     cfg.epochs = 3;
     cfg.batch_size = 8;
+    // An lr of its own, used as it is (as an lr override is): no travel raise.
     cfg.optimizer.lr = 0.05;
+    cfg.travel = None;
     cfg
 }
 
