@@ -1,7 +1,8 @@
-//! Views of an image for a step: the plain evaluation view (OpenAI preprocessing), the few-shot
-//! training view (RandomResizedCrop, scale 0.5–1, bicubic, plus horizontal flip), and UFM's weak
-//! and strong views. Every random choice comes from (seed, epoch, item), so a run is
-//! reproducible whatever the thread schedule, and a resumed run sees the same views.
+//! Views of an image for a step: the plain evaluation view (OpenAI preprocessing), the training
+//! views of labelled images (RandomResizedCrop, scale 0.5–1 as in the paper, bicubic; with or
+//! without a horizontal flip), and UFM's weak and strong views. Every random choice comes from
+//! (seed, epoch, item), so a run is reproducible whatever the thread schedule, and a resumed run
+//! sees the same views.
 
 use atlas_clip::preprocess::{resize_bicubic, Preprocess};
 use image::{imageops, RgbImage};
@@ -13,11 +14,16 @@ use rand_chacha::ChaCha8Rng;
 pub enum View {
     /// Resize the shorter side, centre crop (evaluation).
     Plain,
-    /// RandomResizedCrop(scale 0.5–1, ratio 3/4–4/3) + horizontal flip.
+    /// RandomResizedCrop(scale 0.5–1, ratio 3/4–4/3) + horizontal flip: the paper's few-shot
+    /// view. A flip changes the label of digits, text and left/right positions.
     Train,
-    /// UFM weak view: a mild crop (scale 0.8–1) + flip.
+    /// RandomResizedCrop(scale 0.5–1, ratio 3/4–4/3), no flip. A crop may still cut out what
+    /// the label counts or moves what it locates (counts, positions).
+    Crop,
+    /// UFM weak view: a mild crop (scale 0.8–1). No flip: UFM learns agreement between views,
+    /// and a flipped digit or text is another class (the reference code flips).
     Weak,
-    /// UFM strong view: Train plus colour jitter (brightness, contrast, saturation ±40%) and
+    /// UFM strong view: Crop plus colour jitter (brightness, contrast, saturation ±40%) and
     /// grey-scale with probability 0.2.
     Strong,
 }
@@ -34,10 +40,11 @@ pub fn rng_for(seed: u64, epoch: usize, item: usize) -> ChaCha8Rng {
 pub fn pixels(pre: &Preprocess, img: &RgbImage, view: View, rng: &mut ChaCha8Rng) -> Vec<f32> {
     match view {
         View::Plain => pre.pixels(img),
-        View::Train => crop_flip(pre, img, (0.5, 1.0), rng),
-        View::Weak => crop_flip(pre, img, (0.8, 1.0), rng),
+        View::Train => crop_flip(pre, img, (0.5, 1.0), true, rng),
+        View::Crop => crop_flip(pre, img, (0.5, 1.0), false, rng),
+        View::Weak => crop_flip(pre, img, (0.8, 1.0), false, rng),
         View::Strong => {
-            let mut out = crop_flip_image(pre, img, (0.5, 1.0), rng);
+            let mut out = crop_flip_image(pre, img, (0.5, 1.0), false, rng);
             jitter(&mut out, rng);
             pre.normalise(&out)
         }
@@ -48,21 +55,23 @@ fn crop_flip(
     pre: &Preprocess,
     img: &RgbImage,
     scale: (f64, f64),
+    flip: bool,
     rng: &mut ChaCha8Rng,
 ) -> Vec<f32> {
-    pre.normalise(&crop_flip_image(pre, img, scale, rng))
+    pre.normalise(&crop_flip_image(pre, img, scale, flip, rng))
 }
 
 fn crop_flip_image(
     pre: &Preprocess,
     img: &RgbImage,
     scale: (f64, f64),
+    flip: bool,
     rng: &mut ChaCha8Rng,
 ) -> RgbImage {
     let (x, y, w, h) = random_resized_crop_box(img.width(), img.height(), scale, rng);
     let crop = imageops::crop_imm(img, x, y, w, h).to_image();
     let mut out = resize_bicubic(&crop, pre.crop as u32, pre.crop as u32);
-    if rng.gen_bool(0.5) {
+    if flip && rng.gen_bool(0.5) {
         imageops::flip_horizontal_in_place(&mut out);
     }
     out
@@ -146,7 +155,13 @@ mod tests {
         let img = RgbImage::from_fn(40, 30, |x, y| {
             image::Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
         });
-        for view in [View::Plain, View::Train, View::Weak, View::Strong] {
+        for view in [
+            View::Plain,
+            View::Train,
+            View::Crop,
+            View::Weak,
+            View::Strong,
+        ] {
             let a = pixels(&pre, &img, view, &mut rng_for(1, 2, 3));
             let b = pixels(&pre, &img, view, &mut rng_for(1, 2, 3));
             assert_eq!(a.len(), 3 * 16 * 16);

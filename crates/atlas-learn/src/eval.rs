@@ -72,6 +72,10 @@ pub struct Metrics {
     pub accuracy: f64,
     /// Mean entropy of the predicted class distribution.
     pub entropy: f64,
+    /// Entropy of the mean predicted distribution minus the mean entropy: the mutual information
+    /// between image and prediction. High when predictions are confident and spread over the
+    /// classes; a collapse onto a few classes lowers it even as the mean entropy falls.
+    pub mutual_information: f64,
 }
 
 /// Metrics of logits `[N, C]` against labels.
@@ -82,6 +86,12 @@ pub fn metrics(logits: &Tensor, data: &Dataset) -> Result<Metrics> {
         .neg()?
         .mean_all()?
         .to_scalar::<f32>()? as f64;
+    let marginal: Vec<f32> = lp.exp()?.mean(0)?.to_vec1()?;
+    let marginal_entropy: f64 = marginal
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .map(|&p| -(p as f64) * (p as f64).ln())
+        .sum();
     let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
     let labelled: Vec<(u32, u32)> = data
         .items
@@ -94,7 +104,11 @@ pub fn metrics(logits: &Tensor, data: &Dataset) -> Result<Metrics> {
     } else {
         labelled.iter().filter(|(l, p)| l == p).count() as f64 / labelled.len() as f64
     };
-    Ok(Metrics { accuracy, entropy })
+    Ok(Metrics {
+        accuracy,
+        entropy,
+        mutual_information: marginal_entropy - entropy,
+    })
 }
 
 /// Logits of a data set under a tower and head.

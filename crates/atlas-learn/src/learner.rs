@@ -7,7 +7,7 @@ use crate::checkpoint::{self, EpochSummary, State};
 use crate::data::{Dataset, Item};
 use crate::eval::{batch_pixels, embed, logits, metrics, Views};
 use crate::job::{Job, Objective, Task};
-use crate::optim::{clip_grad_norm, cosine_lr, AdamW};
+use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use crate::recipe::LearnConfig;
 use crate::{LearnError, Result};
 use atlas_clip::grad::coefficient_gradient;
@@ -51,9 +51,20 @@ pub struct Event {
     pub eta_s: Option<f64>,
 }
 
+/// What a learning job's selected Λ amounts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// An epoch beat the starting point on the validation metric, and its Λ was kept.
+    Improved,
+    /// No epoch beat the starting point (or none was eligible): Λ is the start, unchanged.
+    KeptStart,
+}
+
+/// The result of [`learn`].
 #[derive(Debug, Clone)]
-pub struct Outcome {
-    /// Λ of the best epoch.
+pub struct Learned {
+    /// Λ of the best epoch (the start when no epoch beat it).
     pub coefs: Coefficients,
     /// Λ after the last epoch.
     pub last: Coefficients,
@@ -62,10 +73,19 @@ pub struct Outcome {
     /// Validation metric at the start (zero-shot for Λ = 0) and at the best epoch.
     pub before: f64,
     pub after: f64,
-    /// What the metric is: "accuracy", "mean_normalised_accuracy", "target_accuracy", "entropy".
+    /// What the metric is: "accuracy", "mean_normalised_accuracy", "target_accuracy",
+    /// "mutual_information".
     pub metric: &'static str,
+    pub outcome: Outcome,
+    /// Why the result may not be what was wanted, in words (empty when nothing to say).
+    pub warnings: Vec<String>,
     pub history: Vec<EpochSummary>,
 }
+
+/// Below this largest |Λ − start| after all epochs, the coefficients have barely left the
+/// start: the learning rate is too small for the number of steps (seen: ±0.025 with lr 1e-3
+/// over ~30 steps).
+const BARELY_MOVED: f64 = 0.05;
 
 /// How a stream's slice of the batch enters the loss.
 #[derive(Debug, Clone)]
@@ -96,7 +116,7 @@ pub fn learn(
     progress: &mut dyn FnMut(&Event),
     cancel: &AtomicBool,
     checkpoint: Option<&Path>,
-) -> Result<Outcome> {
+) -> Result<Learned> {
     job.validate()?;
     config.validate()?;
     let n_blocks = backbone.manifest().len();
@@ -111,13 +131,6 @@ pub fn learn(
     };
     let (mut streams, vals) = prepare(job, config);
     let fingerprint = fingerprint(job, config, tvs);
-    let run = Run {
-        backbone,
-        tvs,
-        job,
-        config,
-        vals: &vals,
-    };
     let steps_per_epoch = streams
         .iter()
         .map(|s| s.train.len().div_ceil(config.batch_size))
@@ -125,6 +138,21 @@ pub fn learn(
         .unwrap_or(1)
         .max(1);
     let total_steps = steps_per_epoch * config.epochs;
+    // The fingerprint above hashes the config as given; the run uses the lr its data allow.
+    let config = &LearnConfig {
+        optimizer: AdamWConfig {
+            lr: config.lr_for(total_steps),
+            ..config.optimizer
+        },
+        ..config.clone()
+    };
+    let run = Run {
+        backbone,
+        tvs,
+        job,
+        config,
+        vals: &vals,
+    };
 
     let resumed = match checkpoint {
         Some(p) => checkpoint::load(p, &fingerprint)?,
@@ -185,7 +213,12 @@ pub fn learn(
         Some(state.before),
     ));
 
-    while state.epochs_done < config.epochs {
+    // Negation stops once the control guard fails, as the reference code does: later epochs
+    // move further from it.
+    let guard_failed = |s: &State| {
+        matches!(job, Job::Negation { .. }) && s.history.last().is_some_and(|h| !h.eligible)
+    };
+    while state.epochs_done < config.epochs && !guard_failed(&state) {
         let epoch = state.epochs_done + 1;
         let coefs = start.with_values(state.values.clone())?;
         run.refresh_pseudo_labels(&mut streams, &coefs, epoch)?;
@@ -270,15 +303,74 @@ pub fn learn(
         None,
         Some(after),
     ));
-    Ok(Outcome {
+    let outcome = if state.best_epoch == 0 || state.best_values == start.values {
+        Outcome::KeptStart
+    } else {
+        Outcome::Improved
+    };
+    let warnings = warnings(job, config, &state, outcome, &start.values, total_steps);
+    Ok(Learned {
         coefs: start.with_values(state.best_values.clone())?,
         last: start.with_values(state.values.clone())?,
         best_epoch: state.best_epoch,
         before: state.before,
         after,
         metric: metric_name(job),
+        outcome,
+        warnings,
         history: state.history,
     })
+}
+
+/// What a caller should know about a finished run: the start was kept (and why, as far as the
+/// history tells), Λ barely moved, or the metric is not accuracy.
+fn warnings(
+    job: &Job,
+    config: &LearnConfig,
+    state: &State,
+    outcome: Outcome,
+    start: &[f64],
+    total_steps: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let metric = metric_name(job);
+    if outcome == Outcome::KeptStart {
+        let epochs = state.history.len();
+        if state.history.iter().all(|h| !h.eligible) && epochs > 0 {
+            out.push(format!(
+                "kept the start: the control accuracy fell below {} × its zero-shot accuracy \
+                 in all {epochs} epochs; lower lr or epochs",
+                config.control_guard
+            ));
+        } else {
+            out.push(format!(
+                "kept the start: no epoch of {epochs} beat it on the validation {metric} \
+                 ({:.4}); the result is the starting coefficients",
+                state.before
+            ));
+        }
+    }
+    let moved = state
+        .values
+        .iter()
+        .zip(start)
+        .map(|(v, s)| (v - s).abs())
+        .fold(0.0, f64::max);
+    if moved < BARELY_MOVED {
+        out.push(format!(
+            "Λ barely moved: at most {moved:.3} from the start after {total_steps} steps at lr \
+             {}; raise lr or epochs",
+            config.optimizer.lr
+        ));
+    }
+    if job.objective().is_unsupervised() {
+        out.push(
+            "no labels: epochs are compared by the mutual information of the predictions on \
+             held-out images, not by accuracy"
+                .into(),
+        );
+    }
+    out
 }
 
 fn metric_name(job: &Job) -> &'static str {
@@ -286,7 +378,7 @@ fn metric_name(job: &Job) -> &'static str {
         Job::FewShot(_) => "accuracy",
         Job::TaskAddition(_) => "mean_normalised_accuracy",
         Job::Negation { .. } => "target_accuracy",
-        Job::Entropy(_) | Job::Ufm(_) => "entropy",
+        Job::Entropy(_) | Job::Ufm(_) => "mutual_information",
     }
 }
 
@@ -295,9 +387,13 @@ fn prepare<'a>(job: &'a Job, config: &LearnConfig) -> (Vec<Stream<'a>>, Vec<Data
     let mut streams = Vec::new();
     let mut vals = Vec::new();
     for (i, task) in job.tasks().into_iter().enumerate() {
-        let (train, val) = match &task.val {
-            Some(v) => (task.data.clone(), v.clone()),
-            None => task.data.split(config.val_fraction, config.seed ^ i as u64),
+        let (train, val) = match (&task.val, job) {
+            (Some(v), _) => (task.data.clone(), v.clone()),
+            // As the reference code: negation learns and picks its epoch on the same data.
+            // Making the target worse is the goal, not something to over-fit, and the control
+            // guard needs every image (on 12 held-out images one miss breaks 0.95).
+            (None, Job::Negation { .. }) => (task.data.clone(), task.data.clone()),
+            (None, _) => task.data.split(config.val_fraction, config.seed ^ i as u64),
         };
         // A class with a single example cannot be split: validate on the training data then.
         let val = if val.is_empty() { train.clone() } else { val };
@@ -416,9 +512,13 @@ impl Run<'_> {
                 let guard = self.config.control_guard * control_zero_shot.unwrap_or(0.0);
                 (-t, t, c >= guard)
             }
+            // Not the entropy the objective lowers: that rewards collapsing onto few classes
+            // and rose on most tasks tried. Mutual information also wants the predictions
+            // spread over the classes. The reference code picks the epoch by labelled
+            // validation accuracy, which a label-free job does not have.
             Job::Entropy(t) | Job::Ufm(t) => {
-                let e = m(t, &self.vals[0])?.entropy;
-                (-e, e, true)
+                let mi = m(t, &self.vals[0])?.mutual_information;
+                (mi, mi, true)
             }
         })
     }

@@ -25,6 +25,6 @@ pub use data::Dataset;
 pub use error::{LearnError, Result};
 pub use eval::{accuracy, evaluate};
 pub use job::{Job, Objective, Task};
-pub use learner::{learn, Event, EventKind, Outcome};
+pub use learner::{learn, Event, EventKind, Learned, Outcome};
 pub use optim::AdamWConfig;
 pub use recipe::{LearnConfig, Overrides};

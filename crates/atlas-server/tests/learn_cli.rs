@@ -1,6 +1,6 @@
 //! `atlas-serve learn` on an ImageFolder directory with the tiny fixture CLIP and two task
 //! vectors: writes a coefficients file that loads, names the task vectors by digest, and
-//! reports the validation metric before and after.
+//! reports the validation metric before and after and whether anything was learned.
 
 use atlas_learn::output::CoefficientsFile;
 use std::path::{Path, PathBuf};
@@ -73,6 +73,11 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
     assert_eq!(file.coefficients.values.len(), 2 * file.blocks.len() * 2);
     assert_eq!(file.summary["metric"], "accuracy");
     assert!(file.summary["before"].is_number() && file.summary["after"].is_number());
+    // Whether anything was learned is said, in the file and on the terminal.
+    let outcome = file.summary["outcome"].as_str().unwrap();
+    assert!(["improved", "kept_start"].contains(&outcome), "{outcome}");
+    assert!(stdout.contains(&format!("outcome: {outcome}")), "{stdout}");
+    assert!(file.summary["warnings"].is_array());
 
     // A directory with no class folders is refused with a message naming it.
     let empty = dir.path().join("empty");

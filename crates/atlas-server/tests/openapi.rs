@@ -1107,10 +1107,16 @@ fn enums_match_the_serde_names() {
             | EventKind::Finished => {}
         }
     }
-    let views = [View::Plain, View::Train, View::Weak, View::Strong];
+    let views = [
+        View::Plain,
+        View::Train,
+        View::Crop,
+        View::Weak,
+        View::Strong,
+    ];
     for v in views {
         match v {
-            View::Plain | View::Train | View::Weak | View::Strong => {}
+            View::Plain | View::Train | View::Crop | View::Weak | View::Strong => {}
         }
     }
     let spec = spec();
@@ -1292,6 +1298,7 @@ fn learn_request(set: bool) -> api::LearnRequest {
             seed: set.then_some(u64::MAX),
             val_fraction: set.then_some(0.5),
             augment: set.then_some(false),
+            flip: set.then_some(false),
         },
     }
 }
@@ -1299,6 +1306,8 @@ fn learn_request(set: bool) -> api::LearnRequest {
 fn learn_config(set: bool) -> atlas_learn::LearnConfig {
     let mut c = atlas_learn::LearnConfig::recipe(api::Objective::Ufm);
     c.layout = atlas_core::Layout::PerPart { k: 2, seed: 3 };
+    // travel: the recipe's, or none once a request gives lr.
+    c.travel = set.then_some(0.2);
     if set {
         c.grad_clip = None;
         c.initial = Some(
@@ -1323,6 +1332,7 @@ fn composition(set: bool) -> api::Composition {
         history: vec![event(EventKind::Resumed, false), event(EventKind::Epoch, true)],
         summary: set.then(|| {
             json!({"metric": "accuracy", "before": 0.5, "after": 0.75, "best_epoch": 1,
+                   "outcome": "improved", "warnings": ["Λ barely moved"],
                    "epochs": [{"epoch": 1, "train_loss": 0.4, "val_metric": 0.75, "eligible": true}]})
         }),
         error: set.then(|| "boom".into()),
@@ -1498,7 +1508,13 @@ fn schemas_of_the_job_types_match_jobs_rs() {
         built.contains(&want),
         "jobs.rs builds {built:?}, not {want:?}"
     );
-    assert_eq!(required(schema(spec, "LearnSummary")), want);
+    // Summaries stored before outcome and warnings existed lack them.
+    let later: BTreeSet<String> = ["outcome", "warnings"].map(String::from).into();
+    assert_eq!(
+        required(schema(spec, "LearnSummary")),
+        &want - &later,
+        "required: all but {later:?}"
+    );
     assert!(
         jobs.contains("\"epochs\": out.history"),
         "the summary's epochs are EpochSummary values"
@@ -1519,6 +1535,17 @@ fn schemas_of_the_job_types_match_jobs_rs() {
     assert_eq!(
         enum_of(&schema(spec, "LearnSummary")["properties"]["metric"]),
         names
+    );
+    use atlas_learn::Outcome;
+    let outcomes = [Outcome::Improved, Outcome::KeptStart];
+    for o in outcomes {
+        match o {
+            Outcome::Improved | Outcome::KeptStart => {}
+        }
+    }
+    assert_eq!(
+        enum_of(&schema(spec, "LearnSummary")["properties"]["outcome"]),
+        serde_names(&outcomes)
     );
 }
 

@@ -634,6 +634,10 @@ fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
     let done = s.wait_final(&id, Duration::from_secs(10));
     spec::validate("Composition", &done);
     assert_eq!(done["summary"]["metric"], "accuracy");
+    // Whether the job learned anything is part of its result (issue 19).
+    let outcome = done["summary"]["outcome"].as_str().unwrap();
+    assert!(["improved", "kept_start"].contains(&outcome), "{done}");
+    assert!(done["summary"]["warnings"].is_array(), "{done}");
     assert_eq!(done["history"].as_array().unwrap().len(), 2);
     assert_eq!(
         done["provenance"]["task_vector_digests"]

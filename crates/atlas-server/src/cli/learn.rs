@@ -98,7 +98,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     bar.finish();
     let summary = serde_json::json!({
         "objective": job.objective(), "metric": out.metric, "before": out.before, "after": out.after,
-        "best_epoch": out.best_epoch, "history": out.history, "config": config,
+        "best_epoch": out.best_epoch, "outcome": out.outcome, "warnings": out.warnings,
+        "history": out.history, "config": config,
     });
     let file = CoefficientsFile::new(
         backbone.manifest(),
@@ -113,6 +114,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "validation {}: {:.4} before (Λ = 0, zero-shot), {:.4} after (epoch {})",
         out.metric, out.before, out.after, out.best_epoch
     );
+    let outcome = serde_json::to_value(out.outcome)?;
+    println!("outcome: {}", outcome.as_str().unwrap_or("?"));
+    for w in &out.warnings {
+        eprintln!("warning: {w}");
+    }
     println!("coefficients written to {}", a.out.display());
     Ok(())
 }

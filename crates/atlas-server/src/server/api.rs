@@ -234,7 +234,8 @@ pub struct Composition {
     /// Epoch events (training loss, validation metric) so far, and resumptions after restarts.
     #[serde(default)]
     pub history: Vec<atlas_learn::Event>,
-    /// Outcome of a learning job: metric before and after, best epoch.
+    /// Summary of a learning job: metric before and after, best epoch, outcome (`improved` or
+    /// `kept_start`) and warnings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

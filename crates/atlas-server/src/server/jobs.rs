@@ -267,7 +267,8 @@ impl Workers {
         };
         let summary = serde_json::json!({
             "metric": out.metric, "before": out.before, "after": out.after,
-            "best_epoch": out.best_epoch, "epochs": out.history,
+            "best_epoch": out.best_epoch, "outcome": out.outcome, "warnings": out.warnings,
+            "epochs": out.history,
         });
         self.store
             .update(&c.id, |c| {
