@@ -73,6 +73,57 @@ pub fn default_templates() -> &'static [&'static str] {
     &DEFAULT
 }
 
+/// Most templates in one head.
+pub const MAX_TEMPLATES: usize = 100;
+/// Longest template (or class name), in bytes (the tokenizer keeps 77 tokens anyway).
+pub const MAX_TEXT: usize = 1000;
+
+/// The templates a head is asked for, as the API and the CLI take them: a data set's name
+/// ("default" for the generic ones), or templates of their own, each with one `{}`. The error
+/// says what was wrong, for either to report.
+pub fn resolve(specs: &[String]) -> Result<Vec<String>, String> {
+    match specs {
+        [name] if !name.contains("{}") => check(named(name)?),
+        list => check(list.to_vec()),
+    }
+}
+
+/// `list` when it is a valid set of templates (1 to 100, each with one `{}`, short, no NUL).
+pub fn check(list: Vec<String>) -> Result<Vec<String>, String> {
+    if list.is_empty() || list.len() > MAX_TEMPLATES {
+        return Err(format!(
+            "give between 1 and {MAX_TEMPLATES} templates, got {}",
+            list.len()
+        ));
+    }
+    if let Some(bad) = list
+        .iter()
+        .find(|t| t.matches("{}").count() != 1 || t.len() > MAX_TEXT || t.contains('\0'))
+    {
+        let shown: String = bad.chars().take(80).collect();
+        return Err(format!(
+            "template {shown:?} must contain exactly one {{}} for the class name, no NUL, at \
+             most {MAX_TEXT} bytes"
+        ));
+    }
+    Ok(list)
+}
+
+fn named(name: &str) -> Result<Vec<String>, String> {
+    let list = if name == "default" {
+        default_templates()
+    } else {
+        templates_for(name).ok_or_else(|| {
+            format!(
+                "no templates for data set {name:?}; known: default, {} (or give templates \
+                 of your own, each with one {{}})",
+                dataset_names().join(", ")
+            )
+        })?
+    };
+    Ok(list.iter().map(|s| s.to_string()).collect())
+}
+
 /// Put a class name into a template (every `{}` is replaced).
 pub fn fill(template: &str, class: &str) -> String {
     template.replace("{}", class)

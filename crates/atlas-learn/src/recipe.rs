@@ -61,6 +61,11 @@ pub const TTA_TRAVEL: f64 = 0.2;
 
 /// Largest learning rate a job may ask for (the recipes use 1e-3 and 1e-1).
 pub const MAX_LR: f64 = 10.0;
+/// Largest epochs and batch size a job may ask for (bounded work per job).
+pub const MAX_EPOCHS: usize = 1000;
+pub const MAX_BATCH: usize = 1024;
+/// Longest learning-rate warm-up a job may ask for, in steps.
+pub const MAX_WARMUP: usize = 100_000;
 
 impl LearnConfig {
     /// The paper's recipe for the objective (method notes: AdamW, cosine, grad-norm clip 1.0).
@@ -231,6 +236,26 @@ pub struct Overrides {
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flip: Option<bool>,
+}
+
+impl Overrides {
+    /// Refuses overrides past the bounds on a job's work (the API and the CLI both ask).
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(LearnError::Job(m));
+        if self.epochs.is_some_and(|e| e > MAX_EPOCHS) {
+            return bad(format!("epochs must be at most {MAX_EPOCHS}"));
+        }
+        if self.batch_size.is_some_and(|b| b > MAX_BATCH) {
+            return bad(format!("batch_size must be at most {MAX_BATCH}"));
+        }
+        if self.warmup_steps.is_some_and(|w| w > MAX_WARMUP) {
+            return bad(format!("warmup_steps must be at most {MAX_WARMUP}"));
+        }
+        if self.val_fraction.is_some_and(|v| !(0.0..1.0).contains(&v)) {
+            return bad("val_fraction must be in [0, 1)".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -55,10 +55,24 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
         "per-part",
         "--parts",
         "2",
+        "--templates",
+        "a photo of a {}.",
+        "--templates",
+        "a drawing of a {}.",
         "--out",
         out_file.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // Not a terminal: progress comes as log lines, the last with its step count and an ETA.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr
+        .lines()
+        .rfind(|l| l.contains("learning: "))
+        .unwrap_or("");
+    assert!(
+        last.contains(" (100 %), ") && last.contains("eta"),
+        "{stderr}"
+    );
     assert!(
         out.status.success(),
         "{stdout}\n{}",
@@ -78,6 +92,21 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
     assert!(["improved", "kept_start"].contains(&outcome), "{outcome}");
     assert!(stdout.contains(&format!("outcome: {outcome}")), "{stdout}");
     assert!(file.summary["warnings"].is_array());
+
+    // Templates and overrides are checked as the API checks them.
+    for (flags, says) in [
+        (
+            ["--templates", "no placeholder here"],
+            "no templates for data set",
+        ),
+        (["--epochs", "100000"], "epochs must be at most"),
+    ] {
+        let mut args = vec!["--data", data.to_str().unwrap(), "--out", "unused.json"];
+        args.extend(flags);
+        let out = learn(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{stderr}");
+    }
 
     // A directory with no class folders is refused with a message naming it.
     let empty = dir.path().join("empty");

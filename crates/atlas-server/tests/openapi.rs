@@ -947,7 +947,6 @@ fn limits_match_the_config_and_the_code() {
     let spec = spec();
     let config = config_default();
     let compositions = server_source("compositions");
-    let heads = server_source("heads");
     let s = |name| schema(spec, name);
     let images = setting(&config, "max_images");
     let classes = setting(&config, "max_classes");
@@ -973,20 +972,17 @@ fn limits_match_the_config_and_the_code() {
     assert_eq!(*per_part, atlas_core::coefficients::MAX_PARTS as u64);
 
     let overrides = &s("LearnOverrides")["properties"];
-    let max_epochs = number_after(&compositions, "const MAX_EPOCHS: usize = ");
-    let max_batch = number_after(&compositions, "const MAX_BATCH: usize = ");
-    assert_eq!(overrides["epochs"]["maximum"], max_epochs);
-    assert_eq!(overrides["batch_size"]["maximum"], max_batch);
-    let max_warmup = number_after(&compositions, "const MAX_WARMUP: usize = ");
-    assert_eq!(overrides["warmup_steps"]["maximum"], max_warmup);
+    use atlas_learn::recipe::{MAX_BATCH, MAX_EPOCHS, MAX_WARMUP};
+    assert_eq!(overrides["epochs"]["maximum"], MAX_EPOCHS as u64);
+    assert_eq!(overrides["batch_size"]["maximum"], MAX_BATCH as u64);
+    assert_eq!(overrides["warmup_steps"]["maximum"], MAX_WARMUP as u64);
     let tasks = number_after(&compositions, "const MAX_TASKS: usize = ");
     assert_eq!(s("LearnRequest")["properties"]["tasks"]["maxItems"], tasks);
 
-    let text = number_after(&heads, "const MAX_TEXT: usize = ");
-    assert_eq!(s("ClassName")["maxLength"], text);
-    assert_eq!(s("Template")["maxLength"], text);
-    let templates = number_after(&heads, "list.len() > ");
-    assert_eq!(s("Templates")["oneOf"][1]["maxItems"], templates);
+    use atlas_clip::templates::{MAX_TEMPLATES, MAX_TEXT};
+    assert_eq!(s("ClassName")["maxLength"], MAX_TEXT as u64);
+    assert_eq!(s("Template")["maxLength"], MAX_TEXT as u64);
+    assert_eq!(s("Templates")["oneOf"][1]["maxItems"], MAX_TEMPLATES as u64);
 
     let params = &spec["components"]["parameters"];
     assert_eq!(
@@ -1018,7 +1014,7 @@ fn limits_match_the_config_and_the_code() {
         format!("at most {pixels} pixels"),
         format!("1 to {images} images"),
         format!("1 to {classes} classes"),
-        format!("1 to {templates} templates"),
+        format!("1 to {MAX_TEMPLATES} templates"),
         format!("1 to {examples} examples"),
         format!("K from 1 to {parts}"),
     ] {

@@ -4,9 +4,8 @@
 use anyhow::{bail, Context};
 use atlas_demo::replicate::ReplicateConfig;
 use atlas_demo::tasks::{task_specs, Split};
-use atlas_demo::world::{default_cache_root, task_data, world_dir, BuildReport, Progress};
+use atlas_demo::world::{default_cache_root, task_data, world_dir, BuildReport};
 use atlas_demo::{Preset, World, WorldParams};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -114,7 +113,7 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     let start = Instant::now();
-    let mut bars = Bars::default();
+    let mut bars = super::progress::Progress::new("atlas-serve: demo");
     let (world, built) = World::open(&params, &root, &mut bars, &AtomicBool::new(false))?;
     bars.finish();
     if built {
@@ -137,7 +136,7 @@ fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
         Some(p) => p,
         None => default_cache_root()?,
     };
-    let mut bars = Bars::default();
+    let mut bars = super::progress::Progress::new("atlas-serve: demo");
     let cancel = AtomicBool::new(false);
     let (world, _) = World::open(&params, &root, &mut bars, &cancel)?;
     let mut config = ReplicateConfig::paper(world.tasks.len());
@@ -248,46 +247,4 @@ fn export(a: ExportArgs) -> anyhow::Result<()> {
         a.out.display()
     );
     Ok(())
-}
-
-/// One indicatif bar per build stage.
-#[derive(Default)]
-struct Bars {
-    bar: Option<ProgressBar>,
-}
-
-impl Bars {
-    fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish();
-        }
-    }
-}
-
-impl Progress for Bars {
-    fn stage(&mut self, name: &str, total: u64) {
-        self.finish();
-        let bar = ProgressBar::new(total);
-        let style = ProgressStyle::with_template(
-            "{prefix:>22} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_prefix(name.to_string());
-        self.bar = Some(bar);
-    }
-    fn tick(&mut self, done: u64, message: &str) {
-        if let Some(b) = &self.bar {
-            b.set_position(done);
-            b.set_message(message.to_string());
-        }
-    }
-    fn note(&mut self, line: &str) {
-        // A hidden bar (stderr not a terminal) drops println; say it plainly then.
-        match &self.bar {
-            Some(b) if !b.is_hidden() => b.println(line),
-            _ => eprintln!("{line}"),
-        }
-    }
 }

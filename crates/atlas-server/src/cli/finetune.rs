@@ -7,7 +7,6 @@ use atlas_clip::templates::default_templates;
 use atlas_clip::{LoadOptions, ZeroShotHead};
 use atlas_core::StorageDType;
 use atlas_learn::finetune::{accuracy, finetune, FinetuneConfig, Labelled, Step};
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -96,15 +95,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             100.0 * acc
         );
     }
-    let bar = step_bar(train.len().div_ceil(a.batch_size) * a.epochs);
+    let mut bar = super::progress::Progress::new("atlas-serve: finetune");
+    bar.stage(
+        "fine-tuning",
+        (train.len().div_ceil(a.batch_size) * a.epochs) as u64,
+    );
     let mut progress = |s: &Step| {
-        bar.set_position(s.step as u64);
-        bar.set_message(format!(
-            "epoch {} loss {:.4} lr {:.2e}",
-            s.epoch + 1,
-            s.loss,
-            s.lr
-        ));
+        let message = format!("epoch {} loss {:.4} lr {:.2e}", s.epoch + 1, s.loss, s.lr);
+        bar.tick(s.step as u64, &message);
     };
     let data = Labelled {
         pixels: &train_px,
@@ -131,17 +129,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     println!("wrote task vector {:?} to {}", config.name, a.out.display());
     Ok(())
-}
-
-fn step_bar(steps: usize) -> ProgressBar {
-    let bar = ProgressBar::new(steps as u64);
-    let style = ProgressStyle::with_template(
-        "fine-tuning [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar
 }
 
 fn dir_name(p: &Path) -> String {

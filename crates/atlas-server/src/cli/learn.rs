@@ -2,6 +2,7 @@
 //! vectors, with a progress bar; writes the coefficients file and prints the validation metric
 //! before (zero-shot) and after.
 
+use super::progress::Progress;
 use anyhow::{bail, Context};
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::{templates, Backbone, LoadOptions};
@@ -9,7 +10,6 @@ use atlas_core::{Layout, StorageDType, TaskVector};
 use atlas_learn::budget::{self, Budget};
 use atlas_learn::output::CoefficientsFile;
 use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, Objective, Overrides, Task};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -45,9 +45,10 @@ pub struct Args {
     parts: usize,
     #[arg(long, default_value_t = 0)]
     part_seed: u64,
-    /// Prompt templates: a data-set name (e.g. MNIST) or "default".
-    #[arg(long, default_value = "default")]
-    templates: String,
+    /// Prompt templates, as the API takes them: a data set's name (e.g. MNIST) or "default",
+    /// or templates of your own, each with one {} for the class name (repeat the flag).
+    #[arg(long = "templates", default_value = "default")]
+    templates: Vec<String>,
     /// Override the recipe's settings.
     #[command(flatten)]
     overrides: Overrides,
@@ -81,11 +82,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         None => tvs,
     };
-    let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}, eta {eta}]",
-    )?);
-    let mut on_event = |e: &Event| report(&bar, e);
+    let mut bar = Progress::new("atlas-serve: learn");
+    let mut on_event = |e: &Event| report(&mut bar, e);
     let out = learn(
         &backbone,
         &tvs,
@@ -156,39 +154,38 @@ fn task_vectors(
     Ok(tvs)
 }
 
-fn report(bar: &ProgressBar, e: &Event) {
-    bar.set_length(e.total_steps as u64);
-    bar.set_position(e.step as u64);
-    match e.kind {
-        EventKind::Step => bar.set_message(format!(
-            "epoch {}/{} loss {:.4} lr {:.2e}",
-            e.epoch + 1,
-            e.epochs,
-            e.loss.unwrap_or(f64::NAN),
-            e.lr
-        )),
-        EventKind::Epoch | EventKind::Started | EventKind::Resumed => bar.println(format!(
+fn report(bar: &mut Progress, e: &Event) {
+    let epoch_line = || {
+        format!(
             "epoch {}/{}: validation {:.4}",
             e.epoch,
             e.epochs,
             e.val_metric.unwrap_or(f64::NAN)
-        )),
+        )
+    };
+    match e.kind {
+        EventKind::Started | EventKind::Resumed => {
+            bar.stage("learning", e.total_steps as u64);
+            bar.note(&epoch_line());
+        }
+        EventKind::Step => bar.tick(
+            e.step as u64,
+            &format!(
+                "epoch {}/{} loss {:.4} lr {:.2e}",
+                e.epoch + 1,
+                e.epochs,
+                e.loss.unwrap_or(f64::NAN),
+                e.lr
+            ),
+        ),
+        EventKind::Epoch => bar.note(&epoch_line()),
         EventKind::Finished => {}
     }
 }
 
 fn job(a: &Args, backbone: &Backbone) -> anyhow::Result<Job> {
-    let names: Vec<&str> = match a.templates.as_str() {
-        "default" => templates::default_templates().to_vec(),
-        name => templates::templates_for(name)
-            .with_context(|| {
-                format!(
-                    "no templates for data set {name}; try one of {:?} or 'default'",
-                    templates::dataset_names()
-                )
-            })?
-            .to_vec(),
-    };
+    let templates = templates::resolve(&a.templates).map_err(anyhow::Error::msg)?;
+    let names: Vec<&str> = templates.iter().map(String::as_str).collect();
     let pre = Preprocess::from_config(backbone.config.vision.image_size);
     let mut tasks = Vec::new();
     for dir in &a.data {
@@ -215,6 +212,7 @@ fn config(a: &Args, job: &Job) -> anyhow::Result<LearnConfig> {
             seed: a.part_seed,
         },
     };
+    a.overrides.check()?;
     let c = LearnConfig {
         layout,
         ..LearnConfig::recipe(job.objective())

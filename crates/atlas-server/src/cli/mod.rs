@@ -5,5 +5,6 @@ pub mod demo;
 pub mod finetune;
 pub mod learn;
 pub mod model;
+pub mod progress;
 pub mod serve;
 pub mod task_vector;

@@ -45,7 +45,7 @@ pub fn demo_world(preset: Preset) -> anyhow::Result<World> {
     let (world, built) = World::open(
         &params,
         &root,
-        &mut LogProgress,
+        &mut super::progress::Progress::new("atlas-serve: demo world"),
         &std::sync::atomic::AtomicBool::new(false),
     )?;
     if built {
@@ -73,19 +73,6 @@ pub fn load(
                 .with_context(|| format!("loading the backbone {model}"))?;
             Ok((backbone, None))
         }
-    }
-}
-
-/// Build progress of the demo world, as log lines.
-struct LogProgress;
-
-impl atlas_demo::world::Progress for LogProgress {
-    fn stage(&mut self, name: &str, total: u64) {
-        eprintln!("atlas-serve: demo world: {name} ({total} steps)");
-    }
-    fn tick(&mut self, _done: u64, _message: &str) {}
-    fn note(&mut self, line: &str) {
-        eprintln!("atlas-serve: demo world: {line}");
     }
 }
 

@@ -7,40 +7,14 @@ use super::AppState;
 use atlas_clip::{templates, ClipError};
 use sha2::{Digest, Sha256};
 
-/// Longest class name or template, in bytes (the tokenizer truncates at 77 tokens anyway).
-const MAX_TEXT: usize = 1000;
+use templates::MAX_TEXT;
 
 pub fn resolve_templates(t: &Templates) -> ApiResult<Vec<String>> {
-    let list: Vec<String> = match t {
-        Templates::Named(n) if n == "default" => templates::default_templates()
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        Templates::Named(n) => templates::templates_for(n)
-            .ok_or_else(|| {
-                ApiError::bad(format!(
-                    "no templates for data set {n:?}; known: default, {}",
-                    templates::dataset_names().join(", ")
-                ))
-            })?
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        Templates::List(l) => l.clone(),
-    };
-    if list.is_empty() || list.len() > 100 {
-        return Err(ApiError::bad("give between 1 and 100 templates"));
+    match t {
+        Templates::Named(n) => templates::resolve(std::slice::from_ref(n)),
+        Templates::List(l) => templates::check(l.clone()),
     }
-    if let Some(bad) = list
-        .iter()
-        .find(|t| t.matches("{}").count() != 1 || t.len() > MAX_TEXT || t.contains('\0'))
-    {
-        return Err(ApiError::bad(format!(
-            "template {:?} must contain exactly one {{}} for the class name, no NUL, at most {MAX_TEXT} bytes",
-            truncate(bad)
-        )));
-    }
-    Ok(list)
+    .map_err(ApiError::bad)
 }
 
 pub fn check_classes(classes: &[String], max: usize) -> ApiResult<()> {

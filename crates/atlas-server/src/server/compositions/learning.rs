@@ -13,11 +13,6 @@ use atlas_core::Layout;
 use atlas_learn::LearnConfig;
 use axum::http::{HeaderMap, StatusCode};
 
-/// Largest epochs and batch size a request may ask for (bounded work per job).
-const MAX_EPOCHS: usize = 1000;
-const MAX_BATCH: usize = 1024;
-/// Longest learning-rate warm-up a request may ask for, in steps.
-const MAX_WARMUP: usize = 100_000;
 /// Largest number of tasks in one multi-task merge.
 const MAX_TASKS: usize = 64;
 
@@ -216,25 +211,7 @@ fn check_label(o: Objective, i: usize, j: usize, label: Option<u32>, n: usize) -
 }
 
 fn check_overrides(o: &Overrides) -> ApiResult<()> {
-    if o.epochs.is_some_and(|e| e > MAX_EPOCHS) {
-        return Err(ApiError::bad(format!(
-            "epochs must be at most {MAX_EPOCHS}"
-        )));
-    }
-    if o.batch_size.is_some_and(|b| b > MAX_BATCH) {
-        return Err(ApiError::bad(format!(
-            "batch_size must be at most {MAX_BATCH}"
-        )));
-    }
-    if o.warmup_steps.is_some_and(|w| w > MAX_WARMUP) {
-        return Err(ApiError::bad(format!(
-            "warmup_steps must be at most {MAX_WARMUP}"
-        )));
-    }
-    if o.val_fraction.is_some_and(|v| !(0.0..1.0).contains(&v)) {
-        return Err(ApiError::bad("val_fraction must be in [0, 1)"));
-    }
-    Ok(())
+    o.check().map_err(|e| ApiError::bad(e.to_string()))
 }
 
 /// The recipe of an objective with the request's overrides, validated.
