@@ -126,7 +126,13 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
 }
 
 fn atlas(cache: &Path, args: &[&str]) -> std::process::Output {
+    atlas_in(Path::new("."), cache, args)
+}
+
+/// [`atlas`] run in the directory `cwd`.
+fn atlas_in(cwd: &Path, cache: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_atlas-serve"))
+        .current_dir(cwd)
         .args(args)
         .env("ATLAS_CACHE", cache)
         // The demo world's tensors are tiny: one thread each is faster.
@@ -163,7 +169,10 @@ fn learn_and_finetune_take_the_demo_world_by_name() {
     succeeded(&atlas(&cache, &args));
 
     let coefs = dir.path().join("coefs.json");
-    let stderr = succeeded(&atlas(
+    // Run beside the exported `position/`, as the README does: `--tv position` is still the
+    // task vector, not that directory.
+    let stderr = succeeded(&atlas_in(
+        dir.path(),
         &cache,
         &[
             "learn",

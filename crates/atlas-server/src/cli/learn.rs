@@ -135,7 +135,8 @@ fn task_vectors(
     let mut tvs = Vec::new();
     for p in given {
         let named = demo.iter().flatten().find(|t| Path::new(t.name()) == p);
-        if let Some(tv) = named.filter(|_| !p.exists()) {
+        // A file of that name wins; a directory (the exported images of that task, say) does not.
+        if let Some(tv) = named.filter(|_| !p.is_file()) {
             tvs.push(tv.clone());
             continue;
         }
