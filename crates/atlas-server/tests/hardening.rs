@@ -76,6 +76,23 @@ fn the_job_queue_limit_holds_under_concurrent_submissions() {
         accepted <= 4,
         "{accepted} accepted with one slot running and 3 queued"
     );
+    // The running job shows in the log every ten seconds, with an ETA.
+    let id = first["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.log_text().contains(&format!("job {id}: step ")) {
+        assert!(
+            Instant::now() < deadline,
+            "no progress line: {}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = s.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("job {id}: step ")))
+        .unwrap();
+    assert!(line.contains("eta "), "{line}");
 }
 
 /// Creating a composition raced deleting one of its task vectors: both could succeed, and the

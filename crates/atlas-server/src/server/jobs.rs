@@ -233,6 +233,7 @@ impl Workers {
             .clone()
             .ok_or_else(|| LearnError::Job("the job has no stored configuration".into()))?;
         let mut last_step = Instant::now();
+        let mut last_line = Instant::now();
         let mut refused = None;
         let mut on_event = |e: &Event| {
             if e.kind == EventKind::Step {
@@ -240,6 +241,11 @@ impl Workers {
                     .step_seconds
                     .observe(last_step.elapsed().as_secs_f64());
                 last_step = Instant::now();
+            }
+            // The log shows long jobs moving (events and SSE have every step).
+            if e.kind == EventKind::Step && last_line.elapsed() >= LOG_EVERY {
+                last_line = Instant::now();
+                eprintln!("atlas-serve: job {}: {}", c.id, progress_line(e));
             }
             // Progress the store cannot keep (a full disk) would be lost, and the checkpoints
             // with it: the job stops and fails, saying why.
@@ -322,6 +328,23 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
     let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
     let name = t.name.clone().unwrap_or_else(|| format!("task{i}"));
     Task::new(backbone, &name, data, &t_refs)
+}
+
+/// Time between a running job's progress lines in the log.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+fn progress_line(e: &Event) -> String {
+    let pct = 100.0 * e.step as f64 / e.total_steps.max(1) as f64;
+    let eta = e.eta_s.map_or("unknown".into(), |s| format!("{s:.0} s"));
+    format!(
+        "step {}/{} ({pct:.0} %), epoch {}/{}, loss {:.4}, {:.0} s, eta {eta}",
+        e.step,
+        e.total_steps,
+        e.epoch + 1,
+        e.epochs,
+        e.loss.unwrap_or(f64::NAN),
+        e.elapsed_s
+    )
 }
 
 pub fn now() -> f64 {
