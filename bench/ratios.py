@@ -29,6 +29,10 @@ def classify(out):
         meta = {k: d[k] for k in ("device", "threads", "torch") if k in d}
     loads = open(os.path.join(out, "load.txt")).read().split("\n") if os.path.exists(
         os.path.join(out, "load.txt")) else []
+    machine = next((r["machine"] for r in candle if "machine" in r), None)
+    if machine:
+        print(f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
+              f"features {', '.join(machine['features']) or 'none of note'}\n")
     print(f"PyTorch: {meta.get('torch', '?')} on {meta.get('device', '?')}, "
           f"{meta.get('threads', '?')} threads; candle: {candle[0]['threads'] if candle else '?'} threads\n")
     print("| model | dtype | batch | candle img/s | PyTorch img/s | candle / PyTorch (throughput) "

@@ -3,7 +3,7 @@
 //! several batch sizes and dtypes. Each figure runs warm-up passes, then timed passes until
 //! `--iters` passes or `--max-seconds` of timed work, whichever comes first (at least one).
 
-use super::common::{median, vision_config};
+use super::common::{machine, median, vision_config};
 use anyhow::{bail, Context};
 use atlas_clip::manifest::vision_tensors;
 use atlas_clip::{VisionConfig, VisionTower};
@@ -126,6 +126,7 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
                         let rec = json!({
                             "benchmark": "classify", "engine": "candle", "device": a.device,
                             "model": name, "dtype": dt, "batch": bs, "error": first,
+                            "machine": machine(),
                         });
                         if let Some(f) = out.as_mut() {
                             writeln!(f, "{rec}").context("writing --out")?;
@@ -144,7 +145,7 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
                     "benchmark": "classify", "engine": "candle", "device": a.device, "model": name, "dtype": dt,
                     "batch": bs, "threads": threads, "passes": ms.len(), "warmup": a.warmup,
                     "ms_median": med, "ms_mean": mean, "ms_all": ms,
-                    "img_per_s": bs as f64 / mean * 1e3,
+                    "img_per_s": bs as f64 / mean * 1e3, "machine": machine(),
                 });
                 if let Some(f) = out.as_mut() {
                     writeln!(f, "{rec}").context("writing --out")?;

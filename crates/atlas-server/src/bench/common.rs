@@ -78,3 +78,51 @@ pub(crate) fn vision_config(name: &str) -> anyhow::Result<VisionConfig> {
         _ => bail!("unknown model {name:?} (B/32, B/16, L/14 or tiny)"),
     })
 }
+
+/// The CPU a figure was measured on: its model name, logical cores and the instruction-set
+/// features that decide which kernels run (a lead on one CPU is not a lead on another, so
+/// every result carries this).
+pub(crate) fn machine() -> serde_json::Value {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let present: Vec<&str> = KERNEL_FEATURES
+        .iter()
+        .copied()
+        .filter(|f| flags.split_whitespace().any(|g| g == *f))
+        .collect();
+    json!({
+        "cpu": field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+        "logical_cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "features": present,
+    })
+}
+
+/// CPU flags (as /proc/cpuinfo names them) that matter to gemm and the project's kernels.
+const KERNEL_FEATURES: [&str; 9] = [
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "neon",
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_machine_is_named_with_its_features() {
+        let m = super::machine();
+        assert!(!m["cpu"].as_str().unwrap().is_empty());
+        assert!(m["logical_cores"].as_u64().unwrap() >= 1);
+        assert!(m["features"].is_array());
+    }
+}

@@ -3,7 +3,9 @@
 //! memory copy of the same number of bytes, and against the naive alternative of one full pass
 //! over θ per task vector. `--device cuda` runs [`super::compose_device`].
 
-use super::common::{gbps, random_blocks, random_coefficients, random_task_vector, time, Timing};
+use super::common::{
+    gbps, machine, random_blocks, random_coefficients, random_task_vector, time, Timing,
+};
 use anyhow::{bail, Context};
 use atlas_clip::{vision_manifest, QkvBlocks, VisionConfig};
 use atlas_core::{compose, compose_into, Coefficients, Layout, StorageDType, TaskVector};
@@ -256,6 +258,7 @@ pub fn run(a: ComposeArgs) -> anyhow::Result<()> {
 
         let out = json!({
             "benchmark": "compose",
+            "machine": machine(),
             "model": "ViT-B/32 image tower (HF naming, separate q/k/v)",
             "blocks": n_blocks,
             "params": numel,

@@ -76,6 +76,7 @@ pub fn run(a: &ComposeArgs) -> anyhow::Result<()> {
     }
     let out = json!({
         "benchmark": "compose", "device": a.device, "model": "ViT-B/32 image tower",
+        "machine": super::common::machine(),
         "params": numel, "n_tv": n_tv, "store": a.store, "iters": a.iters, "rows": rows,
         "note": "θ0 and task vectors resident on the device before timing; each figure synchronises the device before and after",
     });

@@ -189,7 +189,7 @@ pub fn run(a: LearnArgs) -> anyhow::Result<()> {
     }
     let out = serde_json::json!({
         "mode": a.mode, "device": a.device, "batch": a.batch, "n_tv": a.n_tv, "store": a.store, "tiny": a.tiny,
-        "threads": rayon::current_num_threads(), "setup_s": setup_s,
+        "threads": rayon::current_num_threads(), "setup_s": setup_s, "machine": super::common::machine(),
         "ms_per_step_median": step_ms, "ms_per_step_all": times,
         "phase_ms_median": phase_ms.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms)))
             .collect::<serde_json::Map<_, _>>(),
@@ -255,7 +255,7 @@ fn host_only(
     );
     let out = serde_json::json!({
         "mode": "host_only", "n_tv": a.n_tv, "parts": a.parts, "store": a.store, "tiny": a.tiny,
-        "threads": rayon::current_num_threads(), "setup_s": setup_s,
+        "threads": rayon::current_num_threads(), "setup_s": setup_s, "machine": super::common::machine(),
         "compose_ms_median": c, "reduce_ms_median": r,
         "compose_ms_all": compose_ms, "reduce_ms_all": reduce_ms,
     });
