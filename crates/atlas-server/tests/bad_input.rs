@@ -917,6 +917,47 @@ fn learning_battery(b: &mut Battery) {
             needle,
         );
     }
+    // The job above names one task vector: a budget keeps 1 of 1 at most.
+    for (what, budget, needle) in [
+        (
+            "budget 0",
+            json!({"task_vectors": 0}),
+            "budget.task_vectors",
+        ),
+        (
+            "budget over the job's",
+            json!({"task_vectors": 2}),
+            "budget.task_vectors",
+        ),
+        (
+            "budget negative",
+            json!({"task_vectors": -1}),
+            "task_vectors",
+        ),
+        (
+            "budget without a size",
+            json!({"blockwise": true}),
+            "task_vectors",
+        ),
+        (
+            "budget blockwise a string",
+            json!({"task_vectors": 1, "blockwise": "yes"}),
+            "blockwise",
+        ),
+        (
+            "unknown budget key",
+            json!({"task_vectors": 1, "per": "block"}),
+            "per",
+        ),
+    ] {
+        b.json(
+            what,
+            "/compositions",
+            job(task(json!(0)), json!({"budget": budget})),
+            400,
+            needle,
+        );
+    }
     b.json(
         "no tasks",
         "/compositions",

@@ -1293,6 +1293,10 @@ fn learn_request(set: bool) -> api::LearnRequest {
             val_fraction: set.then_some(0.5),
             augment: set.then_some(false),
         },
+        budget: set.then_some(api::BudgetSpec {
+            task_vectors: 1,
+            blockwise: true,
+        }),
     }
 }
 
@@ -1341,6 +1345,15 @@ fn provenance(set: bool) -> api::Provenance {
         data_hash: set.then(|| "0f".into()),
         seed: set.then_some(7),
         config: set.then(|| learn_config(true)),
+        budget: set.then(|| api::BudgetSelection {
+            task_vectors: 1,
+            blockwise: true,
+            kept: vec!["MNIST".into()],
+            blocks: Some(vec![api::BlockSelection {
+                block: "conv1.weight".into(),
+                task_vectors: vec!["MNIST".into()],
+            }]),
+        }),
     }
 }
 

@@ -136,6 +136,38 @@ pub struct LearnRequest {
     pub tasks: Vec<TaskData>,
     #[serde(default)]
     pub config: Overrides,
+    /// Budget selection before learning: keep only the best task vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
+}
+
+/// A learning budget: one gradient pass at Λ = 0 ranks the task vectors by accumulated
+/// |∂L/∂Λ|; the job then learns over the top `task_vectors` of them, whole, or per block
+/// (`blockwise`: each block takes the blocks of its own top ones).
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    pub task_vectors: usize,
+    #[serde(default)]
+    pub blockwise: bool,
+}
+
+/// What a budget kept, recorded before training so a resumed job learns over the same.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct BudgetSelection {
+    pub task_vectors: usize,
+    pub blockwise: bool,
+    /// The task vectors kept (blockwise: those whose blocks any block kept), best first.
+    pub kept: Vec<String>,
+    /// Blockwise: per block, in manifest order, the names of the task vectors kept there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Vec<BlockSelection>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct BlockSelection {
+    pub block: String,
+    pub task_vectors: Vec<String>,
 }
 
 /// Coefficients of one task vector in an explicit composition.
@@ -213,6 +245,9 @@ pub struct Provenance {
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<atlas_learn::LearnConfig>,
+    /// The budget selection of a learning job with a budget, once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSelection>,
 }
 
 /// A composition: explicit (succeeded at once) or learned (a job moving through its states).

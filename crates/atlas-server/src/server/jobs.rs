@@ -3,13 +3,16 @@
 //! checkpoint every epoch into the job's directory, so that a job interrupted by a restart
 //! resumes where it was.
 
-use super::api::{Composition, LearnRequest, Status, TaskData};
+use super::api::{
+    BlockSelection, BudgetSelection, BudgetSpec, Composition, LearnRequest, Status, TaskData,
+};
 use super::metrics::Metrics;
 use super::store::Store;
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::Backbone;
-use atlas_core::Library;
-use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnError, Task};
+use atlas_core::{Coefficients, Layout, Library, TaskVector};
+use atlas_learn::budget::{self, Budget, Selection};
+use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, LearnError, Task};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -232,6 +235,10 @@ impl Workers {
             .config
             .clone()
             .ok_or_else(|| LearnError::Job("the job has no stored configuration".into()))?;
+        let (tvs, selection) = match &req.budget {
+            Some(spec) => self.budget(c, spec, tvs, &job, &config)?,
+            None => (tvs, None),
+        };
         let mut last_step = Instant::now();
         let mut refused = None;
         let mut on_event = |e: &Event| {
@@ -269,13 +276,114 @@ impl Workers {
             "metric": out.metric, "before": out.before, "after": out.after,
             "best_epoch": out.best_epoch, "epochs": out.history,
         });
+        let (layout, values) = match &selection {
+            Some(Selection::Blockwise(ranked)) => spread(&out.coefs, ranked, c.task_vectors.len()),
+            _ => (out.coefs.layout, out.coefs.values.clone()),
+        };
         self.store
             .update(&c.id, |c| {
-                c.coefficients = Some(out.coefs.values.clone());
+                c.layout = layout;
+                c.coefficients = Some(values.clone());
                 c.summary = Some(summary);
             })
             .map_err(|e| LearnError::Job(e.to_string()))?;
         Ok(())
+    }
+
+    /// The task vectors a job with a budget learns over, and the selection behind them. The
+    /// selection is made once (one gradient pass) and recorded before training, so a resumed
+    /// job learns over the same ones: a whole budget narrows the composition's task vectors to
+    /// those kept; a blockwise one keeps them all and learns over mixed task vectors, whose
+    /// coefficients [`spread`] maps back.
+    fn budget(
+        &self,
+        c: &Composition,
+        spec: &BudgetSpec,
+        tvs: Vec<Arc<TaskVector>>,
+        job: &Job,
+        config: &LearnConfig,
+    ) -> Result<(Vec<Arc<TaskVector>>, Option<Selection>), LearnError> {
+        let manifest = self.backbone.manifest().clone();
+        let selection = match &c.provenance.budget {
+            // Recorded by an earlier run of this job: a whole budget's task vectors are the
+            // composition's already.
+            Some(rec) => match &rec.blocks {
+                None => Selection::Whole((0..tvs.len()).collect()),
+                Some(blocks) => {
+                    let index = |n: &String| c.task_vectors.iter().position(|t| t == n);
+                    let ranked = blocks
+                        .iter()
+                        .map(|b| b.task_vectors.iter().map(index).collect::<Option<Vec<_>>>())
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| {
+                            LearnError::Job(
+                                "the recorded budget names an unknown task vector".into(),
+                            )
+                        })?;
+                    Selection::Blockwise(ranked)
+                }
+            },
+            None => {
+                let mode = match spec.blockwise {
+                    true => Budget::Blockwise(spec.task_vectors),
+                    false => Budget::Whole(spec.task_vectors),
+                };
+                let selection = budget::rank(&self.backbone, &tvs, job, config, mode)?;
+                let name = |i: &usize| c.task_vectors[*i].clone();
+                let rec = match &selection {
+                    Selection::Whole(kept) => BudgetSelection {
+                        task_vectors: spec.task_vectors,
+                        blockwise: spec.blockwise,
+                        kept: kept.iter().map(name).collect(),
+                        blocks: None,
+                    },
+                    Selection::Blockwise(ranked) => {
+                        let mut kept: Vec<String> = Vec::new();
+                        for i in
+                            (0..spec.task_vectors).flat_map(|j| ranked.iter().map(move |r| r[j]))
+                        {
+                            if !kept.contains(&c.task_vectors[i]) {
+                                kept.push(c.task_vectors[i].clone());
+                            }
+                        }
+                        let blocks = manifest
+                            .blocks()
+                            .iter()
+                            .zip(ranked)
+                            .map(|(b, r)| BlockSelection {
+                                block: b.name.clone(),
+                                task_vectors: r.iter().map(name).collect(),
+                            })
+                            .collect();
+                        BudgetSelection {
+                            task_vectors: spec.task_vectors,
+                            blockwise: true,
+                            kept,
+                            blocks: Some(blocks),
+                        }
+                    }
+                };
+                let whole = match &selection {
+                    Selection::Whole(kept) => Some(kept.clone()),
+                    Selection::Blockwise(_) => None,
+                };
+                self.store
+                    .update(&c.id, |c| {
+                        if let Some(kept) = &whole {
+                            let digests = &c.provenance.task_vector_digests;
+                            let digests = kept.iter().map(|&i| digests[i].clone()).collect();
+                            c.task_vectors = rec.kept.clone();
+                            c.provenance.task_vector_digests = digests;
+                        }
+                        c.provenance.budget = Some(rec.clone());
+                        c.updated_at = now();
+                    })
+                    .map_err(|e| LearnError::Job(e.to_string()))?;
+                selection
+            }
+        };
+        let kept = budget::apply(&self.backbone, &tvs, &selection)?;
+        Ok((kept, Some(selection)))
     }
 
     /// Stores a progress event (epoch events also join the history) and publishes it.
@@ -321,6 +429,27 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
     let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
     let name = t.name.clone().unwrap_or_else(|| format!("task{i}"));
     Task::new(backbone, &name, data, &t_refs)
+}
+
+/// Coefficients learned over blockwise-mixed task vectors, written over the original `n_tv`
+/// ones: block b of mixed vector j is block b of original `ranked[b][j]`, so that original
+/// takes its coefficient there and every block not kept is 0. Per block at least (an
+/// isotropic scalar of a mixed vector lands on different originals per block).
+fn spread(coefs: &Coefficients, ranked: &[Vec<usize>], n_tv: usize) -> (Layout, Vec<f64>) {
+    let layout = match coefs.layout {
+        Layout::Isotropic => Layout::PerBlock,
+        l => l,
+    };
+    let k = coefs.parts();
+    let n_blocks = ranked.len();
+    let mut values = vec![0.0; n_tv * n_blocks * k];
+    for (b, r) in ranked.iter().enumerate() {
+        for (j, &i) in r.iter().enumerate() {
+            let at = (i * n_blocks + b) * k;
+            values[at..at + k].copy_from_slice(coefs.block(j, b));
+        }
+    }
+    (layout, values)
 }
 
 pub fn now() -> f64 {

@@ -64,6 +64,7 @@ pub(super) async fn learn(
         ));
     }
     let tvs = select(model, &names)?;
+    check_budget(&req.budget, tvs.len())?;
     let layout = layout(&req.layout, s.config.max_parts)?;
     check_tasks(s, &req)?;
     check_overrides(&req.config)?;
@@ -168,6 +169,17 @@ fn layout(spec: &LayoutSpec, max_parts: usize) -> ApiResult<Layout> {
             k: p.parts,
             seed: p.seed,
         }),
+    }
+}
+
+/// A budget keeps between one and all of the job's task vectors.
+fn check_budget(budget: &Option<BudgetSpec>, n: usize) -> ApiResult<()> {
+    match budget {
+        Some(b) if b.task_vectors == 0 || b.task_vectors > n => Err(ApiError::bad(format!(
+            "budget.task_vectors must be between 1 and the job's {n} task vector(s), got {}",
+            b.task_vectors
+        ))),
+        _ => Ok(()),
     }
 }
 
