@@ -275,9 +275,9 @@ pub struct Composition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub provenance: Provenance,
-    /// The learning request without its images (to resume after a restart).
+    /// The job's request without its images (to resume after a restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<LearnRequest>,
+    pub request: Option<JobRequest>,
     pub created_at: f64,
     pub updated_at: f64,
 }
@@ -322,6 +322,55 @@ pub struct TaskVectorList {
     pub task_vectors: Vec<TaskVectorSummary>,
 }
 
+/// What a job runs: a learning request, or a fine-tuning request of `POST /task-vectors`.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum JobRequest {
+    Learn(LearnRequest),
+    Finetune(FinetuneJob),
+}
+
+/// Labelled images to fine-tune the image tower on, making a new task vector (a job).
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneRequest {
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub templates: Templates,
+    pub examples: Vec<Example>,
+    #[serde(default)]
+    pub config: FinetuneOverrides,
+}
+
+/// Overrides of the fine-tuning defaults; absent keeps the default.
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// Fraction of the steps spent warming up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// A fine-tuning job as stored: the task vector to make, the request (its images replaced by
+/// the names of their stored copies) and the full settings.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneJob {
+    pub task_vector: String,
+    pub finetune: FinetuneRequest,
+    pub config: atlas_learn::finetune::FinetuneConfig,
+}
+
 /// POST /task-vectors: exactly one source.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,6 +386,9 @@ pub struct TaskVectorRequest {
     /// Base64 safetensors of the deltas (HF or open_clip naming).
     #[serde(default)]
     pub safetensors: Option<String>,
+    /// Fine-tune the image tower on labelled images: a job (202).
+    #[serde(default)]
+    pub finetune: Option<FinetuneRequest>,
 }
 
 /// RFC 9457 problem details: every error of the API.

@@ -4,7 +4,8 @@
 //! resumes where it was.
 
 use super::api::{
-    BlockSelection, BudgetSelection, BudgetSpec, Composition, LearnRequest, Status, TaskData,
+    BlockSelection, BudgetSelection, BudgetSpec, Composition, JobRequest, LearnRequest, Status,
+    TaskData,
 };
 use super::metrics::Metrics;
 use super::store::Store;
@@ -219,10 +220,20 @@ impl Workers {
     }
 
     fn learn(&self, c: &Composition, cancel: &AtomicBool) -> Result<(), LearnError> {
-        let req = c
-            .request
-            .as_ref()
-            .ok_or_else(|| LearnError::Job("the job has no stored request".into()))?;
+        let req = match &c.request {
+            Some(JobRequest::Learn(req)) => req,
+            Some(JobRequest::Finetune(job)) => {
+                let mut record = |e: &Event| self.record(&c.id, e);
+                let run = super::finetune::Run {
+                    backbone: &self.backbone,
+                    store: &self.store,
+                    library: &self.library,
+                    metrics: &self.metrics,
+                };
+                return run.run(c, job, cancel, &mut record);
+            }
+            None => return Err(LearnError::Job("the job has no stored request".into())),
+        };
         let dir = self.store.job_dir(&c.id);
         let tvs = self
             .library
@@ -387,7 +398,7 @@ impl Workers {
     }
 
     /// Stores a progress event (epoch events also join the history) and publishes it.
-    fn record(&self, id: &str, e: &Event) -> Result<(), super::store::StoreError> {
+    pub(super) fn record(&self, id: &str, e: &Event) -> Result<(), super::store::StoreError> {
         self.store.update(id, |c| {
             if matches!(e.kind, EventKind::Epoch | EventKind::Resumed) {
                 c.history.push(e.clone());

@@ -83,7 +83,8 @@ pub(super) async fn learn(
     let config = learn_config(&req, layout).map_err(|e| ApiError::bad(e.to_string()))?;
     let id = new_id();
     let image_size = model.backbone.config.vision.image_size;
-    let data_hash = store_examples(s, &id, &mut req, body.files, image_size).await?;
+    let what = |i, j| format!("task {i} example {j}");
+    let data_hash = store_examples(s, &id, &mut req.tasks, &what, body.files, image_size).await?;
     let t = now();
     let c = Composition {
         id: id.clone(),
@@ -103,7 +104,7 @@ pub(super) async fn learn(
             config: Some(config),
             ..provenance(model, &tvs)
         },
-        request: Some(req),
+        request: Some(JobRequest::Learn(req)),
         created_at: t,
         updated_at: t,
     };
