@@ -112,6 +112,10 @@ fn finetune_jobs_progress_cancel_resume_after_a_kill_and_their_task_vectors_serv
     let at = step(&s.get(&format!("/compositions/{id}")).1);
     wait_for(&s, &id, |v| step(v) >= 4 * at);
     let late = s.rss_mib();
+    println!(
+        "server RSS {early:.1} MiB at step {at}, {late:.1} MiB at step {}",
+        4 * at
+    );
     assert!(
         late <= early * 1.05 + 8.0,
         "{early:.1} MiB at step {at}, {late:.1} MiB at {}",
