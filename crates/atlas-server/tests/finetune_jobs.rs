@@ -5,6 +5,7 @@
 mod common;
 
 use common::{b64, png, spec, start, tiny_flags, Server, TV_NAMES};
+use reqwest::blocking::multipart::{Form, Part};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -104,9 +105,21 @@ fn finetune_jobs_progress_cancel_resume_after_a_kill_and_their_task_vectors_serv
     let (code, p) = s.post("/task-vectors", &finetune("ft_a", 1));
     assert_eq!(code, 409, "{p}");
 
-    // A long job reports progress and stops when cancelled; its memory does not grow with
-    // the steps it has taken.
-    let id = post_job(&s, "ft_cancelled", 1000);
+    // A long job, its images as multipart file parts, reports progress and stops when
+    // cancelled; its memory does not grow with the steps it has taken.
+    let examples: Vec<Value> = (0..8)
+        .map(|i| json!({"file": format!("{i}.png"), "label": i % 4}))
+        .collect();
+    let request = json!({"name": "ft_cancelled", "finetune": {"classes": CLASSES,
+        "examples": examples, "config": {"epochs": 1000, "batch_size": 4}}});
+    let mut form = Form::new().part("request", Part::text(request.to_string()));
+    for i in 0..8u8 {
+        let part = Part::bytes(png(i * 13)).file_name(format!("{i}.png"));
+        form = form.part("files", part.mime_str("image/png").unwrap());
+    }
+    let (code, view) = s.post_with("/task-vectors", |r| r.multipart(form));
+    assert_eq!(code, 202, "{view}");
+    let id = view["id"].as_str().unwrap().to_string();
     wait_for(&s, &id, |v| step(v) >= 20);
     let early = s.rss_mib();
     let at = step(&s.get(&format!("/compositions/{id}")).1);
