@@ -293,7 +293,7 @@ impl Run<'_> {
         let resume = self.resume(dir)?;
         let epochs = job.config.epochs;
         let started = Instant::now();
-        let (start_step, start_kind) = match &resume {
+        let (start_epoch, start_kind) = match &resume {
             Some(r) => (r.epochs_done, EventKind::Resumed),
             None => (0, EventKind::Started),
         };
@@ -301,7 +301,7 @@ impl Run<'_> {
         let total = per_epoch * epochs;
         let event = |kind, epoch, step, loss, lr| {
             let elapsed = started.elapsed().as_secs_f64();
-            let done_here = step - (start_step * per_epoch).min(step);
+            let done_here = step - (start_epoch * per_epoch).min(step);
             Event {
                 kind,
                 epoch,
@@ -327,12 +327,15 @@ impl Run<'_> {
         };
         emit(event(
             start_kind,
-            start_step,
-            start_step * per_epoch,
+            start_epoch,
+            start_epoch * per_epoch,
             None,
             0.0,
         ));
+        // The rate of the epoch's last step, for its epoch event.
+        let last_lr = std::cell::Cell::new(0.0);
         let mut progress = |s: &Step| {
+            last_lr.set(s.lr);
             emit(event(
                 EventKind::Step,
                 s.epoch,
@@ -349,7 +352,7 @@ impl Run<'_> {
                 d.epochs_done,
                 step,
                 Some(d.loss as f64),
-                0.0,
+                last_lr.get(),
             ));
             Ok(())
         };
