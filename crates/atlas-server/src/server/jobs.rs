@@ -468,3 +468,29 @@ pub fn now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+    use atlas_core::{Coefficients, Layout};
+
+    #[test]
+    fn spread_puts_each_mixed_coefficient_on_the_original_of_its_block() {
+        // 3 originals, 2 blocks, 2 mixed vectors; block 0 keeps originals 2 then 0, block 1
+        // keeps 1 then 2.
+        let ranked = vec![vec![2, 0], vec![1, 2]];
+        let iso = Coefficients::new(Layout::Isotropic, 2, 2, vec![0.5, -1.0]).unwrap();
+        let (layout, v) = spread(&iso, &ranked, 3);
+        assert_eq!(layout, Layout::PerBlock);
+        // Rows: original 0, 1, 2; columns: block 0, 1.
+        assert_eq!(v, [-1.0, 0.0, 0.0, 0.5, 0.5, -1.0]);
+
+        let parts = Layout::PerPart { k: 2, seed: 3 };
+        let pp = Coefficients::new(parts, 2, 2, (1..=8).map(f64::from).collect()).unwrap();
+        let (layout, v) = spread(&pp, &ranked, 3);
+        assert_eq!(layout, parts);
+        // Mixed j, block b, part p is value 4j + 2b + p + 1.
+        let want = [5., 6., 0., 0., 0., 0., 3., 4., 1., 2., 7., 8.];
+        assert_eq!(v, want);
+    }
+}
