@@ -112,8 +112,62 @@ pub fn finetune(
     progress: &mut dyn FnMut(&Step),
     cancel: &AtomicBool,
 ) -> Result<Finetuned> {
+    let mut no_checkpoints = |_: &EpochDone<'_>| Ok(());
+    finetune_from(
+        backbone,
+        head,
+        data,
+        config,
+        None,
+        progress,
+        &mut no_checkpoints,
+        cancel,
+    )
+}
+
+/// Where a resumed run starts: θ (f32, by tensor name) after `epochs_done` completed epochs.
+pub struct Resume {
+    pub epochs_done: usize,
+    pub weights: HashMap<String, Tensor>,
+}
+
+/// What [`finetune_from`] reports after each completed epoch, to checkpoint.
+pub struct EpochDone<'a> {
+    /// Completed epochs so far (1-based).
+    pub epochs_done: usize,
+    /// Mean training loss of that epoch.
+    pub loss: f32,
+    /// θ now, by tensor name (f32).
+    pub weights: &'a HashMap<String, Tensor>,
+}
+
+/// [`finetune`] that may start after completed epochs (`resume`) and calls `on_epoch` after
+/// each one, so a caller can checkpoint θ and resume after an interruption. Only θ is carried
+/// over: a resumed run restarts the optimiser's moments, while the learning-rate schedule and
+/// the per-epoch shuffles continue where they were.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_from(
+    backbone: &Backbone,
+    head: &ZeroShotHead,
+    data: Labelled<'_>,
+    config: &FinetuneConfig,
+    resume: Option<Resume>,
+    progress: &mut dyn FnMut(&Step),
+    on_epoch: &mut dyn FnMut(&EpochDone<'_>) -> Result<()>,
+    cancel: &AtomicBool,
+) -> Result<Finetuned> {
     check(backbone, head, data, config)?;
     let vars = base_vars(backbone)?;
+    let mut start = 0;
+    if let Some(r) = resume {
+        for (name, var) in &vars {
+            let t = r.weights.get(name).ok_or_else(|| {
+                FinetuneError::Invalid(format!("the checkpoint has no tensor {name}"))
+            })?;
+            var.set(&t.to_dtype(DType::F32)?.to_device(backbone.device())?)?;
+        }
+        start = r.epochs_done.min(config.epochs);
+    }
     let weights = var_weights(&vars);
     let optimizer = AdamWConfig {
         lr: config.lr,
@@ -127,9 +181,13 @@ pub fn finetune(
     let warmup = (config.warmup * steps as f64).round() as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut order: Vec<usize> = (0..data.pixels.len()).collect();
-    let mut step = 0;
+    // The shuffles of the epochs done, replayed so the next epoch sees the order it would have.
+    for _ in 0..start {
+        order.shuffle(&mut rng);
+    }
+    let mut step = start * per_epoch;
     let mut final_loss = f32::NAN;
-    for epoch in 0..config.epochs {
+    for epoch in start..config.epochs {
         order.shuffle(&mut rng);
         let mut sum = 0.0;
         for batch in order.chunks(config.batch_size) {
@@ -157,6 +215,11 @@ pub fn finetune(
             });
         }
         final_loss = sum / per_epoch as f32;
+        on_epoch(&EpochDone {
+            epochs_done: epoch + 1,
+            loss: final_loss,
+            weights: &weights,
+        })?;
     }
     let task_vector = task_vector(backbone, &vars, config)?;
     let weights = vars

@@ -213,6 +213,7 @@ fn crafted_bad_input_on_every_route_is_refused() {
     heads_battery(&mut b);
     explicit_battery(&mut b);
     learning_battery(&mut b);
+    finetune_battery(&mut b);
     upload_battery(&mut b);
     library_battery(&mut b);
     path_battery(&mut b);
@@ -917,6 +918,47 @@ fn learning_battery(b: &mut Battery) {
             needle,
         );
     }
+    // The job above names one task vector: a budget keeps 1 of 1 at most.
+    for (what, budget, needle) in [
+        (
+            "budget 0",
+            json!({"task_vectors": 0}),
+            "budget.task_vectors",
+        ),
+        (
+            "budget over the job's",
+            json!({"task_vectors": 2}),
+            "budget.task_vectors",
+        ),
+        (
+            "budget negative",
+            json!({"task_vectors": -1}),
+            "task_vectors",
+        ),
+        (
+            "budget without a size",
+            json!({"blockwise": true}),
+            "task_vectors",
+        ),
+        (
+            "budget blockwise a string",
+            json!({"task_vectors": 1, "blockwise": "yes"}),
+            "blockwise",
+        ),
+        (
+            "unknown budget key",
+            json!({"task_vectors": 1, "per": "block"}),
+            "per",
+        ),
+    ] {
+        b.json(
+            what,
+            "/compositions",
+            job(task(json!(0)), json!({"budget": budget})),
+            400,
+            needle,
+        );
+    }
     b.json(
         "no tasks",
         "/compositions",
@@ -947,6 +989,113 @@ fn learning_battery(b: &mut Battery) {
         "/compositions",
         form,
         "task 0 example 0",
+    );
+}
+
+/// `POST /task-vectors` with `finetune`: every parameter checked before a job is queued, and
+/// the 400 names it.
+fn finetune_battery(b: &mut Battery) {
+    let img = b64(&png(6));
+    let ft = |extra: Value| {
+        let base = json!({"classes": CLASSES, "examples": [{"image": img, "label": 0}]});
+        json!({"name": "ft", "finetune": with(base, extra)})
+    };
+    for (what, config, needle) in [
+        ("epochs 0", json!({"epochs": 0}), "finetune.config.epochs"),
+        (
+            "epochs 10^6",
+            json!({"epochs": 1_000_000}),
+            "finetune.config.epochs",
+        ),
+        (
+            "batch_size 0",
+            json!({"batch_size": 0}),
+            "finetune.config.batch_size",
+        ),
+        ("lr 0", json!({"lr": 0.0}), "finetune.config.lr"),
+        ("lr negative", json!({"lr": -1.0}), "finetune.config.lr"),
+        (
+            "weight_decay negative",
+            json!({"weight_decay": -0.1}),
+            "finetune.config.weight_decay",
+        ),
+        ("warmup 2", json!({"warmup": 2.0}), "finetune.config.warmup"),
+        (
+            "unknown finetune config key",
+            json!({"momentum": 0.9}),
+            "momentum",
+        ),
+    ] {
+        b.json(
+            what,
+            "/task-vectors",
+            ft(json!({"config": config})),
+            400,
+            needle,
+        );
+    }
+    b.json(
+        "finetune without examples",
+        "/task-vectors",
+        ft(json!({"examples": []})),
+        400,
+        "finetune.examples",
+    );
+    b.json(
+        "finetune example without a label",
+        "/task-vectors",
+        ft(json!({"examples": [{"image": img}]})),
+        400,
+        "finetune example 0",
+    );
+    b.json(
+        "finetune label out of range",
+        "/task-vectors",
+        ft(json!({"examples": [{"image": img, "label": 4}]})),
+        400,
+        "label 4",
+    );
+    b.json(
+        "finetune example not an image",
+        "/task-vectors",
+        ft(json!({"examples": [{"image": b64(b"not an image"), "label": 0}]})),
+        400,
+        "finetune example 0",
+    );
+    b.json(
+        "finetune without classes",
+        "/task-vectors",
+        ft(json!({"classes": []})),
+        400,
+        "finetune",
+    );
+    b.json(
+        "finetune and a file",
+        "/task-vectors",
+        with(ft(json!({})), json!({"file": "x.safetensors"})),
+        400,
+        "exactly one source",
+    );
+    b.json(
+        "finetune under a bad name",
+        "/task-vectors",
+        with(ft(json!({})), json!({"name": "../x"})),
+        400,
+        "task-vector name",
+    );
+    b.json(
+        "finetune under a taken name",
+        "/task-vectors",
+        with(ft(json!({})), json!({"name": TV_NAMES[0]})),
+        409,
+        "exists already",
+    );
+    b.json(
+        "unknown finetune key",
+        "/task-vectors",
+        ft(json!({"steps": 3})),
+        400,
+        "steps",
     );
 }
 

@@ -265,3 +265,46 @@ fn racing_uploads_of_one_name_keep_the_winner() {
     assert_eq!((code, &v["digest"]), (200, &last), "race-2 after restart");
     assert_eq!(s.get("/task-vectors/race-0").0, 404);
 }
+
+/// A budget job killed after its selection was recorded resumes over the same selection (no
+/// second gradient pass picks anew) from its checkpoint, and its composition serves.
+#[test]
+fn a_budget_job_killed_mid_way_resumes_over_its_recorded_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = start(&data, &tiny_flags(), &[]);
+    let mut body = job(200, 8);
+    body["budget"] = json!({"task_vectors": 1, "blockwise": true});
+    let (code, v) = s.post("/compositions", &body);
+    assert_eq!(code, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_for(&s, &id, |v| {
+        v["history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|e| e["kind"] == "epoch"))
+    });
+    let (_, before) = s.get(&format!("/compositions/{id}"));
+    let selection = before["provenance"]["budget"].clone();
+    assert!(selection["blocks"].is_array(), "{before}");
+    let log = s.kill();
+    assert!(!log.contains("panicked"), "{log}");
+
+    let s = start(&data, &tiny_flags(), &[]);
+    let done = s.wait_final(&id, Duration::from_secs(300));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["provenance"]["budget"], selection);
+    assert!(
+        done["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "resumed"),
+        "{done}"
+    );
+    let images = [b64(&png(3))];
+    let (code, out) = s.post(
+        "/classify",
+        &json!({"composition": id, "classes": CLASSES, "images": images}),
+    );
+    assert_eq!(code, 200, "{out}");
+}

@@ -400,12 +400,13 @@ fn operations_have_ids_responses_and_declared_path_parameters() {
 // Status codes: what each handler can answer with, read from the source.
 
 /// The server modules whose functions the handlers reach.
-const MODULES: [&str; 9] = [
+const MODULES: [&str; 10] = [
     "routes",
     "classify",
     "compositions",
     "heatmap",
     "task_vectors",
+    "finetune",
     "heads",
     "images",
     "body",
@@ -1126,10 +1127,12 @@ fn enums_match_the_serde_names() {
         assert_eq!(Status::parse(st.as_str()), Some(st));
         assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
     }
-    // A composition's kind: "explicit" or the objective's name.
+    // A composition's kind: "explicit", the objective's name, or "finetune" (a fine-tuning job).
     let mut kinds: BTreeSet<String> = OBJECTIVES.iter().map(|o| o.to_string()).collect();
     assert_eq!(kinds, serde_names(&OBJECTIVES));
     kinds.insert("explicit".into());
+    kinds.insert("finetune".into());
+    assert!(server_source("finetune").contains("kind: \"finetune\".into()"));
     assert_eq!(enum_of(s("CompositionKind")), kinds);
     // The other name of task_addition.
     let alias = &s("LearnRequest")["properties"]["objective"]["oneOf"][1]["const"];
@@ -1296,6 +1299,10 @@ fn learn_request(set: bool) -> api::LearnRequest {
             augment: set.then_some(false),
             flip: set.then_some(false),
         },
+        budget: set.then_some(api::BudgetSpec {
+            task_vectors: 1,
+            blockwise: true,
+        }),
     }
 }
 
@@ -1333,7 +1340,7 @@ fn composition(set: bool) -> api::Composition {
         }),
         error: set.then(|| "boom".into()),
         provenance: provenance(set),
-        request: set.then(|| learn_request(true)),
+        request: set.then(|| api::JobRequest::Learn(learn_request(true))),
         created_at: 1.5,
         updated_at: 2.5,
     }
@@ -1347,6 +1354,15 @@ fn provenance(set: bool) -> api::Provenance {
         data_hash: set.then(|| "0f".into()),
         seed: set.then_some(7),
         config: set.then(|| learn_config(true)),
+        budget: set.then(|| api::BudgetSelection {
+            task_vectors: 1,
+            blockwise: true,
+            kept: vec!["MNIST".into()],
+            blocks: Some(vec![api::BlockSelection {
+                block: "conv1.weight".into(),
+                task_vectors: vec!["MNIST".into()],
+            }]),
+        }),
     }
 }
 
@@ -1685,6 +1701,7 @@ fn request_examples_deserialize_into_the_real_types() {
             r.checkpoint.is_some(),
             r.file.is_some(),
             r.safetensors.is_some(),
+            r.finetune.is_some(),
         ];
         assert_eq!(sources.iter().filter(|&&x| x).count(), 1, "{name}");
     }

@@ -728,6 +728,112 @@ fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
     assert_eq!(out["predictions"].as_array().unwrap().len(), 1);
 }
 
+/// Λ over both fixture task vectors (in `TVS` order) from a composition's task vectors and
+/// per-block coefficients, 0 for a task vector it does not name.
+fn over_both(done: &Value, n_blocks: usize) -> Coefficients {
+    let names = done["task_vectors"].as_array().unwrap();
+    let values: Vec<f64> = done["coefficients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let mut full = vec![0.0; 2 * n_blocks];
+    for (row, name) in names.iter().enumerate() {
+        let at = TV_NAMES
+            .iter()
+            .position(|t| *t == name.as_str().unwrap())
+            .unwrap();
+        full[at * n_blocks..(at + 1) * n_blocks]
+            .copy_from_slice(&values[row * n_blocks..(row + 1) * n_blocks]);
+    }
+    Coefficients::new(Layout::PerBlock, 2, n_blocks, full).unwrap()
+}
+
+#[test]
+fn learning_budgets_keep_b_task_vectors_whole_or_per_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = tiny(dir.path(), &[]);
+    let n_blocks = s.get("/task-vectors").1["blocks"].as_u64().unwrap() as usize;
+    let encoded = distinct_pngs(8);
+    let raw: Vec<Vec<u8>> = (0..2).map(|i| png(i as u8 * 7)).collect();
+
+    let mut whole = few_shot(&encoded, 1, 8);
+    whole["budget"] = json!({"task_vectors": 1});
+    let mut blockwise = few_shot(&encoded, 1, 8);
+    blockwise["budget"] = json!({"task_vectors": 1, "blockwise": true});
+    blockwise["layout"] = json!("isotropic");
+    let ids: Vec<String> = [whole, blockwise]
+        .iter()
+        .map(|job| {
+            let (code, view) = s.post("/compositions", job);
+            assert_eq!(code, 202, "{view}");
+            view["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+
+    // Whole: the composition names the one task vector kept, and serves exactly it.
+    let done = s.wait_final(&ids[0], Duration::from_secs(120));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    spec::validate("Composition", &done);
+    let budget = &done["provenance"]["budget"];
+    assert_eq!(budget["kept"].as_array().unwrap().len(), 1, "{budget}");
+    assert_eq!(done["task_vectors"], budget["kept"]);
+    assert_eq!(
+        done["provenance"]["task_vector_digests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        done["coefficients"].as_array().unwrap().len(),
+        n_blocks,
+        "one row of Λ"
+    );
+    let images: Vec<String> = raw.iter().map(|b| b64(b)).collect();
+    let (code, out) = s.post(
+        "/classify",
+        &json!({"composition": ids[0], "classes": CLASSES, "images": images}),
+    );
+    assert_eq!(code, 200, "{out}");
+    check_against(
+        &out["predictions"],
+        &direct(Some(&over_both(&done, n_blocks)), &raw),
+    );
+
+    // Blockwise: every block keeps one task vector; the other's coefficient there is 0, and the
+    // isotropic layout became per block.
+    let done = s.wait_final(&ids[1], Duration::from_secs(120));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    spec::validate("Composition", &done);
+    assert_eq!(done["layout"]["kind"], "per_block", "{done}");
+    assert_eq!(done["task_vectors"].as_array().unwrap().len(), 2);
+    let blocks = done["provenance"]["budget"]["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), n_blocks);
+    let coefs = over_both(&done, n_blocks);
+    for (b, kept) in blocks.iter().enumerate() {
+        let kept = kept["task_vectors"].as_array().unwrap();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let keep = TV_NAMES
+            .iter()
+            .position(|t| *t == kept[0].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            coefs.block(1 - keep, b),
+            &[0.0],
+            "block {b}: not kept, so 0"
+        );
+    }
+    let (code, out) = s.post(
+        "/classify",
+        &json!({"composition": ids[1], "classes": CLASSES, "images": images}),
+    );
+    assert_eq!(code, 200, "{out}");
+    check_against(&out["predictions"], &direct(Some(&coefs), &raw));
+    assert!(!s.log_text().contains("panicked"), "{}", s.log_text());
+}
+
 #[test]
 fn api_keys_guard_mutations_and_stay_secret() {
     let dir = tempfile::tempdir().unwrap();

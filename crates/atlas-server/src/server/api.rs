@@ -136,6 +136,38 @@ pub struct LearnRequest {
     pub tasks: Vec<TaskData>,
     #[serde(default)]
     pub config: Overrides,
+    /// Budget selection before learning: keep only the best task vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
+}
+
+/// A learning budget: one gradient pass at Λ = 0 ranks the task vectors by accumulated
+/// |∂L/∂Λ|; the job then learns over the top `task_vectors` of them, whole, or per block
+/// (`blockwise`: each block takes the blocks of its own top ones).
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    pub task_vectors: usize,
+    #[serde(default)]
+    pub blockwise: bool,
+}
+
+/// What a budget kept, recorded before training so a resumed job learns over the same.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct BudgetSelection {
+    pub task_vectors: usize,
+    pub blockwise: bool,
+    /// The task vectors kept (blockwise: those whose blocks any block kept), best first.
+    pub kept: Vec<String>,
+    /// Blockwise: per block, in manifest order, the names of the task vectors kept there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Vec<BlockSelection>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct BlockSelection {
+    pub block: String,
+    pub task_vectors: Vec<String>,
 }
 
 /// Coefficients of one task vector in an explicit composition.
@@ -213,6 +245,9 @@ pub struct Provenance {
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<atlas_learn::LearnConfig>,
+    /// The budget selection of a learning job with a budget, once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSelection>,
 }
 
 /// A composition: explicit (succeeded at once) or learned (a job moving through its states).
@@ -241,9 +276,9 @@ pub struct Composition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub provenance: Provenance,
-    /// The learning request without its images (to resume after a restart).
+    /// The job's request without its images (to resume after a restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<LearnRequest>,
+    pub request: Option<JobRequest>,
     pub created_at: f64,
     pub updated_at: f64,
 }
@@ -288,6 +323,55 @@ pub struct TaskVectorList {
     pub task_vectors: Vec<TaskVectorSummary>,
 }
 
+/// What a job runs: a learning request, or a fine-tuning request of `POST /task-vectors`.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum JobRequest {
+    Learn(LearnRequest),
+    Finetune(FinetuneJob),
+}
+
+/// Labelled images to fine-tune the image tower on, making a new task vector (a job).
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneRequest {
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub templates: Templates,
+    pub examples: Vec<Example>,
+    #[serde(default)]
+    pub config: FinetuneOverrides,
+}
+
+/// Overrides of the fine-tuning defaults; absent keeps the default.
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// Fraction of the steps spent warming up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// A fine-tuning job as stored: the task vector to make, the request (its images replaced by
+/// the names of their stored copies) and the full settings.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneJob {
+    pub task_vector: String,
+    pub finetune: FinetuneRequest,
+    pub config: atlas_learn::finetune::FinetuneConfig,
+}
+
 /// POST /task-vectors: exactly one source.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -303,6 +387,9 @@ pub struct TaskVectorRequest {
     /// Base64 safetensors of the deltas (HF or open_clip naming).
     #[serde(default)]
     pub safetensors: Option<String>,
+    /// Fine-tune the image tower on labelled images: a job (202).
+    #[serde(default)]
+    pub finetune: Option<FinetuneRequest>,
 }
 
 /// RFC 9457 problem details: every error of the API.

@@ -3,13 +3,17 @@
 //! checkpoint every epoch into the job's directory, so that a job interrupted by a restart
 //! resumes where it was.
 
-use super::api::{Composition, LearnRequest, Status, TaskData};
+use super::api::{
+    BlockSelection, BudgetSelection, BudgetSpec, Composition, JobRequest, LearnRequest, Status,
+    TaskData,
+};
 use super::metrics::Metrics;
 use super::store::Store;
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::Backbone;
-use atlas_core::Library;
-use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnError, Task};
+use atlas_core::{Coefficients, Layout, Library, TaskVector};
+use atlas_learn::budget::{self, Budget, Selection};
+use atlas_learn::{learn, Dataset, Event, EventKind, Job, LearnConfig, LearnError, Task};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -216,10 +220,24 @@ impl Workers {
     }
 
     fn learn(&self, c: &Composition, cancel: &AtomicBool) -> Result<(), LearnError> {
-        let req = c
-            .request
-            .as_ref()
-            .ok_or_else(|| LearnError::Job("the job has no stored request".into()))?;
+        let req = match &c.request {
+            Some(JobRequest::Learn(req)) => req,
+            Some(JobRequest::Finetune(job)) => {
+                let mut last_line = Instant::now();
+                let mut record = |e: &Event| {
+                    log_progress(&c.id, e, &mut last_line);
+                    self.record(&c.id, e)
+                };
+                let run = super::finetune::Run {
+                    backbone: &self.backbone,
+                    store: &self.store,
+                    library: &self.library,
+                    metrics: &self.metrics,
+                };
+                return run.run(c, job, cancel, &mut record);
+            }
+            None => return Err(LearnError::Job("the job has no stored request".into())),
+        };
         let dir = self.store.job_dir(&c.id);
         let tvs = self
             .library
@@ -232,6 +250,10 @@ impl Workers {
             .config
             .clone()
             .ok_or_else(|| LearnError::Job("the job has no stored configuration".into()))?;
+        let (tvs, selection) = match &req.budget {
+            Some(spec) => self.budget(c, spec, tvs, &job, &config)?,
+            None => (tvs, None),
+        };
         let mut last_step = Instant::now();
         let mut last_line = Instant::now();
         let mut refused = None;
@@ -242,11 +264,7 @@ impl Workers {
                     .observe(last_step.elapsed().as_secs_f64());
                 last_step = Instant::now();
             }
-            // The log shows long jobs moving (events and SSE have every step).
-            if e.kind == EventKind::Step && last_line.elapsed() >= LOG_EVERY {
-                last_line = Instant::now();
-                eprintln!("atlas-serve: job {}: {}", c.id, progress_line(e));
-            }
+            log_progress(&c.id, e, &mut last_line);
             // Progress the store cannot keep (a full disk) would be lost, and the checkpoints
             // with it: the job stops and fails, saying why.
             if let Err(err) = self.record(&c.id, e) {
@@ -276,17 +294,118 @@ impl Workers {
             "best_epoch": out.best_epoch, "outcome": out.outcome, "warnings": out.warnings,
             "epochs": out.history,
         });
+        let (layout, values) = match &selection {
+            Some(Selection::Blockwise(ranked)) => spread(&out.coefs, ranked, c.task_vectors.len()),
+            _ => (out.coefs.layout, out.coefs.values.clone()),
+        };
         self.store
             .update(&c.id, |c| {
-                c.coefficients = Some(out.coefs.values.clone());
+                c.layout = layout;
+                c.coefficients = Some(values.clone());
                 c.summary = Some(summary);
             })
             .map_err(|e| LearnError::Job(e.to_string()))?;
         Ok(())
     }
 
+    /// The task vectors a job with a budget learns over, and the selection behind them. The
+    /// selection is made once (one gradient pass) and recorded before training, so a resumed
+    /// job learns over the same ones: a whole budget narrows the composition's task vectors to
+    /// those kept; a blockwise one keeps them all and learns over mixed task vectors, whose
+    /// coefficients [`spread`] maps back.
+    fn budget(
+        &self,
+        c: &Composition,
+        spec: &BudgetSpec,
+        tvs: Vec<Arc<TaskVector>>,
+        job: &Job,
+        config: &LearnConfig,
+    ) -> Result<(Vec<Arc<TaskVector>>, Option<Selection>), LearnError> {
+        let manifest = self.backbone.manifest().clone();
+        let selection = match &c.provenance.budget {
+            // Recorded by an earlier run of this job: a whole budget's task vectors are the
+            // composition's already.
+            Some(rec) => match &rec.blocks {
+                None => Selection::Whole((0..tvs.len()).collect()),
+                Some(blocks) => {
+                    let index = |n: &String| c.task_vectors.iter().position(|t| t == n);
+                    let ranked = blocks
+                        .iter()
+                        .map(|b| b.task_vectors.iter().map(index).collect::<Option<Vec<_>>>())
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| {
+                            LearnError::Job(
+                                "the recorded budget names an unknown task vector".into(),
+                            )
+                        })?;
+                    Selection::Blockwise(ranked)
+                }
+            },
+            None => {
+                let mode = match spec.blockwise {
+                    true => Budget::Blockwise(spec.task_vectors),
+                    false => Budget::Whole(spec.task_vectors),
+                };
+                let selection = budget::rank(&self.backbone, &tvs, job, config, mode)?;
+                let name = |i: &usize| c.task_vectors[*i].clone();
+                let rec = match &selection {
+                    Selection::Whole(kept) => BudgetSelection {
+                        task_vectors: spec.task_vectors,
+                        blockwise: spec.blockwise,
+                        kept: kept.iter().map(name).collect(),
+                        blocks: None,
+                    },
+                    Selection::Blockwise(ranked) => {
+                        let mut kept: Vec<String> = Vec::new();
+                        for i in
+                            (0..spec.task_vectors).flat_map(|j| ranked.iter().map(move |r| r[j]))
+                        {
+                            if !kept.contains(&c.task_vectors[i]) {
+                                kept.push(c.task_vectors[i].clone());
+                            }
+                        }
+                        let blocks = manifest
+                            .blocks()
+                            .iter()
+                            .zip(ranked)
+                            .map(|(b, r)| BlockSelection {
+                                block: b.name.clone(),
+                                task_vectors: r.iter().map(name).collect(),
+                            })
+                            .collect();
+                        BudgetSelection {
+                            task_vectors: spec.task_vectors,
+                            blockwise: true,
+                            kept,
+                            blocks: Some(blocks),
+                        }
+                    }
+                };
+                let whole = match &selection {
+                    Selection::Whole(kept) => Some(kept.clone()),
+                    Selection::Blockwise(_) => None,
+                };
+                self.store
+                    .update(&c.id, |c| {
+                        if let Some(kept) = &whole {
+                            let digests = &c.provenance.task_vector_digests;
+                            let digests = kept.iter().map(|&i| digests[i].clone()).collect();
+                            c.task_vectors = rec.kept.clone();
+                            c.provenance.task_vector_digests = digests;
+                        }
+                        c.provenance.budget = Some(rec.clone());
+                        c.updated_at = now();
+                    })
+                    .map_err(|e| LearnError::Job(e.to_string()))?;
+                selection
+            }
+        };
+        let kept = budget::apply(&self.backbone, &tvs, &selection)?;
+        Ok((kept, Some(selection)))
+    }
+
     /// Stores a progress event (epoch events also join the history) and publishes it.
-    fn record(&self, id: &str, e: &Event) -> Result<(), super::store::StoreError> {
+    pub(super) fn record(&self, id: &str, e: &Event) -> Result<(), super::store::StoreError> {
         self.store.update(id, |c| {
             if matches!(e.kind, EventKind::Epoch | EventKind::Resumed) {
                 c.history.push(e.clone());
@@ -333,6 +452,14 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
 /// Time between a running job's progress lines in the log.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// The log shows long jobs moving (events and SSE have every step): a line per `LOG_EVERY`.
+fn log_progress(id: &str, e: &Event, last_line: &mut Instant) {
+    if e.kind == EventKind::Step && last_line.elapsed() >= LOG_EVERY {
+        *last_line = Instant::now();
+        eprintln!("atlas-serve: job {id}: {}", progress_line(e));
+    }
+}
+
 fn progress_line(e: &Event) -> String {
     let pct = 100.0 * e.step as f64 / e.total_steps.max(1) as f64;
     let eta = e.eta_s.map_or("unknown".into(), |s| format!("{s:.0} s"));
@@ -347,8 +474,55 @@ fn progress_line(e: &Event) -> String {
     )
 }
 
+/// Coefficients learned over blockwise-mixed task vectors, written over the original `n_tv`
+/// ones: block b of mixed vector j is block b of original `ranked[b][j]`, so that original
+/// takes its coefficient there and every block not kept is 0. Per block at least (an
+/// isotropic scalar of a mixed vector lands on different originals per block).
+fn spread(coefs: &Coefficients, ranked: &[Vec<usize>], n_tv: usize) -> (Layout, Vec<f64>) {
+    let layout = match coefs.layout {
+        Layout::Isotropic => Layout::PerBlock,
+        l => l,
+    };
+    let k = coefs.parts();
+    let n_blocks = ranked.len();
+    let mut values = vec![0.0; n_tv * n_blocks * k];
+    for (b, r) in ranked.iter().enumerate() {
+        for (j, &i) in r.iter().enumerate() {
+            let at = (i * n_blocks + b) * k;
+            values[at..at + k].copy_from_slice(coefs.block(j, b));
+        }
+    }
+    (layout, values)
+}
+
 pub fn now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+    use atlas_core::{Coefficients, Layout};
+
+    #[test]
+    fn spread_puts_each_mixed_coefficient_on_the_original_of_its_block() {
+        // 3 originals, 2 blocks, 2 mixed vectors; block 0 keeps originals 2 then 0, block 1
+        // keeps 1 then 2.
+        let ranked = vec![vec![2, 0], vec![1, 2]];
+        let iso = Coefficients::new(Layout::Isotropic, 2, 2, vec![0.5, -1.0]).unwrap();
+        let (layout, v) = spread(&iso, &ranked, 3);
+        assert_eq!(layout, Layout::PerBlock);
+        // Rows: original 0, 1, 2; columns: block 0, 1.
+        assert_eq!(v, [-1.0, 0.0, 0.0, 0.5, 0.5, -1.0]);
+
+        let parts = Layout::PerPart { k: 2, seed: 3 };
+        let pp = Coefficients::new(parts, 2, 2, (1..=8).map(f64::from).collect()).unwrap();
+        let (layout, v) = spread(&pp, &ranked, 3);
+        assert_eq!(layout, parts);
+        // Mixed j, block b, part p is value 4j + 2b + p + 1.
+        let want = [5., 6., 0., 0., 0., 0., 3., 4., 1., 2., 7., 8.];
+        assert_eq!(v, want);
+    }
 }

@@ -12,6 +12,7 @@ pub mod compositions;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod finetune;
 pub mod head_builder;
 pub mod heads;
 pub mod heatmap;

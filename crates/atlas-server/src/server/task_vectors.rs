@@ -12,11 +12,12 @@ use atlas_clip::Backbone;
 use atlas_core::{Library, StorageDType, TaskVector};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(super) static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn summary(t: &TaskVector) -> TaskVectorSummary {
     TaskVectorSummary {
@@ -92,13 +93,19 @@ fn check_name(name: &str) -> ApiResult<()> {
     }
 }
 
-pub async fn create(
-    State(s): State<AppState>,
-    body: Body,
-) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
+pub async fn create(State(s): State<AppState>, body: Body) -> ApiResult<Response> {
     let model = s.ready()?;
-    let req: TaskVectorRequest = parse(body.json.clone(), "task-vector request")?;
+    let mut req: TaskVectorRequest = parse(body.json.clone(), "task-vector request")?;
     check_name(&req.name)?;
+    if let Some(ft) = req.finetune.take() {
+        if req.checkpoint.is_some() || req.file.is_some() || req.safetensors.is_some() {
+            return Err(ApiError::bad(
+                "give exactly one source: \"checkpoint\", \"file\", \"safetensors\" (or one multipart file) or \"finetune\"",
+            ));
+        }
+        // The multipart file parts are the examples' images.
+        return super::finetune::create(&s, model, req.name, ft, body.files).await;
+    }
     // One creation at a time: two racing under one name would otherwise share the temporary
     // file and the final file, and the store could keep the loser's bytes.
     let _one_at_a_time = CREATING.lock().await;
@@ -125,7 +132,7 @@ pub async fn create(
     ];
     if sources.iter().filter(|&&x| x).count() != 1 {
         return Err(ApiError::bad(
-            "give exactly one source: \"checkpoint\", \"file\" or \"safetensors\" (or one multipart file)",
+            "give exactly one source: \"checkpoint\", \"file\", \"safetensors\" (or one multipart file) or \"finetune\"",
         ));
     }
     let (backbone, dtype, store, tv_dir) = (
@@ -160,7 +167,7 @@ pub async fn create(
     let (store, backbone) = (s.store.clone(), model.backbone.clone());
     let kept = tokio::task::spawn_blocking(move || keep(&store, &backbone, &tv).map(|_| tv));
     let tv = kept.await.map_err(ApiError::internal)??;
-    add(&s, model, tv)
+    add(&s, model, tv).map(IntoResponse::into_response)
 }
 
 /// The error with the server's own directories cut from its detail: a client learns which
@@ -364,7 +371,7 @@ fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Keeps a task vector in the data directory (written durably), recorded with its source, so
 /// that after a restart it is in the library exactly as it was added, whatever its source
 /// (an upload, a checkpoint that may change or go away, a library file that may be edited).
-fn keep(store: &Store, backbone: &Backbone, tv: &TaskVector) -> ApiResult<()> {
+pub(super) fn keep(store: &Store, backbone: &Backbone, tv: &TaskVector) -> ApiResult<()> {
     let file = format!("{}.safetensors", tv.name());
     tv.save(&store.tv_dir().join(&file), backbone.manifest())
         .map_err(ApiError::internal)?;

@@ -2,7 +2,7 @@
 //! job's directory, and the hashes that identify a request (idempotency) and its data
 //! (provenance).
 
-use crate::server::api::LearnRequest;
+use crate::server::api::TaskData;
 use crate::server::body::{Body, FilePart};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::{background, images, AppState};
@@ -26,17 +26,18 @@ pub(super) fn request_hash(body: &Body) -> String {
 /// Writes every example image into the job's directory (checked and decoded first, so a corrupt
 /// image is a 400 now rather than a failed job later), rewrites the request to name the files,
 /// and returns the hash of the data (images and labels).
-pub(super) async fn store_examples(
+pub(crate) async fn store_examples(
     s: &AppState,
     id: &str,
-    req: &mut LearnRequest,
+    tasks: &mut [TaskData],
+    what: &(dyn Fn(usize, usize) -> String + Sync),
     files: Vec<FilePart>,
     image_size: usize,
 ) -> ApiResult<String> {
     let mut items = Vec::new();
-    for (i, t) in req.tasks.iter_mut().enumerate() {
+    for (i, t) in tasks.iter_mut().enumerate() {
         for (j, e) in t.examples.iter_mut().enumerate() {
-            let what = format!("task {i} example {j}");
+            let what = what(i, j);
             let bytes = match (&e.image, &e.file) {
                 (Some(b), None) => images::b64(b, &what)?,
                 (None, Some(f)) => files

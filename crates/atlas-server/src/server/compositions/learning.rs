@@ -59,6 +59,7 @@ pub(super) async fn learn(
         ));
     }
     let tvs = select(model, &names)?;
+    check_budget(&req.budget, tvs.len())?;
     let layout = layout(&req.layout, s.config.max_parts)?;
     check_tasks(s, &req)?;
     check_overrides(&req.config)?;
@@ -77,7 +78,8 @@ pub(super) async fn learn(
     let config = learn_config(&req, layout).map_err(|e| ApiError::bad(e.to_string()))?;
     let id = new_id();
     let image_size = model.backbone.config.vision.image_size;
-    let data_hash = store_examples(s, &id, &mut req, body.files, image_size).await?;
+    let what = |i, j| format!("task {i} example {j}");
+    let data_hash = store_examples(s, &id, &mut req.tasks, &what, body.files, image_size).await?;
     let t = now();
     let c = Composition {
         id: id.clone(),
@@ -97,7 +99,7 @@ pub(super) async fn learn(
             config: Some(config),
             ..provenance(model, &tvs)
         },
-        request: Some(req),
+        request: Some(JobRequest::Learn(req)),
         created_at: t,
         updated_at: t,
     };
@@ -163,6 +165,17 @@ fn layout(spec: &LayoutSpec, max_parts: usize) -> ApiResult<Layout> {
             k: p.parts,
             seed: p.seed,
         }),
+    }
+}
+
+/// A budget keeps between one and all of the job's task vectors.
+fn check_budget(budget: &Option<BudgetSpec>, n: usize) -> ApiResult<()> {
+    match budget {
+        Some(b) if b.task_vectors == 0 || b.task_vectors > n => Err(ApiError::bad(format!(
+            "budget.task_vectors must be between 1 and the job's {n} task vector(s), got {}",
+            b.task_vectors
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -3,7 +3,7 @@
 //! streams in [`events`] and Λ heat maps in `heatmap.rs`.
 
 mod events;
-mod examples;
+pub(crate) mod examples;
 mod explicit;
 mod learning;
 
@@ -45,7 +45,7 @@ pub async fn create(
 /// Largest `offset` of a listing.
 const MAX_OFFSET: usize = i64::MAX as usize - 1000;
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     format!("c{:016x}", rand::random::<u64>())
 }
 
