@@ -7,7 +7,7 @@
 //! or none for the recipe's).
 
 use atlas_core::{Coefficients, Layout, TaskVector};
-use atlas_demo::replicate::shift;
+use atlas_demo::replicate::shifted;
 use atlas_demo::tasks::Example;
 use atlas_demo::world::{default_cache_root, Quiet};
 use atlas_demo::{Preset, World, WorldParams};
@@ -152,15 +152,7 @@ fn tta(w: &World, lrs: &[Option<f64>], tasks: &str) {
     let n = w.tasks.len();
     let nb = w.backbone.manifest().len();
     for i in tasks.split(',').map(|s| s.parse::<usize>().unwrap()) {
-        let shifted: Vec<Example> = w.tasks[i]
-            .test
-            .iter()
-            .enumerate()
-            .map(|(k, e)| Example {
-                image: shift(&e.image, k as u64),
-                label: e.label,
-            })
-            .collect();
+        let shifted = shifted(&w.tasks[i].test);
         let labelled = dataset(w, i, &shifted, true);
         let t = task(w, i, dataset(w, i, &shifted, false));
         let tvs = &w.task_vectors;

@@ -553,15 +553,7 @@ impl Runner<'_> {
         let w = self.world;
         let i = self.config.shifted_task;
         let name = w.tasks[i].spec.name;
-        let shifted: Vec<Example> = w.tasks[i]
-            .test
-            .iter()
-            .enumerate()
-            .map(|(k, e)| Example {
-                image: shift(&e.image, k as u64),
-                label: e.label,
-            })
-            .collect();
+        let shifted = shifted(&w.tasks[i].test);
         let labelled = self.dataset(i, &shifted, true)?;
         let unlabelled = self.dataset(i, &shifted, false)?;
         let task = self.task(i, unlabelled, None)?;
@@ -603,6 +595,18 @@ impl Runner<'_> {
 
 /// The shift for test-time adaptation: contrast halved around mid-grey and uniform noise of
 /// ±50 per channel, seeded per image.
+/// `examples` under the distribution shift of [`shift`], each with its own seed.
+pub fn shifted(examples: &[Example]) -> Vec<Example> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(k, e)| Example {
+            image: shift(&e.image, k as u64),
+            label: e.label,
+        })
+        .collect()
+}
+
 pub fn shift(img: &RgbImage, seed: u64) -> RgbImage {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5417);
     let mut out = img.clone();

@@ -7,7 +7,7 @@
 //! flip labels away.
 
 use atlas_core::{Coefficients, Layout, TaskVector};
-use atlas_demo::replicate::{few_shot, shift, task_addition, ReplicateConfig};
+use atlas_demo::replicate::{few_shot, shifted, task_addition, ReplicateConfig};
 use atlas_demo::tasks::Example;
 use atlas_demo::world::{labels, Quiet};
 use atlas_demo::{Preset, World, WorldParams};
@@ -306,15 +306,7 @@ fn test_time_adaptation_improves_or_says_it_kept_the_start() {
         Coefficients::zeros(Layout::PerBlock, tvs.len(), w.backbone.manifest().len()).unwrap();
     let mut improved = 0;
     for i in [ReplicateConfig::paper(w.tasks.len()).shifted_task, 0] {
-        let shifted: Vec<Example> = w.tasks[i]
-            .test
-            .iter()
-            .enumerate()
-            .map(|(k, e)| Example {
-                image: shift(&e.image, k as u64),
-                label: e.label,
-            })
-            .collect();
+        let shifted = shifted(&w.tasks[i].test);
         let scored = dataset(w, i, &shifted, true);
         let t = task(w, i, dataset(w, i, &shifted, false));
         let z = acc(w, tvs, &zero, &t, &scored);

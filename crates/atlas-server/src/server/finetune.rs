@@ -10,6 +10,7 @@
 use super::api::*;
 use super::body::FilePart;
 use super::compositions::examples::store_examples;
+use super::compositions::learning::{check_queue, queue_full};
 use super::compositions::new_id;
 use super::error::{ApiError, ApiResult};
 use super::jobs::now;
@@ -80,18 +81,7 @@ pub(super) async fn create(
         }
     }
     let config = config(&name, &ft.config, model)?;
-    // Refuse early when the queue is full, before the examples are written; the insert below
-    // checks again, atomically.
-    let queued = s
-        .store
-        .count_by_status()?
-        .iter()
-        .filter(|(k, _)| k == "queued")
-        .map(|c| c.1)
-        .sum::<i64>();
-    if queued as usize >= s.config.job_queue {
-        return Err(queue_full(s, queued as usize));
-    }
+    check_queue(s)?;
     let id = new_id();
     let mut tasks = [TaskData {
         name: None,
@@ -151,15 +141,6 @@ pub(super) async fn create(
         Inserted::QueueFull(queued) => Err(queue_full(s, queued)),
         Inserted::Earlier(..) => Err(ApiError::internal("an unkeyed job matched a key")),
     }
-}
-
-fn queue_full(s: &AppState, queued: usize) -> ApiError {
-    s.metrics.rejected.with_label_values(&["jobs_full"]).inc();
-    ApiError::busy(
-        StatusCode::TOO_MANY_REQUESTS,
-        format!("{queued} jobs are queued already; retry later"),
-        30,
-    )
 }
 
 /// The defaults with the request's overrides, each checked and named when wrong.

@@ -63,18 +63,7 @@ pub(super) async fn learn(
     let layout = layout(&req.layout, s.config.max_parts)?;
     check_tasks(s, &req)?;
     check_overrides(&req.config)?;
-    // Refuse early when the queue is full, before the examples are decoded and written; the
-    // insert below checks again, atomically.
-    let queued = s
-        .store
-        .count_by_status()?
-        .iter()
-        .filter(|(k, _)| k == "queued")
-        .map(|c| c.1)
-        .sum::<i64>();
-    if queued as usize >= s.config.job_queue {
-        return Err(queue_full(s, queued as usize));
-    }
+    check_queue(s)?;
     let config = learn_config(&req, layout).map_err(|e| ApiError::bad(e.to_string()))?;
     let id = new_id();
     let image_size = model.backbone.config.vision.image_size;
@@ -125,11 +114,27 @@ pub(super) async fn learn(
     }
 }
 
-fn queue_full(s: &AppState, queued: usize) -> ApiError {
+/// Refuses a job early when `job_queue` jobs are queued, before its examples are decoded and
+/// written; the insert checks again, atomically.
+pub(crate) fn check_queue(s: &AppState) -> ApiResult<()> {
+    let queued = s
+        .store
+        .count_by_status()?
+        .iter()
+        .filter(|(k, _)| k == "queued")
+        .map(|c| c.1)
+        .sum::<i64>();
+    if queued as usize >= s.config.job_queue {
+        return Err(queue_full(s, queued as usize));
+    }
+    Ok(())
+}
+
+pub(crate) fn queue_full(s: &AppState, queued: usize) -> ApiError {
     s.metrics.rejected.with_label_values(&["jobs_full"]).inc();
     ApiError::busy(
         StatusCode::TOO_MANY_REQUESTS,
-        format!("{queued} learning jobs are queued already; retry later"),
+        format!("{queued} jobs are queued already; retry later"),
         30,
     )
 }

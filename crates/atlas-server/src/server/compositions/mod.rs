@@ -5,7 +5,7 @@
 mod events;
 pub(crate) mod examples;
 mod explicit;
-mod learning;
+pub(crate) mod learning;
 
 pub use events::{events, MAX_STREAMS};
 
