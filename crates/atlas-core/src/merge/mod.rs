@@ -11,7 +11,8 @@ pub mod dare;
 mod params;
 pub mod ties;
 
-use crate::{CoreError, Manifest, Result, TaskVector};
+use crate::buffer::Buffer;
+use crate::{CoreError, Manifest, Result, StorageDType, TaskVector, TaskVectorMeta};
 use params::Params;
 use serde_json::{json, Map, Value};
 
@@ -178,6 +179,28 @@ pub fn merge_with(
             scale: *scaling_factor,
         },
     })
+}
+
+/// A merged delta as a task vector stored at `dtype`; every value must be finite there.
+pub fn to_task_vector(
+    manifest: &Manifest,
+    meta: TaskVectorMeta,
+    dtype: StorageDType,
+    blocks: &[Vec<f32>],
+) -> Result<TaskVector> {
+    for (block, values) in manifest.blocks().iter().zip(blocks) {
+        if let Some(x) = values
+            .iter()
+            .find(|x| !x.is_finite() || !crate::task_vector::fits(dtype, **x))
+        {
+            return Err(CoreError::tensor(
+                &block.name,
+                format!("the merge gives {x}, not storable at {dtype:?}"),
+            ));
+        }
+    }
+    let buffers = blocks.iter().map(|b| Buffer::from_f32(b, dtype)).collect();
+    TaskVector::from_buffers(manifest, meta, dtype, buffers)
 }
 
 fn check_inputs(manifest: &Manifest, inputs: &[&TaskVector]) -> Result<()> {
