@@ -6,8 +6,7 @@
 mod common;
 
 use common::{b64, fixtures, library_flags, png, start, Server};
-use serde_json::{json, Value};
-use std::io::Read;
+use serde_json::json;
 
 const CLASSES: [&str; 2] = ["cat", "dog"];
 
@@ -30,34 +29,15 @@ fn server(dir: &std::path::Path) -> Server {
     s
 }
 
-/// ‖θ_merged − θ0‖ per tensor in FusionBench's result for `case` (the oracle of
-/// tests/fixtures/merge, made by its generate.py).
+/// ‖θ_merged − θ0‖ per tensor in FusionBench's result for `case`.
 fn oracle_norms(case: &str) -> std::collections::HashMap<String, f64> {
-    let gz = std::fs::File::open(fixtures().join("../merge/oracle.safetensors.gz")).unwrap();
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_end(&mut bytes)
-        .unwrap();
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    let data = &bytes[8 + header_len..];
-    let prefix = format!("{case}/");
-    header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter_map(|(k, t)| {
-            let name = k.strip_prefix(&prefix)?;
-            (t["dtype"] == "F32" && !name.contains('/')).then_some((name, t))
-        })
-        .map(|(name, t)| {
-            let [from, to] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
-            let sq: f64 = data[from..to]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                .map(|x| x * x)
-                .sum();
-            (name.to_string(), sq.sqrt())
+    common::oracle::case(case)
+        .into_iter()
+        .map(|(name, x)| {
+            (
+                name,
+                x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt(),
+            )
         })
         .collect()
 }

@@ -52,6 +52,29 @@ pub enum Merged {
     Delta { blocks: Vec<Vec<f32>>, scale: f64 },
 }
 
+impl Merged {
+    /// θ_merged − θ0 per block: the coefficients or the scale applied (what FusionBench's
+    /// merged model holds, as one delta to compose at 1).
+    pub fn model_delta(&self, inputs: &[&TaskVector]) -> Vec<Vec<f32>> {
+        match self {
+            Merged::Delta { blocks, scale } => blocks
+                .iter()
+                .map(|b| b.iter().map(|x| *scale as f32 * x).collect())
+                .collect(),
+            Merged::Coefficients(c) => (0..inputs[0].blocks().len())
+                .map(|b| {
+                    let mut out = vec![0.0f32; inputs[0].block(b).len()];
+                    for (tv, &c) in inputs.iter().zip(c) {
+                        let x = tv.block(b).to_f32_vec();
+                        out.iter_mut().zip(x).for_each(|(o, x)| *o += c as f32 * x);
+                    }
+                    out
+                })
+                .collect(),
+        }
+    }
+}
+
 fn finite(_: f64) -> bool {
     true
 }
