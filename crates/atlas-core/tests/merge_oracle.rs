@@ -212,6 +212,16 @@ fn element_wise_merges_match_fusionbench() {
     }
 }
 
+/// Iso-C and Iso-CTS: SVDs at f64 here, at f32 in FusionBench; square, wide, tall and zero
+/// 2-D tensors, and averaged 1-D ones.
+#[test]
+fn isotropic_merges_match_fusionbench() {
+    let w = world();
+    for case in ["iso_c", "iso_cts"] {
+        w.check(case, &w.method(case, case), None);
+    }
+}
+
 #[test]
 fn ties_merging_matches_fusionbench_for_each_merge_func() {
     let w = world();
@@ -268,6 +278,19 @@ fn ties_oracle_tells_apart_a_different_trim() {
     t.threshold = 21.0;
     let merged = merge::merge(&Method::Ties(t), &w.manifest, &w.inputs()).unwrap();
     assert!(w.max_difference("ties_sum", &merged) > 100.0 * TOLERANCE);
+}
+
+/// Iso-CTS depends on the split between common and task-specific space: another fraction
+/// fails the comparison.
+#[test]
+fn iso_cts_oracle_tells_apart_another_common_space() {
+    let w = world();
+    let Method::Iso(mut iso) = w.method("iso_cts", "iso_cts") else {
+        unreachable!()
+    };
+    iso.common_space_fraction = Some(0.5);
+    let merged = merge::merge(&Method::Iso(iso), &w.manifest, &w.inputs()).unwrap();
+    assert!(w.max_difference("iso_cts", &merged) > 100.0 * TOLERANCE);
 }
 
 #[test]

@@ -169,6 +169,11 @@ fn defaults_are_fusionbenchs() {
     assert_eq!(dt["sparsity_ratio"], 0.5);
     assert_eq!(dt["rescale"], true);
     assert_eq!(dt["threshold"], 20.0);
+    let iso = parse("iso_cts", json!({}), 2).unwrap().params();
+    assert_eq!(
+        iso,
+        json!({"scaling_factor": 1.0, "common_space_fraction": 0.8})
+    );
     let bc = parse("breadcrumbs", json!({}), 2).unwrap().params();
     assert_eq!(bc["density"], 1.0);
     assert_eq!(bc["gamma"], 0.01);
@@ -217,6 +222,21 @@ fn bad_parameters_are_named() {
             "simple_average",
             json!({"scaling_factor": 1}),
             "params.scaling_factor",
+        ),
+        (
+            "iso_c",
+            json!({"exclude_keys": ["x"]}),
+            "params.exclude_keys",
+        ),
+        (
+            "iso_cts",
+            json!({"common_space_fraction": 1.2}),
+            "params.common_space_fraction",
+        ),
+        (
+            "iso_c",
+            json!({"common_space_fraction": 0.5}),
+            "params.common_space_fraction",
         ),
         ("tall_masks", json!({}), "method \"tall_masks\""),
     ];

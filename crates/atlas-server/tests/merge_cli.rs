@@ -56,6 +56,7 @@ fn merge_writes_fusionbenchs_merged_delta() {
             r#"{"scaling_factor": 0.3, "threshold": 20}"#,
         ),
         ("magmax", "magmax", r#"{"scaling_factor": 0.5}"#),
+        ("iso_cts", "iso_cts", r#"{"scaling_factor": 1.1}"#),
         (
             "task_arithmetic",
             "task_arithmetic",

@@ -42,25 +42,20 @@ impl Breadcrumbs {
     }
 
     pub(crate) fn merge(&self, rows: &Rows) -> Merged {
-        let manifest = rows.manifest();
-        let blocks = rows.per_block_indexed(|b, inputs| {
+        let sum: f64 = self.weight.iter().sum();
+        // mergekit divides by the weights' sum only when it is not about zero.
+        let divisor = match self.normalize {
+            true if sum.abs() >= 1e-8 => sum as f32,
+            _ => 1.0,
+        };
+        let blocks = rows.per_tensor(|_, inputs| {
             let mut out = vec![0.0f32; inputs[0].len()];
-            let mut start = 0;
-            for t in &manifest.blocks()[b].tensors {
-                let range = start..start + t.numel();
-                for (x, w) in inputs.iter().zip(&self.weight) {
-                    let kept = self.sparsify(&x[range.clone()]);
-                    for (o, k) in out[range.clone()].iter_mut().zip(kept) {
-                        *o += k * *w as f32;
-                    }
+            for (x, w) in inputs.iter().zip(&self.weight) {
+                for (o, k) in out.iter_mut().zip(self.sparsify(x)) {
+                    *o += k * *w as f32;
                 }
-                start = range.end;
             }
-            if self.normalize {
-                let sum: f64 = self.weight.iter().sum();
-                let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum as f32 };
-                out.iter_mut().for_each(|o| *o /= divisor);
-            }
+            out.iter_mut().for_each(|o| *o /= divisor);
             out
         });
         Merged::Delta {

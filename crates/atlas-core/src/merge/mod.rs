@@ -8,6 +8,7 @@
 
 mod breadcrumbs;
 pub mod dare;
+mod iso;
 mod params;
 pub mod ties;
 
@@ -18,6 +19,7 @@ use serde_json::{json, Map, Value};
 
 pub use breadcrumbs::Breadcrumbs;
 pub use dare::{Dare, Keep};
+pub use iso::Iso;
 pub use ties::{MergeFunc, Ties};
 
 /// The method names accepted, FusionBench's spelling.
@@ -29,18 +31,32 @@ pub const METHODS: &[&str] = &[
     "dare_ties_merging",
     "breadcrumbs",
     "magmax",
+    "iso_c",
+    "iso_cts",
 ];
 
 /// A merge method with its parameters resolved (defaults filled in).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Method {
     SimpleAverage,
-    TaskArithmetic { scaling_factor: f64 },
+    TaskArithmetic {
+        scaling_factor: f64,
+    },
     Ties(Ties),
-    DareTaskArithmetic { dare: Dare, scaling_factor: f64 },
-    DareTies { dare: Dare, ties: Ties },
+    DareTaskArithmetic {
+        dare: Dare,
+        scaling_factor: f64,
+    },
+    DareTies {
+        dare: Dare,
+        ties: Ties,
+    },
     Breadcrumbs(Breadcrumbs),
-    MagMax { scaling_factor: f64 },
+    MagMax {
+        scaling_factor: f64,
+    },
+    /// Iso-C, or Iso-CTS when it has a common space fraction.
+    Iso(Iso),
 }
 
 /// What a merge produces.
@@ -105,6 +121,8 @@ impl Method {
                     scaling_factor: p.number("scaling_factor", 0.5, finite, "")?,
                 }
             }
+            "iso_c" => Method::Iso(Iso::parse(&mut p, false)?),
+            "iso_cts" => Method::Iso(Iso::parse(&mut p, true)?),
             _ => {
                 return Err(CoreError::Invalid(format!(
                     "method \"{}\" is not known; known are {METHODS:?}",
@@ -130,6 +148,8 @@ impl Method {
             Method::DareTies { .. } => "dare_ties_merging",
             Method::Breadcrumbs(_) => "breadcrumbs",
             Method::MagMax { .. } => "magmax",
+            Method::Iso(i) if i.common_space_fraction.is_some() => "iso_cts",
+            Method::Iso(_) => "iso_c",
         }
     }
 
@@ -147,6 +167,7 @@ impl Method {
             } => merge_objects(dare.params(), json!({ "scaling_factor": scaling_factor })),
             Method::DareTies { dare, ties } => merge_objects(dare.params(), ties.params()),
             Method::Breadcrumbs(b) => b.params(),
+            Method::Iso(i) => i.params(),
         }
     }
 
@@ -201,6 +222,7 @@ pub fn merge_with(
             blocks: plain.magmax(),
             scale: *scaling_factor,
         },
+        Method::Iso(i) => i.merge(&plain),
     })
 }
 
@@ -324,6 +346,21 @@ impl<'a> Rows<'a> {
     /// Applies `f` to every block's rows (one per input).
     fn per_block(&self, f: impl Fn(&[Vec<f32>]) -> Vec<f32>) -> Vec<Vec<f32>> {
         self.per_block_indexed(|_, rows| f(rows))
+    }
+
+    /// Applies `f` to every tensor: its shape and its slice of each input.
+    fn per_tensor(&self, f: impl Fn(&[usize], &[&[f32]]) -> Vec<f32>) -> Vec<Vec<f32>> {
+        self.per_block_indexed(|b, rows| {
+            let mut out = Vec::with_capacity(rows[0].len());
+            let mut start = 0;
+            for t in &self.manifest.blocks()[b].tensors {
+                let end = start + t.numel();
+                let parts: Vec<&[f32]> = rows.iter().map(|r| &r[start..end]).collect();
+                out.extend(f(&t.shape, &parts));
+                start = end;
+            }
+            out
+        })
     }
 
     fn per_block_indexed(&self, f: impl Fn(usize, &[Vec<f32>]) -> Vec<f32>) -> Vec<Vec<f32>> {
