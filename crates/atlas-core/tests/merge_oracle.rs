@@ -222,6 +222,15 @@ fn isotropic_merges_match_fusionbench() {
     }
 }
 
+/// TSV-M with a scale after the merge and with one weight per input before it.
+#[test]
+fn tsv_m_matches_fusionbench() {
+    let w = world();
+    for case in ["tsv_m", "tsv_m_per_input"] {
+        w.check(case, &w.method(case, "tsv_m"), None);
+    }
+}
+
 #[test]
 fn ties_merging_matches_fusionbench_for_each_merge_func() {
     let w = world();

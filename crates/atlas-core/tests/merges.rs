@@ -174,6 +174,10 @@ fn defaults_are_fusionbenchs() {
         iso,
         json!({"scaling_factor": 1.0, "common_space_fraction": 0.8})
     );
+    assert_eq!(
+        parse("tsv_m", json!({}), 2).unwrap().params(),
+        json!({"alpha": 1.0})
+    );
     let bc = parse("breadcrumbs", json!({}), 2).unwrap().params();
     assert_eq!(bc["density"], 1.0);
     assert_eq!(bc["gamma"], 0.01);
@@ -237,6 +241,13 @@ fn bad_parameters_are_named() {
             "iso_c",
             json!({"common_space_fraction": 0.5}),
             "params.common_space_fraction",
+        ),
+        ("tsv_m", json!({"alpha": [1, 2, 3]}), "params.alpha"),
+        ("tsv_m", json!({"alpha": "x"}), "params.alpha"),
+        (
+            "tsv_m",
+            json!({"return_single_task_models": true}),
+            "params.return_single_task_models",
         ),
         ("tall_masks", json!({}), "method \"tall_masks\""),
     ];

@@ -11,6 +11,7 @@ pub mod dare;
 mod iso;
 mod params;
 pub mod ties;
+mod tsv;
 
 use crate::buffer::Buffer;
 use crate::{CoreError, Manifest, Result, StorageDType, TaskVector, TaskVectorMeta};
@@ -21,6 +22,7 @@ pub use breadcrumbs::Breadcrumbs;
 pub use dare::{Dare, Keep};
 pub use iso::Iso;
 pub use ties::{MergeFunc, Ties};
+pub use tsv::{Alpha, Tsv};
 
 /// The method names accepted, FusionBench's spelling.
 pub const METHODS: &[&str] = &[
@@ -33,6 +35,7 @@ pub const METHODS: &[&str] = &[
     "magmax",
     "iso_c",
     "iso_cts",
+    "tsv_m",
 ];
 
 /// A merge method with its parameters resolved (defaults filled in).
@@ -57,6 +60,7 @@ pub enum Method {
     },
     /// Iso-C, or Iso-CTS when it has a common space fraction.
     Iso(Iso),
+    Tsv(Tsv),
 }
 
 /// What a merge produces.
@@ -123,6 +127,7 @@ impl Method {
             }
             "iso_c" => Method::Iso(Iso::parse(&mut p, false)?),
             "iso_cts" => Method::Iso(Iso::parse(&mut p, true)?),
+            "tsv_m" => Method::Tsv(Tsv::parse(&mut p, n_inputs)?),
             _ => {
                 return Err(CoreError::Invalid(format!(
                     "method \"{}\" is not known; known are {METHODS:?}",
@@ -150,6 +155,7 @@ impl Method {
             Method::MagMax { .. } => "magmax",
             Method::Iso(i) if i.common_space_fraction.is_some() => "iso_cts",
             Method::Iso(_) => "iso_c",
+            Method::Tsv(_) => "tsv_m",
         }
     }
 
@@ -168,6 +174,7 @@ impl Method {
             Method::DareTies { dare, ties } => merge_objects(dare.params(), ties.params()),
             Method::Breadcrumbs(b) => b.params(),
             Method::Iso(i) => i.params(),
+            Method::Tsv(t) => t.params(),
         }
     }
 
@@ -223,6 +230,7 @@ pub fn merge_with(
             scale: *scaling_factor,
         },
         Method::Iso(i) => i.merge(&plain),
+        Method::Tsv(t) => t.merge(&plain),
     })
 }
 

@@ -29,6 +29,11 @@ impl<'a> Params<'a> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
+    /// The parameter's raw value, if given (to pick how to read it).
+    pub fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
     /// A finite number within `ok` (described by `range`), or `default` when absent.
     pub fn number(
         &mut self,

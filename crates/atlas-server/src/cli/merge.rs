@@ -16,8 +16,8 @@ pub struct Args {
     #[arg(long)]
     base: String,
     /// FusionBench's method name: simple_average, task_arithmetic, ties_merging,
-    /// dare_task_arithmetic, dare_ties_merging, breadcrumbs (mergekit's), magmax, iso_c or
-    /// iso_cts.
+    /// dare_task_arithmetic, dare_ties_merging, breadcrumbs (mergekit's), magmax, iso_c,
+    /// iso_cts or tsv_m.
     #[arg(long)]
     method: String,
     /// An input: a task-vector file, or a fine-tuned checkpoint directory. Repeat, in order.
