@@ -13,7 +13,12 @@ use crate::server::task_vectors::{self, add_derived};
 use crate::server::{AppState, Model};
 use atlas_core::merge::{self, Merged, Method};
 use atlas_core::{Layout, TaskVector, TaskVectorMeta};
+use axum::http::StatusCode;
 use std::sync::Arc;
+
+/// One merge at a time: each reads every input in full and holds its result (a model's worth
+/// of f32 or more), so concurrent merges would multiply that.
+static MERGING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 pub(super) async fn merge(
     s: &AppState,
@@ -36,6 +41,13 @@ pub(super) async fn merge(
         inputs: req.task_vectors.clone(),
         input_digests: inputs.iter().map(|t| t.digest().to_string()).collect(),
     };
+    let _one_at_a_time = MERGING.try_acquire().map_err(|_| {
+        ApiError::busy(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a merge is running; merges run one at a time",
+            5,
+        )
+    })?;
     let base = inputs[0].meta.clone();
     let (names, tvs, coefficients) = match run(model, method, inputs.clone()).await? {
         Merged::Coefficients(c) => (req.task_vectors, inputs, c),
