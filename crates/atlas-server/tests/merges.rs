@@ -145,3 +145,26 @@ fn coefficient_merges_and_named_dare_results() {
     clash["task_vector"] = json!("dare1");
     assert_eq!(s.post("/compositions", &clash).0, 409);
 }
+
+/// A derived task vector is kept like an upload: after a restart it is in the library with
+/// its digest and source, and the composition that names it still classifies.
+#[test]
+fn derived_task_vectors_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let body = json!({"method": "iso_c", "task_vectors": ["a", "c"], "task_vector": "iso-ac"});
+    let (code, c) = s.post("/compositions", &body);
+    assert_eq!(code, 201, "{c}");
+    let (_, before) = s.get("/task-vectors/iso-ac");
+    assert!(s.terminate().success());
+    let s = start(
+        &dir.path().join("data"),
+        &library_flags(&dir.path().join("lib")),
+        &[],
+    );
+    let (code, after) = s.get("/task-vectors/iso-ac");
+    assert_eq!(code, 200, "{after}");
+    assert_eq!(after["digest"], before["digest"]);
+    assert_eq!(after["source"], before["source"]);
+    assert_eq!(classify(&s, c["id"].as_str().unwrap()), 200);
+}
