@@ -10,6 +10,7 @@ pub mod compose;
 pub mod error;
 pub mod library;
 pub mod manifest;
+pub mod merge;
 pub mod parts;
 pub mod random;
 pub mod safetensors_io;

@@ -347,7 +347,7 @@ fn checked_deltas(st: &SafeTensors<'_>, manifest: &Manifest) -> Result<Vec<Delta
 }
 
 /// Whether the finite `x` stays finite when stored at `dtype`.
-fn fits(dtype: StorageDType, x: f32) -> bool {
+pub(crate) fn fits(dtype: StorageDType, x: f32) -> bool {
     match dtype {
         StorageDType::F32 => true,
         StorageDType::F16 => half::f16::from_f32(x).is_finite(),

@@ -6,7 +6,7 @@ mod device;
 mod server;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use cli::{demo, finetune, learn, serve, task_vector};
+use cli::{demo, finetune, learn, merge, serve, task_vector};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,8 @@ enum Command {
     /// Build, convert or inspect task vectors.
     #[command(subcommand, name = "task-vector")]
     TaskVector(task_vector::Command),
+    /// Merge task vectors by a FusionBench method into one task vector.
+    Merge(merge::Args),
     /// Learn aTLAS coefficients on an ImageFolder directory.
     Learn(learn::Args),
     /// Fine-tune a CLIP image tower on an ImageFolder directory and write its task vector.
@@ -80,6 +82,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => serve::run(*a),
         Command::TaskVector(c) => task_vector::run(c),
+        Command::Merge(a) => merge::run(a),
         Command::Learn(a) => learn::run(a),
         Command::Finetune(a) => finetune::run(a),
         Command::Demo(c) => demo::run(c),

@@ -212,6 +212,7 @@ fn crafted_bad_input_on_every_route_is_refused() {
     classify_battery(&mut b);
     heads_battery(&mut b);
     explicit_battery(&mut b);
+    merge_battery(&mut b);
     learning_battery(&mut b);
     finetune_battery(&mut b);
     upload_battery(&mut b);
@@ -776,6 +777,111 @@ fn explicit_battery(b: &mut Battery) {
         "parts_seed",
     );
     b.json("empty object", "/compositions", json!({}), 400, "");
+}
+
+/// Merges: each bad method, parameter or input is a 400 naming it, and nothing is kept.
+fn merge_battery(b: &mut Battery) {
+    let m = |method: &str, params: Value| json!({"method": method, "task_vectors": TV_NAMES, "params": params});
+    let cases = [
+        (
+            "unknown method",
+            m("tall_masks", json!({})),
+            "method \"tall_masks\" is not known",
+        ),
+        (
+            "misspelt parameter",
+            m("ties_merging", json!({"treshold": 20})),
+            "params.treshold",
+        ),
+        (
+            "threshold 100",
+            m("ties_merging", json!({"threshold": 100})),
+            "params.threshold",
+        ),
+        (
+            "threshold 1",
+            m("ties_merging", json!({"threshold": 1})),
+            "params.threshold",
+        ),
+        (
+            "merge_func",
+            m("ties_merging", json!({"merge_func": "median"})),
+            "params.merge_func",
+        ),
+        (
+            "remove_keys",
+            m("ties_merging", json!({"remove_keys": ["x"]})),
+            "params.remove_keys",
+        ),
+        (
+            "scaling_factor text",
+            m("task_arithmetic", json!({"scaling_factor": "0.3"})),
+            "params.scaling_factor",
+        ),
+        (
+            "sparsity_ratio 1",
+            m("dare_task_arithmetic", json!({"sparsity_ratio": 1})),
+            "params.sparsity_ratio",
+        ),
+        (
+            "negative seed",
+            m("dare_ties_merging", json!({"seed": -3})),
+            "params.seed",
+        ),
+        (
+            "linear weights only",
+            m(
+                "dare_task_arithmetic",
+                json!({"only_on_linear_weights": true}),
+            ),
+            "params.only_on_linear_weights",
+        ),
+        (
+            "weights count",
+            m("breadcrumbs", json!({"weight": [1, 2, 3]})),
+            "params.weight",
+        ),
+        (
+            "gamma",
+            m("breadcrumbs", json!({"gamma": -0.1})),
+            "params.gamma",
+        ),
+        ("params not an object", m("magmax", json!([0.5])), "params"),
+        (
+            "no task vectors",
+            json!({"method": "magmax", "task_vectors": []}),
+            "at least one task vector",
+        ),
+        (
+            "unknown task vector",
+            json!({"method": "magmax", "task_vectors": ["nope"]}),
+            "unknown task vector \"nope\"",
+        ),
+        (
+            "task vector twice",
+            json!({"method": "magmax", "task_vectors": [TV_NAMES[0], TV_NAMES[0]]}),
+            "listed twice",
+        ),
+        (
+            "derived name a path",
+            json!({"method": "magmax", "task_vectors": TV_NAMES, "task_vector": "../x"}),
+            "task-vector name",
+        ),
+        (
+            "coefficients beside method",
+            json!({"method": "magmax", "task_vectors": TV_NAMES, "coefficients": [1, 1]}),
+            "coefficients",
+        ),
+    ];
+    for (what, body, needle) in cases {
+        b.json(
+            &format!("merge: {what}"),
+            "/compositions",
+            body,
+            400,
+            needle,
+        );
+    }
 }
 
 fn learning_battery(b: &mut Battery) {

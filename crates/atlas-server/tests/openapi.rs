@@ -1104,6 +1104,11 @@ fn enums_match_the_serde_names() {
             | EventKind::Finished => {}
         }
     }
+    let methods: BTreeSet<String> = atlas_core::merge::METHODS
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    assert_eq!(enum_of(schema(spec(), "MergeMethod")), methods);
     let views = [
         View::Plain,
         View::Train,
@@ -1362,6 +1367,12 @@ fn provenance(set: bool) -> api::Provenance {
                 block: "conv1.weight".into(),
                 task_vectors: vec!["MNIST".into()],
             }]),
+        }),
+        merge: set.then(|| api::MergeRecord {
+            method: "ties_merging".into(),
+            params: json!({"scaling_factor": 0.3, "threshold": 20.0, "merge_func": "sum"}),
+            inputs: vec!["MNIST".into(), "SVHN".into()],
+            input_digests: vec!["def".into(), "0a".into()],
         }),
     }
 }
@@ -1711,10 +1722,17 @@ fn request_examples_deserialize_into_the_real_types() {
     assert!(create.contains("body.json.get(\"objective\").is_some()"));
     let mut shapes = BTreeSet::new();
     let mut learned = 0;
+    assert!(create.contains("body.json.get(\"method\").is_some()"));
+    let mut merged = BTreeSet::new();
     for (name, v) in request_examples(spec, "/compositions", "application/json") {
         if v.get("objective").is_some() {
             let _: api::LearnRequest = parse(&v, &format!("composition example {name}"));
             learned += 1;
+            continue;
+        }
+        if v.get("method").is_some() {
+            let r: api::MergeRequest = parse(&v, &format!("composition example {name}"));
+            merged.insert(r.method);
             continue;
         }
         let r: api::ExplicitRequest = parse(&v, &format!("composition example {name}"));
@@ -1729,6 +1747,7 @@ fn request_examples_deserialize_into_the_real_types() {
     }
     assert_eq!(shapes.len(), 4, "explicit examples show only {shapes:?}");
     assert!(learned >= 2);
+    assert!(merged.len() >= 2, "merge examples show only {merged:?}");
     let multipart = request_examples(spec, "/compositions", "multipart/form-data");
     assert!(!multipart.is_empty());
     for (name, v) in multipart {
@@ -1816,10 +1835,22 @@ fn request_schemas_accept_and_refuse_what_the_types_do() {
     ] {
         agree::<TaskVectorRequest>("TaskVectorRequest", v);
     }
-    // A body is one or the other, never both.
+    for v in [
+        json!({"method": "ties_merging", "task_vectors": ["a"]}),
+        json!({"method": "magmax", "task_vectors": ["a", "b"], "params": {"scaling_factor": 1}}),
+        json!({"method": "simple_average", "task_vectors": ["a"], "name": null, "task_vector": "m"}),
+        json!({"method": "ties_merging"}),
+        json!({"method": "ties_merging", "task_vectors": ["a"], "coefficients": [1]}),
+        json!({"method": "ties_merging", "task_vectors": ["a"], "params": [1]}),
+        json!({"method": "bogus", "task_vectors": ["a"]}),
+    ] {
+        agree::<MergeRequest>("MergeRequest", v);
+    }
+    // A body is one kind only.
     for v in [
         json!({"task_vectors": ["a"], "coefficients": [1]}),
         json!({"objective": "entropy", "tasks": [task]}),
+        json!({"method": "task_arithmetic", "task_vectors": ["a"]}),
     ] {
         let errs = spec::errors("/components/schemas/CompositionRequest", &v);
         assert!(errs.is_empty(), "{v}: {errs:?}");

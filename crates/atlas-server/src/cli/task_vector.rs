@@ -108,18 +108,18 @@ pub fn run(c: Command) -> anyhow::Result<()> {
 
 /// A checkpoint's backbone, or the demo world's (`demo`, `demo:ci`): task vectors of the demo
 /// world are inspected against it.
-fn load_backbone(base: &str) -> anyhow::Result<Backbone> {
+pub(super) fn load_backbone(base: &str) -> anyhow::Result<Backbone> {
     super::model::load(base, LoadOptions::default())
         .map(|(backbone, _)| backbone)
         .with_context(|| format!("loading the pre-trained backbone {base}"))
 }
 
-fn save(tv: &TaskVector, out: &Path, manifest: &Manifest) -> anyhow::Result<()> {
+pub(super) fn save(tv: &TaskVector, out: &Path, manifest: &Manifest) -> anyhow::Result<()> {
     tv.save(out, manifest)
         .with_context(|| format!("writing {}", out.display()))
 }
 
-fn print_summary(tv: &TaskVector, out: &Path, manifest: &Manifest) {
+pub(super) fn print_summary(tv: &TaskVector, out: &Path, manifest: &Manifest) {
     let nonzero = tv.blocks().iter().filter(|b| !b.is_zero()).count();
     let file_bytes = std::fs::metadata(out).map(|m| m.len()).ok();
     println!("wrote {}", out.display());

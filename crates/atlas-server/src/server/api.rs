@@ -198,6 +198,33 @@ pub struct ExplicitRequest {
     pub parts_seed: u64,
 }
 
+/// A merge of task vectors by a FusionBench method (a body with `method`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// FusionBench's method name, e.g. `ties_merging`.
+    pub method: String,
+    pub task_vectors: Vec<String>,
+    /// The method's parameters by FusionBench's names; absent ones take its defaults.
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// Name of the derived task vector a delta-producing merge adds to the library.
+    #[serde(default)]
+    pub task_vector: Option<String>,
+}
+
+/// How a merged composition was made: the method, every parameter used (defaults included)
+/// and its inputs, by name and digest.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct MergeRecord {
+    pub method: String,
+    pub params: serde_json::Value,
+    pub inputs: Vec<String>,
+    pub input_digests: Vec<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -248,6 +275,8 @@ pub struct Provenance {
     /// The budget selection of a learning job with a budget, once made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetSelection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeRecord>,
 }
 
 /// A composition: explicit (succeeded at once) or learned (a job moving through its states).

@@ -76,7 +76,7 @@ fn detail(backbone: &Backbone, tv: &TaskVector) -> TaskVectorDetail {
 }
 
 /// Names become file names: a conservative alphabet, no leading dot, bounded length.
-fn check_name(name: &str) -> ApiResult<()> {
+pub(crate) fn check_name(name: &str) -> ApiResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && !name.starts_with('.')
@@ -168,6 +168,41 @@ pub async fn create(State(s): State<AppState>, body: Body) -> ApiResult<Response
     let kept = tokio::task::spawn_blocking(move || keep(&store, &backbone, &tv).map(|_| tv));
     let tv = kept.await.map_err(ApiError::internal)??;
     add(&s, model, tv).map(IntoResponse::into_response)
+}
+
+/// Adds a task vector the server made (a merge's result) as an upload is added: kept in the
+/// data directory, then in the library. One with the same deltas already there is returned
+/// instead, so a repeated merge reuses its result.
+pub(crate) async fn add_derived(
+    s: &AppState,
+    model: &Model,
+    tv: TaskVector,
+) -> ApiResult<Arc<TaskVector>> {
+    let name = tv.name().to_string();
+    check_name(&name)?;
+    let _one_at_a_time = CREATING.lock().await;
+    {
+        let lib = model.library();
+        let same = lib
+            .names()
+            .into_iter()
+            .find_map(|n| lib.get(n).filter(|t| t.digest() == tv.digest()).cloned());
+        if let Some(same) = same {
+            return Ok(same);
+        }
+        if lib.get(&name).is_some() {
+            return Err(ApiError::conflict(format!(
+                "a task vector named {name:?} exists already"
+            )));
+        }
+    }
+    let (store, backbone) = (s.store.clone(), model.backbone.clone());
+    let kept = tokio::task::spawn_blocking(move || keep(&store, &backbone, &tv).map(|_| tv));
+    let _summary = add(s, model, kept.await.map_err(ApiError::internal)??)?;
+    let lib = model.library();
+    lib.get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::conflict(format!("task vector {name:?} was deleted meanwhile")))
 }
 
 /// The error with the server's own directories cut from its detail: a client learns which

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod oracle;
 pub mod spec;
 
 use serde_json::Value;

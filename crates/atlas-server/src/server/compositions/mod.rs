@@ -1,11 +1,12 @@
 //! Compositions: the HTTP handlers. A request with `objective` is a learning job ([`learning`]),
-//! any other explicit coefficients ([`explicit`]); listing, cancel and delete are here, progress
+//! one with `method` a merge ([`merge`]), any other explicit coefficients ([`explicit`]); listing, cancel and delete are here, progress
 //! streams in [`events`] and Λ heat maps in `heatmap.rs`.
 
 mod events;
 pub(crate) mod examples;
 mod explicit;
 pub(crate) mod learning;
+mod merge;
 
 pub use events::{events, MAX_STREAMS};
 
@@ -22,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use explicit::explicit;
 use learning::{idempotency_key, learn};
+use merge::merge;
 use std::sync::Arc;
 
 pub async fn create(
@@ -34,6 +36,9 @@ pub async fn create(
     let (status, c) = if learning {
         let key = idempotency_key(&headers)?;
         learn(&s, model, body, key).await?
+    } else if body.json.get("method").is_some() {
+        let req: MergeRequest = parse(body.json, "merge request")?;
+        (StatusCode::CREATED, merge(&s, model, req).await?)
     } else {
         let req: ExplicitRequest = parse(body.json, "explicit composition")?;
         (StatusCode::CREATED, explicit(&s, model, req)?)

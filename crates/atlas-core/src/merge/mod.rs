@@ -1,0 +1,388 @@
+//! Data-free merges of task vectors under FusionBench's method names and parameters (and
+//! mergekit's for Breadcrumbs), with their defaults and meanings.
+//!
+//! A merge either picks coefficients for the inputs (simple average, task arithmetic), or
+//! builds a new delta τ_m; the merged model is then θ0 + scale · τ_m, where `scale` is the
+//! method's scaling factor, kept apart from τ_m so that the delta can be stored as a task
+//! vector and composed like any other.
+
+mod breadcrumbs;
+pub mod dare;
+mod iso;
+mod params;
+pub mod ties;
+mod tsv;
+
+use crate::buffer::Buffer;
+use crate::{CoreError, Manifest, Result, StorageDType, TaskVector, TaskVectorMeta};
+use params::Params;
+use rayon::prelude::*;
+use serde_json::{json, Map, Value};
+
+pub use breadcrumbs::Breadcrumbs;
+pub use dare::{Dare, Keep};
+pub use iso::Iso;
+pub use ties::{MergeFunc, Ties};
+pub use tsv::{Alpha, Tsv};
+
+/// The method names accepted, FusionBench's spelling.
+pub const METHODS: &[&str] = &[
+    "simple_average",
+    "task_arithmetic",
+    "ties_merging",
+    "dare_task_arithmetic",
+    "dare_ties_merging",
+    "breadcrumbs",
+    "magmax",
+    "iso_c",
+    "iso_cts",
+    "tsv_m",
+];
+
+/// A merge method with its parameters resolved (defaults filled in).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Method {
+    SimpleAverage,
+    TaskArithmetic {
+        scaling_factor: f64,
+    },
+    Ties(Ties),
+    DareTaskArithmetic {
+        dare: Dare,
+        scaling_factor: f64,
+    },
+    DareTies {
+        dare: Dare,
+        ties: Ties,
+    },
+    Breadcrumbs(Breadcrumbs),
+    MagMax {
+        scaling_factor: f64,
+    },
+    /// Iso-C, or Iso-CTS when it has a common space fraction.
+    Iso(Iso),
+    Tsv(Tsv),
+}
+
+/// What a merge produces.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Merged {
+    /// One isotropic coefficient per input task vector.
+    Coefficients(Vec<f64>),
+    /// A new delta per manifest block, composed with coefficient `scale`.
+    Delta { blocks: Vec<Vec<f32>>, scale: f64 },
+}
+
+impl Merged {
+    /// θ_merged − θ0 per block: the coefficients or the scale applied (what FusionBench's
+    /// merged model holds, as one delta to compose at 1).
+    pub fn model_delta(&self, inputs: &[&TaskVector]) -> Vec<Vec<f32>> {
+        match self {
+            Merged::Delta { blocks, scale } => blocks
+                .iter()
+                .map(|b| b.iter().map(|x| *scale as f32 * x).collect())
+                .collect(),
+            Merged::Coefficients(c) => (0..inputs[0].blocks().len())
+                .map(|b| {
+                    let mut out = vec![0.0f32; inputs[0].block(b).len()];
+                    for (tv, &c) in inputs.iter().zip(c) {
+                        let x = tv.block(b).to_f32_vec();
+                        out.iter_mut().zip(x).for_each(|(o, x)| *o += c as f32 * x);
+                    }
+                    out
+                })
+                .collect(),
+        }
+    }
+}
+
+fn finite(_: f64) -> bool {
+    true
+}
+
+impl Method {
+    /// Reads `params` (FusionBench's parameter names) for method `name`, for `n_inputs` task
+    /// vectors. Absent parameters take FusionBench's defaults.
+    pub fn parse(name: &str, params: &Map<String, Value>, n_inputs: usize) -> Result<Method> {
+        let mut p = Params::new(name, params);
+        let method = match name {
+            "simple_average" => Method::SimpleAverage,
+            "task_arithmetic" => Method::TaskArithmetic {
+                scaling_factor: p.number("scaling_factor", 0.3, finite, "")?,
+            },
+            "ties_merging" => Method::Ties(Ties::parse(&mut p, 0.3)?),
+            "dare_task_arithmetic" => Method::DareTaskArithmetic {
+                scaling_factor: p.number("scaling_factor", 0.3, finite, "")?,
+                dare: Dare::parse(&mut p)?,
+            },
+            "dare_ties_merging" => Method::DareTies {
+                dare: Dare::parse(&mut p)?,
+                ties: Ties::parse(&mut p, 0.5)?,
+            },
+            "breadcrumbs" => Method::Breadcrumbs(Breadcrumbs::parse(&mut p, n_inputs)?),
+            "magmax" => {
+                p.only_default("inplace", &json!(true))?;
+                Method::MagMax {
+                    scaling_factor: p.number("scaling_factor", 0.5, finite, "")?,
+                }
+            }
+            "iso_c" => Method::Iso(Iso::parse(&mut p, false)?),
+            "iso_cts" => Method::Iso(Iso::parse(&mut p, true)?),
+            "tsv_m" => Method::Tsv(Tsv::parse(&mut p, n_inputs)?),
+            _ => {
+                return Err(CoreError::Invalid(format!(
+                    "method \"{}\" is not known; known are {METHODS:?}",
+                    crate::safetensors_io::printable(name)
+                )))
+            }
+        };
+        p.finish()?;
+        if n_inputs == 0 {
+            return Err(CoreError::Invalid(format!(
+                "{name} needs at least one task vector"
+            )));
+        }
+        Ok(method)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::SimpleAverage => "simple_average",
+            Method::TaskArithmetic { .. } => "task_arithmetic",
+            Method::Ties(_) => "ties_merging",
+            Method::DareTaskArithmetic { .. } => "dare_task_arithmetic",
+            Method::DareTies { .. } => "dare_ties_merging",
+            Method::Breadcrumbs(_) => "breadcrumbs",
+            Method::MagMax { .. } => "magmax",
+            Method::Iso(i) if i.common_space_fraction.is_some() => "iso_cts",
+            Method::Iso(_) => "iso_c",
+            Method::Tsv(_) => "tsv_m",
+        }
+    }
+
+    /// Every parameter with the value used, defaults included (for provenance).
+    pub fn params(&self) -> Value {
+        match self {
+            Method::SimpleAverage => json!({}),
+            Method::TaskArithmetic { scaling_factor } | Method::MagMax { scaling_factor } => {
+                json!({ "scaling_factor": scaling_factor })
+            }
+            Method::Ties(t) => t.params(),
+            Method::DareTaskArithmetic {
+                dare,
+                scaling_factor,
+            } => merge_objects(dare.params(), json!({ "scaling_factor": scaling_factor })),
+            Method::DareTies { dare, ties } => merge_objects(dare.params(), ties.params()),
+            Method::Breadcrumbs(b) => b.params(),
+            Method::Iso(i) => i.params(),
+            Method::Tsv(t) => t.params(),
+        }
+    }
+
+    /// Whether the result is coefficients rather than a new delta.
+    pub fn gives_coefficients(&self) -> bool {
+        matches!(self, Method::SimpleAverage | Method::TaskArithmetic { .. })
+    }
+}
+
+fn merge_objects(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// Merges `inputs` (all over `manifest`) by `method`; DARE draws its masks from its seed.
+pub fn merge(method: &Method, manifest: &Manifest, inputs: &[&TaskVector]) -> Result<Merged> {
+    merge_with(method, manifest, inputs, None)
+}
+
+/// As [`merge`], with DARE's keep masks given (one per input, over the flattened manifest)
+/// instead of drawn: how results are compared with another implementation's draws.
+pub fn merge_with(
+    method: &Method,
+    manifest: &Manifest,
+    inputs: &[&TaskVector],
+    masks: Option<&[Vec<bool>]>,
+) -> Result<Merged> {
+    check_inputs(manifest, inputs)?;
+    let n = inputs.len();
+    let plain = Rows::new(manifest, inputs, None)?;
+    Ok(match method {
+        Method::SimpleAverage => Merged::Coefficients(vec![1.0 / n as f64; n]),
+        Method::TaskArithmetic { scaling_factor } => Merged::Coefficients(vec![*scaling_factor; n]),
+        Method::Ties(t) => t.merge(&plain),
+        Method::DareTaskArithmetic {
+            dare,
+            scaling_factor,
+        } => {
+            let rows = Rows::new(manifest, inputs, Some(dare.keep(masks)))?;
+            Merged::Delta {
+                blocks: rows.sum(),
+                scale: *scaling_factor,
+            }
+        }
+        Method::DareTies { dare, ties } => {
+            ties.merge(&Rows::new(manifest, inputs, Some(dare.keep(masks)))?)
+        }
+        Method::Breadcrumbs(b) => b.merge(&plain),
+        Method::MagMax { scaling_factor } => Merged::Delta {
+            blocks: plain.magmax(),
+            scale: *scaling_factor,
+        },
+        Method::Iso(i) => i.merge(&plain),
+        Method::Tsv(t) => t.merge(&plain),
+    })
+}
+
+/// A merged delta as a task vector stored at `dtype`; every value must be finite there.
+pub fn to_task_vector(
+    manifest: &Manifest,
+    meta: TaskVectorMeta,
+    dtype: StorageDType,
+    blocks: &[Vec<f32>],
+) -> Result<TaskVector> {
+    for (block, values) in manifest.blocks().iter().zip(blocks) {
+        if let Some(x) = values
+            .iter()
+            .find(|x| !x.is_finite() || !crate::task_vector::fits(dtype, **x))
+        {
+            return Err(CoreError::tensor(
+                &block.name,
+                format!("the merge gives {x}, not storable at {dtype:?}"),
+            ));
+        }
+    }
+    let buffers = blocks.iter().map(|b| Buffer::from_f32(b, dtype)).collect();
+    TaskVector::from_buffers(manifest, meta, dtype, buffers)
+}
+
+fn check_inputs(manifest: &Manifest, inputs: &[&TaskVector]) -> Result<()> {
+    if inputs.is_empty() {
+        return Err(CoreError::Invalid("a merge needs a task vector".into()));
+    }
+    inputs.iter().try_for_each(|tv| tv.check_manifest(manifest))
+}
+
+/// The inputs as a merge sees them: block `b` of input `i` as f32, after DARE's drop when
+/// there is one.
+pub struct Rows<'a> {
+    manifest: &'a Manifest,
+    inputs: &'a [&'a TaskVector],
+    drop: Option<(&'a Dare, Keep<'a>)>,
+    /// Offset of each block in the flattened manifest (where DARE's draws are indexed).
+    offsets: Vec<usize>,
+}
+
+impl<'a> Rows<'a> {
+    pub fn new(
+        manifest: &'a Manifest,
+        inputs: &'a [&'a TaskVector],
+        drop: Option<(&'a Dare, Keep<'a>)>,
+    ) -> Result<Self> {
+        if let Some((_, Keep::Given(masks))) = &drop {
+            let ok =
+                masks.len() == inputs.len() && masks.iter().all(|m| m.len() == manifest.numel());
+            if !ok {
+                return Err(CoreError::Invalid(
+                    "one keep mask per input over the whole manifest is needed".into(),
+                ));
+            }
+        }
+        let offsets = manifest
+            .blocks()
+            .iter()
+            .scan(0, |acc, b| {
+                let at = *acc;
+                *acc += b.numel();
+                Some(at)
+            })
+            .collect();
+        Ok(Rows {
+            manifest,
+            inputs,
+            drop,
+            offsets,
+        })
+    }
+
+    pub fn n_inputs(&self) -> usize {
+        self.inputs.len()
+    }
+    pub fn n_blocks(&self) -> usize {
+        self.manifest.len()
+    }
+    pub fn manifest(&self) -> &Manifest {
+        self.manifest
+    }
+
+    /// Block `b` of input `i`.
+    pub fn block(&self, i: usize, b: usize) -> Vec<f32> {
+        let mut v = self.inputs[i].block(b).to_f32_vec();
+        if let Some((dare, keep)) = &self.drop {
+            dare.drop_in_place(&mut v, keep, i, self.offsets[b]);
+        }
+        v
+    }
+
+    /// Σ_i of the rows, per block.
+    fn sum(&self) -> Vec<Vec<f32>> {
+        self.per_block(|rows| {
+            let mut out = rows[0].clone();
+            for r in &rows[1..] {
+                out.iter_mut().zip(r).for_each(|(o, x)| *o += x);
+            }
+            out
+        })
+    }
+
+    /// MagMax: per element the input of largest magnitude, a later input winning ties
+    /// (FusionBench's `>=`).
+    fn magmax(&self) -> Vec<Vec<f32>> {
+        self.per_block(|rows| {
+            let mut out = rows[0].clone();
+            for r in &rows[1..] {
+                for (o, &x) in out.iter_mut().zip(r) {
+                    if x.abs() >= o.abs() {
+                        *o = x;
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    /// Applies `f` to every block's rows (one per input).
+    fn per_block(&self, f: impl Fn(&[Vec<f32>]) -> Vec<f32> + Sync) -> Vec<Vec<f32>> {
+        self.per_block_indexed(|_, rows| f(rows))
+    }
+
+    /// Applies `f` to every tensor: its shape and its slice of each input.
+    fn per_tensor(&self, f: impl Fn(&[usize], &[&[f32]]) -> Vec<f32> + Sync) -> Vec<Vec<f32>> {
+        self.per_block_indexed(|b, rows| {
+            let mut out = Vec::with_capacity(rows[0].len());
+            let mut start = 0;
+            for t in &self.manifest.blocks()[b].tensors {
+                let end = start + t.numel();
+                let parts: Vec<&[f32]> = rows.iter().map(|r| &r[start..end]).collect();
+                out.extend(f(&t.shape, &parts));
+                start = end;
+            }
+            out
+        })
+    }
+
+    /// Blocks run in parallel: an SVD merge of a ViT-B/32 is minutes of single-threaded work.
+    fn per_block_indexed(
+        &self,
+        f: impl Fn(usize, &[Vec<f32>]) -> Vec<f32> + Sync,
+    ) -> Vec<Vec<f32>> {
+        (0..self.n_blocks())
+            .into_par_iter()
+            .map(|b| {
+                let rows: Vec<Vec<f32>> = (0..self.n_inputs()).map(|i| self.block(i, b)).collect();
+                f(b, &rows)
+            })
+            .collect()
+    }
+}

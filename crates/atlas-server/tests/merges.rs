@@ -1,0 +1,170 @@
+//! Merges over HTTP on a real server: `POST /compositions` with a FusionBench method name.
+//! A delta-producing merge adds a derived task vector (checked against FusionBench's result
+//! on the same fine-tunes), bound by digest like any composition's task vector; a coefficient
+//! merge is a plain isotropic composition; a repeated merge reuses its task vector.
+
+mod common;
+
+use common::{b64, fixtures, library_flags, png, start, Server};
+use serde_json::json;
+
+const CLASSES: [&str; 2] = ["cat", "dog"];
+
+/// A server whose library has the three tiny fine-tunes as `a`, `b`, `c` (stored at f32).
+fn server(dir: &std::path::Path) -> Server {
+    let lib = dir.join("lib");
+    for ft in ["ft_a", "ft_b", "ft_c"] {
+        let to = lib.join(ft);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(fixtures().join(ft)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let s = start(&dir.join("data"), &library_flags(&lib), &[]);
+    for (name, ft) in [("a", "ft_a"), ("b", "ft_b"), ("c", "ft_c")] {
+        let (code, v) = s.post("/task-vectors", &json!({"name": name, "checkpoint": ft}));
+        assert_eq!(code, 201, "{v}");
+    }
+    s
+}
+
+/// ‖θ_merged − θ0‖ per tensor in FusionBench's result for `case`.
+fn oracle_norms(case: &str) -> std::collections::HashMap<String, f64> {
+    common::oracle::case(case)
+        .into_iter()
+        .map(|(name, x)| {
+            (
+                name,
+                x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt(),
+            )
+        })
+        .collect()
+}
+
+fn classify(s: &Server, composition: &str) -> u16 {
+    let body = json!({"classes": CLASSES, "composition": composition, "images": [b64(&png(3))]});
+    s.post("/classify", &body).0
+}
+
+#[test]
+fn ties_merge_adds_a_derived_task_vector_equal_to_fusionbenchs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let body = json!({
+        "name": "ties of three",
+        "method": "ties_merging",
+        "task_vectors": ["a", "b", "c"],
+        "params": {"scaling_factor": 0.3, "threshold": 20, "merge_func": "sum"},
+    });
+    let (code, c) = s.post("/compositions", &body);
+    assert_eq!(code, 201, "{c}");
+    assert_eq!(c["kind"], "merge");
+    assert_eq!(c["coefficients"], json!([0.3]));
+    let derived = c["task_vectors"][0].as_str().unwrap().to_string();
+    assert!(derived.starts_with("ties_merging-"), "{derived}");
+    let merge = &c["provenance"]["merge"];
+    assert_eq!(merge["method"], "ties_merging");
+    assert_eq!(merge["params"]["threshold"], 20.0);
+    assert_eq!(merge["inputs"], json!(["a", "b", "c"]));
+    let (_, a) = s.get("/task-vectors/a");
+    assert_eq!(merge["input_digests"][0], a["digest"]);
+
+    // The derived task vector, scaled as composed, has FusionBench's per-tensor norms.
+    let (code, tv) = s.get(&format!("/task-vectors/{derived}"));
+    assert_eq!(code, 200, "{tv}");
+    assert_eq!(c["provenance"]["task_vector_digests"][0], tv["digest"]);
+    let source = tv["source"].as_str().unwrap();
+    assert!(
+        source.starts_with("merge ") && source.contains("ties_merging"),
+        "{source}"
+    );
+    let want = oracle_norms("ties_sum");
+    for b in tv["blocks"].as_array().unwrap() {
+        let name = b["name"].as_str().unwrap();
+        let ours = 0.3 * b["norm"].as_f64().unwrap();
+        assert!(
+            (ours - want[name]).abs() <= 1e-5,
+            "{name}: {ours} vs {}",
+            want[name]
+        );
+    }
+    assert_eq!(classify(&s, c["id"].as_str().unwrap()), 200);
+
+    // The same merge again reuses the derived task vector.
+    let (code, again) = s.post("/compositions", &body);
+    assert_eq!(code, 201, "{again}");
+    assert_eq!(again["task_vectors"], c["task_vectors"]);
+    // Bound like any task vector: not deletable while used, then deletable.
+    assert_eq!(s.delete(&format!("/task-vectors/{derived}")).0, 409);
+    for id in [&c["id"], &again["id"]] {
+        assert_eq!(
+            s.delete(&format!("/compositions/{}", id.as_str().unwrap()))
+                .0,
+            204
+        );
+    }
+    assert_eq!(s.delete(&format!("/task-vectors/{derived}")).0, 204);
+}
+
+#[test]
+fn coefficient_merges_and_named_dare_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let (_, before) = s.get("/task-vectors");
+    let (code, c) = s.post(
+        "/compositions",
+        &json!({"method": "simple_average", "task_vectors": ["a", "b", "c"]}),
+    );
+    assert_eq!(code, 201, "{c}");
+    assert_eq!(c["task_vectors"], json!(["a", "b", "c"]));
+    let third = c["coefficients"].as_array().unwrap();
+    assert!(third
+        .iter()
+        .all(|x| (x.as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-12));
+    let (_, after) = s.get("/task-vectors");
+    assert_eq!(before, after, "a coefficient merge adds no task vector");
+    assert_eq!(classify(&s, c["id"].as_str().unwrap()), 200);
+
+    let dare = |seed: u64| {
+        json!({"method": "dare_task_arithmetic", "task_vectors": ["a", "b"],
+               "params": {"sparsity_ratio": 0.3, "seed": seed}, "task_vector": format!("dare{seed}")})
+    };
+    let (code, d1) = s.post("/compositions", &dare(1));
+    assert_eq!(code, 201, "{d1}");
+    assert_eq!(d1["task_vectors"], json!(["dare1"]));
+    assert_eq!(d1["provenance"]["merge"]["params"]["seed"], 1);
+    let (code, d2) = s.post("/compositions", &dare(2));
+    assert_eq!(code, 201, "{d2}");
+    assert_ne!(
+        d1["provenance"]["task_vector_digests"], d2["provenance"]["task_vector_digests"],
+        "another seed draws other masks"
+    );
+    // A taken name with other deltas is a conflict.
+    let mut clash = dare(3);
+    clash["task_vector"] = json!("dare1");
+    assert_eq!(s.post("/compositions", &clash).0, 409);
+}
+
+/// A derived task vector is kept like an upload: after a restart it is in the library with
+/// its digest and source, and the composition that names it still classifies.
+#[test]
+fn derived_task_vectors_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let body = json!({"method": "iso_c", "task_vectors": ["a", "c"], "task_vector": "iso-ac"});
+    let (code, c) = s.post("/compositions", &body);
+    assert_eq!(code, 201, "{c}");
+    let (_, before) = s.get("/task-vectors/iso-ac");
+    assert!(s.terminate().success());
+    let s = start(
+        &dir.path().join("data"),
+        &library_flags(&dir.path().join("lib")),
+        &[],
+    );
+    let (code, after) = s.get("/task-vectors/iso-ac");
+    assert_eq!(code, 200, "{after}");
+    assert_eq!(after["digest"], before["digest"]);
+    assert_eq!(after["source"], before["source"]);
+    assert_eq!(classify(&s, c["id"].as_str().unwrap()), 200);
+}
