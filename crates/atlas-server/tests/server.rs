@@ -598,6 +598,24 @@ fn sse_until_final(s: &Server, id: &str) -> Vec<Value> {
     out
 }
 
+/// The same Idempotency-Key gives the same job for the same request, and 409 for another.
+fn check_idempotency(s: &Server, job: &Value, view: &Value, encoded: &[String]) {
+    let (code, again) = s.post_with("/compositions", |r| {
+        r.header("Idempotency-Key", "job-1").json(job)
+    });
+    assert_eq!(
+        (code, &again["id"]),
+        (202, &view["id"]),
+        "same key, same job"
+    );
+    let other = few_shot(encoded, 3, 12);
+    let (code, p) = s.post_with("/compositions", |r| {
+        r.header("Idempotency-Key", "job-1").json(&other)
+    });
+    assert_eq!(code, 409, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("different request"));
+}
+
 #[test]
 fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
@@ -611,21 +629,13 @@ fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
     assert_eq!(code, 202, "{view}");
     spec::validate("Composition", &view);
     let id = view["id"].as_str().unwrap().to_string();
-    let (code, again) = s.post_with("/compositions", |r| {
-        r.header("Idempotency-Key", "job-1").json(&job)
+    // Follow the job's events from now: the checks below take long enough for a two-epoch job
+    // to end before a stream opened after them (which then saw no step).
+    let events = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| sse_until_final(&s, &id));
+        check_idempotency(&s, &job, &view, &encoded);
+        stream.join().unwrap()
     });
-    assert_eq!(
-        (code, &again["id"]),
-        (202, &view["id"]),
-        "same key, same job"
-    );
-    let other = few_shot(&encoded, 3, 12);
-    let (code, p) = s.post_with("/compositions", |r| {
-        r.header("Idempotency-Key", "job-1").json(&other)
-    });
-    assert_eq!(code, 409, "{p}");
-    assert!(p["detail"].as_str().unwrap().contains("different request"));
-    let events = sse_until_final(&s, &id);
     assert!(
         events.iter().any(|e| e["progress"]["kind"] == "step"),
         "{events:?}"

@@ -179,6 +179,7 @@ impl Metrics {
             "jobs_full",
             "heads_full",
             "composer_full",
+            "merge_busy",
         ] {
             self.rejected.with_label_values(&[reason]);
         }

@@ -7,6 +7,7 @@
 
 use super::{check_name, insert_bound, new_id, provenance, select};
 use crate::server::api::*;
+use crate::server::background::{self, Pool};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::now;
 use crate::server::task_vectors::{self, add_derived};
@@ -42,6 +43,7 @@ pub(super) async fn merge(
         input_digests: inputs.iter().map(|t| t.digest().to_string()).collect(),
     };
     let _one_at_a_time = MERGING.try_acquire().map_err(|_| {
+        s.metrics.rejected.with_label_values(&["merge_busy"]).inc();
         ApiError::busy(
             StatusCode::TOO_MANY_REQUESTS,
             "a merge is running; merges run one at a time",
@@ -87,7 +89,10 @@ async fn run(model: &Model, method: Method, inputs: Vec<Arc<TaskVector>>) -> Api
     let backbone = model.backbone.clone();
     tokio::task::spawn_blocking(move || {
         let refs: Vec<&TaskVector> = inputs.iter().map(Arc::as_ref).collect();
-        merge::merge(&method, backbone.manifest(), &refs)
+        // On the compositions' pool: a merge shares the cores with serving, not ahead of it.
+        background::run(Pool::Compositions, || {
+            merge::merge(&method, backbone.manifest(), &refs)
+        })
     })
     .await
     .map_err(ApiError::internal)?
