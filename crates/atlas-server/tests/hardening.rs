@@ -526,14 +526,6 @@ fn a_composition_is_never_served_with_a_different_vector_under_its_name() {
     );
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 /// Task vectors added from a checkpoint were not kept across a restart (a composition that got
 /// 201 then answered 409, queued jobs failed); an empty uploaded file (a power loss before the
 /// data reached the disk) stopped the server from starting at all.
@@ -541,7 +533,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 fn every_library_entry_survives_a_restart_and_an_unreadable_one_is_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     let (data, lib) = (dir.path().join("data"), dir.path().join("lib"));
-    copy_dir(&fixtures().join("ft_a"), &lib.join("ft_a"));
+    common::copy_dir(&fixtures().join("ft_a"), &lib.join("ft_a"));
     // In a subfolder: not loaded at start, so it is added over HTTP only.
     std::fs::create_dir_all(lib.join("sub")).unwrap();
     std::fs::copy(fixtures().join(TVS[0]), lib.join("sub/c.safetensors")).unwrap();

@@ -1993,14 +1993,6 @@ fn doubled(path: &std::path::Path) -> Vec<u8> {
     bytes
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 /// Every request example in openapi.yaml is posted to a real server (the tiny fixture model,
 /// its library and hub cache laid out with the names the examples use) and must be accepted.
 /// The liberties taken, and no others: the example ids of a composition and a head become ids
@@ -2015,7 +2007,7 @@ fn every_request_example_is_accepted_by_a_real_server() {
     std::fs::create_dir_all(&lib).unwrap();
     std::fs::copy(fixtures.join(common::TVS[0]), lib.join("MNIST.safetensors")).unwrap();
     for (ft, to) in [("ft_a", "finetuned/gtsrb"), ("ft_c", "finetuned/dtd")] {
-        copy_dir(&fixtures.join(ft), &lib.join(to));
+        common::copy_dir(&fixtures.join(ft), &lib.join(to));
         let weights = lib.join(to).join("model.safetensors");
         std::fs::write(&weights, doubled(&weights)).unwrap();
     }
@@ -2025,7 +2017,7 @@ fn every_request_example_is_accepted_by_a_real_server() {
     let commit = "0123456789abcdef0123456789abcdef01234567";
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
-    copy_dir(&fixtures.join("ft_b"), &repo.join("snapshots").join(commit));
+    common::copy_dir(&fixtures.join("ft_b"), &repo.join("snapshots").join(commit));
     let s = common::start(
         &dir.path().join("data"),
         &common::library_flags(&lib),

@@ -252,6 +252,15 @@ fn answer(r: reqwest::blocking::Response) -> (u16, Value) {
 }
 
 /// The response's content type, empty when absent.
+/// Copies the files of `from` (not its subdirectories) into `to`, made if missing.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 pub fn content_type(r: &reqwest::blocking::Response) -> String {
     r.headers()
         .get("content-type")
