@@ -14,7 +14,7 @@
 use crate::tasks::Example;
 use crate::world::{Progress, World};
 use crate::Result;
-use atlas_core::{Coefficients, Layout, TaskVector};
+use atlas_core::{merge, Coefficients, Layout, StorageDType, TaskVector};
 use atlas_learn::{evaluate, learn, Dataset, Event, Job, LearnConfig, Task};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
@@ -79,6 +79,7 @@ pub fn replicate(
     };
     let mut md = header(world);
     md += &r.task_addition(progress)?.markdown();
+    md += &r.merges(progress)?;
     md += &r.negation(progress)?;
     md += &r.few_shot(progress)?;
     md += &r.adaptation(progress)?;
@@ -403,6 +404,62 @@ impl Runner<'_> {
             arithmetic,
             learned,
         })
+    }
+
+    /// Every data-free merge of atlas-core (FusionBench's methods at their default
+    /// parameters) over the six task vectors: test accuracy per task and the merge's time.
+    fn merges(&self, progress: &mut dyn Progress) -> Result<String> {
+        let w = self.world;
+        let n = w.tasks.len();
+        let manifest = w.backbone.manifest();
+        let mut tasks = Vec::with_capacity(n);
+        let mut tests = Vec::with_capacity(n);
+        for i in 0..n {
+            let val = self.dataset(i, &w.tasks[i].val, true)?;
+            tasks.push(self.task(i, val, None)?);
+            tests.push(self.test_set(i)?);
+        }
+        let inputs: Vec<&TaskVector> = self.tvs().iter().map(Arc::as_ref).collect();
+        let mut rows = Vec::new();
+        let mut times = String::new();
+        progress.stage("merges", merge::METHODS.len() as u64);
+        for (k, &name) in merge::METHODS.iter().enumerate() {
+            let method = merge::Method::parse(name, &Default::default(), n)?;
+            let started = Instant::now();
+            let merged = merge::merge(&method, manifest, &inputs)?;
+            let secs = started.elapsed().as_secs_f64();
+            let (tvs, coefs) = match merged {
+                merge::Merged::Coefficients(c) => {
+                    (self.tvs().to_vec(), Coefficients::isotropic(c, self.n_blocks())?)
+                }
+                merge::Merged::Delta { blocks, scale } => {
+                    let meta = inputs[0].meta.clone();
+                    let tv = merge::to_task_vector(manifest, meta, StorageDType::F32, &blocks)?;
+                    let c = Coefficients::isotropic(vec![scale], self.n_blocks())?;
+                    (vec![Arc::new(tv)], c)
+                }
+            };
+            let accs = tasks
+                .iter()
+                .zip(&tests)
+                .map(|(t, d)| self.accuracy(&tvs, &coefs, t, d))
+                .collect::<Result<Vec<_>>>()?;
+            let _ = write!(times, "{name} {secs:.2} s, ");
+            rows.push(Row {
+                name: format!("`{name}`"),
+                accs,
+            });
+            progress.tick(k as u64 + 1, name);
+        }
+        let finetuned: Vec<f64> = w.report.tasks.iter().map(|t| t.finetuned).collect();
+        let names: Vec<&str> = w.tasks.iter().map(|t| t.spec.name).collect();
+        let mut md = String::from("\n## Merges that yield one model (FusionBench's methods)\n\n");
+        md += "Each of atlas-core's data-free merges over the six task vectors at FusionBench's \
+               default parameters (no search on val), served as one composed model; the same \
+               test splits and normalisation as the task-addition table above.\n\n";
+        md += &table(&names, &rows, &finetuned);
+        let _ = writeln!(md, "\nTime of each merge (CPU): {}.", times.trim_end_matches(", "));
+        Ok(md)
     }
 
     /// Test accuracy on task `i` of aTLAS per block over the other task vectors, learned on
