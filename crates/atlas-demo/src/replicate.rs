@@ -429,9 +429,10 @@ impl Runner<'_> {
             let merged = merge::merge(&method, manifest, &inputs)?;
             let secs = started.elapsed().as_secs_f64();
             let (tvs, coefs) = match merged {
-                merge::Merged::Coefficients(c) => {
-                    (self.tvs().to_vec(), Coefficients::isotropic(c, self.n_blocks())?)
-                }
+                merge::Merged::Coefficients(c) => (
+                    self.tvs().to_vec(),
+                    Coefficients::isotropic(c, self.n_blocks())?,
+                ),
                 merge::Merged::Delta { blocks, scale } => {
                     let meta = inputs[0].meta.clone();
                     let tv = merge::to_task_vector(manifest, meta, StorageDType::F32, &blocks)?;
@@ -458,7 +459,11 @@ impl Runner<'_> {
                default parameters (no search on val), served as one composed model; the same \
                test splits and normalisation as the task-addition table above.\n\n";
         md += &table(&names, &rows, &finetuned);
-        let _ = writeln!(md, "\nTime of each merge (CPU): {}.", times.trim_end_matches(", "));
+        let _ = writeln!(
+            md,
+            "\nTime of each merge (CPU): {}.",
+            times.trim_end_matches(", ")
+        );
         Ok(md)
     }
 

@@ -19,6 +19,10 @@ pub struct Config {
     pub dtype: String,
     pub store: String,
     pub data_dir: PathBuf,
+    pub database_url: String,
+    pub blob_dir: PathBuf,
+    pub replica: String,
+    pub job_lease_s: u64,
     pub cache_mib: usize,
     pub queue: usize,
     pub max_batch: usize,
@@ -67,6 +71,15 @@ pub struct Args {
     pub store: Option<String>,
     #[arg(long, env = "ATLAS_DATA_DIR")]
     pub data_dir: Option<String>,
+    /// postgres://… (empty: SQLite in data_dir).
+    #[arg(long, env = "ATLAS_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(long, env = "ATLAS_BLOB_DIR")]
+    pub blob_dir: Option<String>,
+    #[arg(long, env = "ATLAS_REPLICA")]
+    pub replica: Option<String>,
+    #[arg(long, env = "ATLAS_JOB_LEASE_S")]
+    pub job_lease_s: Option<String>,
     #[arg(long, env = "ATLAS_CACHE_MIB")]
     pub cache_mib: Option<String>,
     #[arg(long, env = "ATLAS_QUEUE")]
@@ -124,6 +137,10 @@ impl Args {
             ("dtype", &self.dtype),
             ("store", &self.store),
             ("data_dir", &self.data_dir),
+            ("database_url", &self.database_url),
+            ("blob_dir", &self.blob_dir),
+            ("replica", &self.replica),
+            ("job_lease_s", &self.job_lease_s),
             ("cache_mib", &self.cache_mib),
             ("queue", &self.queue),
             ("max_batch", &self.max_batch),
@@ -178,8 +195,14 @@ impl Config {
                 table.insert(key.to_string(), typed);
             }
         }
-        let c: Config = table.try_into().context("invalid settings")?;
+        let mut c: Config = table.try_into().context("invalid settings")?;
         c.validate()?;
+        if c.blob_dir.as_os_str().is_empty() {
+            c.blob_dir = c.data_dir.clone();
+        }
+        if c.replica.is_empty() {
+            c.replica = default_replica();
+        }
         Ok(c)
     }
 
@@ -190,6 +213,13 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        let url = &self.database_url;
+        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!("database_url must be empty (SQLite in data_dir) or start with postgres://");
+        }
+        if self.job_lease_s < 3 {
+            bail!("job_lease_s must be at least 3 (the lease is renewed every job_lease_s / 3 s)");
+        }
         let positive = [
             ("queue", self.queue),
             ("max_batch", self.max_batch),
@@ -282,6 +312,17 @@ fn typed_value(default: &toml::Value, s: &str) -> anyhow::Result<toml::Value> {
         }
         other => bail!("unsupported setting type {}", other.type_str()),
     })
+}
+
+/// The host name and the process id: unique among processes on one host, and among pods.
+fn default_replica() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "atlas-serve".into());
+    format!("{host}-{}", std::process::id())
 }
 
 #[cfg(test)]

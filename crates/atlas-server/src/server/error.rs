@@ -68,6 +68,12 @@ impl From<super::store::StoreError> for ApiError {
     fn from(e: super::store::StoreError) -> Self {
         if e.is_disk_full() {
             ApiError::disk_full(e)
+        } else if e.is_unavailable() {
+            ApiError::busy(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the database is unreachable; retry later ({e})"),
+                5,
+            )
         } else {
             ApiError::internal(e)
         }

@@ -180,6 +180,8 @@ fn config(name: &str, o: &FinetuneOverrides, model: &Model) -> ApiResult<Finetun
 pub struct Run<'a> {
     pub backbone: &'a Backbone,
     pub store: &'a Store,
+    /// The replica running the job (its lease).
+    pub owner: &'a str,
     pub library: &'a RwLock<Library>,
     pub metrics: &'a Metrics,
 }
@@ -226,7 +228,7 @@ impl Run<'_> {
         // Under the library's lock, like a composition being created: a delete of the task
         // vector checks its users under it too.
         self.store
-            .update(&c.id, |c| {
+            .update_held(&c.id, self.owner, |c| {
                 c.task_vectors = vec![tv.name().to_string()];
                 c.provenance.task_vector_digests = vec![tv.digest().to_string()];
                 c.layout = Layout::Isotropic;

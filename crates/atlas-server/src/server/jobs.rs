@@ -8,7 +8,7 @@ use super::api::{
     TaskData,
 };
 use super::metrics::Metrics;
-use super::store::Store;
+use super::store::{now_ms, Claim, Store};
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::Backbone;
 use atlas_core::{Coefficients, Layout, Library, TaskVector};
@@ -22,6 +22,14 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
+/// How the workers run.
+pub struct WorkerSettings {
+    pub workers: usize,
+    /// This replica's name in job leases.
+    pub owner: String,
+    pub lease: Duration,
+}
+
 /// What SSE subscribers receive: a job's status and, while it learns, its latest event.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobEvent {
@@ -31,9 +39,13 @@ pub struct JobEvent {
     pub progress: Option<Event>,
 }
 
-/// The learning workers: threads that claim queued jobs, with each running job's cancel flag.
+/// The learning workers: threads that claim queued jobs, with each running job's cancel flag,
+/// and the heartbeat that renews this replica's leases on the jobs it runs.
 pub struct Workers {
     store: Arc<Store>,
+    /// This replica's name in the leases it takes.
+    owner: String,
+    lease: Duration,
     backbone: Arc<Backbone>,
     library: Arc<RwLock<Library>>,
     metrics: Arc<Metrics>,
@@ -44,13 +56,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Requeues jobs left running by a previous process and starts `workers` threads.
+    /// Requeues jobs left running by a previous process (the embedded store's only one), and
+    /// starts `workers` threads and the heartbeat.
     pub fn start(
         store: Arc<Store>,
         backbone: Arc<Backbone>,
         library: Arc<RwLock<Library>>,
         metrics: Arc<Metrics>,
-        workers: usize,
+        settings: WorkerSettings,
     ) -> Result<Arc<Workers>, super::store::StoreError> {
         let (resumed, failed) = store.requeue_running()?;
         if resumed > 0 {
@@ -61,6 +74,8 @@ impl Workers {
         }
         let jobs = Arc::new(Workers {
             store,
+            owner: settings.owner,
+            lease: settings.lease,
             backbone,
             library,
             metrics,
@@ -70,14 +85,60 @@ impl Workers {
             events: broadcast::channel(1024).0,
         });
         jobs.refresh_gauges();
-        for i in 0..workers {
+        for i in 0..settings.workers {
             let j = jobs.clone();
             std::thread::Builder::new()
                 .name(format!("atlas-learn-{i}"))
                 .spawn(move || j.work())
                 .expect("learning thread");
         }
+        let j = jobs.clone();
+        std::thread::Builder::new()
+            .name("atlas-lease".into())
+            .spawn(move || j.heartbeat())
+            .expect("lease thread");
         Ok(jobs)
+    }
+
+    /// Renews this replica's leases every third of a lease. A job whose lease it no longer
+    /// holds (cancelled or deleted on another replica, or taken over after a lapse) stops; so
+    /// do all its jobs once the database has been unreachable for a whole lease, since another
+    /// replica may then resume them.
+    fn heartbeat(&self) {
+        let mut renewed = Instant::now();
+        while !self.stopping.load(Ordering::Relaxed) {
+            std::thread::sleep(self.lease / 3);
+            let running: Vec<String> = self.lock_cancels().keys().cloned().collect();
+            match self
+                .store
+                .renew(&self.owner, now_ms() + self.lease.as_millis() as i64)
+            {
+                Ok(held) => {
+                    renewed = Instant::now();
+                    for id in running.iter().filter(|id| !held.contains(id)) {
+                        self.lost(id);
+                    }
+                }
+                Err(e) if renewed.elapsed() >= self.lease => {
+                    eprintln!("atlas-serve: job leases not renewed for {:?} ({e}): this replica's jobs stop; another replica resumes them", self.lease);
+                    for id in &running {
+                        self.metrics.leases_lost.inc();
+                        self.cancel(id);
+                    }
+                }
+                Err(e) => eprintln!("atlas-serve: renewing job leases: {e}"),
+            }
+        }
+    }
+
+    /// A running job is no longer under this replica's lease: it stops here.
+    fn lost(&self, id: &str) {
+        let taken = matches!(self.store.get(id), Ok(Some(c)) if c.status == Status::Running);
+        if taken {
+            eprintln!("atlas-serve: job {id}: the lease lapsed and another replica runs it; stopping here");
+            self.metrics.leases_lost.inc();
+        }
+        self.cancel(id);
     }
 
     /// A new job is in the store: wake a worker.
@@ -130,8 +191,22 @@ impl Workers {
 
     fn work(&self) {
         while !self.stopping.load(Ordering::Relaxed) {
-            match self.store.claim_next() {
-                Ok(Some(c)) => self.run(c),
+            let until = now_ms() + self.lease.as_millis() as i64;
+            match self.store.claim_next(&self.owner, until) {
+                Ok(Some((c, how))) => {
+                    let how = match how {
+                        Claim::Queued => "queued",
+                        Claim::Expired => {
+                            eprintln!(
+                                "atlas-serve: job {}: resumed here after its lease expired",
+                                c.id
+                            );
+                            "expired"
+                        }
+                    };
+                    self.metrics.job_claims.with_label_values(&[how]).inc();
+                    self.run(c)
+                }
                 Ok(None) => {
                     let guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
                     let _ = self.wake.1.wait_timeout(guard, Duration::from_secs(1));
@@ -187,15 +262,20 @@ impl Workers {
     fn finish(&self, id: &str, status: Status, error: Option<String>) -> Status {
         let mut logged = false;
         loop {
-            let recorded = self.store.update(id, |c| {
-                if c.status == Status::Running {
-                    c.status = status;
-                    c.error = error.clone();
-                    c.updated_at = now();
-                }
+            let recorded = self.store.update_held(id, &self.owner, |c| {
+                c.status = status;
+                c.error = error.clone();
+                c.updated_at = now();
             });
             match recorded {
-                Ok(c) => return c.map_or(status, |c| c.status),
+                Ok(Some(c)) => return c.status,
+                // Cancelled, deleted or taken over meanwhile: that stands.
+                Ok(None) => {
+                    return match self.store.get(id) {
+                        Ok(Some(c)) => c.status,
+                        _ => Status::Cancelled,
+                    }
+                }
                 Err(e) if self.stopping.load(Ordering::Relaxed) => {
                     eprintln!("atlas-serve: job {id} ended {} but the store refused it ({e}); it is requeued at the next start", status.as_str());
                     return Status::Running;
@@ -231,6 +311,7 @@ impl Workers {
                 let run = super::finetune::Run {
                     backbone: &self.backbone,
                     store: &self.store,
+                    owner: &self.owner,
                     library: &self.library,
                     metrics: &self.metrics,
                 };
@@ -299,7 +380,7 @@ impl Workers {
             _ => (out.coefs.layout, out.coefs.values.clone()),
         };
         self.store
-            .update(&c.id, |c| {
+            .update_held(&c.id, &self.owner, |c| {
                 c.layout = layout;
                 c.coefficients = Some(values.clone());
                 c.summary = Some(summary);
@@ -386,7 +467,7 @@ impl Workers {
                     Selection::Blockwise(_) => None,
                 };
                 self.store
-                    .update(&c.id, |c| {
+                    .update_held(&c.id, &self.owner, |c| {
                         if let Some(kept) = &whole {
                             let digests = &c.provenance.task_vector_digests;
                             let digests = kept.iter().map(|&i| digests[i].clone()).collect();
@@ -404,16 +485,22 @@ impl Workers {
         Ok((kept, Some(selection)))
     }
 
-    /// Stores a progress event (epoch events also join the history) and publishes it.
+    /// Stores a progress event (epoch events also join the history) and publishes it. A job no
+    /// longer under this replica's lease (cancelled elsewhere, or taken over) stops instead.
     pub(super) fn record(&self, id: &str, e: &Event) -> Result<(), super::store::StoreError> {
-        self.store.update(id, |c| {
+        let held = self.store.update_held(id, &self.owner, |c| {
             if matches!(e.kind, EventKind::Epoch | EventKind::Resumed) {
                 c.history.push(e.clone());
             }
             c.progress = Some(e.clone());
             c.updated_at = now();
         })?;
-        self.publish(id, Status::Running, Some(e.clone()));
+        match held {
+            Some(_) => self.publish(id, Status::Running, Some(e.clone())),
+            None => {
+                self.cancel(id);
+            }
+        }
         Ok(())
     }
 }

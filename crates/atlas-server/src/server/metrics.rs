@@ -30,6 +30,11 @@ pub struct Metrics {
     pub prediction_entropy: Histogram,
     pub prediction_confidence: Histogram,
     pub memory: IntGaugeVec,
+    pub db_up: IntGauge,
+    pub db_queries: IntCounter,
+    pub db_errors: IntCounterVec,
+    pub job_claims: IntCounterVec,
+    pub leases_lost: IntCounter,
 }
 
 fn seconds_buckets() -> Vec<f64> {
@@ -138,6 +143,28 @@ impl Metrics {
                 &["kind"],
             )
             .expect("gauge"),
+            db_up: gauge(
+                "atlas_db_up",
+                "1 when the last database round trip succeeded (or failed for another reason than reaching it)",
+            ),
+            db_queries: counter("atlas_db_queries_total", "Database round trips"),
+            db_errors: IntCounterVec::new(
+                Opts::new("atlas_db_errors_total", "Failed database round trips, by what for"),
+                &["op"],
+            )
+            .expect("counter"),
+            job_claims: IntCounterVec::new(
+                Opts::new(
+                    "atlas_job_claims_total",
+                    "Jobs this replica claimed: queued ones, or ones whose lease had expired",
+                ),
+                &["how"],
+            )
+            .expect("counter"),
+            leases_lost: counter(
+                "atlas_job_leases_lost_total",
+                "Jobs this replica stopped because its lease on them lapsed",
+            ),
             registry: Registry::new(),
         };
         m.register_all();
@@ -167,6 +194,11 @@ impl Metrics {
             Box::new(self.prediction_entropy.clone()),
             Box::new(self.prediction_confidence.clone()),
             Box::new(self.memory.clone()),
+            Box::new(self.db_up.clone()),
+            Box::new(self.db_queries.clone()),
+            Box::new(self.db_errors.clone()),
+            Box::new(self.job_claims.clone()),
+            Box::new(self.leases_lost.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in all {
@@ -185,6 +217,26 @@ impl Metrics {
         }
         for kind in ["backbone", "library", "cache"] {
             self.memory.with_label_values(&[kind]);
+        }
+        for op in crate::server::store::Op::ALL {
+            self.db_errors.with_label_values(&[op.as_str()]);
+        }
+        for how in ["queued", "expired"] {
+            self.job_claims.with_label_values(&[how]);
+        }
+        self.db_up.set(1);
+    }
+
+    /// Copies the store's counters (kept by the store, which has no registry) into the
+    /// exported ones.
+    pub fn observe_store(&self, store: &crate::server::store::Store) {
+        self.db_up.set(i64::from(store.database_up()));
+        let trips = store.round_trips();
+        self.db_queries
+            .inc_by(trips.saturating_sub(self.db_queries.get()));
+        for (op, n) in store.errors() {
+            let c = self.db_errors.with_label_values(&[op.as_str()]);
+            c.inc_by(n.saturating_sub(c.get()));
         }
     }
 

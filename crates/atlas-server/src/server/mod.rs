@@ -20,6 +20,7 @@ pub mod http;
 pub mod images;
 pub mod jobs;
 pub mod metrics;
+pub mod replicas;
 pub mod routes;
 pub mod store;
 pub mod task_vectors;
@@ -82,7 +83,13 @@ impl Model {
 impl AppState {
     /// Opens the store; the model side is attached later with [`AppState::attach`].
     pub fn new(config: Config) -> anyhow::Result<AppState> {
-        let store = Store::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = Store::open(store::Location {
+            data_dir: &config.data_dir,
+            blob_dir: &config.blob_dir,
+            database_url: &config.database_url,
+            origin: &config.replica,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(AppState(Arc::new(Shared {
             config,
             store: Arc::new(store),
@@ -103,10 +110,13 @@ impl AppState {
     pub fn attach(
         &self,
         backbone: Backbone,
-        mut library: Library,
+        library: Library,
         storage_dtype: StorageDType,
     ) -> anyhow::Result<()> {
-        task_vectors::load_uploaded(&self.store, &backbone, &mut library, storage_dtype)?;
+        let library = Arc::new(RwLock::new(library));
+        let mut sync = task_vectors::LibrarySync::default();
+        sync.run(&self.store, &backbone, &library, storage_dtype)?;
+        let library_bytes = library.read().map_or(0, |l| l.nbytes());
         let backbone = Arc::new(backbone);
         let m = &self.metrics;
         m.memory
@@ -114,7 +124,7 @@ impl AppState {
             .set((backbone.manifest().numel() * 4) as i64);
         m.memory
             .with_label_values(&["library"])
-            .set(library.nbytes() as i64);
+            .set(library_bytes as i64);
         let c = &self.config;
         let engine = Engine::start(
             backbone.clone(),
@@ -132,15 +142,30 @@ impl AppState {
             c.queue,
         );
         let heads = HeadBuilder::start(backbone.clone(), c.queue);
-        let library = Arc::new(RwLock::new(library));
         let workers = Workers::start(
             self.store.clone(),
             backbone.clone(),
             library.clone(),
             self.metrics.clone(),
-            c.workers,
+            jobs::WorkerSettings {
+                workers: c.workers,
+                owner: c.replica.clone(),
+                lease: Duration::from_secs(c.job_lease_s),
+            },
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if self.store.dialect() == store::Dialect::Postgres {
+            replicas::follow(replicas::Follow {
+                store: self.store.clone(),
+                workers: workers.clone(),
+                backbone: backbone.clone(),
+                library: library.clone(),
+                storage_dtype,
+                metrics: self.metrics.clone(),
+                sync,
+                stopping: self.stopping.subscribe(),
+            });
+        }
         let model = Model {
             backbone,
             library,

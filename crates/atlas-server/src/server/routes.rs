@@ -329,15 +329,33 @@ async fn healthz(State(s): State<AppState>) -> Response {
     }
 }
 
-/// 200 once the backbone and library are loaded; 503 before (and if loading failed).
+/// 200 once the backbone and library are loaded and the database answers; 503 before (and if
+/// loading failed), and while the database is unreachable (/classify on resident compositions
+/// still answers then).
 async fn readyz(State(s): State<AppState>) -> Response {
-    match s.ready() {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => e.into_response(),
+    if let Err(e) = s.ready() {
+        return e.into_response();
+    }
+    let store = s.store.clone();
+    match tokio::task::spawn_blocking(move || store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
     }
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    let store = s.store.clone();
+    let model_workers = s.model.get().map(|m| m.workers.clone());
+    let metrics = s.metrics.clone();
+    // Job counts come from the database (every replica's jobs): off the async threads.
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(w) = model_workers {
+            w.refresh_gauges();
+        }
+        metrics.observe_store(&store);
+    })
+    .await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

@@ -5,7 +5,7 @@
 use super::api::*;
 use super::body::{parse, Body};
 use super::error::{ApiError, ApiResult};
-use super::store::Store;
+use super::store::{Store, StoreError, StoredTaskVector};
 use super::{images, AppState, Model};
 use atlas_clip::checkpoint::{self, Checkpoint};
 use atlas_clip::Backbone;
@@ -14,8 +14,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 pub(super) static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -242,7 +243,10 @@ fn add(
 ) -> ApiResult<(StatusCode, Json<TaskVectorSummary>)> {
     let out = summary(&tv);
     let mut lib = model.library_mut();
-    lib.add(tv).map_err(|e| ApiError::conflict(e.to_string()))?;
+    // Stored already, the library's follower may have loaded it first.
+    if lib.get(tv.name()).is_none_or(|t| t.digest() != tv.digest()) {
+        lib.add(tv).map_err(|e| ApiError::conflict(e.to_string()))?;
+    }
     s.metrics
         .memory
         .with_label_values(&["library"])
@@ -407,10 +411,22 @@ fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 /// that after a restart it is in the library exactly as it was added, whatever its source
 /// (an upload, a checkpoint that may change or go away, a library file that may be edited).
 pub(super) fn keep(store: &Store, backbone: &Backbone, tv: &TaskVector) -> ApiResult<()> {
-    let file = format!("{}.safetensors", tv.name());
+    // The digest in the name: a replica reading the blob directory never sees one name's file
+    // replaced under it.
+    let digest = tv.digest().trim_start_matches("sha256:");
+    let file = format!(
+        "{}.{}.safetensors",
+        tv.name(),
+        &digest[..digest.len().min(16)]
+    );
     tv.save(&store.tv_dir().join(&file), backbone.manifest())
         .map_err(ApiError::internal)?;
-    store.put_task_vector(tv.name(), &file, &tv.meta.source)?;
+    store.put_task_vector(&StoredTaskVector {
+        name: tv.name().to_string(),
+        file,
+        source: tv.meta.source.clone(),
+        digest: tv.digest().to_string(),
+    })?;
     Ok(())
 }
 
@@ -443,44 +459,135 @@ pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiR
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// At start: the task vectors uploaded earlier join the library.
-pub fn load_uploaded(
-    store: &Store,
-    backbone: &Backbone,
-    library: &mut Library,
-    dtype: StorageDType,
-) -> anyhow::Result<()> {
-    // Uploads and saves cut off by a crash are temporary files never recorded in the store.
-    for entry in std::fs::read_dir(store.tv_dir())?.flatten() {
-        let n = entry.file_name().to_string_lossy().into_owned();
-        if (n.starts_with('.') && n.ends_with(".upload")) || n.ends_with(".tmp") {
-            let _ = std::fs::remove_file(entry.path());
+/// Keeps the library in step with the task vectors stored by the server (uploads, conversions,
+/// merges, fine-tuning), on this replica and on the others: at start, and whenever the store's
+/// library counter moves.
+#[derive(Default)]
+pub struct LibrarySync {
+    /// Stored task vectors in this replica's library, with their digests.
+    loaded: HashMap<String, String>,
+    /// The library's own files, loaded at start from tv_dir and tvs (not stored).
+    files: Option<HashSet<String>>,
+    generation: Option<i64>,
+}
+
+impl LibrarySync {
+    /// Brings the library up to the store's stored task vectors, if they changed since the
+    /// last run: new ones are read from the blob directory and added, deleted ones removed.
+    pub fn run(
+        &mut self,
+        store: &Store,
+        backbone: &Backbone,
+        library: &RwLock<Library>,
+        dtype: StorageDType,
+    ) -> anyhow::Result<()> {
+        let any = |e: StoreError| anyhow::anyhow!("{e}");
+        if self.generation.is_some()
+            && self.generation == Some(store.library_generation().map_err(any)?)
+        {
+            return Ok(());
         }
-    }
-    for (name, file, source) in store.task_vectors().map_err(|e| anyhow::anyhow!("{e}"))? {
-        let path = store.tv_dir().join(&file);
-        let mut tv = match backbone.load_task_vector(&path, Some(&name), dtype) {
-            Ok(tv) => tv,
-            Err(e) => {
-                quarantine(store, &name, &file, &e.to_string())?;
+        if self.generation.is_none() {
+            remove_unfinished(store)?;
+        }
+        let (stored, generation) = store.task_vectors().map_err(any)?;
+        let is_stored = |n: &str| stored.iter().any(|t| t.name == n);
+        let library_names: Vec<String> = library
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        // The library's files (tv_dir, tvs) are this replica's own; everything else in it was
+        // stored (recorded before it joined a library), and goes when its record goes.
+        let files = self.files.get_or_insert_with(|| {
+            library_names
+                .iter()
+                .filter(|n| !is_stored(n))
+                .cloned()
+                .collect()
+        });
+        for name in library_names
+            .iter()
+            .filter(|n| !is_stored(n) && !files.contains(*n))
+        {
+            self.loaded.remove(name);
+            library
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+        }
+        for rec in &stored {
+            if self.loaded.get(&rec.name) == Some(&rec.digest) && !rec.digest.is_empty() {
                 continue;
             }
+            if let Some(tv) = self.load(store, backbone, library, dtype, rec)? {
+                self.loaded.insert(rec.name.clone(), tv);
+            }
+        }
+        self.generation = Some(generation);
+        Ok(())
+    }
+
+    /// Reads one stored task vector into the library (unless it is there with its digest);
+    /// returns its digest, or None when it could not be read (quarantined).
+    fn load(
+        &self,
+        store: &Store,
+        backbone: &Backbone,
+        library: &RwLock<Library>,
+        dtype: StorageDType,
+        rec: &StoredTaskVector,
+    ) -> anyhow::Result<Option<String>> {
+        let there = library
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&rec.name)
+            .map(|t| t.digest().to_string());
+        if there.as_deref() == Some(rec.digest.as_str()) {
+            return Ok(Some(rec.digest.clone()));
+        }
+        let path = store.tv_dir().join(&rec.file);
+        let mut tv = match backbone.load_task_vector(&path, Some(&rec.name), dtype) {
+            Ok(tv) => tv,
+            Err(e) => {
+                quarantine(store, &rec.name, &rec.file, &e.to_string())?;
+                return Ok(None);
+            }
         };
-        tv.meta.source = source;
-        // Added over HTTP from a file of the library directory, it may stand there too; what
-        // was acknowledged is the stored copy.
-        match library.get(&name).map(|t| t.digest() == tv.digest()) {
-            Some(true) => continue,
+        tv.meta.source = rec.source.clone();
+        let digest = tv.digest().to_string();
+        let mut lib = library.write().unwrap_or_else(|p| p.into_inner());
+        match lib.get(&rec.name).map(|t| t.digest() == tv.digest()) {
+            Some(true) => return Ok(Some(digest)),
             Some(false) => {
+                // Added over HTTP from a file of the library directory, it may stand there
+                // too; what was acknowledged is the stored copy.
                 eprintln!(
-                    "atlas-serve: task vector {name:?} differs from the library directory's \
-                     file of that name; the copy added over HTTP is served"
+                    "atlas-serve: task vector {:?} differs from the library's copy of that \
+                     name; the stored copy is served",
+                    rec.name
                 );
-                library.remove(&name);
+                lib.remove(&rec.name);
             }
             None => {}
         }
-        library.add(tv)?;
+        lib.add(tv)?;
+        Ok(Some(digest))
+    }
+}
+
+/// Uploads and saves cut off by a crash are temporary files never recorded in the store. The
+/// blob directory may be shared with replicas writing now: only files older than
+/// [`crate::server::store::STALE_TEMPORARY`] are removed.
+fn remove_unfinished(store: &Store) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(store.tv_dir())?.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        let temporary = (n.starts_with('.') && n.ends_with(".upload")) || n.ends_with(".tmp");
+        if temporary && crate::server::store::is_stale(&entry.path()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod oracle;
+pub mod postgres;
 pub mod spec;
 
 use serde_json::Value;
