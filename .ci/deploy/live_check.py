@@ -4,8 +4,9 @@ Starts `atlas-serve serve` on loopback over the tiny CLIP test fixture and two t
 (they load in a second; the demo world takes minutes to train in a debug build), and Prometheus
 with deploy/prometheus/prometheus.yml (the target replaced by that server, scraping every 2 s).
 Drives some traffic, waits for scrapes, then evaluates every PromQL expression of
-deploy/grafana/atlas-serve.json (panel and variable queries) and of the alert rules through
-Prometheus' HTTP API. Fails when one does not evaluate, when one names a metric that the
+deploy/grafana/atlas-serve.json (panel and variable queries), of the alert rules and of the
+autoscalers (the KEDA ScaledObject's Prometheus triggers and the prometheus-adapter rules, their
+templates filled as the adapter would) through Prometheus' HTTP API. Fails when one does not evaluate, when one names a metric that the
 server's /metrics does not export, when the traffic left no trace where it must, or when a
 rule's evaluation is unhealthy.
 
@@ -34,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/atlas-serve.json"
 PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
+COMPONENTS = ROOT / "deploy/kubernetes/components"
+ADAPTER_RULES = COMPONENTS / "autoscaling-hpa/prometheus-adapter.yaml"
 FIXTURES = ROOT / "tests/fixtures"
 JOB = "atlas-serve"
 SCRAPE = 2  # seconds between scrapes and rule evaluations in the check
@@ -336,6 +339,44 @@ def rule_expressions() -> list[tuple[str, str]]:
     return out
 
 
+def adapter_query(rule: dict, job: str) -> str:
+    """A prometheus-adapter rule's metricsQuery as the adapter sends it for the job's series:
+    <<.Series>> is the metric of the seriesQuery, <<.LabelMatchers>> the job (the namespace and
+    pod matchers that the adapter adds in a cluster select nothing on loopback), <<.GroupBy>>
+    the pod."""
+    series = re.match(r"\s*([A-Za-z_:][A-Za-z0-9_:]*)", rule["seriesQuery"]).group(1)
+    q = rule["metricsQuery"]
+    for k, v in {
+        "<<.Series>>": series,
+        "<<.LabelMatchers>>": f'job="{job}"',
+        "<<.GroupBy>>": "pod",
+    }.items():
+        q = q.replace(k, v)
+    if "<<" in q:
+        raise ValueError(f"unknown adapter template in {q!r}")
+    return q
+
+
+def autoscaler_expressions() -> list[tuple[str, str]]:
+    """The queries the autoscalers send to Prometheus: each prometheus trigger of a KEDA
+    ScaledObject in the components, and each prometheus-adapter rule."""
+    out = []
+    for path in sorted(COMPONENTS.glob("*/*.yaml")):
+        for o in yaml.safe_load_all(path.read_text()):
+            if not o or o.get("kind") != "ScaledObject":
+                continue
+            for t in o["spec"]["triggers"]:
+                if t["type"] == "prometheus":
+                    name = f"{o['metadata']['name']}/{t.get('name', '')}"
+                    out.append((f"autoscaler ScaledObject {name}", t["metadata"]["query"]))
+    rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    for kind in ("custom", "external"):
+        for r in rules.get(kind, []):
+            name = r.get("name", {}).get("as") or r["seriesQuery"].split("{")[0]
+            out.append((f"autoscaler prometheus-adapter {kind} {name}", adapter_query(r, JOB)))
+    return out
+
+
 def substitute(expr: str) -> str:
     for k in sorted(GRAFANA_VARS, key=len, reverse=True):
         expr = expr.replace(k, GRAFANA_VARS[k])
@@ -462,7 +503,8 @@ def check_expressions(prom: str, exported: set[str]) -> list[str]:
     problems = []
     missing = {}
     empty = []
-    exprs = dashboard_expressions() + rule_expressions()
+    scaling = autoscaler_expressions()
+    exprs = dashboard_expressions() + rule_expressions() + scaling
     for where, expr in exprs:
         try:
             promql = substitute(expr)
@@ -476,14 +518,19 @@ def check_expressions(prom: str, exported: set[str]) -> list[str]:
         absent = sorted(metric_names(promql) - SYNTHETIC - exported)
         for name in absent:
             missing.setdefault(name, []).append(where)
-        if not has_data(result) and not absent and not where.startswith("rule "):
+        if not has_data(result) and where.startswith("autoscaler "):
+            # An autoscaler without a value does not scale (prometheus-adapter answers an
+            # error): its series exist from the server's start, with zero values.
+            problems.append(f"{where}: no value\n    {promql}")
+        elif not has_data(result) and not absent and not where.startswith("rule "):
             empty.append(where)
     for name, wheres in sorted(missing.items()):
         used = ", ".join(sorted(set(wheres)))
         problems.append(f"metric {name} is not exported by the server; used by {used}")
+    rules = len(rule_expressions())
     log(
-        f"evaluated {len(exprs)} expressions ({len(exprs) - len(rule_expressions())} from the "
-        f"dashboard, {len(rule_expressions())} from the rules)"
+        f"evaluated {len(exprs)} expressions ({len(exprs) - rules - len(scaling)} from the "
+        f"dashboard, {rules} from the rules, {len(scaling)} from the autoscalers)"
     )
     if empty:
         log(
