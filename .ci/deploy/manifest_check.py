@@ -24,9 +24,6 @@ DEFAULTS = Path(__file__).resolve().parents[2] / "config/default.toml"
 CRDS = Path(__file__).resolve().parent / "crds"
 # ATLAS_* variables that are not `serve` settings: the demo world's cache root, the config file.
 OTHER_VARS = {"ATLAS_CACHE", "ATLAS_CONFIG"}
-# The replicated mode's settings (project issue 20), accepted before config/default.toml has
-# them; each run says which are still missing there. Drop this once all four are in the file.
-PENDING_SETTINGS = {"ATLAS_DATABASE_URL", "ATLAS_BLOB_DIR", "ATLAS_REPLICA", "ATLAS_JOB_LEASE_S"}
 HOSTNAME = "kubernetes.io/hostname"
 # Operator objects and how they are validated (kubernetes-validate skips them).
 MODELS = {
@@ -125,12 +122,9 @@ def check_settings(objs, containers, p: Problems) -> None:
     known = {f"ATLAS_{k.upper()}" for k in tomllib.loads(DEFAULTS.read_text())} | OTHER_VARS
     names = [k for o in by_kind(objs, "ConfigMap") for k in o.get("data", {})]
     names += [e["name"] for c in containers for e in c.get("env", [])]
-    pending = sorted({n for n in names if n in PENDING_SETTINGS and n not in known})
     for n in names:
-        ok = not n.startswith("ATLAS_") or n in known or n in PENDING_SETTINGS
+        ok = not n.startswith("ATLAS_") or n in known
         p.check(ok, f"{n} is not a setting of {DEFAULTS.name}")
-    if pending:
-        p.notes.append(f"not yet settings in {DEFAULTS.name}, accepted: {', '.join(pending)}")
 
 
 def check_container(name: str, c: dict, p: Problems) -> None:
