@@ -569,15 +569,18 @@ fn every_library_entry_survives_a_restart_and_an_unreadable_one_is_quarantined()
     assert_eq!(code, 200, "{r}");
     assert!(s.terminate().success());
 
-    // The upload's file empty, as a power loss before fsync could leave it.
-    let uploaded = data.join("task-vectors/uploaded.safetensors");
-    std::fs::write(&uploaded, b"").unwrap();
+    // The upload's file (named after it and its digest) empty, as a power loss before fsync
+    // could leave it.
+    let file = std::fs::read_dir(data.join("task-vectors"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with("uploaded.") && n.ends_with(".safetensors"))
+        .unwrap();
+    std::fs::write(data.join("task-vectors").join(&file), b"").unwrap();
     let s = start(&data, &flags, &[]);
     assert_eq!(s.get("/task-vectors/uploaded").0, 404);
     assert_eq!(s.get("/task-vectors/from-checkpoint").0, 200);
-    assert!(data
-        .join("task-vectors/quarantine/uploaded.safetensors")
-        .exists());
+    assert!(data.join("task-vectors/quarantine").join(&file).exists());
     assert!(s.log_text().contains("quarantine"), "{}", s.log_text());
     let (code, r) = s.post("/classify", &classify);
     assert_eq!(code, 409, "{r}");

@@ -592,8 +592,9 @@ fn status_code(name: &str) -> u16 {
 }
 
 /// Codes a function's own text answers with: `StatusCode::X`, the `ApiError` constructors, and
-/// 500 for the store's errors (`?` turns them into internal errors; a full disk's 507 is
-/// documented where the handler writes files, through `ApiError::io`).
+/// 500 and 503 for the store's errors (`?` turns them into internal errors, or 503 while the
+/// database is unreachable; a full disk's 507 is documented where the handler writes files,
+/// through `ApiError::io`).
 fn codes_in(text: &str) -> BTreeSet<u16> {
     let mut out = BTreeSet::new();
     for (at, _) in text.match_indices("StatusCode::") {
@@ -616,11 +617,13 @@ fn codes_in(text: &str) -> BTreeSet<u16> {
         }
     }
     // `s.store.get(..)?`, possibly across lines.
-    let store_call = text
-        .match_indices("store")
-        .any(|(at, _)| text[at + "store".len()..].trim_start().starts_with('.'));
+    let store_call = text.match_indices("store").any(|(at, _)| {
+        let rest = text[at + "store".len()..].trim_start();
+        rest.starts_with('.') && !rest.starts_with(".clone()")
+    });
     if store_call {
         out.insert(500);
+        out.insert(503);
     }
     out
 }

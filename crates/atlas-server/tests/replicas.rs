@@ -407,3 +407,34 @@ fn a_database_outage_is_a_503_and_resident_compositions_keep_serving() {
     );
     assert_eq!(code, 201, "{r}");
 }
+
+/// /classify on a composition and head the replica has served before makes no database round
+/// trip (the only ones counted are the metrics scrape's own job count). A long lease keeps the
+/// workers' and heartbeat's periodic round trips out of the window.
+#[test]
+fn classify_on_a_resident_composition_makes_no_database_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = tiny_flags();
+    flags.extend(["--job-lease-s", "3600"].map(String::from));
+    let s = start(&dir.path().join("data"), &flags, &[]);
+    let (_, comp) = s.post(
+        "/compositions",
+        &json!({"task_vectors": TV_NAMES, "coefficients": [0.3, 0.2]}),
+    );
+    let (_, head) = s.post("/heads", &json!({"classes": CLASSES}));
+    let body = json!({"composition": id(&comp), "head": id(&head), "images": [b64(&png(5))]});
+    assert_eq!(s.post("/classify", &body).0, 200);
+    let trips = |s: &Server| -> u64 {
+        let m = s.metrics();
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("atlas_db_queries_total "))
+            .unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let before = trips(&s);
+    for _ in 0..20 {
+        assert_eq!(s.post("/classify", &body).0, 200);
+    }
+    assert_eq!(trips(&s) - before, 1, "only the second scrape's job count");
+}

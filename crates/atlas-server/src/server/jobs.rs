@@ -207,9 +207,11 @@ impl Workers {
                     self.metrics.job_claims.with_label_values(&[how]).inc();
                     self.run(c)
                 }
+                // New jobs wake a worker (here, or by another replica's notice); the timeout
+                // is for leases expiring, which nothing announces.
                 Ok(None) => {
                     let guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = self.wake.1.wait_timeout(guard, Duration::from_secs(1));
+                    let _ = self.wake.1.wait_timeout(guard, self.lease / 3);
                 }
                 Err(e) => {
                     eprintln!("atlas-serve: claiming a job: {e}");

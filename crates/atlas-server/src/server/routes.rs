@@ -336,12 +336,15 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if let Err(e) = s.ready() {
         return e.into_response();
     }
-    let store = s.store.clone();
-    match tokio::task::spawn_blocking(move || store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
-        Ok(Err(e)) => ApiError::from(e).into_response(),
-        Err(e) => ApiError::internal(e).into_response(),
-    }
+    // Any failure to answer is "not ready" (503), never a 500.
+    let db = s.store.clone();
+    let why = match tokio::task::spawn_blocking(move || db.ping()).await {
+        Ok(Ok(())) => return (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    let detail = format!("the database does not answer: {why}");
+    ApiError::busy(StatusCode::SERVICE_UNAVAILABLE, detail, 5).into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {

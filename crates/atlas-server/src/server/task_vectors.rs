@@ -579,13 +579,13 @@ impl LibrarySync {
 }
 
 /// Uploads and saves cut off by a crash are temporary files never recorded in the store. The
-/// blob directory may be shared with replicas writing now: only files older than
-/// [`crate::server::store::STALE_TEMPORARY`] are removed.
+/// blob directory may be shared with replicas writing now: see
+/// [`crate::server::store::is_abandoned`].
 fn remove_unfinished(store: &Store) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(store.tv_dir())?.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
         let temporary = (n.starts_with('.') && n.ends_with(".upload")) || n.ends_with(".tmp");
-        if temporary && crate::server::store::is_stale(&entry.path()) {
+        if temporary && crate::server::store::is_abandoned(&entry.path(), store.dialect()) {
             let _ = std::fs::remove_file(entry.path());
         }
     }

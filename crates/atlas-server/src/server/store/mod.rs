@@ -181,7 +181,6 @@ impl Store {
             let path = at.blob_dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| StoreError::Dir { path, source })?;
         }
-        remove_unfinished(&at.blob_dir.join("jobs"));
         let db = if at.database_url.is_empty() {
             std::fs::create_dir_all(at.data_dir).map_err(|source| StoreError::Dir {
                 path: at.data_dir.to_path_buf(),
@@ -201,6 +200,7 @@ impl Store {
                 "database_url must start with postgres:// (or be empty: SQLite in data_dir)".into(),
             ));
         };
+        remove_unfinished(&at.blob_dir.join("jobs"), db.dialect());
         let applied = migrations::apply(&db, now_ms())?;
         if !applied.is_empty() {
             eprintln!(
@@ -755,25 +755,29 @@ fn library_generation(c: &mut dyn Conn) -> Result<i64> {
 /// ones may belong to a replica writing now (the blob directory is shared).
 pub const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-/// True when the file or directory was last modified more than [`STALE_TEMPORARY`] ago.
-pub fn is_stale(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > STALE_TEMPORARY)
+/// True when a temporary file or directory found at start was left by a writer that stopped:
+/// always with the embedded store (this process is the only writer), and with a shared
+/// database when it was last modified more than [`STALE_TEMPORARY`] ago.
+pub fn is_abandoned(path: &Path, dialect: Dialect) -> bool {
+    dialect == Dialect::Sqlite
+        || std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMPORARY)
 }
 
 /// Removes the `*.tmp` directories of job examples whose writing never finished (the process
 /// stopped, or the disk filled, before the rename that makes them whole): those older than
-/// [`STALE_TEMPORARY`], since a younger one may be another replica's upload in progress.
-fn remove_unfinished(jobs: &Path) {
+/// [`STALE_TEMPORARY`] when replicas share the blob directory, since a younger one may be
+/// another replica's upload in progress.
+fn remove_unfinished(jobs: &Path, dialect: Dialect) {
     let Ok(entries) = std::fs::read_dir(jobs) else {
         return;
     };
     for e in entries.flatten() {
         let path = e.path();
-        if path.extension().is_some_and(|x| x == "tmp") && is_stale(&path) {
+        if path.extension().is_some_and(|x| x == "tmp") && is_abandoned(&path, dialect) {
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => eprintln!(
                     "atlas-serve: removed unfinished job examples {}",
