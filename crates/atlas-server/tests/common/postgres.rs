@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 pub struct Postgres {
     pub port: u16,
+    /// Outlives the tests by design: it stops the cluster once they are gone.
+    _watcher: std::process::Child,
 }
 
 static CLUSTER: OnceLock<Postgres> = OnceLock::new();
@@ -152,7 +154,7 @@ while kill -0 "$watched" 2>/dev/null; do sleep 0.5; done
 kill -INT "$(head -1 "$dir/data/postmaster.pid" 2>/dev/null)" 2>/dev/null
 wait
 rm -rf "$dir""#;
-    Command::new("sh")
+    let watcher = Command::new("sh")
         .args(["-c", watch, "sh"])
         .arg(std::process::id().to_string())
         .arg(&dir)
@@ -162,9 +164,9 @@ rm -rf "$dir""#;
         .stderr(Stdio::null())
         .spawn()
         .expect("starting postgres");
-    let pg = Postgres { port };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while postgres::Client::connect(&pg.url("postgres"), postgres::NoTls).is_err() {
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    while postgres::Client::connect(&url, postgres::NoTls).is_err() {
         assert!(
             Instant::now() < deadline,
             "postgres did not start: {}",
@@ -172,5 +174,8 @@ rm -rf "$dir""#;
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    pg
+    Postgres {
+        port,
+        _watcher: watcher,
+    }
 }
