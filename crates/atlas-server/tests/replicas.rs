@@ -87,34 +87,6 @@ fn id(v: &Value) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
-/// Reads a job's event stream on `s` until its final status; returns the events.
-fn follow(s: &Server, id: &str) -> Vec<Value> {
-    use std::io::{BufRead, BufReader};
-    let r = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-        .get(format!("{}/compositions/{id}/events", s.base))
-        .send()
-        .unwrap();
-    let mut out = Vec::new();
-    for line in BufReader::new(r).lines() {
-        let Some(data) = line.unwrap().strip_prefix("data: ").map(String::from) else {
-            continue;
-        };
-        let v: Value = serde_json::from_str(&data).unwrap();
-        let done = matches!(
-            v["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        );
-        out.push(v);
-        if done {
-            break;
-        }
-    }
-    out
-}
-
 /// A composition made on one replica is served by the others, with the same probabilities.
 #[test]
 fn replicas_serve_what_any_of_them_acknowledged() {
@@ -188,7 +160,7 @@ fn a_job_is_followed_on_one_replica_and_cancelled_from_another() {
         b.get(&format!("/compositions/{jid}")).1["status"] == "running"
     });
     let events = std::thread::scope(|scope| {
-        let followed = scope.spawn(|| follow(&b, &jid));
+        let followed = scope.spawn(|| b.events_until_final(&jid));
         // Some progress reaches b's stream before the cancel.
         std::thread::sleep(Duration::from_secs(2));
         let (code, r) = d.post(&format!("/compositions/{jid}/cancel"), &json!({}));

@@ -569,35 +569,6 @@ fn distinct_pngs(n: usize) -> Vec<String> {
     (0..n).map(|i| b64(&png(i as u8 * 7))).collect()
 }
 
-/// Reads an SSE stream until its final status event; returns the events' JSON.
-fn sse_until_final(s: &Server, id: &str) -> Vec<Value> {
-    use std::io::{BufRead, BufReader};
-    let r = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-        .get(format!("{}/compositions/{id}/events", s.base))
-        .send()
-        .unwrap();
-    assert_eq!(r.headers()["content-type"], "text/event-stream");
-    let mut out = Vec::new();
-    for line in BufReader::new(r).lines() {
-        let line = line.unwrap();
-        if let Some(data) = line.strip_prefix("data: ") {
-            let v: Value = serde_json::from_str(data).unwrap();
-            let done = matches!(
-                v["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            );
-            out.push(v);
-            if done {
-                break;
-            }
-        }
-    }
-    out
-}
-
 /// The same Idempotency-Key gives the same job for the same request, and 409 for another.
 fn check_idempotency(s: &Server, job: &Value, view: &Value, encoded: &[String]) {
     let (code, again) = s.post_with("/compositions", |r| {
@@ -632,7 +603,7 @@ fn learning_jobs_stream_progress_cancel_and_are_idempotent() {
     // Follow the job's events from now: the checks below take long enough for a two-epoch job
     // to end before a stream opened after them (which then saw no step).
     let events = std::thread::scope(|scope| {
-        let stream = scope.spawn(|| sse_until_final(&s, &id));
+        let stream = scope.spawn(|| s.events_until_final(&id));
         check_idempotency(&s, &job, &view, &encoded);
         stream.join().unwrap()
     });

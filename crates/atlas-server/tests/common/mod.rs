@@ -222,6 +222,36 @@ impl Server {
             .unwrap()
     }
 
+    /// Reads a composition's event stream until its final status event; returns the events'
+    /// JSON.
+    pub fn events_until_final(&self, id: &str) -> Vec<Value> {
+        use std::io::{BufRead, BufReader};
+        let r = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap()
+            .get(format!("{}/compositions/{id}/events", self.base))
+            .send()
+            .unwrap();
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        let mut out = Vec::new();
+        for line in BufReader::new(r).lines() {
+            let line = line.unwrap();
+            if let Some(data) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(data).unwrap();
+                let done = matches!(
+                    v["status"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                );
+                out.push(v);
+                if done {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     /// Polls a composition until its status is final.
     pub fn wait_final(&self, id: &str, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;

@@ -127,29 +127,24 @@ fn sqlite_sql(sql: &str) -> String {
     sql.replace('$', "?")
 }
 
-impl Conn for rusqlite::Connection {
-    fn query(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>> {
-        sqlite_query(self, sql, args)
-    }
-    fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
-        sqlite_execute(self, sql, args)
-    }
-    fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.execute_batch(sql)?)
-    }
+/// `Conn` for a backend's connection and its transaction, which run statements alike.
+macro_rules! conn {
+    ($($ty:ty),+ => $query:expr, $execute:expr, $batch:expr) => {$(
+        impl Conn for $ty {
+            fn query(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>> {
+                $query(self, sql, args)
+            }
+            fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
+                $execute(self, sql, args)
+            }
+            fn batch(&mut self, sql: &str) -> Result<()> {
+                $batch(self, sql)
+            }
+        }
+    )+};
 }
 
-impl Conn for rusqlite::Transaction<'_> {
-    fn query(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>> {
-        sqlite_query(self, sql, args)
-    }
-    fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
-        sqlite_execute(self, sql, args)
-    }
-    fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.execute_batch(sql)?)
-    }
-}
+conn!(rusqlite::Connection, rusqlite::Transaction<'_> => sqlite_query, sqlite_execute, sqlite_batch);
 
 fn sqlite_query(conn: &rusqlite::Connection, sql: &str, args: &[Arg]) -> Result<Vec<Row>> {
     let mut stmt = conn.prepare_cached(&sqlite_sql(sql))?;
@@ -169,6 +164,10 @@ fn sqlite_query(conn: &rusqlite::Connection, sql: &str, args: &[Arg]) -> Result<
             .map(Row)
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn sqlite_batch(conn: &rusqlite::Connection, sql: &str) -> Result<()> {
+    Ok(conn.execute_batch(sql)?)
 }
 
 fn sqlite_execute(conn: &rusqlite::Connection, sql: &str, args: &[Arg]) -> Result<u64> {
@@ -206,28 +205,18 @@ fn pg_rows(rows: Vec<postgres::Row>) -> Result<Vec<Row>> {
         .collect()
 }
 
-impl Conn for postgres::Client {
-    fn query(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>> {
-        pg_rows(postgres::Client::query(self, sql, &pg_args(args))?)
-    }
-    fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
-        Ok(postgres::Client::execute(self, sql, &pg_args(args))?)
-    }
-    fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.batch_execute(sql)?)
-    }
+conn!(postgres::Client, postgres::Transaction<'_> => pg_query, pg_execute, pg_batch);
+
+fn pg_query<C: postgres::GenericClient>(c: &mut C, sql: &str, args: &[Arg]) -> Result<Vec<Row>> {
+    pg_rows(c.query(sql, &pg_args(args))?)
 }
 
-impl Conn for postgres::Transaction<'_> {
-    fn query(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>> {
-        pg_rows(postgres::Transaction::query(self, sql, &pg_args(args))?)
-    }
-    fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
-        Ok(postgres::Transaction::execute(self, sql, &pg_args(args))?)
-    }
-    fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.batch_execute(sql)?)
-    }
+fn pg_execute<C: postgres::GenericClient>(c: &mut C, sql: &str, args: &[Arg]) -> Result<u64> {
+    Ok(c.execute(sql, &pg_args(args))?)
+}
+
+fn pg_batch<C: postgres::GenericClient>(c: &mut C, sql: &str) -> Result<()> {
+    Ok(c.batch_execute(sql)?)
 }
 
 type PgPool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
