@@ -186,11 +186,13 @@ def served(args, label, replicas):
         r = load(ports, comp["id"], threads, args.requests)
         q2 = sum(metric(p, "atlas_db_queries_total") for p in ports)
         background = idle / 2 * r["wall_s"]
+        trips = q2 - q1 - len(ports)  # less the second scrape's own job counts
         r.update(setting=label, replicas=len(ports), threads=threads,
-                 per_replica_rps=r["rps"] / len(ports),
-                 db_round_trips_per_request=max(0.0, (q2 - q1 - len(ports) - background)) / r["requests"])
+                 per_replica_rps=r["rps"] / len(ports), db_round_trips=trips,
+                 db_background_estimate=background,
+                 db_round_trips_per_request=(trips - background) / r["requests"])
         print(f"{label:<28} c={threads:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
-              f"p99 {r['p99_ms']:6.2f} ms  db trips/req {r['db_round_trips_per_request']:.3f}", flush=True)
+              f"p99 {r['p99_ms']:6.2f} ms  db trips {trips:.0f} (background ~{background:.1f})", flush=True)
         out.append(r)
     return out
 
