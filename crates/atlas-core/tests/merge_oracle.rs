@@ -231,6 +231,26 @@ fn tsv_m_matches_fusionbench() {
     }
 }
 
+/// WUDI: Adam steps on each 2-D tensor's interference loss (the gradient formed another way
+/// here, at f64), averaged 1-D tensors, the excluded projection averaged.
+#[test]
+fn wudi_matches_fusionbench() {
+    let w = world();
+    w.check("wudi", &w.method("wudi", "wudi"), None);
+}
+
+/// WUDI's steps move the merge: with none it is the plain sum, which the oracle is not.
+#[test]
+fn wudi_oracle_tells_apart_no_steps() {
+    let w = world();
+    let Method::Wudi(mut wudi) = w.method("wudi", "wudi") else {
+        unreachable!()
+    };
+    wudi.iter_num = 0;
+    let merged = merge::merge(&Method::Wudi(wudi), &w.manifest, &w.inputs()).unwrap();
+    assert!(w.max_difference("wudi", &merged) > 10.0 * TOLERANCE);
+}
+
 #[test]
 fn ties_merging_matches_fusionbench_for_each_merge_func() {
     let w = world();

@@ -168,3 +168,48 @@ fn derived_task_vectors_survive_a_restart() {
     assert_eq!(after["source"], before["source"]);
     assert_eq!(classify(&s, c["id"].as_str().unwrap()), 200);
 }
+
+/// WUDI over HTTP: FusionBench's result on the same fine-tunes (per-tensor norms of the
+/// oracle's case, the projection excluded there and here), and bad parameters are 400s that
+/// name them.
+#[test]
+fn wudi_merge_matches_fusionbenchs_and_refuses_bad_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let body = json!({"method": "wudi", "task_vectors": ["a", "b", "c"],
+        "params": {"iter_num": 100, "exclude_keys": ["visual_projection.weight"]}});
+    let (code, c) = s.post("/compositions", &body);
+    assert_eq!(code, 201, "{c}");
+    assert_eq!(c["coefficients"], json!([1.0]));
+    let derived = c["task_vectors"][0].as_str().unwrap();
+    let (_, tv) = s.get(&format!("/task-vectors/{derived}"));
+    let want = oracle_norms("wudi");
+    let mut compared = 0;
+    for b in tv["blocks"].as_array().unwrap() {
+        let name = b["name"].as_str().unwrap();
+        if let Some(w) = want.get(name) {
+            let ours = b["norm"].as_f64().unwrap();
+            assert!((ours - w).abs() <= 1e-5, "{name}: {ours} vs {w}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 5, "{compared}");
+    assert_eq!(classify(&s, c["id"].as_str().unwrap()), 200);
+    for (params, named) in [
+        (json!({"iter_num": -1}), "iter_num"),
+        (json!({"iter_num": 1_000_000}), "iter_num"),
+        (json!({"exclude_keys": "x"}), "exclude_keys"),
+        (
+            json!({"exclude_keys": ["no.such.tensor"]}),
+            "no.such.tensor",
+        ),
+        (json!({"lr": 0.1}), "lr"),
+    ] {
+        let (code, r) = s.post(
+            "/compositions",
+            &json!({"method": "wudi", "task_vectors": ["a", "b"], "params": params}),
+        );
+        assert_eq!(code, 400, "{params}: {r}");
+        assert!(r["detail"].as_str().unwrap().contains(named), "{r}");
+    }
+}

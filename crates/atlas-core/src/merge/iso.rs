@@ -66,7 +66,7 @@ impl Iso {
     }
 }
 
-fn mean(inputs: &[&[f32]]) -> Vec<f32> {
+pub(super) fn mean(inputs: &[&[f32]]) -> Vec<f32> {
     let n = inputs.len() as f32;
     (0..inputs[0].len())
         .map(|j| inputs.iter().map(|x| x[j]).sum::<f32>() / n)

@@ -12,6 +12,7 @@ mod iso;
 mod params;
 pub mod ties;
 mod tsv;
+mod wudi;
 
 use crate::buffer::Buffer;
 use crate::{CoreError, Manifest, Result, StorageDType, TaskVector, TaskVectorMeta};
@@ -24,6 +25,7 @@ pub use dare::{Dare, Keep};
 pub use iso::Iso;
 pub use ties::{MergeFunc, Ties};
 pub use tsv::{Alpha, Tsv};
+pub use wudi::Wudi;
 
 /// The method names accepted, FusionBench's spelling.
 pub const METHODS: &[&str] = &[
@@ -37,6 +39,7 @@ pub const METHODS: &[&str] = &[
     "iso_c",
     "iso_cts",
     "tsv_m",
+    "wudi",
 ];
 
 /// A merge method with its parameters resolved (defaults filled in).
@@ -62,6 +65,7 @@ pub enum Method {
     /// Iso-C, or Iso-CTS when it has a common space fraction.
     Iso(Iso),
     Tsv(Tsv),
+    Wudi(Wudi),
 }
 
 /// What a merge produces.
@@ -129,6 +133,7 @@ impl Method {
             "iso_c" => Method::Iso(Iso::parse(&mut p, false)?),
             "iso_cts" => Method::Iso(Iso::parse(&mut p, true)?),
             "tsv_m" => Method::Tsv(Tsv::parse(&mut p, n_inputs)?),
+            "wudi" => Method::Wudi(Wudi::parse(&mut p)?),
             _ => {
                 return Err(CoreError::Invalid(format!(
                     "method \"{}\" is not known; known are {METHODS:?}",
@@ -157,6 +162,7 @@ impl Method {
             Method::Iso(i) if i.common_space_fraction.is_some() => "iso_cts",
             Method::Iso(_) => "iso_c",
             Method::Tsv(_) => "tsv_m",
+            Method::Wudi(_) => "wudi",
         }
     }
 
@@ -176,6 +182,7 @@ impl Method {
             Method::Breadcrumbs(b) => b.params(),
             Method::Iso(i) => i.params(),
             Method::Tsv(t) => t.params(),
+            Method::Wudi(w) => w.params(),
         }
     }
 
@@ -195,6 +202,23 @@ fn merge_objects(mut a: Value, b: Value) -> Value {
 /// Merges `inputs` (all over `manifest`) by `method`; DARE draws its masks from its seed.
 pub fn merge(method: &Method, manifest: &Manifest, inputs: &[&TaskVector]) -> Result<Merged> {
     merge_with(method, manifest, inputs, None)
+}
+
+/// As [`merge`], calling `progress(done, total)` as a long merge (WUDI's gradient steps)
+/// finishes each of its parts.
+pub fn merge_reporting(
+    method: &Method,
+    manifest: &Manifest,
+    inputs: &[&TaskVector],
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Merged> {
+    match method {
+        Method::Wudi(w) => {
+            check_inputs(manifest, inputs)?;
+            w.merge(&Rows::new(manifest, inputs, None)?, progress)
+        }
+        _ => merge_with(method, manifest, inputs, None),
+    }
 }
 
 /// As [`merge`], with DARE's keep masks given (one per input, over the flattened manifest)
@@ -232,6 +256,7 @@ pub fn merge_with(
         },
         Method::Iso(i) => i.merge(&plain),
         Method::Tsv(t) => t.merge(&plain),
+        Method::Wudi(w) => w.merge(&plain, &|_, _| {})?,
     })
 }
 
@@ -359,13 +384,21 @@ impl<'a> Rows<'a> {
 
     /// Applies `f` to every tensor: its shape and its slice of each input.
     fn per_tensor(&self, f: impl Fn(&[usize], &[&[f32]]) -> Vec<f32> + Sync) -> Vec<Vec<f32>> {
+        self.per_named_tensor(|_, shape, parts| f(shape, parts))
+    }
+
+    /// Applies `f` to every tensor: its name, its shape and its slice of each input.
+    fn per_named_tensor(
+        &self,
+        f: impl Fn(&str, &[usize], &[&[f32]]) -> Vec<f32> + Sync,
+    ) -> Vec<Vec<f32>> {
         self.per_block_indexed(|b, rows| {
             let mut out = Vec::with_capacity(rows[0].len());
             let mut start = 0;
             for t in &self.manifest.blocks()[b].tensors {
                 let end = start + t.numel();
                 let parts: Vec<&[f32]> = rows.iter().map(|r| &r[start..end]).collect();
-                out.extend(f(&t.shape, &parts));
+                out.extend(f(&t.name, &t.shape, &parts));
                 start = end;
             }
             out

@@ -68,6 +68,31 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// An integer in [0, max], or `default` when absent.
+    pub fn integer(&mut self, key: &'static str, default: u64, max: u64) -> Result<u64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| self.bad(key, format!("must be an integer in [0, {max}], got {v}"))),
+        }
+    }
+
+    /// A list of strings; absent or null is the empty list.
+    pub fn strings(&mut self, key: &'static str) -> Result<Vec<String>> {
+        let bad = |p: &Self, v: &Value| p.bad(key, format!("must be a list of strings, got {v}"));
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(v @ Value::Array(xs)) => xs
+                .iter()
+                .map(|x| x.as_str().map(String::from))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad(self, v)),
+            Some(v) => Err(bad(self, v)),
+        }
+    }
+
     /// One of `choices`, or `default` when absent.
     pub fn choice(
         &mut self,

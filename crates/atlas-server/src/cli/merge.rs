@@ -2,6 +2,7 @@
 //! method and write the result as one task vector, θ_merged − θ0 with the method's scale
 //! applied, so that composing it at 1 gives FusionBench's merged model.
 
+use super::progress::Progress;
 use super::task_vector::{load_backbone, print_summary, save};
 use anyhow::{bail, Context};
 use atlas_clip::checkpoint::Checkpoint;
@@ -17,7 +18,7 @@ pub struct Args {
     base: String,
     /// FusionBench's method name: simple_average, task_arithmetic, ties_merging,
     /// dare_task_arithmetic, dare_ties_merging, breadcrumbs (mergekit's), magmax, iso_c,
-    /// iso_cts or tsv_m.
+    /// iso_cts, tsv_m or wudi.
     #[arg(long)]
     method: String,
     /// An input: a task-vector file, or a fine-tuned checkpoint directory. Repeat, in order.
@@ -52,7 +53,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|p| input(&backbone, p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let refs: Vec<&TaskVector> = inputs.iter().collect();
-    let merged = merge::merge(&method, backbone.manifest(), &refs)?;
+    // WUDI's gradient steps take minutes on a real model: a bar (or log lines) per tensor.
+    let progress = std::sync::Mutex::new((Progress::new("atlas-serve merge"), false));
+    let report = |done: usize, total: usize| {
+        let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+        if !p.1 {
+            p.0.stage(&format!("{} tensors", method.name()), total as u64);
+            p.1 = true;
+        }
+        p.0.tick(done as u64, "");
+    };
+    let merged = merge::merge_reporting(&method, backbone.manifest(), &refs, &report)?;
+    progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .finish();
     let record = serde_json::json!({
         "method": method.name(),
         "params": method.params(),
