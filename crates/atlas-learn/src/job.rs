@@ -42,7 +42,8 @@ impl Task {
 }
 
 /// The learning objectives, by one name each: `few_shot`, `task_addition` (also accepted as
-/// `multi_task`, its name in the multi-task merging literature), `negation`, `entropy`, `ufm`.
+/// `multi_task`, its name in the multi-task merging literature), `negation`, `entropy`, `ufm`,
+/// `adamerging`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Objective {
@@ -57,15 +58,21 @@ pub enum Objective {
     Entropy,
     /// Test-time adaptation: UFM pseudo-labelling (weak view → pseudo-labels, strong view → loss).
     Ufm,
+    /// AdaMerging (Yang et al., ICLR 2024): a multi-task merge learned from the tasks'
+    /// unlabelled images by the summed mean entropy of each task's predictions; layer-wise with
+    /// a per-block layout, task-wise with an isotropic one.
+    #[serde(rename = "adamerging")]
+    AdaMerging,
 }
 
 impl Objective {
-    pub const ALL: [Objective; 5] = [
+    pub const ALL: [Objective; 6] = [
         Objective::FewShot,
         Objective::TaskAddition,
         Objective::Negation,
         Objective::Entropy,
         Objective::Ufm,
+        Objective::AdaMerging,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,19 +82,23 @@ impl Objective {
             Objective::Negation => "negation",
             Objective::Entropy => "entropy",
             Objective::Ufm => "ufm",
+            Objective::AdaMerging => "adamerging",
         }
     }
 
     /// Learns from unlabelled images.
     pub fn is_unsupervised(self) -> bool {
-        matches!(self, Objective::Entropy | Objective::Ufm)
+        matches!(
+            self,
+            Objective::Entropy | Objective::Ufm | Objective::AdaMerging
+        )
     }
 
     /// Checks that `n` tasks fit the objective: one, two (negation: target then control), or at
     /// least one (task addition).
     pub fn check_task_count(self, n: usize) -> Result<()> {
         let (ok, want) = match self {
-            Objective::TaskAddition => (n >= 1, "at least one"),
+            Objective::TaskAddition | Objective::AdaMerging => (n >= 1, "at least one"),
             Objective::Negation => (n == 2, "two (target, then control)"),
             _ => (n == 1, "exactly one"),
         };
@@ -117,7 +128,7 @@ impl FromStr for Objective {
             (Some(o), _) => Ok(o),
             (None, "multi_task") => Ok(Objective::TaskAddition),
             _ => Err(LearnError::Job(format!(
-                "unknown objective {s:?}; use one of few_shot, task_addition, negation, entropy, ufm"
+                "unknown objective {s:?}; use one of few_shot, task_addition, negation, entropy, ufm, adamerging"
             ))),
         }
     }
@@ -131,6 +142,7 @@ pub enum Job {
     Negation { target: Task, control: Task },
     Entropy(Task),
     Ufm(Task),
+    AdaMerging(Vec<Task>),
 }
 
 impl Job {
@@ -150,13 +162,14 @@ impl Job {
                 }
             }
             Objective::TaskAddition => Job::TaskAddition(tasks),
+            Objective::AdaMerging => Job::AdaMerging(tasks),
         })
     }
 
     pub fn tasks(&self) -> Vec<&Task> {
         match self {
             Job::FewShot(t) | Job::Entropy(t) | Job::Ufm(t) => vec![t],
-            Job::TaskAddition(ts) => ts.iter().collect(),
+            Job::TaskAddition(ts) | Job::AdaMerging(ts) => ts.iter().collect(),
             Job::Negation { target, control } => vec![target, control],
         }
     }
@@ -168,6 +181,7 @@ impl Job {
             Job::Negation { .. } => Objective::Negation,
             Job::Entropy(_) => Objective::Entropy,
             Job::Ufm(_) => Objective::Ufm,
+            Job::AdaMerging(_) => Objective::AdaMerging,
         }
     }
 

@@ -91,7 +91,10 @@ const BARELY_MOVED: f64 = 0.05;
 #[derive(Debug, Clone)]
 enum Role {
     CrossEntropy,
+    /// SAR-style: the mean over the reliable samples (test-time adaptation).
     Entropy,
+    /// The mean over every sample (AdaMerging).
+    MeanEntropy,
     /// Soft pseudo-label targets per item (UFM).
     Soft(Vec<Vec<f32>>),
 }
@@ -127,7 +130,13 @@ pub fn learn(
             ))
         }
         Some(c) => c.clone(),
-        None => Coefficients::zeros(config.layout, tvs.len(), n_blocks)?,
+        None => {
+            let mut c = Coefficients::zeros(config.layout, tvs.len(), n_blocks)?;
+            if let Some(p) = config.prior {
+                c.values.iter_mut().for_each(|v| *v = p);
+            }
+            c
+        }
     };
     let (mut streams, vals) = prepare(job, config);
     let fingerprint = fingerprint(job, config, tvs);
@@ -379,6 +388,7 @@ fn metric_name(job: &Job) -> &'static str {
         Job::TaskAddition(_) => "mean_normalised_accuracy",
         Job::Negation { .. } => "target_accuracy",
         Job::Entropy(_) | Job::Ufm(_) => "mutual_information",
+        Job::AdaMerging(_) => "mean_mutual_information",
     }
 }
 
@@ -400,6 +410,7 @@ fn prepare<'a>(job: &'a Job, config: &LearnConfig) -> (Vec<Stream<'a>>, Vec<Data
         let (role, weight, view) = match job {
             Job::Negation { .. } if i == 0 => (Role::CrossEntropy, -1.0, config.view),
             Job::Entropy(_) => (Role::Entropy, 1.0, config.view),
+            Job::AdaMerging(_) => (Role::MeanEntropy, 1.0, config.view),
             Job::Ufm(_) => (Role::Soft(Vec::new()), 1.0, View::Strong),
             _ => (Role::CrossEntropy, 1.0, config.view),
         };
@@ -519,6 +530,14 @@ impl Run<'_> {
             Job::Entropy(t) | Job::Ufm(t) => {
                 let mi = m(t, &self.vals[0])?.mutual_information;
                 (mi, mi, true)
+            }
+            Job::AdaMerging(ts) => {
+                let mut sum = 0.0;
+                for (t, v) in ts.iter().zip(self.vals) {
+                    sum += m(t, v)?.mutual_information;
+                }
+                let mean = sum / ts.len() as f64;
+                (mean, mean, true)
             }
         })
     }
@@ -642,6 +661,10 @@ fn stream_loss(stream: &Stream, logits: &Tensor, idx: &[usize]) -> atlas_clip::R
             cross_entropy(logits, &Tensor::new(labels, dev)?)
         }
         Role::Entropy => reliable_entropy(logits),
+        Role::MeanEntropy => {
+            let lp = log_softmax(logits)?;
+            Ok((lp.exp()? * &lp)?.sum(D::Minus1)?.mean_all()?.neg()?)
+        }
         Role::Soft(targets) => {
             let c = logits.dim(1)?;
             let flat: Vec<f32> = idx

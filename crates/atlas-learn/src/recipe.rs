@@ -26,6 +26,9 @@ pub struct LearnConfig {
     pub view: View,
     /// Starting Λ (default: zeros, the pre-trained model).
     pub initial: Option<Coefficients>,
+    /// Without `initial`: every coefficient's starting value (AdaMerging's prior λ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior: Option<f64>,
     /// Negation: control accuracy must stay ≥ this × its zero-shot accuracy.
     pub control_guard: f64,
     /// UFM: share of each class's expected count kept in the trusted set.
@@ -59,6 +62,9 @@ pub const NEGATION_TRAVEL: f64 = 1.0;
 /// the label-free epoch choice kept the start on digit).
 pub const TTA_TRAVEL: f64 = 0.2;
 
+/// AdaMerging's starting coefficient for every task vector and block.
+pub const ADAMERGING_PRIOR: f64 = 0.3;
+
 /// Largest learning rate a job may ask for (the recipes use 1e-3 and 1e-1).
 pub const MAX_LR: f64 = 10.0;
 /// Largest epochs and batch size a job may ask for (bounded work per job).
@@ -90,6 +96,7 @@ impl LearnConfig {
             // left/right, a crop that of counts and positions.
             view: View::Plain,
             initial: None,
+            prior: None,
             control_guard: 0.95,
             trusted_fraction: 0.3,
             sharpen_temperature: 0.5,
@@ -117,6 +124,18 @@ impl LearnConfig {
             },
             Objective::Entropy | Objective::Ufm => LearnConfig {
                 travel: Some(TTA_TRAVEL),
+                ..base
+            },
+            // The paper's: Adam at 1e-3 without weight decay or clipping, 16 images per task
+            // per step, every coefficient starting at 0.3 (its "prior" λ).
+            Objective::AdaMerging => LearnConfig {
+                optimizer: AdamWConfig {
+                    weight_decay: 0.0,
+                    ..base.optimizer
+                },
+                batch_size: 16,
+                grad_clip: None,
+                prior: Some(ADAMERGING_PRIOR),
                 ..base
             },
         }

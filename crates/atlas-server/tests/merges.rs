@@ -213,3 +213,53 @@ fn wudi_merge_matches_fusionbenchs_and_refuses_bad_parameters() {
         assert!(r["detail"].as_str().unwrap().contains(named), "{r}");
     }
 }
+
+/// AdaMerging is a learning job over several tasks' unlabelled images: layer-wise (per block,
+/// the default) and task-wise (isotropic); as a `method` it is a 400 saying how to ask for it.
+#[test]
+fn adamerging_learns_one_merge_from_unlabelled_images_of_several_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let unlabelled = |seed: u8| -> Vec<serde_json::Value> {
+        (0..12u8)
+            .map(|i| json!({"image": b64(&png(seed.wrapping_add(i * 19)))}))
+            .collect()
+    };
+    let tasks = json!([{"classes": CLASSES, "examples": unlabelled(0)},
+                       {"classes": CLASSES, "examples": unlabelled(101)}]);
+    let (_, tv) = s.get("/task-vectors/a");
+    let n_blocks = tv["blocks"].as_array().unwrap().len();
+    for (layout, per_tv) in [("per_block", n_blocks), ("isotropic", 1)] {
+        let body = json!({"objective": "adamerging", "task_vectors": ["a", "b", "c"],
+            "layout": layout, "tasks": tasks, "config": {"epochs": 2}});
+        let (code, job) = s.post("/compositions", &body);
+        assert_eq!(code, 202, "{job}");
+        assert_eq!(job["kind"], "adamerging");
+        let done = s.wait_final(
+            job["id"].as_str().unwrap(),
+            std::time::Duration::from_secs(300),
+        );
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(
+            done["summary"]["metric"], "mean_mutual_information",
+            "{done}"
+        );
+        assert_eq!(done["coefficients"].as_array().unwrap().len(), 3 * per_tv);
+        let config = &done["provenance"]["config"];
+        assert_eq!(config["prior"], 0.3, "{config}");
+        assert_eq!(config["optimizer"]["weight_decay"], 0.0, "{config}");
+        assert_eq!(classify(&s, done["id"].as_str().unwrap()), 200);
+    }
+    let (code, r) = s.post(
+        "/compositions",
+        &json!({"method": "adamerging", "task_vectors": ["a", "b"]}),
+    );
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"objective\": \"adamerging\""),
+        "{r}"
+    );
+}

@@ -1051,12 +1051,13 @@ fn serde_names<T: serde::Serialize>(values: &[T]) -> BTreeSet<String> {
         .collect()
 }
 
-const OBJECTIVES: [api::Objective; 5] = [
+const OBJECTIVES: [api::Objective; 6] = [
     api::Objective::FewShot,
     api::Objective::TaskAddition,
     api::Objective::Negation,
     api::Objective::Entropy,
     api::Objective::Ufm,
+    api::Objective::AdaMerging,
 ];
 
 #[test]
@@ -1071,7 +1072,8 @@ fn enums_match_the_serde_names() {
             | Objective::TaskAddition
             | Objective::Negation
             | Objective::Entropy
-            | Objective::Ufm => {}
+            | Objective::Ufm
+            | Objective::AdaMerging => {}
         }
     }
     let statuses = [
@@ -1135,12 +1137,19 @@ fn enums_match_the_serde_names() {
         assert_eq!(Status::parse(st.as_str()), Some(st));
         assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
     }
-    // A composition's kind: "explicit", the objective's name, or "finetune" (a fine-tuning job).
+    // A composition's kind: "explicit", the objective's name, "merge" (a method request) or
+    // "finetune" (a fine-tuning job).
     let mut kinds: BTreeSet<String> = OBJECTIVES.iter().map(|o| o.to_string()).collect();
     assert_eq!(kinds, serde_names(&OBJECTIVES));
     kinds.insert("explicit".into());
+    kinds.insert("merge".into());
     kinds.insert("finetune".into());
     assert!(server_source("finetune").contains("kind: \"finetune\".into()"));
+    let merge = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server/compositions/merge.rs"),
+    )
+    .unwrap();
+    assert!(merge.contains("kind: \"merge\".into()"));
     assert_eq!(enum_of(s("CompositionKind")), kinds);
     // The other name of task_addition.
     let alias = &s("LearnRequest")["properties"]["objective"]["oneOf"][1]["const"];

@@ -27,6 +27,13 @@ pub(super) async fn merge(
     req: MergeRequest,
 ) -> ApiResult<Composition> {
     check_name(&req.name)?;
+    if req.method == "adamerging" {
+        return Err(ApiError::bad(
+            "adamerging learns from the tasks' unlabelled images: POST /compositions with \
+             \"objective\": \"adamerging\" and \"tasks\" (class names and unlabelled examples \
+             per task); layout per_block is layer-wise (the default), isotropic task-wise",
+        ));
+    }
     if let Some(name) = &req.task_vector {
         task_vectors::check_name(name)?;
     }
