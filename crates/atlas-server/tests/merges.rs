@@ -154,7 +154,13 @@ fn derived_task_vectors_survive_a_restart() {
     let s = server(dir.path());
     let body = json!({"method": "iso_c", "task_vectors": ["a", "c"], "task_vector": "iso-ac"});
     let (code, c) = s.post("/compositions", &body);
-    assert_eq!(code, 201, "{c}");
+    assert_eq!(code, 202, "an SVD merge is a job: {c}");
+    let c = s.wait_final(
+        c["id"].as_str().unwrap(),
+        std::time::Duration::from_secs(120),
+    );
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(c["task_vectors"], json!(["iso-ac"]));
     let (_, before) = s.get("/task-vectors/iso-ac");
     assert!(s.terminate().success());
     let s = start(
@@ -179,8 +185,18 @@ fn wudi_merge_matches_fusionbenchs_and_refuses_bad_parameters() {
     let body = json!({"method": "wudi", "task_vectors": ["a", "b", "c"],
         "params": {"iter_num": 100, "exclude_keys": ["visual_projection.weight"]}});
     let (code, c) = s.post("/compositions", &body);
-    assert_eq!(code, 201, "{c}");
+    assert_eq!(code, 202, "{c}");
+    assert_eq!(c["status"], "queued");
+    assert_eq!(c["kind"], "merge");
+    // Followed like a learning job: progress per tensor, then its end.
+    let events = s.events_until_final(c["id"].as_str().unwrap());
+    assert_eq!(events.last().unwrap()["status"], "succeeded", "{events:?}");
+    let (_, c) = s.get(&format!("/compositions/{}", c["id"].as_str().unwrap()));
     assert_eq!(c["coefficients"], json!([1.0]));
+    assert_eq!(
+        c["summary"]["digest"],
+        c["provenance"]["task_vector_digests"][0]
+    );
     let derived = c["task_vectors"][0].as_str().unwrap();
     let (_, tv) = s.get(&format!("/task-vectors/{derived}"));
     let want = oracle_norms("wudi");

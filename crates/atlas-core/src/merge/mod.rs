@@ -186,6 +186,14 @@ impl Method {
         }
     }
 
+    /// Checks what depends on the model (names of its tensors), before any work.
+    pub fn check(&self, manifest: &Manifest) -> Result<()> {
+        match self {
+            Method::Wudi(w) => w.check(manifest),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the result is coefficients rather than a new delta.
     pub fn gives_coefficients(&self) -> bool {
         matches!(self, Method::SimpleAverage | Method::TaskArithmetic { .. })

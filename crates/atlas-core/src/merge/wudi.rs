@@ -39,6 +39,22 @@ impl Wudi {
         })
     }
 
+    /// Every excluded name is a tensor of the model.
+    pub(crate) fn check(&self, manifest: &crate::Manifest) -> Result<()> {
+        let known = |key: &String| {
+            manifest
+                .blocks()
+                .iter()
+                .any(|b| b.tensors.iter().any(|t| &t.name == key))
+        };
+        match self.exclude_keys.iter().find(|k| !known(k)) {
+            Some(key) => Err(CoreError::Invalid(format!(
+                "wudi: exclude_keys names {key:?}, not a tensor of the model"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn params(&self) -> Value {
         json!({ "iter_num": self.iter_num, "exclude_keys": self.exclude_keys })
     }
@@ -50,17 +66,7 @@ impl Wudi {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Merged> {
         let manifest = rows.manifest();
-        for key in &self.exclude_keys {
-            if !manifest
-                .blocks()
-                .iter()
-                .any(|b| b.tensors.iter().any(|t| &t.name == key))
-            {
-                return Err(CoreError::Invalid(format!(
-                    "wudi: exclude_keys names {key:?}, not a tensor of the model"
-                )));
-            }
-        }
+        self.check(manifest)?;
         let total = manifest
             .blocks()
             .iter()

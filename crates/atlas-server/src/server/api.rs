@@ -199,7 +199,7 @@ pub struct ExplicitRequest {
 }
 
 /// A merge of task vectors by a FusionBench method (a body with `method`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct MergeRequest {
     #[serde(default)]
@@ -352,12 +352,14 @@ pub struct TaskVectorList {
     pub task_vectors: Vec<TaskVectorSummary>,
 }
 
-/// What a job runs: a learning request, or a fine-tuning request of `POST /task-vectors`.
+/// What a job runs: a learning request, a fine-tuning request of `POST /task-vectors`, or a
+/// merge whose method takes minutes on a real model.
 #[derive(Debug, Serialize, Deserialize, Clone)]
 #[serde(untagged)]
 pub enum JobRequest {
     Learn(LearnRequest),
     Finetune(FinetuneJob),
+    Merge(MergeRequest),
 }
 
 /// Labelled images to fine-tune the image tower on, making a new task vector (a job).

@@ -25,6 +25,8 @@ use tokio::sync::broadcast;
 /// How the workers run.
 pub struct WorkerSettings {
     pub workers: usize,
+    /// Storage dtype of task vectors the jobs make (merges).
+    pub storage_dtype: atlas_core::StorageDType,
     /// This replica's name in job leases.
     pub owner: String,
     pub lease: Duration,
@@ -46,6 +48,7 @@ pub struct Workers {
     /// This replica's name in the leases it takes.
     owner: String,
     lease: Duration,
+    storage_dtype: atlas_core::StorageDType,
     backbone: Arc<Backbone>,
     library: Arc<RwLock<Library>>,
     metrics: Arc<Metrics>,
@@ -76,6 +79,7 @@ impl Workers {
             store,
             owner: settings.owner,
             lease: settings.lease,
+            storage_dtype: settings.storage_dtype,
             backbone,
             library,
             metrics,
@@ -318,6 +322,21 @@ impl Workers {
                     metrics: &self.metrics,
                 };
                 return run.run(c, job, cancel, &mut record);
+            }
+            Some(JobRequest::Merge(req)) => {
+                let mut last_line = Instant::now();
+                let mut record = |e: &Event| {
+                    log_progress(&c.id, e, &mut last_line);
+                    self.record(&c.id, e)
+                };
+                let run = super::compositions::merge::MergeJob {
+                    backbone: &self.backbone,
+                    library: &self.library,
+                    store: &self.store,
+                    owner: &self.owner,
+                    storage_dtype: self.storage_dtype,
+                };
+                return run.run(c, req, cancel, &mut record);
             }
             None => return Err(LearnError::Job("the job has no stored request".into())),
         };

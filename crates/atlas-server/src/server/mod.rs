@@ -149,6 +149,7 @@ impl AppState {
             self.metrics.clone(),
             jobs::WorkerSettings {
                 workers: c.workers,
+                storage_dtype,
                 owner: c.replica.clone(),
                 lease: Duration::from_secs(c.job_lease_s),
             },

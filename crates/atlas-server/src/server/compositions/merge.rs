@@ -4,18 +4,34 @@
 //! method, every parameter, seed included, and the inputs' digests) and served as a
 //! composition of it with the method's scaling factor, so caching, heat maps, provenance,
 //! deletion and digest bindings are those of any composition.
+//!
+//! Merges whose work is minutes on ViT-B/32 (the SVD merges, WUDI's gradient steps) run as
+//! jobs on the learning workers: 202 with a queued composition whose progress is followed
+//! like a learning job's; the others run in the request (201).
 
+use super::learning::{check_queue, queue_full};
 use super::{check_name, insert_bound, new_id, provenance, select};
 use crate::server::api::*;
 use crate::server::background::{self, Pool};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::now;
+use crate::server::store::{Inserted, Store, StoreError};
 use crate::server::task_vectors::{self, add_derived};
 use crate::server::{AppState, Model};
+use atlas_clip::Backbone;
 use atlas_core::merge::{self, Merged, Method};
-use atlas_core::{Layout, TaskVector, TaskVectorMeta};
+use atlas_core::{Layout, Library, Manifest, StorageDType, TaskVector, TaskVectorMeta};
+use atlas_learn::{Event, EventKind, LearnError};
 use axum::http::StatusCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Whether the method runs as a job: its work grows with the square or cube of a layer's width
+/// (an SVD per tensor, or WUDI's products per step), minutes on ViT-B/32.
+fn runs_as_job(method: &Method) -> bool {
+    matches!(method, Method::Iso(_) | Method::Tsv(_) | Method::Wudi(_))
+}
 
 /// One merge at a time: each reads every input in full and holds its result (a model's worth
 /// of f32 or more), so concurrent merges would multiply that.
@@ -25,7 +41,7 @@ pub(super) async fn merge(
     s: &AppState,
     model: &Model,
     req: MergeRequest,
-) -> ApiResult<Composition> {
+) -> ApiResult<(StatusCode, Composition)> {
     check_name(&req.name)?;
     if req.method == "adamerging" {
         return Err(ApiError::bad(
@@ -42,6 +58,7 @@ pub(super) async fn merge(
     }
     let inputs = select(model, &req.task_vectors)?;
     let method = Method::parse(&req.method, &req.params, inputs.len())
+        .and_then(|m| m.check(model.backbone.manifest()).map(|()| m))
         .map_err(|e| ApiError::bad(e.to_string()))?;
     let record = MergeRecord {
         method: method.name().into(),
@@ -49,6 +66,9 @@ pub(super) async fn merge(
         inputs: req.task_vectors.clone(),
         input_digests: inputs.iter().map(|t| t.digest().to_string()).collect(),
     };
+    if runs_as_job(&method) {
+        return queue(s, model, req, record, &inputs).map(|c| (StatusCode::ACCEPTED, c));
+    }
     let _one_at_a_time = MERGING.try_acquire().map_err(|_| {
         s.metrics.rejected.with_label_values(&["merge_busy"]).inc();
         ApiError::busy(
@@ -61,7 +81,14 @@ pub(super) async fn merge(
     let (names, tvs, coefficients) = match run(model, method, inputs.clone()).await? {
         Merged::Coefficients(c) => (req.task_vectors, inputs, c),
         Merged::Delta { blocks, scale } => {
-            let tv = derived(model, &record, base, req.task_vector, &blocks)?;
+            let tv = derived(
+                model.backbone.manifest(),
+                model.storage_dtype,
+                &record,
+                base,
+                req.task_vector,
+                &blocks,
+            )?;
             let tv = add_derived(s, model, tv).await?;
             (vec![tv.name().to_string()], vec![tv], vec![scale])
         }
@@ -88,7 +115,212 @@ pub(super) async fn merge(
         updated_at: t,
     };
     insert_bound(s, model, &c, None, None)?;
-    Ok(c)
+    Ok((StatusCode::CREATED, c))
+}
+
+/// Queues a merge job: the composition names its inputs until the job replaces them with the
+/// derived task vector.
+fn queue(
+    s: &AppState,
+    model: &Model,
+    req: MergeRequest,
+    record: MergeRecord,
+    inputs: &[Arc<TaskVector>],
+) -> ApiResult<Composition> {
+    check_queue(s)?;
+    let t = now();
+    let c = Composition {
+        id: new_id(),
+        name: req.name.clone(),
+        kind: "merge".into(),
+        status: Status::Queued,
+        task_vectors: req.task_vectors.clone(),
+        layout: Layout::Isotropic,
+        coefficients: None,
+        progress: None,
+        history: Vec::new(),
+        summary: None,
+        error: None,
+        provenance: Provenance {
+            merge: Some(record),
+            ..provenance(model, inputs)
+        },
+        request: Some(JobRequest::Merge(req)),
+        created_at: t,
+        updated_at: t,
+    };
+    match insert_bound(s, model, &c, None, Some(s.config.job_queue))? {
+        Inserted::QueueFull(queued) => Err(queue_full(s, queued)),
+        _ => {
+            model.workers.notify();
+            Ok(c)
+        }
+    }
+}
+
+/// What a merge job needs from the worker that runs it.
+pub(crate) struct MergeJob<'a> {
+    pub backbone: &'a Backbone,
+    pub library: &'a RwLock<Library>,
+    pub store: &'a Store,
+    /// The replica running it (its lease).
+    pub owner: &'a str,
+    pub storage_dtype: StorageDType,
+}
+
+/// How often a running merge's progress is recorded.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+impl MergeJob<'_> {
+    /// Runs the merge of job `c` (its inputs must still have the digests it was queued with),
+    /// recording progress per tensor, then adds the derived task vector and makes the job's
+    /// composition serve it. A cancel takes effect when the merge's computation ends.
+    pub fn run(
+        &self,
+        c: &Composition,
+        req: &MergeRequest,
+        cancel: &AtomicBool,
+        record: &mut dyn FnMut(&Event) -> Result<(), StoreError>,
+    ) -> Result<(), LearnError> {
+        let job = |e: String| LearnError::Job(e);
+        let rec = c
+            .provenance
+            .merge
+            .clone()
+            .ok_or_else(|| job("no merge record".into()))?;
+        let inputs = self
+            .library
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .select(&req.task_vectors)?;
+        for (tv, digest) in inputs.iter().zip(&rec.input_digests) {
+            if tv.digest() != digest {
+                return Err(job(format!(
+                    "task vector {:?} changed since the merge was queued (digest {digest}, now {})",
+                    tv.name(),
+                    tv.digest()
+                )));
+            }
+        }
+        let method = Method::parse(&req.method, &req.params, inputs.len())
+            .map_err(|e| job(e.to_string()))?;
+        let merged = self.compute(&method, &inputs, cancel, record)?;
+        let Merged::Delta { blocks, scale } = merged else {
+            return Err(job("a merge job's method gives a delta".into()));
+        };
+        let tv = derived(
+            self.backbone.manifest(),
+            self.storage_dtype,
+            &rec,
+            inputs[0].meta.clone(),
+            req.task_vector.clone(),
+            &blocks,
+        )
+        .map_err(|e| job(e.detail))?;
+        let tv = self.keep(tv)?;
+        self.store
+            .update_held(&c.id, self.owner, |c| {
+                c.task_vectors = vec![tv.name().to_string()];
+                c.provenance.task_vector_digests = vec![tv.digest().to_string()];
+                c.coefficients = Some(vec![scale]);
+                c.summary = Some(serde_json::json!({
+                    "task_vector": tv.name(), "digest": tv.digest(),
+                }));
+            })
+            .map_err(|e| job(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The merge on a thread of its own; this one records its progress meanwhile.
+    fn compute(
+        &self,
+        method: &Method,
+        inputs: &[Arc<TaskVector>],
+        cancel: &AtomicBool,
+        record: &mut dyn FnMut(&Event) -> Result<(), StoreError>,
+    ) -> Result<Merged, LearnError> {
+        let (done, total) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let started = Instant::now();
+        let manifest = self.backbone.manifest();
+        let merged = std::thread::scope(|scope| {
+            let work = scope.spawn(|| {
+                let refs: Vec<&TaskVector> = inputs.iter().map(Arc::as_ref).collect();
+                merge::merge_reporting(method, manifest, &refs, &|d, t| {
+                    done.store(d, Ordering::Relaxed);
+                    total.store(t, Ordering::Relaxed);
+                })
+            });
+            let mut recorded = 0;
+            while !work.is_finished() {
+                std::thread::sleep(PROGRESS_EVERY);
+                let d = done.load(Ordering::Relaxed);
+                if d > recorded {
+                    recorded = d;
+                    let e = step_event(d, total.load(Ordering::Relaxed), started);
+                    if let Err(e) = record(&e) {
+                        eprintln!("atlas-serve: recording a merge's progress: {e}");
+                    }
+                }
+            }
+            work.join()
+        });
+        let merged = merged
+            .map_err(|_| LearnError::Job("the merge panicked".into()))?
+            .map_err(|e| LearnError::Job(e.to_string()))?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(LearnError::Cancelled);
+        }
+        Ok(merged)
+    }
+
+    /// Adds the derived task vector to the library (kept durably first), or the one already
+    /// there with the same deltas.
+    fn keep(&self, tv: TaskVector) -> Result<Arc<TaskVector>, LearnError> {
+        let _one_at_a_time = task_vectors::CREATING.blocking_lock();
+        let lib = self.library.read().unwrap_or_else(|p| p.into_inner());
+        let same = lib
+            .names()
+            .into_iter()
+            .find_map(|n| lib.get(n).filter(|t| t.digest() == tv.digest()).cloned());
+        if let Some(same) = same {
+            return Ok(same);
+        }
+        if lib.get(tv.name()).is_some() {
+            return Err(LearnError::Job(format!(
+                "a task vector named {:?} was added while the merge ran",
+                tv.name()
+            )));
+        }
+        drop(lib);
+        task_vectors::keep(self.store, self.backbone, &tv)
+            .map_err(|e| LearnError::Job(e.detail))?;
+        let name = tv.name().to_string();
+        let mut lib = self.library.write().unwrap_or_else(|p| p.into_inner());
+        if lib.get(&name).is_none() {
+            lib.add(tv).map_err(|e| LearnError::Job(e.to_string()))?;
+        }
+        lib.get(&name)
+            .cloned()
+            .ok_or_else(|| LearnError::Job("the derived task vector is gone".into()))
+    }
+}
+
+/// A merge job's progress: `done` of `total` tensors.
+fn step_event(done: usize, total: usize, started: Instant) -> Event {
+    let elapsed = started.elapsed().as_secs_f64();
+    Event {
+        kind: EventKind::Step,
+        epoch: 0,
+        epochs: 1,
+        step: done,
+        total_steps: total,
+        loss: None,
+        lr: 0.0,
+        grad_norm: None,
+        val_metric: None,
+        elapsed_s: elapsed,
+        eta_s: (done > 0).then(|| elapsed / done as f64 * total.saturating_sub(done) as f64),
+    }
 }
 
 /// The merge itself, off the async threads (it reads every input in full).
@@ -109,7 +341,8 @@ async fn run(model: &Model, method: Method, inputs: Vec<Arc<TaskVector>>) -> Api
 /// The merged delta as a task vector over `base`'s base model, named `name`, or
 /// `{method}-{digest prefix}`.
 fn derived(
-    model: &Model,
+    manifest: &Manifest,
+    dtype: StorageDType,
     record: &MergeRecord,
     base: TaskVectorMeta,
     name: Option<String>,
@@ -124,8 +357,7 @@ fn derived(
             serde_json::to_string(record).unwrap_or_default()
         ),
     };
-    let manifest = model.backbone.manifest();
-    let mut tv = merge::to_task_vector(manifest, meta, model.storage_dtype, blocks)
+    let mut tv = merge::to_task_vector(manifest, meta, dtype, blocks)
         .map_err(|e| ApiError::bad(format!("task_vector: {e}")))?;
     if name.is_none() {
         tv.meta.name = format!("{}-{}", record.method, &tv.digest()[..12]);

@@ -6,7 +6,7 @@ mod events;
 pub(crate) mod examples;
 mod explicit;
 pub(crate) mod learning;
-mod merge;
+pub(crate) mod merge;
 
 pub use events::{events, MAX_STREAMS};
 
@@ -38,7 +38,7 @@ pub async fn create(
         learn(&s, model, body, key).await?
     } else if body.json.get("method").is_some() {
         let req: MergeRequest = parse(body.json, "merge request")?;
-        (StatusCode::CREATED, merge(&s, model, req).await?)
+        merge(&s, model, req).await?
     } else {
         let req: ExplicitRequest = parse(body.json, "explicit composition")?;
         (StatusCode::CREATED, explicit(&s, model, req)?)
