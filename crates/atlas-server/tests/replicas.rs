@@ -188,19 +188,24 @@ fn a_job_is_followed_on_one_replica_and_cancelled_from_another() {
 fn a_killed_replicas_job_is_finished_by_another_from_its_checkpoint() {
     let c = Cluster::new();
     let a = c.start("a");
-    let (_, whole) = a.post("/compositions", &job(6, 32));
-    let whole = a.wait_final(&id(&whole), Duration::from_secs(300));
+    // Long enough that a is still at it when killed after its first epoch, on a fast machine.
+    let (_, whole) = a.post("/compositions", &job(40, 32));
+    let whole = a.wait_final(&id(&whole), Duration::from_secs(600));
     assert_eq!(whole["status"], "succeeded", "{whole}");
 
-    let (_, j) = a.post("/compositions", &job(6, 32));
+    let (_, j) = a.post("/compositions", &job(40, 32));
     let jid = id(&j);
+    wait_until(Duration::from_secs(120), "the job running on a", || {
+        a.get(&format!("/compositions/{jid}")).1["status"] == "running"
+    });
+    // Started now, b finds the job under a's lease and leaves it.
+    let b = c.start("b");
     wait_until(Duration::from_secs(120), "an epoch checkpoint", || {
         let v = a.get(&format!("/compositions/{jid}")).1;
         v["history"]
             .as_array()
             .is_some_and(|h| h.iter().any(|e| e["kind"] == "epoch"))
     });
-    let b = c.start("b");
     a.kill();
     let killed = Instant::now();
     let done = b.wait_final(&jid, Duration::from_secs(300));

@@ -2,7 +2,9 @@
 //! FusionBench's `wudi.wudi_merging`: per 2-D tensor, the merged delta τ starts at Σ_i τ_i and
 //! takes `iter_num` Adam steps (lr 1e-5, PyTorch's defaults otherwise) on
 //!
-//!     L(τ) = Σ_i ‖(τ − τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F
+//! ```text
+//! L(τ) = Σ_i ‖(τ − τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F
+//! ```
 //!
 //! Other tensors, and those named in `exclude_keys`, are averaged. The merged model is θ0 + τ.
 //!
