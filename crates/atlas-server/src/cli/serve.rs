@@ -21,10 +21,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
+        // The URL's password stays out of the log: only where the state is.
+        let store = match config.database_url.is_empty() {
+            true => format!("data in {}", config.data_dir.display()),
+            false => format!(
+                "PostgreSQL as replica {}, blobs in {}",
+                config.replica,
+                config.blob_dir.display()
+            ),
+        };
         eprintln!(
-            "atlas-serve: listening on {}, data in {}{}",
+            "atlas-serve: listening on {}, {store}{}",
             config.listen,
-            config.data_dir.display(),
             if config.api_keys.is_empty() {
                 ""
             } else {
