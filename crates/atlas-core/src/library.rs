@@ -54,6 +54,11 @@ impl Library {
         self.tvs.iter().find(|t| t.name() == name)
     }
 
+    /// The task vector with these deltas, under whatever name.
+    pub fn by_digest(&self, digest: &str) -> Option<&Arc<TaskVector>> {
+        self.tvs.iter().find(|t| t.digest() == digest)
+    }
+
     /// The named task vectors in the given order; unknown names are an error naming them.
     pub fn select(&self, names: &[impl AsRef<str>]) -> Result<Vec<Arc<TaskVector>>> {
         names

@@ -71,6 +71,33 @@ fn config(job: &Job, lr: Option<f64>) -> LearnConfig {
     c
 }
 
+/// Learns `job` and says the lr the run used (the recipe's, raised by its travel on small
+/// data).
+fn learn_reporting_lr(
+    w: &World,
+    tvs: &[Arc<TaskVector>],
+    job: &Job,
+    cfg: &LearnConfig,
+) -> (atlas_learn::Learned, f64) {
+    let mut lr_used = 0.0;
+    let mut on = |e: &Event| {
+        if e.kind == EventKind::Started {
+            lr_used = e.lr;
+        }
+    };
+    let out = learn(
+        &w.backbone,
+        tvs,
+        job,
+        cfg,
+        &mut on,
+        &AtomicBool::new(false),
+        None,
+    )
+    .unwrap();
+    (out, lr_used)
+}
+
 fn negation(w: &World, lrs: &[Option<f64>]) {
     let nb = w.backbone.manifest().len();
     println!("target control lr | zero-shot target control | learned target control | outcome epoch max|Λ|");
@@ -94,24 +121,7 @@ fn negation(w: &World, lrs: &[Option<f64>]) {
         };
         for &lr in lrs {
             let cfg = config(&job, lr);
-            // The lr the run used (the recipe's, raised by its travel on small data).
-            let mut lr_used = 0.0;
-            let out = learn(
-                &w.backbone,
-                &tv,
-                &job,
-                &cfg,
-                &mut |e: &Event| {
-                    lr_used = if e.kind == EventKind::Started {
-                        e.lr
-                    } else {
-                        lr_used
-                    }
-                },
-                &AtomicBool::new(false),
-                None,
-            )
-            .unwrap();
+            let (out, lr_used) = learn_reporting_lr(w, &tv, &job, &cfg);
             let l = (
                 acc(w, &tv, &out.coefs, &target, &tt),
                 acc(w, &tv, &out.coefs, &control, &ct),
@@ -225,23 +235,7 @@ fn task_addition(w: &World, lrs: &[Option<f64>]) {
     let job = Job::TaskAddition(tasks.clone());
     for &lr in lrs {
         let cfg = config(&job, lr);
-        let mut lr_used = 0.0;
-        let out = learn(
-            &w.backbone,
-            &w.task_vectors,
-            &job,
-            &cfg,
-            &mut |e: &Event| {
-                lr_used = if e.kind == EventKind::Started {
-                    e.lr
-                } else {
-                    lr_used
-                }
-            },
-            &AtomicBool::new(false),
-            None,
-        )
-        .unwrap();
+        let (out, lr_used) = learn_reporting_lr(w, &w.task_vectors, &job, &cfg);
         let accs: Vec<f64> = tasks
             .iter()
             .zip(&tests)

@@ -40,23 +40,21 @@ const LIBRARY_POLL: Duration = Duration::from_secs(1);
 const LISTEN_CHECK: Duration = Duration::from_secs(10);
 
 /// Starts the listening thread and the library's thread.
-pub fn follow(f: Follow) {
-    let f = Arc::new(Following {
+pub fn follow(mut f: Follow) {
+    let following = Arc::new(Following {
         wake: (Mutex::new(false), Condvar::new()),
         store: f.store.clone(),
         workers: f.workers.clone(),
         stopping: f.stopping.clone(),
-        library_side: Mutex::new(Some(f)),
     });
-    let listener = f.clone();
+    let listener = following.clone();
     std::thread::Builder::new()
         .name("atlas-listen".into())
         .spawn(move || listener.listen())
         .expect("listening thread");
-    let library = f.clone();
     std::thread::Builder::new()
         .name("atlas-library".into())
-        .spawn(move || library.keep_library())
+        .spawn(move || following.keep_library(&mut f))
         .expect("library thread");
 }
 
@@ -66,7 +64,6 @@ struct Following {
     store: Arc<Store>,
     workers: Arc<Workers>,
     stopping: tokio::sync::watch::Receiver<bool>,
-    library_side: Mutex<Option<Follow>>,
 }
 
 impl Following {
@@ -79,15 +76,7 @@ impl Following {
         self.wake.1.notify_one();
     }
 
-    fn keep_library(&self) {
-        let Some(mut f) = self
-            .library_side
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
-            return;
-        };
+    fn keep_library(&self, f: &mut Follow) {
         while !self.stopping() {
             {
                 let woken = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());

@@ -184,12 +184,8 @@ pub(crate) async fn add_derived(
     let _one_at_a_time = CREATING.lock().await;
     {
         let lib = model.library();
-        let same = lib
-            .names()
-            .into_iter()
-            .find_map(|n| lib.get(n).filter(|t| t.digest() == tv.digest()).cloned());
-        if let Some(same) = same {
-            return Ok(same);
+        if let Some(same) = lib.by_digest(tv.digest()) {
+            return Ok(same.clone());
         }
         if lib.get(&name).is_some() {
             return Err(ApiError::conflict(format!(
@@ -222,14 +218,10 @@ fn without_paths(mut e: ApiError, roots: &[Option<PathBuf>]) -> ApiError {
 /// One stored copy per digest: the same deltas under a second name are refused, naming the
 /// first (the same checkpoint under 1,000 names once stored, and held, 1,000 copies).
 fn check_unique(model: &Model, tv: &TaskVector) -> ApiResult<()> {
-    let lib = model.library();
-    let same = lib
-        .names()
-        .into_iter()
-        .find(|n| lib.get(n).is_some_and(|t| t.digest() == tv.digest()));
-    match same {
+    match model.library().by_digest(tv.digest()) {
         Some(other) => Err(ApiError::conflict(format!(
-            "task vector {other:?} has the same deltas (digest {}); use it instead",
+            "task vector {:?} has the same deltas (digest {}); use it instead",
+            other.name(),
             tv.digest()
         ))),
         None => Ok(()),

@@ -93,27 +93,16 @@ pub(super) async fn merge(
             (vec![tv.name().to_string()], vec![tv], vec![scale])
         }
     };
-    let t = now();
-    let c = Composition {
-        id: new_id(),
-        name: req.name,
-        kind: "merge".into(),
-        status: Status::Succeeded,
-        task_vectors: names,
-        layout: Layout::Isotropic,
-        coefficients: Some(coefficients),
-        progress: None,
-        history: Vec::new(),
-        summary: None,
-        error: None,
-        provenance: Provenance {
+    let mut c = composition(
+        req.name,
+        names,
+        Provenance {
             merge: Some(record),
             ..provenance(model, &tvs)
         },
-        request: None,
-        created_at: t,
-        updated_at: t,
-    };
+    );
+    c.status = Status::Succeeded;
+    c.coefficients = Some(coefficients);
     insert_bound(s, model, &c, None, None)?;
     Ok((StatusCode::CREATED, c))
 }
@@ -128,33 +117,47 @@ fn queue(
     inputs: &[Arc<TaskVector>],
 ) -> ApiResult<Composition> {
     check_queue(s)?;
-    let t = now();
-    let c = Composition {
-        id: new_id(),
-        name: req.name.clone(),
-        kind: "merge".into(),
-        status: Status::Queued,
-        task_vectors: req.task_vectors.clone(),
-        layout: Layout::Isotropic,
-        coefficients: None,
-        progress: None,
-        history: Vec::new(),
-        summary: None,
-        error: None,
-        provenance: Provenance {
+    let mut c = composition(
+        req.name.clone(),
+        req.task_vectors.clone(),
+        Provenance {
             merge: Some(record),
             ..provenance(model, inputs)
         },
-        request: Some(JobRequest::Merge(req)),
-        created_at: t,
-        updated_at: t,
-    };
+    );
+    c.request = Some(JobRequest::Merge(req));
     match insert_bound(s, model, &c, None, Some(s.config.job_queue))? {
         Inserted::QueueFull(queued) => Err(queue_full(s, queued)),
         _ => {
             model.workers.notify();
             Ok(c)
         }
+    }
+}
+
+/// A merge's composition, queued with no coefficients yet: an isotropic one of `task_vectors`.
+fn composition(
+    name: Option<String>,
+    task_vectors: Vec<String>,
+    provenance: Provenance,
+) -> Composition {
+    let t = now();
+    Composition {
+        id: new_id(),
+        name,
+        kind: "merge".into(),
+        status: Status::Queued,
+        task_vectors,
+        layout: Layout::Isotropic,
+        coefficients: None,
+        progress: None,
+        history: Vec::new(),
+        summary: None,
+        error: None,
+        provenance,
+        request: None,
+        created_at: t,
+        updated_at: t,
     }
 }
 
@@ -278,12 +281,8 @@ impl MergeJob<'_> {
     fn keep(&self, tv: TaskVector) -> Result<Arc<TaskVector>, LearnError> {
         let _one_at_a_time = task_vectors::CREATING.blocking_lock();
         let lib = self.library.read().unwrap_or_else(|p| p.into_inner());
-        let same = lib
-            .names()
-            .into_iter()
-            .find_map(|n| lib.get(n).filter(|t| t.digest() == tv.digest()).cloned());
-        if let Some(same) = same {
-            return Ok(same);
+        if let Some(same) = lib.by_digest(tv.digest()) {
+            return Ok(same.clone());
         }
         if lib.get(tv.name()).is_some() {
             return Err(LearnError::Job(format!(
