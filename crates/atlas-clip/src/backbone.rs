@@ -6,7 +6,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{ClipConfig, VisionConfig};
 use crate::device_compose::DeviceComposer;
 use crate::manifest::{vision_manifest, vision_tensors, QkvBlocks, VISUAL_PROJECTION};
-use crate::model::{TextTower, VisionTower, WeightSource};
+use crate::model::{bf16_gemm, Bf16Matmuls, TextTower, VisionTower, WeightSource};
 use crate::tokenizer::ClipTokenizer;
 use crate::{openclip, ClipError, Result};
 use atlas_core::safetensors_io::{self, RawTensor};
@@ -90,9 +90,9 @@ impl Backbone {
         let text_src = RawSource {
             tensors: &by_name,
             device: &opts.device,
-            dtype: opts.dtype,
+            dtype: tensor_dtype(&opts),
         };
-        let text = TextTower::new(&text_cfg, cfg.projection_dim, &text_src)?;
+        let text = TextTower::new(&text_cfg, cfg.projection_dim, &*source(&opts, &text_src))?;
         let tokenizer = match &ckpt.files.tokenizer {
             Some(p) => Some(ClipTokenizer::from_file(p)?),
             None => None,
@@ -182,7 +182,8 @@ impl Backbone {
 
     /// The image tower over any weight source that has the manifest's tensors.
     pub fn vision(&self, src: &dyn WeightSource) -> Result<VisionTower> {
-        VisionTower::new(&self.config.vision, Some(self.config.projection_dim), src)
+        let src = source(&self.opts, src);
+        VisionTower::new(&self.config.vision, Some(self.config.projection_dim), &*src)
     }
 
     /// The pre-trained image tower.
@@ -191,7 +192,7 @@ impl Backbone {
             &self.manifest,
             self.base.clone(),
             &self.opts.device,
-            self.opts.dtype,
+            tensor_dtype(&self.opts),
         )?;
         self.vision(&w)
     }
@@ -207,7 +208,12 @@ impl Backbone {
             return self.device_composer()?.compose(tvs, coefs, self.opts.dtype);
         }
         let blocks: Vec<Vec<f32>> = compose(&self.manifest, &self.base, tvs, coefs)?;
-        block_tensors(&self.manifest, blocks, &self.opts.device, self.opts.dtype)
+        block_tensors(
+            &self.manifest,
+            blocks,
+            &self.opts.device,
+            tensor_dtype(&self.opts),
+        )
     }
 
     /// The composer on this backbone's device (θ0 uploaded on first use).
@@ -341,6 +347,39 @@ impl Backbone {
             base_digest: self.base_digest.clone(),
             source: source.to_string(),
         }
+    }
+}
+
+/// bf16 on the CPU means bf16 matmuls over f32 activations: the towers' tensors are made in
+/// f32 and their matmul weights packed in bf16 (`Bf16Matmuls`).
+fn cpu_bf16(opts: &LoadOptions) -> bool {
+    opts.device.is_cpu() && opts.dtype == DType::BF16
+}
+
+/// The dtype the towers' tensors are made in.
+fn tensor_dtype(opts: &LoadOptions) -> DType {
+    if cpu_bf16(opts) {
+        DType::F32
+    } else {
+        opts.dtype
+    }
+}
+
+/// `src`, with packed bf16 matmuls where `opts` wants bf16 on the CPU and the CPU has a kernel
+/// (the f32 path otherwise).
+fn source<'a>(opts: &LoadOptions, src: &'a dyn WeightSource) -> Box<dyn WeightSource + 'a> {
+    match bf16_gemm::chosen().filter(|_| cpu_bf16(opts)) {
+        Some(kernel) => Box::new(Bf16Matmuls(src, kernel)),
+        None => Box::new(Plain(src)),
+    }
+}
+
+/// A weight source as it is.
+struct Plain<'a>(&'a dyn WeightSource);
+
+impl WeightSource for Plain<'_> {
+    fn find(&self, name: &str) -> Option<Tensor> {
+        self.0.find(name)
     }
 }
 

@@ -24,7 +24,7 @@ pub use config::{ClipConfig, TextConfig, VisionConfig};
 pub use error::{ClipError, Result};
 pub use heads::ZeroShotHead;
 pub use manifest::{vision_manifest, QkvBlocks};
-pub use model::{TextTower, VisionTower, WeightSource};
+pub use model::{Bf16Matmuls, TextTower, VisionTower, WeightSource};
 
 /// Whether the project's own CUDA kernels (composition, fused epilogues, attention, the
 /// learning step's reduction) may run on a GPU: yes unless `ATLAS_CUDA_KERNELS` is `0`, `off`,

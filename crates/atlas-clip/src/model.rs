@@ -16,6 +16,7 @@
 //! `layers` (linear, norm, attention and encoder layers), `vision` and `text` (the towers).
 
 pub(crate) mod attention;
+pub mod bf16_gemm;
 mod fast_math;
 pub(crate) mod fused;
 pub(crate) mod fused_grad;
@@ -50,6 +51,25 @@ pub trait WeightSource {
             ));
         }
         Ok(t)
+    }
+
+    /// The bf16 kernel that towers built from this source run their CPU matmuls on (packed
+    /// weights, f32 activations, bf16 products, f32 sums); None for the f32 path.
+    fn bf16_kernel(&self) -> Option<bf16_gemm::Kernel> {
+        None
+    }
+}
+
+/// `src` with its towers' CPU matmuls on a bf16 kernel, which the caller has checked the CPU
+/// has (`bf16_gemm::available`).
+pub struct Bf16Matmuls<'a>(pub &'a dyn WeightSource, pub bf16_gemm::Kernel);
+
+impl WeightSource for Bf16Matmuls<'_> {
+    fn find(&self, name: &str) -> Option<Tensor> {
+        self.0.find(name)
+    }
+    fn bf16_kernel(&self) -> Option<bf16_gemm::Kernel> {
+        Some(self.1)
     }
 }
 

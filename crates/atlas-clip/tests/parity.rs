@@ -3,7 +3,8 @@
 
 mod common;
 
-use atlas_clip::model::normalize;
+use atlas_clip::model::{bf16_gemm, normalize, softmax_last};
+use atlas_clip::{Bf16Matmuls, VisionTower};
 use atlas_clip::{vision_manifest, QkvBlocks};
 use atlas_core::parts::{block_key, part_of};
 use atlas_core::{Coefficients, Layout, StorageDType};
@@ -94,6 +95,36 @@ fn half_precision_storage_stays_close() {
         let d = max_abs_diff(&logits(&bb, &img, &r), &r.t("composed_block_logits"));
         println!("{dtype:?} storage: max abs logit diff {d:.2e}");
         assert!(d < 2e-2, "{dtype:?}: {d}");
+    }
+}
+
+/// bf16 matmuls (packed weights, f32 activations) on every kernel this CPU has: the composed
+/// tower's class probabilities within 1e-2 of f32's. The paths a CPU lacks are the f32 path,
+/// which the tests above check against transformers.
+#[test]
+fn bf16_matmuls_on_every_kernel_keep_probabilities_within_1e2() {
+    let r = Reference::load();
+    let bb = backbone(DType::F32);
+    let tvs = task_vectors(&bb, StorageDType::F32);
+    let nb = bb.manifest().len();
+    let coefs = Coefficients::new(Layout::PerBlock, 3, nb, r.f64s("coef_block")).unwrap();
+    let weights = bb.compose(&tvs, &coefs).unwrap();
+    let cfg = &bb.config;
+    let probs = |src: &dyn atlas_clip::WeightSource| {
+        let tower = VisionTower::new(&cfg.vision, Some(cfg.projection_dim), src).unwrap();
+        let img = tower.forward(&r.t("pixel_values")).unwrap();
+        softmax_last(&logits(&bb, &img, &r)).unwrap()
+    };
+    let want = probs(&weights);
+    let kernels = bf16_gemm::available();
+    println!("bf16 kernels on this CPU: {kernels:?}");
+    for kernel in kernels {
+        let got = probs(&Bf16Matmuls(&weights, kernel));
+        let d = max_abs_diff(&got, &want);
+        println!("{kernel:?}: max abs probability diff {d:.2e}");
+        assert!(d <= 1e-2, "{kernel:?}: {d}");
+        // bf16 products are not f32's: a kernel that silently ran the f32 path would give 0.
+        assert!(d > 0.0, "{kernel:?} gave f32's probabilities exactly");
     }
 }
 

@@ -1,19 +1,32 @@
 //! The layers of both towers: linear (with fused epilogues), LayerNorm, the q/k/v projections,
 //! the pre-LN encoder layer with its attention, and loading a stack of them.
 
+use super::bf16_gemm::PackedWeight;
 use super::ops::{activate, layer_norm, repeat_rows, softmax_last};
 use super::{attention, fused, fused_grad, WeightSource};
 use crate::config::Activation;
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use std::sync::Arc;
 
 /// y = x Wᵀ + b over the last dimension of a 2-D or 3-D input.
 #[derive(Debug, Clone)]
 pub(super) struct Linear {
-    /// W ([out, in]), or Wᵀ contiguous ([in, out]) when `transposed`.
-    pub(super) w: Tensor,
+    pub(super) w: Weight,
     b: Option<Tensor>,
-    pub(super) transposed: bool,
+}
+
+/// A linear layer's weight, in the form its matmul reads.
+#[derive(Debug, Clone)]
+pub(super) enum Weight {
+    /// W ([out, in]) as given: a graph leaf when learning, and the GPU's copy (cuBLAS reads the
+    /// transposed view as it is).
+    Plain(Tensor),
+    /// Wᵀ contiguous ([in, out]) for CPU inference: gemm repacks a transposed view on every
+    /// call, which made B/32's matmuls 1.5–6.5× slower at batch 1.
+    Transposed(Tensor),
+    /// W in bf16, packed once for the CPU's bf16 kernels (`bf16_gemm`).
+    Packed(Arc<PackedWeight>),
 }
 
 impl Linear {
@@ -33,36 +46,68 @@ impl Linear {
         Linear::new(w, b)
     }
 
-    /// A layer over W ([out, in]). For inference on the CPU, W is kept transposed and
-    /// contiguous: gemm repacks a transposed view on every call, which made B/32's matmuls
-    /// 1.5–6.5× slower at batch 1 (the MLP's second matmul most). cuBLAS takes the transposed
-    /// view as it is, so a GPU keeps one copy of the weights.
+    /// A layer over W ([out, in]), kept transposed for inference on the CPU.
     pub(super) fn new(w: Tensor, b: Option<Tensor>) -> Result<Self> {
-        if fused::usable(&[&w]) && w.device().is_cpu() {
-            let w = w.t()?.contiguous()?;
-            return Ok(Linear {
-                w,
-                b,
-                transposed: true,
-            });
+        let w = if fused::usable(&[&w]) && w.device().is_cpu() {
+            Weight::Transposed(w.t()?.contiguous()?)
+        } else {
+            Weight::Plain(w)
+        };
+        Ok(Linear { w, b })
+    }
+
+    /// The layer with W packed for `src`'s bf16 kernel when it names one and the layer runs
+    /// CPU inference in f32; unchanged otherwise.
+    pub(super) fn packed_for(self, src: &dyn WeightSource) -> Result<Self> {
+        let (Weight::Transposed(wt), Some(kernel)) = (&self.w, src.bf16_kernel()) else {
+            return Ok(self);
+        };
+        if wt.dtype() != DType::F32 {
+            return Ok(self);
         }
+        let (k, n) = wt.dims2()?;
+        let data = wt.flatten_all()?.to_vec1::<f32>()?;
+        let packed = PackedWeight::from_transposed(&data, k, n, kernel);
         Ok(Linear {
-            w,
-            b,
-            transposed: false,
+            w: Weight::Packed(Arc::new(packed)),
+            b: self.b,
         })
     }
 
-    fn out_dim(&self) -> Result<usize> {
-        Ok(self.w.dim(usize::from(self.transposed))?)
+    /// Whether the layer takes the CPU inference path (transposed or packed weights).
+    pub(super) fn cpu_inference(&self) -> bool {
+        !matches!(self.w, Weight::Plain(_))
     }
 
-    /// Wᵀ, the right-hand side of x Wᵀ.
-    fn rhs(&self) -> Result<Tensor> {
-        Ok(if self.transposed {
-            self.w.clone()
-        } else {
-            self.w.t()?
+    /// The dtype inputs are given in.
+    pub(super) fn input_dtype(&self) -> DType {
+        match &self.w {
+            Weight::Plain(w) | Weight::Transposed(w) => w.dtype(),
+            Weight::Packed(_) => DType::F32,
+        }
+    }
+
+    fn out_dim(&self) -> Result<usize> {
+        Ok(match &self.w {
+            Weight::Plain(w) => w.dim(0)?,
+            Weight::Transposed(w) => w.dim(1)?,
+            Weight::Packed(p) => p.out_dim(),
+        })
+    }
+
+    /// x2 ([rows, in]) Wᵀ, without the bias.
+    fn product(&self, x2: &Tensor) -> Result<Tensor> {
+        Ok(match &self.w {
+            Weight::Plain(w) if w.track_op() && fused_grad::usable(&[x2, w]) => {
+                fused_grad::matmul_wt(x2, w)?
+            }
+            Weight::Plain(w) => x2.matmul(&w.t()?)?,
+            Weight::Transposed(wt) => x2.matmul(wt)?,
+            Weight::Packed(p) => {
+                let rows = x2.dim(0)?;
+                let x = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(p.matmul(&x, rows), (rows, p.out_dim()), x2.device())?
+            }
         })
     }
 }
@@ -85,17 +130,12 @@ impl Linear {
         let last = out[out.len() - 1];
         let x2 = x.reshape(((), last))?;
         *out.last_mut().expect("non-empty") = self.out_dim()?;
-        let learned = self.w.track_op() && fused_grad::usable(&[&x2, &self.w]);
-        if let (true, Some(b), None, None) = (learned, &self.b, act, residual) {
-            if fused_grad::usable(&[&x2, b]) {
-                return Ok(fused_grad::matmul_wt_bias(&x2, &self.w, b)?.reshape(out)?);
+        if let (Weight::Plain(w), Some(b), None, None) = (&self.w, &self.b, act, residual) {
+            if w.track_op() && fused_grad::usable(&[&x2, w, b]) {
+                return Ok(fused_grad::matmul_wt_bias(&x2, w, b)?.reshape(out)?);
             }
         }
-        let y = if learned {
-            fused_grad::matmul_wt(&x2, &self.w)?
-        } else {
-            x2.matmul(&self.rhs()?)?
-        };
+        let y = self.product(&x2)?;
         let residual = match residual {
             Some(r) => Some(r.reshape(y.shape())?),
             None => None,
@@ -177,28 +217,41 @@ pub(super) enum Qkv {
 impl Qkv {
     /// Stacks the projections when none of their weights is part of a graph.
     fn new(q: Linear, k: Linear, v: Linear, scale: f64) -> Result<Self> {
-        let parts = [&q, &k, &v];
-        let plain = parts
-            .iter()
-            .all(|l| fused::usable(&[&l.w]) && l.b.as_ref().is_none_or(|b| fused::usable(&[b])));
         let (Some(qb), Some(kb), Some(vb)) = (&q.b, &k.b, &v.b) else {
             return Ok(Qkv::Separate { q, k, v });
         };
-        if !plain {
-            return Ok(Qkv::Separate { q, k, v });
-        }
-        let transposed = q.transposed && k.transposed && v.transposed;
-        if !transposed && (q.transposed || k.transposed || v.transposed) {
-            return Ok(Qkv::Separate { q, k, v });
-        }
+        let plain = |ts: [&Tensor; 3]| ts.iter().all(|t| fused::usable(&[t]));
         // Wᵀ blocks side by side ([in, 3·out]), or W blocks stacked ([3·out, in]).
-        let w = Tensor::cat(&[&(&q.w * scale)?, &k.w, &v.w], usize::from(transposed))?;
+        let (ws, dim) = match (&q.w, &k.w, &v.w) {
+            (Weight::Transposed(a), Weight::Transposed(b), Weight::Transposed(c)) => ([a, b, c], 1),
+            (Weight::Plain(a), Weight::Plain(b), Weight::Plain(c)) if plain([a, b, c]) => {
+                ([a, b, c], 0)
+            }
+            _ => return Ok(Qkv::Separate { q, k, v }),
+        };
+        if !plain([qb, kb, vb]) {
+            return Ok(Qkv::Separate { q, k, v });
+        }
+        let w = Tensor::cat(&[&(ws[0] * scale)?, ws[1], ws[2]], dim)?;
         let b = Tensor::cat(&[&(qb * scale)?, kb, vb], 0)?;
-        Ok(Qkv::Stacked(Linear {
-            w,
-            b: Some(b),
-            transposed,
-        }))
+        let w = if dim == 1 {
+            Weight::Transposed(w)
+        } else {
+            Weight::Plain(w)
+        };
+        Ok(Qkv::Stacked(Linear { w, b: Some(b) }))
+    }
+
+    /// The projections, packed as `Linear::packed_for` packs.
+    fn packed_for(self, src: &dyn WeightSource) -> Result<Self> {
+        Ok(match self {
+            Qkv::Stacked(l) => Qkv::Stacked(l.packed_for(src)?),
+            Qkv::Separate { q, k, v } => Qkv::Separate {
+                q: q.packed_for(src)?,
+                k: k.packed_for(src)?,
+                v: v.packed_for(src)?,
+            },
+        })
     }
 }
 
@@ -224,15 +277,17 @@ impl EncoderLayer {
         act: Activation,
         eps: f64,
     ) -> Result<Self> {
-        let lin = |n: &str, o, i| Linear::load(src, &format!("{p}.{n}"), o, i, true);
+        let load = |n: &str, o, i| Linear::load(src, &format!("{p}.{n}"), o, i, true);
+        let lin = |n: &str, o, i| load(n, o, i)?.packed_for(src);
         let scale = ((d / heads) as f64).powf(-0.5);
         Ok(EncoderLayer {
             qkv: Qkv::new(
-                lin("self_attn.q_proj", d, d)?,
-                lin("self_attn.k_proj", d, d)?,
-                lin("self_attn.v_proj", d, d)?,
+                load("self_attn.q_proj", d, d)?,
+                load("self_attn.k_proj", d, d)?,
+                load("self_attn.v_proj", d, d)?,
                 scale,
-            )?,
+            )?
+            .packed_for(src)?,
             out: lin("self_attn.out_proj", d, d)?,
             ln1: Norm::load(src, &format!("{p}.layer_norm1"), d, eps)?,
             ln2: Norm::load(src, &format!("{p}.layer_norm2"), d, eps)?,
@@ -385,7 +440,7 @@ mod tests {
     fn fused_epilogues_match_primitive_ops() {
         let x = rand(&[2, 5, 16], 0.0, 5);
         let lin = Linear::new(rand(&[24, 16], 0.0, 6), Some(rand(&[24], 0.0, 7))).unwrap();
-        assert!(lin.transposed);
+        assert!(matches!(lin.w, Weight::Transposed(_)));
         let r = rand(&[2, 5, 24], 0.0, 8);
         for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
             for res in [None, Some(&r)] {

@@ -46,7 +46,8 @@ impl TextTower {
             projection: Linear::new(
                 src.get("text_projection.weight", &[projection_dim, d])?,
                 None,
-            )?,
+            )?
+            .packed_for(src)?,
         })
     }
 

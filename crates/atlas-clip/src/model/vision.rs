@@ -40,14 +40,16 @@ impl VisionTower {
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let eps = cfg.layer_norm_eps;
         let projection = match projection_dim {
-            Some(pd) => Some(Linear::new(src.get(VISUAL_PROJECTION, &[pd, d])?, None)?),
+            Some(pd) => {
+                Some(Linear::new(src.get(VISUAL_PROJECTION, &[pd, d])?, None)?.packed_for(src)?)
+            }
             None => None,
         };
         Ok(VisionTower {
             cfg: cfg.clone(),
             class_embedding: get(0)?,
             // Stride = kernel = patch size, so the conv is a matmul over flattened patches.
-            patch: Linear::new(get(1)?.reshape((d, c * p * p))?, None)?,
+            patch: Linear::new(get(1)?.reshape((d, c * p * p))?, None)?.packed_for(src)?,
             position: get(2)?,
             pre: Norm::load(src, "vision_model.pre_layrnorm", d, eps)?,
             layers: load_layers(
@@ -80,7 +82,7 @@ impl VisionTower {
             )));
         }
         if b > CPU_CHUNK
-            && self.patch.transposed
+            && self.patch.cpu_inference()
             && fused::usable(&[pixels])
             && pixels.device().is_cpu()
         {
@@ -90,7 +92,7 @@ impl VisionTower {
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&parts, 0)?);
         }
-        let pixels = pixels.to_dtype(self.patch.w.dtype())?;
+        let pixels = pixels.to_dtype(self.patch.input_dtype())?;
         let (gh, gw) = (h / p, w / p);
         let patches = pixels
             .reshape((b, c, gh, p, gw, p))?
@@ -171,7 +173,7 @@ mod tests {
     #[test]
     fn a_large_batch_runs_in_chunks_with_the_same_result() {
         let tower = VisionTower::new(&tiny(), Some(8), &tiny_weights(false)).unwrap();
-        assert!(tower.patch.transposed);
+        assert!(tower.patch.cpu_inference());
         let n = 2 * CPU_CHUNK + 5;
         let px = rand(&[n, 3, 8, 8], 0.0, 10);
         let all = tower.forward(&px).unwrap();

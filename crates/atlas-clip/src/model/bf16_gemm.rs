@@ -1,0 +1,439 @@
+//! bf16 matmuls on the CPU for inference: y = x Wᵀ with x and y in f32, W rounded to bf16 and
+//! packed once per model, products of bf16 pairs accumulated in f32 (what PyTorch's bf16
+//! autocast does). Two kernels over one packed layout, chosen at run time by CPU feature:
+//! AMX tiles (`tdpbf16ps`, Sapphire Rapids and later Xeons) and AVX512-BF16 (`vdpbf16ps`, also
+//! Zen 4). A CPU with neither keeps the f32 path (`Linear` does not pack).
+//!
+//! No crate offered this with pre-packed weights: candle 0.11.1 widens bf16 matmuls to f32 on
+//! every call, the gemm crate has no bf16 kernel, and the bf16 GEMMs on crates.io are young or
+//! part of whole runtimes (tract). The kernels are short: all the blocking is here.
+//!
+//! Layout: W ([n, k]) in tiles of 16 output columns; tile t holds, for each pair of inputs
+//! kp, the 16 columns' (W[16t+j][2kp], W[16t+j][2kp+1]): 64 bytes per kp. That is the "VNNI"
+//! layout both instructions read: one AMX B tile (16 kp × 64 bytes) or one zmm per kp. k and n
+//! are padded with zeros to multiples of 32; x is rounded to bf16 into a buffer padded the same.
+
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows and columns of one unit of work: 2×2 tiles of 16 (AMX) or 4×2 blocks of 8×16 (AVX-512).
+const BLOCK: usize = 32;
+/// m-blocks a thread sweeps across all n-blocks before moving on, so that x's rows stay in L2
+/// while W streams through once per group.
+const M_GROUP: usize = 4;
+
+/// The instructions a packed matmul runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Amx,
+    Avx512Bf16,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512_bf16",
+        }
+    }
+}
+
+/// The kernels this CPU (and OS) can run, best first.
+pub fn available() -> Vec<Kernel> {
+    let mut out = Vec::new();
+    if amx_usable() {
+        out.push(Kernel::Amx);
+    }
+    if avx512_bf16_usable() {
+        out.push(Kernel::Avx512Bf16);
+    }
+    out
+}
+
+/// The kernel bf16 matmuls use: the best available, unless `ATLAS_CPU_BF16` names another
+/// (`amx`, `avx512_bf16`) or turns them off (`off`: the f32 path). Read once per process.
+pub fn chosen() -> Option<Kernel> {
+    static CHOSEN: OnceLock<Option<Kernel>> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        choose(
+            std::env::var("ATLAS_CPU_BF16").ok().as_deref(),
+            &available(),
+        )
+    })
+}
+
+fn choose(wanted: Option<&str>, available: &[Kernel]) -> Option<Kernel> {
+    match wanted.map(str::trim) {
+        Some("off" | "0" | "f32" | "no") => None,
+        Some(name) if !name.is_empty() => available.iter().copied().find(|k| k.name() == name),
+        _ => available.first().copied(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_bf16_usable() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_bf16_usable() -> bool {
+    false
+}
+
+/// AMX-TILE and AMX-BF16 in CPUID, and Linux's permission to use tile data (asked once: the
+/// kernel refuses tile instructions until a process requests it).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_usable() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| {
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        let (tile, bf16) = (edx & (1 << 24) != 0, edx & (1 << 22) != 0);
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only changes the process's permissions.
+        tile && bf16
+            && unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            } == 0
+    })
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn amx_usable() -> bool {
+    false
+}
+
+/// W ([n, k]) rounded to bf16 in the kernels' layout.
+#[derive(Debug)]
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    kernel: Kernel,
+    /// n and k rounded up to multiples of `BLOCK`.
+    n_pad: usize,
+    k_pad: usize,
+    tiles: Vec<bf16>,
+}
+
+impl PackedWeight {
+    /// Packs Wᵀ given row-major as [k, n] (how `Linear` keeps its weights on the CPU).
+    pub fn from_transposed(wt: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
+        assert_eq!(wt.len(), k * n, "Wᵀ is not [k, n]");
+        let (n_pad, k_pad) = (n.next_multiple_of(BLOCK), k.next_multiple_of(BLOCK));
+        let mut tiles = vec![bf16::ZERO; n_pad * k_pad];
+        // Tile t is k_pad·16 values: kp-major, then column j, then the pair.
+        tiles
+            .par_chunks_mut(k_pad * 16)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for (i, v) in tile.iter_mut().enumerate() {
+                    let (kp, j, e) = (i / 32, (i / 2) % 16, i % 2);
+                    let (row, col) = (2 * kp + e, 16 * t + j);
+                    if row < k && col < n {
+                        *v = bf16::from_f32(wt[row * n + col]);
+                    }
+                }
+            });
+        PackedWeight {
+            n,
+            k,
+            kernel,
+            n_pad,
+            k_pad,
+            tiles,
+        }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.n
+    }
+    pub fn in_dim(&self) -> usize {
+        self.k
+    }
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * 2
+    }
+
+    /// y = x Wᵀ for x row-major [m, k]; y is [m, n].
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "x is not [m, k]");
+        let m_pad = m.next_multiple_of(BLOCK);
+        let a = self.round_rows(x, m_pad);
+        let mut y = vec![0f32; m_pad * self.n_pad];
+        let (mb, nb) = (m_pad / BLOCK, self.n_pad / BLOCK);
+        let out = SharedOut(y.as_mut_ptr());
+        (0..mb * nb).into_par_iter().for_each(|u| {
+            let (i, j) = unit(u, mb, nb);
+            let a = &a[i * BLOCK * self.k_pad..(i + 1) * BLOCK * self.k_pad];
+            let b = &self.tiles[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
+            // SAFETY: units write disjoint 32×32 blocks of y, which outlives the loop.
+            let c = unsafe { out.at(i * BLOCK * self.n_pad + j * BLOCK) };
+            // SAFETY: the kernel was found usable on this CPU; a, b and c hold 32 rows of
+            // k_pad, two tiles, and 32 rows of n_pad from c.
+            unsafe { self.block(a, b, c) };
+        });
+        self.unpad(y, m)
+    }
+
+    /// One 32×32 block of y from 32 rows of x and two tiles of W.
+    unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32) {
+        match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => amx::block(a, b, self.k_pad, c, self.n_pad),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16 => avx512::block(a, b, self.k_pad, c, self.n_pad),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no bf16 kernel off x86-64"),
+        }
+    }
+
+    /// x rounded to bf16 (nearest, ties to even), padded with zero rows and columns.
+    fn round_rows(&self, x: &[f32], m_pad: usize) -> Vec<bf16> {
+        let mut a = vec![bf16::ZERO; m_pad * self.k_pad];
+        let rows_per_task = (1 << 14) / self.k_pad + 1;
+        a.par_chunks_mut(self.k_pad * rows_per_task)
+            .zip(x.par_chunks(self.k * rows_per_task))
+            .for_each(|(dst, src)| {
+                for (d, s) in dst.chunks_mut(self.k_pad).zip(src.chunks(self.k)) {
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d = bf16::from_f32(s);
+                    }
+                }
+            });
+        a
+    }
+
+    /// The first m rows and n columns of y.
+    fn unpad(&self, mut y: Vec<f32>, m: usize) -> Vec<f32> {
+        if self.n_pad == self.n {
+            y.truncate(m * self.n);
+            return y;
+        }
+        y.chunks(self.n_pad)
+            .take(m)
+            .flat_map(|row| &row[..self.n])
+            .copied()
+            .collect()
+    }
+}
+
+/// Unit u as (m-block, n-block): groups of `M_GROUP` m-blocks, n-blocks within a group, m-blocks
+/// within that. Rayon hands each thread a contiguous run of u.
+fn unit(u: usize, mb: usize, nb: usize) -> (usize, usize) {
+    let group = u / (M_GROUP * nb);
+    let in_group = M_GROUP.min(mb - group * M_GROUP);
+    let r = u - group * M_GROUP * nb;
+    (group * M_GROUP + r % in_group, r / in_group)
+}
+
+struct SharedOut(*mut f32);
+
+impl SharedOut {
+    /// The output at element `offset` (a method, so closures capture the whole wrapper).
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+// SAFETY: every unit writes its own block of the output.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use half::bf16;
+    use std::arch::asm;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Whether this thread has loaded the tile configuration (it stays until released).
+        static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Palette 1, tiles 0–7 all 16 rows × 64 bytes: C tiles of 16×16 f32, A tiles of 16 rows ×
+    /// 32 bf16, B tiles of 16 pairs × 16 columns.
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    const CONFIG: TileConfig = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        TileConfig(c)
+    };
+
+    /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles; a's rows are k_pad long, c's n_pad.
+    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, n_pad: usize) {
+        if !CONFIGURED.get() {
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+            CONFIGURED.set(true);
+        }
+        let a_stride = k_pad * 2;
+        let c_stride = n_pad * 4;
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {s64}*1]",
+            "tileloadd tmm7, [{b1} + {s64}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c0} + {sc}*1 + 64], tmm1",
+            "tilestored [{c1} + {sc}*1], tmm2",
+            "tilestored [{c1} + {sc}*1 + 64], tmm3",
+            a0 = inout(reg) a.as_ptr() => _,
+            a1 = inout(reg) a.as_ptr().add(16 * k_pad) => _,
+            b0 = inout(reg) b.as_ptr() => _,
+            b1 = inout(reg) b.as_ptr().add(16 * k_pad) => _,
+            n = inout(reg) k_pad / 32 => _,
+            sa = in(reg) a_stride,
+            s64 = in(reg) 64usize,
+            sc = in(reg) c_stride,
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16 * n_pad),
+            options(nostack),
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// Rows per register block: 8 rows × 2 zmm of columns = 16 accumulators.
+    const ROWS: usize = 8;
+
+    /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles, in four blocks of 8 rows.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, n_pad: usize) {
+        for r in (0..super::BLOCK).step_by(ROWS) {
+            rows(a.as_ptr().add(r * k_pad), b, k_pad, c.add(r * n_pad), n_pad);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn rows(a: *const bf16, b: &[bf16], k_pad: usize, c: *mut f32, n_pad: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        let (b0, b1) = (b.as_ptr(), b.as_ptr().add(16 * k_pad));
+        for kp in 0..k_pad / 2 {
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(32 * kp).cast()));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(32 * kp).cast()));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair = a.add(r * k_pad + 2 * kp).cast::<i32>().read_unaligned();
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * n_pad), acc[0]);
+            _mm512_storeu_ps(c.add(r * n_pad + 16), acc[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u64 + 1) * (2 * seed + 7919)) % 2003) as f32 / 1001.5 - 1.0)
+            .collect()
+    }
+
+    /// x Wᵀ in f64 over the bf16-rounded inputs: the products are exact in f32, so the kernels
+    /// differ from it by f32 summation alone.
+    fn reference(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|p| r(x[i * k + p]) * r(wt[p * n + j]))
+                    .sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_kernel_this_cpu_has_matches_the_plain_product() {
+        let kernels = available();
+        eprintln!("bf16 kernels on this CPU: {kernels:?}");
+        // Shapes with and without padding in m, k and n.
+        for (m, k, n) in [
+            (1, 32, 32),
+            (50, 768, 96),
+            (33, 40, 48),
+            (64, 64, 16),
+            (70, 96, 2304),
+        ] {
+            let (x, wt) = (values(m * k, 1), values(k * n, 2));
+            let want = reference(&x, &wt, m, k, n);
+            for &kernel in &kernels {
+                let w = PackedWeight::from_transposed(&wt, k, n, kernel);
+                let got = w.matmul(&x, m);
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                eprintln!("{kernel:?} {m}x{k}x{n}: {worst}");
+                assert!(worst < 1e-4 * k as f32, "{kernel:?} {m}x{k}x{n}: {worst}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_choice_follows_the_switch_and_the_cpu() {
+        let both = [Kernel::Amx, Kernel::Avx512Bf16];
+        assert_eq!(choose(None, &both), Some(Kernel::Amx));
+        assert_eq!(choose(Some("avx512_bf16"), &both), Some(Kernel::Avx512Bf16));
+        assert_eq!(choose(Some("off"), &both), None);
+        assert_eq!(choose(Some("amx"), &[Kernel::Avx512Bf16]), None);
+        assert_eq!(choose(None, &[]), None);
+    }
+
+    #[test]
+    fn units_cover_every_block_once() {
+        for (mb, nb) in [(1, 1), (2, 24), (5, 3), (50, 96), (4, 1)] {
+            let mut seen = vec![0; mb * nb];
+            for u in 0..mb * nb {
+                let (i, j) = unit(u, mb, nb);
+                seen[i * nb + j] += 1;
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{mb}x{nb}");
+        }
+    }
+}
