@@ -90,9 +90,9 @@ impl Backbone {
         let text_src = RawSource {
             tensors: &by_name,
             device: &opts.device,
-            dtype: tensor_dtype(&opts),
+            dtype: opts.tensor_dtype(),
         };
-        let text = TextTower::new(&text_cfg, cfg.projection_dim, &*source(&opts, &text_src))?;
+        let text = TextTower::new(&text_cfg, cfg.projection_dim, &*opts.source(&text_src))?;
         let tokenizer = match &ckpt.files.tokenizer {
             Some(p) => Some(ClipTokenizer::from_file(p)?),
             None => None,
@@ -182,7 +182,7 @@ impl Backbone {
 
     /// The image tower over any weight source that has the manifest's tensors.
     pub fn vision(&self, src: &dyn WeightSource) -> Result<VisionTower> {
-        let src = source(&self.opts, src);
+        let src = self.opts.source(src);
         VisionTower::new(&self.config.vision, Some(self.config.projection_dim), &*src)
     }
 
@@ -192,7 +192,7 @@ impl Backbone {
             &self.manifest,
             self.base.clone(),
             &self.opts.device,
-            tensor_dtype(&self.opts),
+            self.opts.tensor_dtype(),
         )?;
         self.vision(&w)
     }
@@ -212,7 +212,7 @@ impl Backbone {
             &self.manifest,
             blocks,
             &self.opts.device,
-            tensor_dtype(&self.opts),
+            self.opts.tensor_dtype(),
         )
     }
 
@@ -350,27 +350,34 @@ impl Backbone {
     }
 }
 
-/// bf16 on the CPU means bf16 matmuls over f32 activations: the towers' tensors are made in
-/// f32 and their matmul weights packed in bf16 (`Bf16Matmuls`).
-fn cpu_bf16(opts: &LoadOptions) -> bool {
-    opts.device.is_cpu() && opts.dtype == DType::BF16
-}
-
-/// The dtype the towers' tensors are made in.
-fn tensor_dtype(opts: &LoadOptions) -> DType {
-    if cpu_bf16(opts) {
-        DType::F32
-    } else {
-        opts.dtype
+impl LoadOptions {
+    /// bf16 on the CPU means bf16 matmuls over f32 activations: the towers' tensors are made
+    /// in f32 and their matmul weights packed in bf16 (`Bf16Matmuls`).
+    fn cpu_bf16(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::BF16
     }
-}
 
-/// `src`, with packed bf16 matmuls where `opts` wants bf16 on the CPU and the CPU has a kernel
-/// (the f32 path otherwise).
-fn source<'a>(opts: &LoadOptions, src: &'a dyn WeightSource) -> Box<dyn WeightSource + 'a> {
-    match bf16_gemm::chosen().filter(|_| cpu_bf16(opts)) {
-        Some(kernel) => Box::new(Bf16Matmuls(src, kernel)),
-        None => Box::new(Plain(src)),
+    /// The dtype the towers' tensors are made in.
+    pub fn tensor_dtype(&self) -> DType {
+        if self.cpu_bf16() {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
+    /// The bf16 kernel the towers' CPU matmuls run on: with bf16 on a CPU that has one (the
+    /// f32 path otherwise).
+    pub fn bf16_kernel(&self) -> Option<bf16_gemm::Kernel> {
+        bf16_gemm::chosen().filter(|_| self.cpu_bf16())
+    }
+
+    /// `src` as the towers read it: with packed bf16 matmuls where `bf16_kernel` names one.
+    pub fn source<'a>(&self, src: &'a dyn WeightSource) -> Box<dyn WeightSource + 'a> {
+        match self.bf16_kernel() {
+            Some(kernel) => Box::new(Bf16Matmuls(src, kernel)),
+            None => Box::new(Plain(src)),
+        }
     }
 }
 

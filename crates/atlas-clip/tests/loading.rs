@@ -864,7 +864,11 @@ fn half_precision_towers_stay_close_to_f32() {
         assert_eq!(bb.dtype(), dtype);
         // bf16 on the CPU is bf16 matmuls over f32 activations (f32 where the CPU has no bf16
         // kernel); f16 runs every op in f16.
-        let out = if dtype == DType::BF16 { DType::F32 } else { dtype };
+        let out = if dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
         // θ0 is kept in f32 whatever the compute dtype.
         assert_eq!(bb.base_digest(), bb32.base_digest());
         let img = bb.base_vision().unwrap().forward(&pixels).unwrap();

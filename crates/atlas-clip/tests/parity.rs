@@ -4,8 +4,8 @@
 mod common;
 
 use atlas_clip::model::{bf16_gemm, normalize, softmax_last};
-use atlas_clip::{Bf16Matmuls, VisionTower};
 use atlas_clip::{vision_manifest, QkvBlocks};
+use atlas_clip::{Bf16Matmuls, VisionTower};
 use atlas_core::parts::{block_key, part_of};
 use atlas_core::{Coefficients, Layout, StorageDType};
 use candle_core::{DType, Device, Tensor};

@@ -13,6 +13,8 @@
 //! layout both instructions read: one AMX B tile (16 kp × 64 bytes) or one zmm per kp. k and n
 //! are padded with zeros to multiples of 32; x is rounded to bf16 into a buffer padded the same.
 
+use super::fused::activate_in_place;
+use crate::config::Activation;
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -164,40 +166,86 @@ impl PackedWeight {
         self.tiles.len() * 2
     }
 
-    /// y = x Wᵀ for x row-major [m, k]; y is [m, n].
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+    /// y = act(x Wᵀ + bias) + residual for x row-major [m, k]; y is [m, n]. The epilogue runs
+    /// on each 32×32 block while it is in cache, so y is written once.
+    pub fn matmul(&self, x: &[f32], m: usize, epi: &Epilogue) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "x is not [m, k]");
+        assert!(
+            epi.bias.is_none_or(|b| b.len() == self.n),
+            "bias is not [n]"
+        );
+        assert!(
+            epi.residual.is_none_or(|r| r.len() == m * self.n),
+            "residual is not [m, n]"
+        );
         let m_pad = m.next_multiple_of(BLOCK);
         let a = self.round_rows(x, m_pad);
-        let mut y = vec![0f32; m_pad * self.n_pad];
+        let mut y = Vec::with_capacity(m * self.n);
         let (mb, nb) = (m_pad / BLOCK, self.n_pad / BLOCK);
         let out = SharedOut(y.as_mut_ptr());
         (0..mb * nb).into_par_iter().for_each(|u| {
             let (i, j) = unit(u, mb, nb);
             let a = &a[i * BLOCK * self.k_pad..(i + 1) * BLOCK * self.k_pad];
             let b = &self.tiles[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
-            // SAFETY: units write disjoint 32×32 blocks of y, which outlives the loop.
-            let c = unsafe { out.at(i * BLOCK * self.n_pad + j * BLOCK) };
-            // SAFETY: the kernel was found usable on this CPU; a, b and c hold 32 rows of
-            // k_pad, two tiles, and 32 rows of n_pad from c.
-            unsafe { self.block(a, b, c) };
+            let mut block = Block([0f32; BLOCK * BLOCK]);
+            // SAFETY: the kernel was found usable on this CPU; a holds 32 rows of k_pad, b two
+            // tiles, block 32 rows of 32.
+            unsafe { self.block(a, b, block.0.as_mut_ptr(), BLOCK) };
+            self.finish(&mut block.0, (i * BLOCK, j * BLOCK), m, epi, &out);
         });
-        self.unpad(y, m)
+        // SAFETY: the units covered every row < m and column < n of y.
+        unsafe { y.set_len(m * self.n) };
+        y
     }
 
-    /// One 32×32 block of y from 32 rows of x and two tiles of W.
-    unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32) {
+    /// Applies the epilogue to the block at (row, col) of y and writes its rows < m, columns < n.
+    fn finish(
+        &self,
+        block: &mut [f32],
+        (row, col): (usize, usize),
+        m: usize,
+        epi: &Epilogue,
+        out: &SharedOut,
+    ) {
+        let w = BLOCK.min(self.n - col.min(self.n));
+        let rows = BLOCK.min(m.saturating_sub(row));
+        let block = &mut block[..rows * BLOCK];
+        if let Some(b) = epi.bias {
+            for v in block.chunks_mut(BLOCK) {
+                v.iter_mut()
+                    .zip(&b[col..col + w])
+                    .for_each(|(v, b)| *v += b);
+            }
+        }
+        // One call over the whole block: the vectorised exp has a fixed cost per call.
+        activate_in_place(block, epi.act);
+        for (r, v) in block.chunks_mut(BLOCK).enumerate() {
+            let v = &mut v[..w];
+            let at = (row + r) * self.n + col;
+            if let Some(res) = epi.residual {
+                v.iter_mut()
+                    .zip(&res[at..at + w])
+                    .for_each(|(v, r)| *v += r);
+            }
+            // SAFETY: y has capacity m·n and this block owns these w elements of row row + r.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at(at), w) };
+        }
+    }
+
+    /// One 32×32 block of x Wᵀ from 32 rows of x and two tiles of W, into c (rows c_stride
+    /// apart).
+    unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32, c_stride: usize) {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx => amx::block(a, b, self.k_pad, c, self.n_pad),
+            Kernel::Amx => amx::block(a, b, self.k_pad, c, c_stride),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Bf16 => avx512::block(a, b, self.k_pad, c, self.n_pad),
+            Kernel::Avx512Bf16 => avx512::block(a, b, self.k_pad, c, c_stride),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no bf16 kernel off x86-64"),
         }
     }
 
-    /// x rounded to bf16 (nearest, ties to even), padded with zero rows and columns.
+    /// x rounded to bf16, padded with zero rows and columns.
     fn round_rows(&self, x: &[f32], m_pad: usize) -> Vec<bf16> {
         let mut a = vec![bf16::ZERO; m_pad * self.k_pad];
         let rows_per_task = (1 << 14) / self.k_pad + 1;
@@ -205,25 +253,22 @@ impl PackedWeight {
             .zip(x.par_chunks(self.k * rows_per_task))
             .for_each(|(dst, src)| {
                 for (d, s) in dst.chunks_mut(self.k_pad).zip(src.chunks(self.k)) {
-                    for (d, &s) in d.iter_mut().zip(s) {
-                        *d = bf16::from_f32(s);
-                    }
+                    round_into(d, s);
                 }
             });
         a
     }
+}
 
-    /// The first m rows and n columns of y.
-    fn unpad(&self, mut y: Vec<f32>, m: usize) -> Vec<f32> {
-        if self.n_pad == self.n {
-            y.truncate(m * self.n);
-            return y;
-        }
-        y.chunks(self.n_pad)
-            .take(m)
-            .flat_map(|row| &row[..self.n])
-            .copied()
-            .collect()
+/// dst ← src rounded to bf16 (nearest, ties to even), as far as both go.
+fn round_into(dst: &mut [bf16], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_bf16_usable() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { avx512::round_into(dst, src) };
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(s);
     }
 }
 
@@ -235,6 +280,20 @@ fn unit(u: usize, mb: usize, nb: usize) -> (usize, usize) {
     let r = u - group * M_GROUP * nb;
     (group * M_GROUP + r % in_group, r / in_group)
 }
+
+/// What follows the product: y = act(x Wᵀ + bias) + residual.
+#[derive(Default)]
+pub struct Epilogue<'a> {
+    /// [n]
+    pub bias: Option<&'a [f32]>,
+    pub act: Option<Activation>,
+    /// [m, n]
+    pub residual: Option<&'a [f32]>,
+}
+
+/// One 32×32 block of f32, aligned for the tile stores.
+#[repr(C, align(64))]
+struct Block([f32; BLOCK * BLOCK]);
 
 struct SharedOut(*mut f32);
 
@@ -276,14 +335,14 @@ mod amx {
         TileConfig(c)
     };
 
-    /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles; a's rows are k_pad long, c's n_pad.
-    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, n_pad: usize) {
+    /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles; a's rows are k_pad long, c's
+    /// c_stride.
+    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
         if !CONFIGURED.get() {
             asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
             CONFIGURED.set(true);
         }
         let a_stride = k_pad * 2;
-        let c_stride = n_pad * 4;
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",
@@ -315,9 +374,9 @@ mod amx {
             n = inout(reg) k_pad / 32 => _,
             sa = in(reg) a_stride,
             s64 = in(reg) 64usize,
-            sc = in(reg) c_stride,
+            sc = in(reg) c_stride * 4,
             c0 = in(reg) c,
-            c1 = in(reg) c.add(16 * n_pad),
+            c1 = in(reg) c.add(16 * c_stride),
             options(nostack),
         );
     }
@@ -328,20 +387,41 @@ mod avx512 {
     use half::bf16;
     use std::arch::x86_64::*;
 
+    /// `super::round_into` with `vcvtneps2bf16`, 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_into(dst: &mut [bf16], src: &[f32]) {
+        let n = src.len().min(dst.len());
+        let whole = n - n % 16;
+        for i in (0..whole).step_by(16) {
+            let v = _mm512_loadu_ps(src.as_ptr().add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), h);
+        }
+        for (d, &s) in dst[whole..n].iter_mut().zip(&src[whole..n]) {
+            *d = bf16::from_f32(s);
+        }
+    }
+
     /// Rows per register block: 8 rows × 2 zmm of columns = 16 accumulators.
     const ROWS: usize = 8;
 
     /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles, in four blocks of 8 rows.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, n_pad: usize) {
+    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
         for r in (0..super::BLOCK).step_by(ROWS) {
-            rows(a.as_ptr().add(r * k_pad), b, k_pad, c.add(r * n_pad), n_pad);
+            rows(
+                a.as_ptr().add(r * k_pad),
+                b,
+                k_pad,
+                c.add(r * c_stride),
+                c_stride,
+            );
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn rows(a: *const bf16, b: &[bf16], k_pad: usize, c: *mut f32, n_pad: usize) {
+    unsafe fn rows(a: *const bf16, b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
         let (b0, b1) = (b.as_ptr(), b.as_ptr().add(16 * k_pad));
         for kp in 0..k_pad / 2 {
@@ -355,8 +435,8 @@ mod avx512 {
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * n_pad), acc[0]);
-            _mm512_storeu_ps(c.add(r * n_pad + 16), acc[1]);
+            _mm512_storeu_ps(c.add(r * c_stride), acc[0]);
+            _mm512_storeu_ps(c.add(r * c_stride + 16), acc[1]);
         }
     }
 }
@@ -387,6 +467,14 @@ mod tests {
         y
     }
 
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn every_kernel_this_cpu_has_matches_the_plain_product() {
         let kernels = available();
@@ -403,14 +491,36 @@ mod tests {
             let want = reference(&x, &wt, m, k, n);
             for &kernel in &kernels {
                 let w = PackedWeight::from_transposed(&wt, k, n, kernel);
-                let got = w.matmul(&x, m);
-                let worst = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                eprintln!("{kernel:?} {m}x{k}x{n}: {worst}");
-                assert!(worst < 1e-4 * k as f32, "{kernel:?} {m}x{k}x{n}: {worst}");
+                let got = w.matmul(&x, m, &Epilogue::default());
+                let d = worst(&got, &want);
+                assert!(d < 2e-5, "{kernel:?} {m}x{k}x{n}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_epilogue_adds_the_bias_activates_and_adds_the_residual() {
+        let (m, k, n) = (37, 64, 48);
+        let (x, wt) = (values(m * k, 3), values(k * n, 4));
+        let (bias, residual) = (values(n, 5), values(m * n, 6));
+        let product = reference(&x, &wt, m, k, n);
+        for &kernel in &available() {
+            let w = PackedWeight::from_transposed(&wt, k, n, kernel);
+            for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
+                let epi = Epilogue {
+                    bias: Some(&bias),
+                    act,
+                    residual: Some(&residual),
+                };
+                let got = w.matmul(&x, m, &epi);
+                let mut want = product.clone();
+                for (i, v) in want.iter_mut().enumerate() {
+                    let mut t = [*v + bias[i % n]];
+                    activate_in_place(&mut t, act);
+                    *v = t[0] + residual[i];
+                }
+                let d = worst(&got, &want);
+                assert!(d < 2e-5, "{kernel:?} {act:?}: {d}");
             }
         }
     }
@@ -434,6 +544,48 @@ mod tests {
                 seen[i * nb + j] += 1;
             }
             assert!(seen.iter().all(|&s| s == 1), "{mb}x{nb}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use std::time::Instant;
+
+    /// `cargo test --release -p atlas-clip --lib bf16_gemm::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn gflops() {
+        for (m, k, n) in [
+            (50, 768, 2304),
+            (50, 3072, 768),
+            (1600, 768, 2304),
+            (1600, 768, 3072),
+            (1600, 3072, 768),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let wt: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+            for kernel in available() {
+                let w = PackedWeight::from_transposed(&wt, k, n, kernel);
+                w.matmul(&x, m, &Epilogue::default());
+                let t = Instant::now();
+                let a = w.round_rows(&x, m.next_multiple_of(BLOCK));
+                let conv = t.elapsed().as_secs_f64();
+                drop(a);
+                let reps = 10;
+                let t = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(w.matmul(&x, m, &Epilogue::default()));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let gf = 2.0 * (m * k * n) as f64 / s / 1e9;
+                eprintln!(
+                    "{kernel:?} {m}x{k}x{n}: {:.2} ms, {gf:.0} GFLOP/s (rounding x {:.2} ms)",
+                    s * 1e3,
+                    conv * 1e3
+                );
+            }
         }
     }
 }

@@ -252,6 +252,28 @@ fn act(v: f32, a: Option<Activation>) -> f32 {
     }
 }
 
+/// v ← act(v) over f32 values, quick_gelu with the vectorised exp: the epilogue of the packed
+/// bf16 matmul (`bf16_gemm`), applied to a block's rows while they are in cache.
+pub(super) fn activate_in_place(v: &mut [f32], a: Option<Activation>) {
+    match a {
+        None => {}
+        Some(Activation::QuickGelu) => {
+            let mut e = [0f32; 1024];
+            for part in v.chunks_mut(1024) {
+                let e = &mut e[..part.len()];
+                for (e, x) in e.iter_mut().zip(part.iter()) {
+                    *e = -1.702 * x;
+                }
+                exp_in_place(e);
+                for (x, e) in part.iter_mut().zip(e.iter()) {
+                    *x /= 1.0 + e;
+                }
+            }
+        }
+        Some(_) => v.iter_mut().for_each(|x| *x = act(*x, a)),
+    }
+}
+
 /// The standard library has no erf; Abramowitz–Stegun 7.1.26 is accurate to 1.5e-7 (absolute),
 /// about f32 resolution.
 fn erf(x: f32) -> f32 {

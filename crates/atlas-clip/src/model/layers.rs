@@ -1,12 +1,12 @@
 //! The layers of both towers: linear (with fused epilogues), LayerNorm, the q/k/v projections,
 //! the pre-LN encoder layer with its attention, and loading a stack of them.
 
-use super::bf16_gemm::PackedWeight;
+use super::bf16_gemm::{Epilogue, PackedWeight};
 use super::ops::{activate, layer_norm, repeat_rows, softmax_last};
 use super::{attention, fused, fused_grad, WeightSource};
 use crate::config::Activation;
 use crate::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use std::sync::Arc;
 
 /// y = x Wᵀ + b over the last dimension of a 2-D or 3-D input.
@@ -103,12 +103,32 @@ impl Linear {
             }
             Weight::Plain(w) => x2.matmul(&w.t()?)?,
             Weight::Transposed(wt) => x2.matmul(wt)?,
-            Weight::Packed(p) => {
-                let rows = x2.dim(0)?;
-                let x = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(p.matmul(&x, rows), (rows, p.out_dim()), x2.device())?
-            }
+            Weight::Packed(p) => self.packed_apply(p, x2, None, None)?,
         })
+    }
+
+    /// act(x2 Wᵀ + b) + residual on the packed weights, the epilogue fused into the matmul.
+    fn packed_apply(
+        &self,
+        p: &PackedWeight,
+        x2: &Tensor,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let rows = x2.dim(0)?;
+        let y = with_f32(x2, |x| {
+            with_f32_opt(self.b.as_ref(), |bias| {
+                with_f32_opt(residual, |residual| {
+                    let epi = Epilogue {
+                        bias,
+                        act,
+                        residual,
+                    };
+                    p.matmul(x, rows, &epi)
+                })
+            })
+        })???;
+        Ok(Tensor::from_vec(y, (rows, p.out_dim()), x2.device())?)
     }
 }
 
@@ -135,11 +155,16 @@ impl Linear {
                 return Ok(fused_grad::matmul_wt_bias(&x2, w, b)?.reshape(out)?);
             }
         }
-        let y = self.product(&x2)?;
         let residual = match residual {
-            Some(r) => Some(r.reshape(y.shape())?),
+            Some(r) => Some(r.reshape((x2.dim(0)?, self.out_dim()?))?),
             None => None,
         };
+        if let Weight::Packed(p) = &self.w {
+            return Ok(self
+                .packed_apply(p, &x2, act, residual.as_ref())?
+                .reshape(out)?);
+        }
+        let y = self.product(&x2)?;
         let fusable = |b: &Tensor| {
             fused::usable(&[&y, b]) && residual.as_ref().is_none_or(|r| fused::usable(&[r]))
         };
@@ -183,6 +208,27 @@ impl Linear {
             }
         };
         Ok(y.reshape(out)?)
+    }
+}
+
+/// f(the contiguous f32 data of t), without a copy when t is already so.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+    else {
+        return Err(
+            candle_core::Error::Msg("packed matmul: expected f32 on the CPU".into()).into(),
+        );
+    };
+    Ok(f(&v[a..b]))
+}
+
+/// [`with_f32`] over an optional tensor.
+fn with_f32_opt<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
+    match t {
+        Some(t) => with_f32(t, |v| f(Some(v))),
+        None => Ok(f(None)),
     }
 }
 

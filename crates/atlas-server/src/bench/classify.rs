@@ -6,8 +6,8 @@
 use super::common::{machine, median, vision_config};
 use anyhow::{bail, Context};
 use atlas_clip::manifest::vision_tensors;
-use atlas_clip::{VisionConfig, VisionTower};
-use candle_core::{DType, Device, Tensor};
+use atlas_clip::{LoadOptions, VisionConfig, VisionTower};
+use candle_core::{DType, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
 use std::io::Write;
@@ -46,8 +46,10 @@ fn parse_list<T>(s: &str, f: impl Fn(&str) -> anyhow::Result<T>) -> anyhow::Resu
     s.split(',').map(|x| f(x.trim())).collect()
 }
 
-/// A tower with random weights: N(0, 0.02²) everywhere, LayerNorm weights at 1.
-fn random_tower(cfg: &VisionConfig, dtype: DType, dev: &Device) -> anyhow::Result<VisionTower> {
+/// A tower with random weights: N(0, 0.02²) everywhere, LayerNorm weights at 1; made as the
+/// backbone makes its towers (bf16 on the CPU: packed bf16 matmuls over f32 activations).
+fn random_tower(cfg: &VisionConfig, opts: &LoadOptions) -> anyhow::Result<VisionTower> {
+    let (dtype, dev) = (opts.tensor_dtype(), &opts.device);
     let mut weights = HashMap::new();
     for spec in vision_tensors(cfg, cfg.projection_dim) {
         let is_norm = spec.name.contains("norm") || spec.name.contains("layrnorm");
@@ -58,7 +60,8 @@ fn random_tower(cfg: &VisionConfig, dtype: DType, dev: &Device) -> anyhow::Resul
         };
         weights.insert(spec.name, t);
     }
-    Ok(VisionTower::new(cfg, Some(cfg.projection_dim), &weights)?)
+    let src = opts.source(&weights);
+    Ok(VisionTower::new(cfg, Some(cfg.projection_dim), &*src)?)
 }
 
 /// Per-pass times in ms of one figure.
@@ -111,10 +114,17 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
     );
     for (name, cfg) in &models {
         for &dtype in &dtypes {
-            let tower = random_tower(cfg, dtype, &dev)?;
+            let opts = LoadOptions {
+                device: dev.clone(),
+                dtype,
+                ..LoadOptions::default()
+            };
+            let tower = random_tower(cfg, &opts)?;
+            let kernel = opts.bf16_kernel().map(|k| k.name());
             for &bs in &batches {
                 let s = cfg.image_size;
-                let pixels = Tensor::randn(0f32, 1.0, (bs, 3, s, s), &dev)?.to_dtype(dtype)?;
+                let pixels =
+                    Tensor::randn(0f32, 1.0, (bs, 3, s, s), &dev)?.to_dtype(opts.tensor_dtype())?;
                 let dt = format!("{dtype:?}").to_lowercase();
                 // A dtype the backend cannot run (bf16 matmul on the CPU) is a result too.
                 let ms = match time_passes(&tower, &pixels, &a) {
@@ -145,7 +155,7 @@ pub fn run(a: ClassifyArgs) -> anyhow::Result<()> {
                     "benchmark": "classify", "engine": "candle", "device": a.device, "model": name, "dtype": dt,
                     "batch": bs, "threads": threads, "passes": ms.len(), "warmup": a.warmup,
                     "ms_median": med, "ms_mean": mean, "ms_all": ms,
-                    "img_per_s": bs as f64 / mean * 1e3, "machine": machine(),
+                    "img_per_s": bs as f64 / mean * 1e3, "bf16_kernel": kernel, "machine": machine(),
                 });
                 if let Some(f) = out.as_mut() {
                     writeln!(f, "{rec}").context("writing --out")?;
