@@ -15,7 +15,7 @@
 # or Ubuntu's package archive and crates.io.
 
 ARG VARIANT=cpu
-ARG RUST_VERSION=1.88
+ARG RUST_VERSION=1.89
 ARG CUDA_VERSION=12.4.1
 
 # ------------------------------------------------------------------------------ toolchains

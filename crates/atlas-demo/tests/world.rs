@@ -6,14 +6,17 @@
 //! test-time adaptation improves or says it kept the start, and the default view does not
 //! flip labels away.
 
+use atlas_clip::model::bf16_gemm;
+use atlas_clip::{Backbone, LoadOptions};
 use atlas_core::{Coefficients, Layout, TaskVector};
 use atlas_demo::replicate::{few_shot, shifted, task_addition, ReplicateConfig};
 use atlas_demo::tasks::Example;
-use atlas_demo::world::{labels, Quiet};
+use atlas_demo::world::{head, labels, Quiet};
 use atlas_demo::{Preset, World, WorldParams};
 use atlas_learn::augment::View;
 use atlas_learn::finetune::{accuracy, Labelled};
 use atlas_learn::{evaluate, learn, Dataset, Job, LearnConfig, Learned, Outcome, Overrides, Task};
+use candle_core::DType;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -371,4 +374,56 @@ fn few_shot_default_view_beats_flips_where_they_change_the_label() {
     );
     eprintln!("position 16-shot: default view {a:.3}, crops and flips {b:.3}");
     assert!(a > b + 0.05, "default {a:.3}, with flips {b:.3}");
+}
+
+/// Issue 22: bf16 on the CPU (bf16 matmuls on the kernel this CPU has; the f32 path where it
+/// has none) keeps the tasks' mean zero-shot and fine-tuned test accuracy within half a point
+/// of f32, and each task's within 2 points (a ci-world test split is 150–180 images: one
+/// flipped prediction is already 0.56–0.67 points).
+#[test]
+fn bf16_matmuls_keep_accuracy_within_half_a_point() {
+    let w = &built().world;
+    let opts = LoadOptions {
+        dtype: DType::BF16,
+        ..LoadOptions::default()
+    };
+    let bf16 = Backbone::load(w.dir.join("backbone").to_str().unwrap(), opts).unwrap();
+    eprintln!("bf16 kernel on this CPU: {:?}", bf16_gemm::chosen());
+    let nb = w.backbone.manifest().len();
+    for fine_tuned in [false, true] {
+        let mut gaps = Vec::new();
+        for (i, t) in w.tasks.iter().enumerate() {
+            let (pixels, labels) = (w.pixels(&t.test), labels(&t.test));
+            let test = Labelled {
+                pixels: &pixels,
+                labels: &labels,
+            };
+            let tvs = [w.task_vectors[i].clone()];
+            let own = Coefficients::isotropic(vec![1.0], nb).unwrap();
+            let acc = |bb: &Backbone| {
+                let tower = if fine_tuned {
+                    bb.composed_vision(&tvs, &own)
+                } else {
+                    bb.base_vision()
+                };
+                accuracy(&tower.unwrap(), &head(bb, &t.spec).unwrap(), test, 64).unwrap()
+            };
+            let (a, b) = (acc(&w.backbone), acc(&bf16));
+            eprintln!(
+                "{} fine-tuned {fine_tuned}: f32 {a:.4}, bf16 {b:.4}",
+                t.spec.name
+            );
+            gaps.push(b - a);
+        }
+        let (mean, worst) = (mean(&gaps), gaps.iter().fold(0f64, |m, g| m.max(g.abs())));
+        eprintln!("fine-tuned {fine_tuned}: mean gap {mean:+.4}, largest {worst:.4}");
+        assert!(
+            mean.abs() <= 0.005,
+            "fine-tuned {fine_tuned}: mean gap {mean:.4}"
+        );
+        assert!(
+            worst <= 0.02,
+            "fine-tuned {fine_tuned}: a task moved by {worst:.4}"
+        );
+    }
 }

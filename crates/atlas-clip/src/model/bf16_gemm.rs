@@ -21,9 +21,9 @@ use std::sync::OnceLock;
 
 /// Rows and columns of one unit of work: 2×2 tiles of 16 (AMX) or 4×2 blocks of 8×16 (AVX-512).
 const BLOCK: usize = 32;
-/// m-blocks a thread sweeps across all n-blocks before moving on, so that x's rows stay in L2
-/// while W streams through once per group.
-const M_GROUP: usize = 4;
+/// Bytes of bf16 x rows a thread sweeps across all n-blocks before moving on: they stay in L2
+/// while W streams through once per group, so W is read from memory (or L3) m / group times.
+const X_GROUP_BYTES: usize = 1 << 20;
 
 /// The instructions a packed matmul runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,8 +183,9 @@ impl PackedWeight {
         let mut y = Vec::with_capacity(m * self.n);
         let (mb, nb) = (m_pad / BLOCK, self.n_pad / BLOCK);
         let out = SharedOut(y.as_mut_ptr());
+        let group = (X_GROUP_BYTES / (BLOCK * self.k_pad * 2)).max(1);
         (0..mb * nb).into_par_iter().for_each(|u| {
-            let (i, j) = unit(u, mb, nb);
+            let (i, j) = unit(u, mb, nb, group);
             let a = &a[i * BLOCK * self.k_pad..(i + 1) * BLOCK * self.k_pad];
             let b = &self.tiles[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
             let mut block = Block([0f32; BLOCK * BLOCK]);
@@ -272,13 +273,13 @@ fn round_into(dst: &mut [bf16], src: &[f32]) {
     }
 }
 
-/// Unit u as (m-block, n-block): groups of `M_GROUP` m-blocks, n-blocks within a group, m-blocks
+/// Unit u as (m-block, n-block): groups of `group` m-blocks, n-blocks within a group, m-blocks
 /// within that. Rayon hands each thread a contiguous run of u.
-fn unit(u: usize, mb: usize, nb: usize) -> (usize, usize) {
-    let group = u / (M_GROUP * nb);
-    let in_group = M_GROUP.min(mb - group * M_GROUP);
-    let r = u - group * M_GROUP * nb;
-    (group * M_GROUP + r % in_group, r / in_group)
+fn unit(u: usize, mb: usize, nb: usize, group: usize) -> (usize, usize) {
+    let g = u / (group * nb);
+    let in_group = group.min(mb - g * group);
+    let r = u - g * group * nb;
+    (g * group + r % in_group, r / in_group)
 }
 
 /// What follows the product: y = act(x Wᵀ + bias) + residual.
@@ -538,12 +539,17 @@ mod tests {
     #[test]
     fn units_cover_every_block_once() {
         for (mb, nb) in [(1, 1), (2, 24), (5, 3), (50, 96), (4, 1)] {
-            let mut seen = vec![0; mb * nb];
-            for u in 0..mb * nb {
-                let (i, j) = unit(u, mb, nb);
-                seen[i * nb + j] += 1;
+            for group in [1, 4, 21] {
+                let mut seen = vec![0; mb * nb];
+                for u in 0..mb * nb {
+                    let (i, j) = unit(u, mb, nb, group);
+                    seen[i * nb + j] += 1;
+                }
+                assert!(
+                    seen.iter().all(|&s| s == 1),
+                    "{mb}x{nb} in groups of {group}"
+                );
             }
-            assert!(seen.iter().all(|&s| s == 1), "{mb}x{nb}");
         }
     }
 }

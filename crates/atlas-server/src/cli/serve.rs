@@ -117,13 +117,27 @@ fn load(state: &AppState) -> anyhow::Result<()> {
     state.attach(backbone, library, store)
 }
 
-/// Device and compute dtype from the settings.
+/// Device and compute dtype from the settings; with bf16 on a CPU, says which kernel runs.
 fn load_options(c: &Config) -> anyhow::Result<LoadOptions> {
-    Ok(LoadOptions {
+    let opts = LoadOptions {
         device: crate::device::open(&c.device)?,
         dtype: crate::device::compute_dtype(&c.dtype)?,
         ..LoadOptions::default()
-    })
+    };
+    if opts.device.is_cpu() && opts.dtype == candle_core::DType::BF16 {
+        match opts.bf16_kernel() {
+            Some(k) => eprintln!(
+                "atlas-serve: bf16 on the CPU: matmuls on {} (bf16 products, f32 sums and \
+                 activations)",
+                k.name()
+            ),
+            None => eprintln!(
+                "atlas-serve: bf16 on the CPU: no bf16 kernel (this CPU has neither AMX nor \
+                 AVX512-BF16, or ATLAS_CPU_BF16 turned them off): the f32 path runs"
+            ),
+        }
+    }
+    Ok(opts)
 }
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends): stop accepting, finish requests in flight.
