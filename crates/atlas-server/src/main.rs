@@ -6,6 +6,9 @@ mod device;
 mod server;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use cli::{demo, finetune, learn, merge, serve, task_vector};
 
 #[derive(Parser)]

@@ -120,7 +120,7 @@ pub struct PackedWeight {
     /// n and k rounded up to multiples of `BLOCK`.
     n_pad: usize,
     k_pad: usize,
-    tiles: Vec<bf16>,
+    tiles: Lines,
 }
 
 impl PackedWeight {
@@ -128,9 +128,10 @@ impl PackedWeight {
     pub fn from_transposed(wt: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
         assert_eq!(wt.len(), k * n, "Wᵀ is not [k, n]");
         let (n_pad, k_pad) = (n.next_multiple_of(BLOCK), k.next_multiple_of(BLOCK));
-        let mut tiles = vec![bf16::ZERO; n_pad * k_pad];
+        let mut tiles = Lines::zeros(n_pad * k_pad);
         // Tile t is k_pad·16 values: kp-major, then column j, then the pair.
         tiles
+            .as_mut_slice()
             .par_chunks_mut(k_pad * 16)
             .enumerate()
             .for_each(|(t, tile)| {
@@ -163,7 +164,7 @@ impl PackedWeight {
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.tiles.len() * 2
+        self.tiles.as_slice().len() * 2
     }
 
     /// y = act(x Wᵀ + bias) + residual for x row-major [m, k]; y is [m, n]. The epilogue runs
@@ -183,11 +184,12 @@ impl PackedWeight {
         let mut y = Vec::with_capacity(m * self.n);
         let (mb, nb) = (m_pad / BLOCK, self.n_pad / BLOCK);
         let out = SharedOut(y.as_mut_ptr());
-        let group = (X_GROUP_BYTES / (BLOCK * self.k_pad * 2)).max(1);
+        let stride = self.x_stride();
+        let group = (X_GROUP_BYTES / (BLOCK * stride * 2)).max(1);
         (0..mb * nb).into_par_iter().for_each(|u| {
             let (i, j) = unit(u, mb, nb, group);
-            let a = &a[i * BLOCK * self.k_pad..(i + 1) * BLOCK * self.k_pad];
-            let b = &self.tiles[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
+            let a = &a.as_slice()[i * BLOCK * stride..(i + 1) * BLOCK * stride];
+            let b = &self.tiles.as_slice()[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
             let mut block = Block([0f32; BLOCK * BLOCK]);
             // SAFETY: the kernel was found usable on this CPU; a holds 32 rows of k_pad, b two
             // tiles, block 32 rows of 32.
@@ -208,29 +210,20 @@ impl PackedWeight {
         epi: &Epilogue,
         out: &SharedOut,
     ) {
-        let w = BLOCK.min(self.n - col.min(self.n));
-        let rows = BLOCK.min(m.saturating_sub(row));
-        let block = &mut block[..rows * BLOCK];
-        if let Some(b) = epi.bias {
-            for v in block.chunks_mut(BLOCK) {
-                v.iter_mut()
-                    .zip(&b[col..col + w])
-                    .for_each(|(v, b)| *v += b);
-            }
+        let at = Place {
+            row,
+            col,
+            rows: BLOCK.min(m.saturating_sub(row)),
+            cols: BLOCK.min(self.n - col.min(self.n)),
+            n: self.n,
+        };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both kernels need AVX-512F, so a CPU that runs one has it.
+        unsafe {
+            avx512::epilogue(block, &at, epi, out)
         }
-        // One call over the whole block: the vectorised exp has a fixed cost per call.
-        activate_in_place(block, epi.act);
-        for (r, v) in block.chunks_mut(BLOCK).enumerate() {
-            let v = &mut v[..w];
-            let at = (row + r) * self.n + col;
-            if let Some(res) = epi.residual {
-                v.iter_mut()
-                    .zip(&res[at..at + w])
-                    .for_each(|(v, r)| *v += r);
-            }
-            // SAFETY: y has capacity m·n and this block owns these w elements of row row + r.
-            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at(at), w) };
-        }
+        #[cfg(not(target_arch = "x86_64"))]
+        epilogue(block, &at, epi, out)
     }
 
     /// One 32×32 block of x Wᵀ from 32 rows of x and two tiles of W, into c (rows c_stride
@@ -238,26 +231,98 @@ impl PackedWeight {
     unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32, c_stride: usize) {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx => amx::block(a, b, self.k_pad, c, c_stride),
+            Kernel::Amx => amx::block(a, self.x_stride(), b, self.k_pad, c, c_stride),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Bf16 => avx512::block(a, b, self.k_pad, c, c_stride),
+            Kernel::Avx512Bf16 => avx512::block(a, self.x_stride(), b, self.k_pad, c, c_stride),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no bf16 kernel off x86-64"),
         }
     }
 
+    /// Elements from one row of rounded x to the next: k_pad and one more cache line, so that
+    /// the 16 rows a tile load reads fall in different L1 sets (at k = 3072 a stride of k_pad
+    /// put them all in two).
+    fn x_stride(&self) -> usize {
+        self.k_pad + 32
+    }
+
     /// x rounded to bf16, padded with zero rows and columns.
-    fn round_rows(&self, x: &[f32], m_pad: usize) -> Vec<bf16> {
-        let mut a = vec![bf16::ZERO; m_pad * self.k_pad];
-        let rows_per_task = (1 << 14) / self.k_pad + 1;
-        a.par_chunks_mut(self.k_pad * rows_per_task)
+    fn round_rows(&self, x: &[f32], m_pad: usize) -> Lines {
+        let stride = self.x_stride();
+        let mut a = Lines::zeros(m_pad * stride);
+        let rows_per_task = (1 << 14) / stride + 1;
+        a.as_mut_slice()
+            .par_chunks_mut(stride * rows_per_task)
             .zip(x.par_chunks(self.k * rows_per_task))
             .for_each(|(dst, src)| {
-                for (d, s) in dst.chunks_mut(self.k_pad).zip(src.chunks(self.k)) {
+                for (d, s) in dst.chunks_mut(stride).zip(src.chunks(self.k)) {
                     round_into(d, s);
                 }
             });
         a
+    }
+}
+
+/// bf16 values in 64-byte lines: every row of x and every tile of W starts a cache line, so no
+/// tile or vector load splits one (a plain Vec from a large allocation is 16 bytes past a page).
+struct Lines(Vec<Line>);
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([bf16; 32]);
+
+impl Lines {
+    /// Zeros, at least `len` of them (callers ask for multiples of 32).
+    fn zeros(len: usize) -> Self {
+        Lines(vec![Line([bf16::ZERO; 32]); len.div_ceil(32)])
+    }
+    fn as_slice(&self) -> &[bf16] {
+        // SAFETY: a Line is 32 bf16 with no padding.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 32) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [bf16] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 32) }
+    }
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bf16 values", self.0.len() * 32)
+    }
+}
+
+/// Where a block goes in y ([m, n]): its first row and column, and how many of its rows and
+/// columns are inside y.
+struct Place {
+    row: usize,
+    col: usize,
+    rows: usize,
+    cols: usize,
+    n: usize,
+}
+
+/// y[place] ← act(block + bias) + residual. Inlined into a caller compiled for the CPU's vector
+/// width: the activation's exp and division are most of the epilogue.
+#[inline(always)]
+fn epilogue(block: &mut [f32], at: &Place, epi: &Epilogue, out: &SharedOut) {
+    let (w, block) = (at.cols, &mut block[..at.rows * BLOCK]);
+    if let Some(b) = epi.bias {
+        for v in block.chunks_mut(BLOCK) {
+            v.iter_mut()
+                .zip(&b[at.col..at.col + w])
+                .for_each(|(v, b)| *v += b);
+        }
+    }
+    activate_in_place(block, epi.act);
+    for (r, v) in block.chunks_mut(BLOCK).enumerate() {
+        let v = &mut v[..w];
+        let i = (at.row + r) * at.n + at.col;
+        if let Some(res) = epi.residual {
+            v.iter_mut().zip(&res[i..i + w]).for_each(|(v, r)| *v += r);
+        }
+        // SAFETY: y has capacity m·n and this block owns these w elements of row row + r.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at(i), w) };
     }
 }
 
@@ -336,14 +401,20 @@ mod amx {
         TileConfig(c)
     };
 
-    /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles; a's rows are k_pad long, c's
-    /// c_stride.
-    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
+    /// C[0..32, 0..32] = A[0..32, 0..k_pad] · B for two W tiles; a's rows are a_stride apart,
+    /// c's c_stride.
+    pub(super) unsafe fn block(
+        a: &[bf16],
+        a_stride: usize,
+        b: &[bf16],
+        k_pad: usize,
+        c: *mut f32,
+        c_stride: usize,
+    ) {
         if !CONFIGURED.get() {
             asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
             CONFIGURED.set(true);
         }
-        let a_stride = k_pad * 2;
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",
@@ -369,11 +440,11 @@ mod amx {
             "tilestored [{c1} + {sc}*1], tmm2",
             "tilestored [{c1} + {sc}*1 + 64], tmm3",
             a0 = inout(reg) a.as_ptr() => _,
-            a1 = inout(reg) a.as_ptr().add(16 * k_pad) => _,
+            a1 = inout(reg) a.as_ptr().add(16 * a_stride) => _,
             b0 = inout(reg) b.as_ptr() => _,
             b1 = inout(reg) b.as_ptr().add(16 * k_pad) => _,
             n = inout(reg) k_pad / 32 => _,
-            sa = in(reg) a_stride,
+            sa = in(reg) a_stride * 2,
             s64 = in(reg) 64usize,
             sc = in(reg) c_stride * 4,
             c0 = in(reg) c,
@@ -387,6 +458,17 @@ mod amx {
 mod avx512 {
     use half::bf16;
     use std::arch::x86_64::*;
+
+    /// `super::epilogue` compiled for AVX-512.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn epilogue(
+        block: &mut [f32],
+        at: &super::Place,
+        epi: &super::Epilogue,
+        out: &super::SharedOut,
+    ) {
+        super::epilogue(block, at, epi, out)
+    }
 
     /// `super::round_into` with `vcvtneps2bf16`, 16 values at a time.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -408,10 +490,18 @@ mod avx512 {
 
     /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles, in four blocks of 8 rows.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
+    pub(super) unsafe fn block(
+        a: &[bf16],
+        a_stride: usize,
+        b: &[bf16],
+        k_pad: usize,
+        c: *mut f32,
+        c_stride: usize,
+    ) {
         for r in (0..super::BLOCK).step_by(ROWS) {
             rows(
-                a.as_ptr().add(r * k_pad),
+                a.as_ptr().add(r * a_stride),
+                a_stride,
                 b,
                 k_pad,
                 c.add(r * c_stride),
@@ -422,14 +512,21 @@ mod avx512 {
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn rows(a: *const bf16, b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
+    unsafe fn rows(
+        a: *const bf16,
+        a_stride: usize,
+        b: &[bf16],
+        k_pad: usize,
+        c: *mut f32,
+        c_stride: usize,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
         let (b0, b1) = (b.as_ptr(), b.as_ptr().add(16 * k_pad));
         for kp in 0..k_pad / 2 {
             let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(32 * kp).cast()));
             let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(32 * kp).cast()));
             for (r, acc) in acc.iter_mut().enumerate() {
-                let pair = a.add(r * k_pad + 2 * kp).cast::<i32>().read_unaligned();
+                let pair = a.add(r * a_stride + 2 * kp).cast::<i32>().read_unaligned();
                 let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                 acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
                 acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);

@@ -11,8 +11,9 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// Adding and subtracting 1.5·2²³ rounds to the nearest integer without a call.
 const ROUND: f32 = 12_582_912.0;
 
+/// exp(x) for one value, inlined so that loops calling it vectorise for their target features.
 #[inline(always)]
-fn exp1(x: f32) -> f32 {
+pub(super) fn exp1(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.0);
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;

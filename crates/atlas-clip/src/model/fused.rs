@@ -7,7 +7,7 @@
 //! takes the primitive-op path. The tests in `model.rs` compare every CPU kernel with that path;
 //! `atlas-serve bench kernels --device cuda` compares the CUDA kernels with it on the GPU.
 
-use super::fast_math::{exp_in_place, with_scratch};
+use super::fast_math::{exp1, exp_in_place, with_scratch};
 use super::fused_grad::softmax_in_place;
 use crate::config::Activation;
 use candle_core::{
@@ -252,22 +252,15 @@ fn act(v: f32, a: Option<Activation>) -> f32 {
     }
 }
 
-/// v ← act(v) over f32 values, quick_gelu with the vectorised exp: the epilogue of the packed
-/// bf16 matmul (`bf16_gemm`), applied to a block's rows while they are in cache.
+/// v ← act(v) over f32 values: the epilogue of the packed bf16 matmul (`bf16_gemm`), applied to
+/// a block while it is in cache. Inlined, so that it vectorises for the caller's features.
+#[inline(always)]
 pub(super) fn activate_in_place(v: &mut [f32], a: Option<Activation>) {
     match a {
         None => {}
         Some(Activation::QuickGelu) => {
-            let mut e = [0f32; 1024];
-            for part in v.chunks_mut(1024) {
-                let e = &mut e[..part.len()];
-                for (e, x) in e.iter_mut().zip(part.iter()) {
-                    *e = -1.702 * x;
-                }
-                exp_in_place(e);
-                for (x, e) in part.iter_mut().zip(e.iter()) {
-                    *x /= 1.0 + e;
-                }
+            for x in v.iter_mut() {
+                *x /= 1.0 + exp1(-1.702 * *x);
             }
         }
         Some(_) => v.iter_mut().for_each(|x| *x = act(*x, a)),

@@ -499,3 +499,88 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod speed {
+    //! `BATCH=32 cargo test --release -p atlas-clip --lib layers::speed -- --ignored
+    //! --nocapture`: where a B/32 encoder layer's time goes, f32 and packed bf16.
+    use super::*;
+    use crate::model::bf16_gemm;
+    use crate::model::test_values::rand;
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    fn time(label: &str, f: impl Fn() -> Tensor) {
+        f();
+        let t = Instant::now();
+        for _ in 0..5 {
+            f();
+        }
+        eprintln!(
+            "{label:>10}: {:7.2} ms",
+            t.elapsed().as_secs_f64() * 1e3 / 5.0
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn b32_layer_at_batch_32() {
+        let (d, m, h) = (768, 3072, 12);
+        let p = "l";
+        let mut w = HashMap::new();
+        for (n, o, i) in [
+            ("self_attn.q_proj", d, d),
+            ("self_attn.k_proj", d, d),
+            ("self_attn.v_proj", d, d),
+            ("self_attn.out_proj", d, d),
+            ("mlp.fc1", m, d),
+            ("mlp.fc2", d, m),
+        ] {
+            w.insert(
+                format!("{p}.{n}.weight"),
+                (rand(&[o, i], 0.0, 1) * 0.02).unwrap(),
+            );
+            w.insert(
+                format!("{p}.{n}.bias"),
+                (rand(&[o], 0.0, 2) * 0.02).unwrap(),
+            );
+        }
+        for n in ["layer_norm1", "layer_norm2"] {
+            w.insert(format!("{p}.{n}.weight"), rand(&[d], 1.0, 3));
+            w.insert(format!("{p}.{n}.bias"), rand(&[d], 0.0, 4));
+        }
+        let batch = std::env::var("BATCH").map_or(32, |b| b.parse().unwrap());
+        let x = rand(&[batch, 50, d], 0.0, 5);
+        let kernels = bf16_gemm::available();
+        let packed = kernels.first().map(|&k| crate::model::Bf16Matmuls(&w, k));
+        let srcs: Vec<(&str, &dyn WeightSource)> = match &packed {
+            Some(pk) => vec![("f32", &w), ("bf16", pk)],
+            None => vec![("f32", &w)],
+        };
+        for (name, src) in srcs {
+            eprintln!("-- {name}");
+            let l = EncoderLayer::load(src, p, d, m, h, Activation::QuickGelu, 1e-5).unwrap();
+            let a = l.ln1.forward(&x).unwrap();
+            time("ln1", || l.ln1.forward(&x).unwrap());
+            let Qkv::Stacked(qkv) = &l.qkv else { panic!() };
+            let t = qkv.forward(&a).unwrap();
+            time("qkv", || qkv.forward(&a).unwrap());
+            let q = t.narrow(2, 0, d).unwrap();
+            let (k, v) = (t.narrow(2, d, d).unwrap(), t.narrow(2, 2 * d, d).unwrap());
+            let ctx = fused_grad::attention::attention(&q, &k, &v, h, 1.0).unwrap();
+            time("attention", || {
+                fused_grad::attention::attention(&q, &k, &v, h, 1.0).unwrap()
+            });
+            let hres = l.out.apply(&ctx, None, Some(&x)).unwrap();
+            time("out", || l.out.apply(&ctx, None, Some(&x)).unwrap());
+            let a2 = l.ln2.forward(&hres).unwrap();
+            time("ln2", || l.ln2.forward(&hres).unwrap());
+            let f = l.fc1.apply(&a2, Some(l.act), None).unwrap();
+            time("fc1", || l.fc1.apply(&a2, None, None).unwrap());
+            time("fc1+gelu", || l.fc1.apply(&a2, Some(l.act), None).unwrap());
+            time("fc2", || l.fc2.apply(&f, None, Some(&hres)).unwrap());
+            time("layer", || l.forward(&x, None).unwrap());
+            time("last layer", || l.forward_rows(&x, None, true).unwrap());
+        }
+    }
+}
