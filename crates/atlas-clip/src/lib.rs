@@ -56,3 +56,9 @@ mod tests {
         }
     }
 }
+
+/// The server's allocator in the unit tests too, so that the timing tests see the same reuse of
+/// activation buffers.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -143,11 +143,26 @@ pub struct LayerNorm {
     pub eps: f32,
 }
 
+/// Σ f(v) over s in 16 interleaved partial sums: a single running sum is one dependent add
+/// per element and does not vectorise (it made LayerNorm 9 % of a bf16 B/32 layer).
+#[inline(always)]
+fn lane_sum<T: Elem>(s: &[T], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = s.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().map(|v| f(v.get())).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += f(v.get());
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 fn layer_norm_rows<T: Elem + Same>(x: &[T], w: &[T], b: &[T], eps: f32) -> Vec<T> {
     let n = w.len();
     rows(x, n, |s, d| {
-        let mean = s.iter().map(|v| v.get()).sum::<f32>() / n as f32;
-        let var = s.iter().map(|v| (v.get() - mean).powi(2)).sum::<f32>() / n as f32;
+        let mean = lane_sum(s, |v| v) / n as f32;
+        let var = lane_sum(s, |v| (v - mean) * (v - mean)) / n as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for (((d, s), w), b) in d.iter_mut().zip(s).zip(w).zip(b) {
             *d = T::put((s.get() - mean) * inv * w.get() + b.get());

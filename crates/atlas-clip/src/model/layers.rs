@@ -571,6 +571,7 @@ mod speed {
             time("attention", || {
                 fused_grad::attention::attention(&q, &k, &v, h, 1.0).unwrap()
             });
+            time("q copy", || q.contiguous().unwrap());
             let hres = l.out.apply(&ctx, None, Some(&x)).unwrap();
             time("out", || l.out.apply(&ctx, None, Some(&x)).unwrap());
             let a2 = l.ln2.forward(&hres).unwrap();

@@ -20,9 +20,32 @@ pub fn usable(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
 }
 
 /// softmax(scale · Q Kᵀ) V per head: the context [B, Nq, D], differentiable in q, k and v.
+/// Without a graph, q, k and v may be row-strided views (cut from the stacked projection):
+/// the forward reads them in place instead of copying each.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let plain = !(q.track_op() || k.track_op() || v.track_op());
+    let ready = |t: &Tensor| -> Result<Tensor> {
+        if plain && row_stride(t.layout()).is_some() {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (ready(q)?, ready(k)?, ready(v)?);
     q.apply_op3(&k, &v, Attention { heads, scale })
+}
+
+/// The distance between rows of a [B, N, D] layout whose rows are contiguous and evenly spaced
+/// (a contiguous tensor, or a slice of the last dimension of one). Strides of dimensions of
+/// size 1 are arbitrary (candle counts such a layout as contiguous).
+fn row_stride(l: &Layout) -> Option<usize> {
+    match (l.dims(), l.stride()) {
+        (&[1, 1, d], _) => Some(d),
+        (&[_, 1, d], &[s0, _, 1]) if s0 >= d => Some(s0),
+        (&[1, _, d], &[_, s1, 1]) if s1 >= d => Some(s1),
+        (&[_, n, d], &[s0, s1, 1]) if s0 == n * s1 && s1 >= d => Some(s1),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -32,6 +55,8 @@ struct Dims {
     nk: usize,
     d: usize,
     heads: usize,
+    /// Row strides of q, k and v in the forward (d when contiguous).
+    rs: [usize; 3],
 }
 
 impl Dims {
@@ -50,7 +75,18 @@ impl Dims {
             nk,
             d,
             heads,
+            rs: [d; 3],
         })
+    }
+
+    /// The forward reads rows of d values `rs` apart: the slices must reach the last one.
+    fn check_extent(&self, q: usize, k: usize, v: usize) -> Result<()> {
+        let need = |n: usize, rs: usize| (self.b * n - 1) * rs + self.d;
+        let [qs, ks, vs] = self.rs;
+        if q < need(self.nq, qs) || k < need(self.nk, ks) || v < need(self.nk, vs) {
+            candle_core::bail!("fused-attention: a strided input is shorter than its layout");
+        }
+        Ok(())
     }
 
     fn hd(&self) -> usize {
@@ -59,8 +95,13 @@ impl Dims {
 
     /// Offsets of head `h` of image `b` in a [B, N, D] tensor with `n` rows per image.
     fn at(&self, pair: usize, n: usize) -> usize {
+        self.at_rows(pair, n, self.d)
+    }
+
+    /// As [`Dims::at`], with rows `rs` apart.
+    fn at_rows(&self, pair: usize, n: usize, rs: usize) -> usize {
         let (b, h) = (pair / self.heads, pair % self.heads);
-        b * n * self.d + h * self.hd()
+        b * n * rs + h * self.hd()
     }
 }
 
@@ -111,14 +152,15 @@ unsafe fn product<T: Num>(
 /// # Safety
 /// `q` and `k` point at the pair's head in [B, N, D] tensors of the sizes in `dims`.
 unsafe fn probabilities<T: Num>(p: &mut [T], q: *const T, k: *const T, dims: &Dims, scale: T) {
-    let (d, hd, nq, nk) = (dims.d as isize, dims.hd(), dims.nq, dims.nk);
+    let (hd, nq, nk) = (dims.hd(), dims.nq, dims.nk);
+    let [qs, ks, _] = dims.rs.map(|s| s as isize);
     // Kᵀ: element (c, j) is K[j, c].
     product(
         p.as_mut_ptr(),
         nk,
         (nq, hd, nk),
-        View(q, d, 1),
-        View(k, 1, d),
+        View(q, qs, 1),
+        View(k, 1, ks),
         scale,
     );
     for row in p.chunks_exact_mut(nk) {
@@ -149,7 +191,9 @@ fn forward<T: Num>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: f64) -> Vec<T> 
     (0..dims.b * dims.heads).into_par_iter().for_each_init(
         || vec![T::zero(); nq * nk],
         |p, pair| {
-            let (qo, ko) = (dims.at(pair, nq), dims.at(pair, nk));
+            let [qs, ks, vs] = dims.rs;
+            let (qo, ko) = (dims.at_rows(pair, nq, qs), dims.at_rows(pair, nk, ks));
+            let (vo, oo) = (dims.at_rows(pair, nk, vs), dims.at(pair, nq));
             // SAFETY: the offsets address this pair's head in tensors of `dims`' sizes; the
             // pair's head columns of `out` are written by this task alone.
             unsafe {
@@ -161,8 +205,8 @@ fn forward<T: Num>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: f64) -> Vec<T> 
                     T::c(scale),
                 );
                 let p = View(p.as_ptr(), nk as isize, 1);
-                let v = View(v.as_ptr().add(ko), d as isize, 1);
-                product(o.at(qo), d, (nq, nk, hd), p, v, T::one());
+                let v = View(v.as_ptr().add(vo), vs as isize, 1);
+                product(o.at(oo), d, (nq, nk, hd), p, v, T::one());
             }
         },
     );
@@ -234,6 +278,14 @@ impl Attention {
 
 type Input<'a> = (&'a CpuStorage, &'a Layout);
 
+/// The data from a row-strided input's first element, and its row stride.
+fn rows<T: Num>((s, l): Input<'_>) -> Result<(&[T], usize)> {
+    match row_stride(l) {
+        Some(rs) => Ok((&T::of(s)?[l.start_offset()..], rs)),
+        None => candle_core::bail!("fused-attention: rows must be contiguous"),
+    }
+}
+
 /// Runs the forward on (q, k, v), or the backward on (∂out, q, [k; v]).
 fn run<T: Num>(
     (a, b, c): (Input, Input, Input),
@@ -241,17 +293,22 @@ fn run<T: Num>(
     scale: f64,
     back: bool,
 ) -> Result<CpuStorage> {
+    if !back {
+        let ((q, qs), (k, ks), (v, vs)) = (rows::<T>(a)?, rows::<T>(b)?, rows::<T>(c)?);
+        let dims = Dims {
+            rs: [qs, ks, vs],
+            ..dims
+        };
+        dims.check_extent(q.len(), k.len(), v.len())?;
+        return Ok(T::wrap(forward(q, k, v, dims, scale)));
+    }
     let (a, b, c) = (
         slice::<T>(a.0, a.1)?,
         slice::<T>(b.0, b.1)?,
         slice::<T>(c.0, c.1)?,
     );
-    Ok(T::wrap(if back {
-        let (k, v) = c.split_at(c.len() / 2);
-        backward(b, k, v, a, dims, scale)
-    } else {
-        forward(a, b, c, dims, scale)
-    }))
+    let (k, v) = c.split_at(c.len() / 2);
+    Ok(T::wrap(backward(b, k, v, a, dims, scale)))
 }
 
 impl CustomOp3 for Attention {
