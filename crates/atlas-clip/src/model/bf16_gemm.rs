@@ -231,7 +231,7 @@ impl PackedWeight {
     unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32, c_stride: usize) {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx => amx::block(a, self.x_stride(), b, self.k_pad, c, c_stride),
+            Kernel::Amx => amx::block(a, b, self.k_pad, c, c_stride),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16 => avx512::block(a, self.x_stride(), b, self.k_pad, c, c_stride),
             #[cfg(not(target_arch = "x86_64"))]
@@ -239,15 +239,22 @@ impl PackedWeight {
         }
     }
 
-    /// Elements from one row of rounded x to the next: k_pad and one more cache line, so that
-    /// the 16 rows a tile load reads fall in different L1 sets (at k = 3072 a stride of k_pad
-    /// put them all in two).
+    /// Elements of rounded x per row. AMX reads x in tiles, 16 rows of 32 values contiguous (a
+    /// row-major x at k = 3072 put a tile's 16 rows in two L1 sets, and contiguous tiles load
+    /// about 20 % faster from L2). AVX-512 reads rows, one cache line longer than k_pad for
+    /// the same reason.
     fn x_stride(&self) -> usize {
-        self.k_pad + 32
+        match self.kernel {
+            Kernel::Amx => self.k_pad,
+            Kernel::Avx512Bf16 => self.k_pad + 32,
+        }
     }
 
-    /// x rounded to bf16, padded with zero rows and columns.
+    /// x rounded to bf16 in the kernel's layout, padded with zero rows and columns.
     fn round_rows(&self, x: &[f32], m_pad: usize) -> Lines {
+        if self.kernel == Kernel::Amx {
+            return self.round_tiles(x, m_pad);
+        }
         let stride = self.x_stride();
         let mut a = Lines::zeros(m_pad * stride);
         let rows_per_task = (1 << 14) / stride + 1;
@@ -257,6 +264,26 @@ impl PackedWeight {
             .for_each(|(dst, src)| {
                 for (d, s) in dst.chunks_mut(stride).zip(src.chunks(self.k)) {
                     round_into(d, s);
+                }
+            });
+        a
+    }
+
+    /// x rounded to bf16 as AMX tiles: for each 16 rows, for each 32 columns, 16 × 32 values.
+    fn round_tiles(&self, x: &[f32], m_pad: usize) -> Lines {
+        let mut a = Lines::zeros(m_pad * self.k_pad);
+        a.as_mut_slice()
+            .par_chunks_mut(16 * self.k_pad)
+            .enumerate()
+            .for_each(|(t, tiles)| {
+                for r in 0..16 {
+                    let row = 16 * t + r;
+                    let Some(src) = x.get(row * self.k..(row + 1) * self.k) else {
+                        break;
+                    };
+                    for (b, s) in src.chunks(32).enumerate() {
+                        round_into(&mut tiles[b * 512 + r * 32..][..32], s);
+                    }
                 }
             });
         a
@@ -401,16 +428,9 @@ mod amx {
         TileConfig(c)
     };
 
-    /// C[0..32, 0..32] = A[0..32, 0..k_pad] · B for two W tiles; a's rows are a_stride apart,
-    /// c's c_stride.
-    pub(super) unsafe fn block(
-        a: &[bf16],
-        a_stride: usize,
-        b: &[bf16],
-        k_pad: usize,
-        c: *mut f32,
-        c_stride: usize,
-    ) {
+    /// C[0..32, 0..32] = A[0..32, 0..k_pad] · B for two W tiles; a holds two rows of A tiles
+    /// (16 × 32 values each, contiguous), c's rows are c_stride apart.
+    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
         if !CONFIGURED.get() {
             asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
             CONFIGURED.set(true);
@@ -421,16 +441,16 @@ mod amx {
             "tilezero tmm2",
             "tilezero tmm3",
             "2:",
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm4, [{a0} + {s64}*1]",
+            "tileloadd tmm5, [{a1} + {s64}*1]",
             "tileloadd tmm6, [{b0} + {s64}*1]",
             "tileloadd tmm7, [{b1} + {s64}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
             "add {b0}, 1024",
             "add {b1}, 1024",
             "dec {n}",
@@ -440,11 +460,10 @@ mod amx {
             "tilestored [{c1} + {sc}*1], tmm2",
             "tilestored [{c1} + {sc}*1 + 64], tmm3",
             a0 = inout(reg) a.as_ptr() => _,
-            a1 = inout(reg) a.as_ptr().add(16 * a_stride) => _,
+            a1 = inout(reg) a.as_ptr().add(16 * k_pad) => _,
             b0 = inout(reg) b.as_ptr() => _,
             b1 = inout(reg) b.as_ptr().add(16 * k_pad) => _,
             n = inout(reg) k_pad / 32 => _,
-            sa = in(reg) a_stride * 2,
             s64 = in(reg) 64usize,
             sc = in(reg) c_stride * 4,
             c0 = in(reg) c,
