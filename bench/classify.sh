@@ -11,7 +11,10 @@
 #
 # Environment:
 #   PLAN     "model:batches ..." (default "B/32:1,8,32,256 B/16:1,8,32 L/14:1,8" on CPU)
-#   DTYPES   candle dtypes (default f32 on CPU; f32,f16,bf16 on cuda)
+#   DTYPES   candle dtypes (default f32,bf16 on CPU; f32,f16,bf16 on cuda). On a CPU, PyTorch's
+#            bf16 figures come from torch_cpu_bf16.py beside this script (model.to(bfloat16),
+#            eager: the best configuration PyTorch offers on CPUs with bf16 units), its f32
+#            ones from torch_reference.py.
 #   DEVICE   cpu or cuda (default cpu)
 #   THREADS  CPU threads for both (default: all cores)
 #   ITERS    timed passes per figure for both (default 3); MAX_SECONDS bounds candle's (60)
@@ -26,7 +29,7 @@ threads=${THREADS:-$(nproc)}
 iters=${ITERS:-3}
 if [ "$device" = cpu ]; then
   plan=${PLAN:-"B/32:1,8,32,256 B/16:1,8,32 L/14:1,8"}
-  dtypes=${DTYPES:-f32}
+  dtypes=${DTYPES:-f32,bf16}
 else
   plan=${PLAN:-"B/32:1,8,32,256 B/16:1,8,32,256 L/14:1,8,32,256"}
   dtypes=${DTYPES:-f32,f16,bf16}
@@ -36,6 +39,11 @@ mkdir -p "$out"
 : > "$out/load.txt"
 export RAYON_NUM_THREADS=$threads
 torch_dtypes=$(echo "$dtypes" | sed 's/bf16/bfloat16/; s/f16/float16/; s/f32/float32/')
+cpu_bf16=
+if [ "$device" = cpu ] && echo ",$dtypes," | grep -q ',bf16,'; then
+  cpu_bf16=1
+  torch_dtypes=$(echo "$dtypes" | tr , '\n' | { grep -v '^bf16$' || true; } | sed 's/f16/float16/; s/f32/float32/' | paste -sd,)
+fi
 load() { cut -d' ' -f1 /proc/loadavg; }
 for item in $plan; do
   model=${item%%:*}
@@ -46,8 +54,16 @@ for item in $plan; do
     "$atlas" bench classify --device "$device" --models "$model" --dtypes "$dtypes" \
       --batches "$bs" --iters "$iters" --max-seconds "${MAX_SECONDS:-60}" --out "$out/candle.jsonl" >&2
     echo "$tag torch $(load)" >> "$out/load.txt"
-    "$py" "$ref" --only classify --models "$model" --dtypes "$torch_dtypes" --batches "$bs" \
-      --iters "$iters" --threads "$threads" > "$out/torch-$tag.json"
+    if [ -n "$torch_dtypes" ]; then
+      "$py" "$ref" --only classify --models "$model" --dtypes "$torch_dtypes" --batches "$bs" \
+        --iters "$iters" --threads "$threads" > "$out/torch-$tag.json"
+    fi
+    if [ -n "$cpu_bf16" ]; then
+      echo "$tag torch-bf16 $(load)" >> "$out/load.txt"
+      "$py" "$(dirname "$0")/torch_cpu_bf16.py" --models "$model" --dtypes bfloat16 \
+        --batches "$bs" --iters "$iters" --threads "$threads" \
+        --out "$out/torch-bf16-$tag.json" > /dev/null
+    fi
   done
 done
 echo "end $(load)" >> "$out/load.txt"

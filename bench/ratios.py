@@ -55,11 +55,34 @@ def classify(out):
     if ratios:
         print(f"\nlowest ratio {min(ratios):.2f}, highest {max(ratios):.2f} "
               f"({sum(1 for x in ratios if x >= 1.0)} of {len(ratios)} figures at or above 1.0)")
+    best_vs_best(candle, torch)
     if loads:
         print("\n1-minute load average before each run:\n")
         print("```")
         print("\n".join(l for l in loads if l))
         print("```")
+
+
+def best_vs_best(candle, torch):
+    """Each side's fastest dtype per model and batch: what a user of either would run."""
+    best = {}
+    for r in candle:
+        if "error" not in r:
+            key = (r["model"], r["batch"])
+            if r["img_per_s"] > best.get(key, (0, ""))[0]:
+                best[key] = (r["img_per_s"], r["dtype"])
+    rows = []
+    for (model, batch), (ips, dt) in best.items():
+        theirs = [(v, k.split("_")[2]) for k, v in torch.items()
+                  if k.startswith(f"classify_{model}_") and k.endswith(f"_bs{batch}_img_per_s")]
+        if theirs:
+            t, tdt = max(theirs)
+            rows.append(f"| {model} | {batch} | {ips:.1f} ({dt}) | {t:.1f} ({tdt}) | **{ips / t:.2f}** |")
+    if rows:
+        print("\nBest against best (each side's fastest dtype):\n")
+        print("| model | batch | candle img/s | PyTorch img/s | candle / PyTorch |")
+        print("|---|---:|---:|---:|---:|")
+        print("\n".join(rows))
 
 
 def median(xs):

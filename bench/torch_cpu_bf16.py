@@ -9,6 +9,8 @@ machine's CPU model and bf16-relevant flags, and prints one JSON document.
 
     python3 bench/torch_cpu_bf16.py --models B/32 --batches 1,8,32 --threads 2
 
+bench/classify.sh runs it for the bf16 figures on a CPU (with --out).
+
 Needs: pip install torch transformers.
 """
 import argparse
@@ -62,6 +64,8 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--max-seconds", type=float, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", help="also write the figures as torch_reference.py names them "
+                    "(classify_<model>_<dtype>_bs<batch>_img_per_s), for bench/ratios.py")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -78,6 +82,13 @@ def main():
                                     "img_per_s": ips, "passes": passes})
                 print(f"{name} {dt:9} batch {b:4}: {ips:8.1f} img/s", flush=True)
     print(json.dumps(out, indent=1))
+    if a.out:
+        flat = {"torch": out["torch"], "threads": out["threads"], "device": "cpu",
+                "machine": out["machine"]}
+        for r in out["rows"]:
+            flat[f"classify_{r['model']}_{r['dtype']}_bs{r['batch']}_img_per_s"] = r["img_per_s"]
+        with open(a.out, "w") as f:
+            json.dump(flat, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,22 @@ impl PackedWeight {
     /// y = act(x Wᵀ + bias) + residual for x row-major [m, k]; y is [m, n]. The epilogue runs
     /// on each 32×32 block while it is in cache, so y is written once.
     pub fn matmul(&self, x: &[f32], m: usize, epi: &Epilogue) -> Vec<f32> {
+        self.matmul_rounded(&self.round(x, m), epi)
+    }
+
+    /// x ([m, k], row-major) rounded to bf16 in this weight's input layout.
+    pub fn round(&self, x: &[f32], m: usize) -> Rounded {
         assert_eq!(x.len(), m * self.k, "x is not [m, k]");
+        Rounded {
+            lines: self.round_rows(x, m.next_multiple_of(BLOCK)),
+            m,
+            k: self.k,
+        }
+    }
+
+    /// [`PackedWeight::matmul`] on x already rounded for this weight.
+    pub fn matmul_rounded(&self, a: &Rounded, epi: &Epilogue) -> Vec<f32> {
+        let m = a.m;
         assert!(
             epi.bias.is_none_or(|b| b.len() == self.n),
             "bias is not [n]"
@@ -179,51 +194,87 @@ impl PackedWeight {
             epi.residual.is_none_or(|r| r.len() == m * self.n),
             "residual is not [m, n]"
         );
-        let m_pad = m.next_multiple_of(BLOCK);
-        let a = self.round_rows(x, m_pad);
         let mut y = Vec::with_capacity(m * self.n);
-        let (mb, nb) = (m_pad / BLOCK, self.n_pad / BLOCK);
         let out = SharedOut(y.as_mut_ptr());
-        let stride = self.x_stride();
-        let group = (X_GROUP_BYTES / (BLOCK * stride * 2)).max(1);
-        (0..mb * nb).into_par_iter().for_each(|u| {
-            let (i, j) = unit(u, mb, nb, group);
-            let a = &a.as_slice()[i * BLOCK * stride..(i + 1) * BLOCK * stride];
-            let b = &self.tiles.as_slice()[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
-            let mut block = Block([0f32; BLOCK * BLOCK]);
-            // SAFETY: the kernel was found usable on this CPU; a holds 32 rows of k_pad, b two
-            // tiles, block 32 rows of 32.
-            unsafe { self.block(a, b, block.0.as_mut_ptr(), BLOCK) };
-            self.finish(&mut block.0, (i * BLOCK, j * BLOCK), m, epi, &out);
+        self.units(a, |block, (row, col)| {
+            let at = self.place(row, col, m);
+            // SAFETY: both kernels need AVX-512F, so a CPU that runs one has it; the unit owns
+            // this block of y.
+            unsafe { with_avx512(|| epilogue(block, &at, epi, Some(&out))) }
         });
         // SAFETY: the units covered every row < m and column < n of y.
         unsafe { y.set_len(m * self.n) };
         y
     }
 
-    /// Applies the epilogue to the block at (row, col) of y and writes its rows < m, columns < n.
-    fn finish(
-        &self,
-        block: &mut [f32],
-        (row, col): (usize, usize),
-        m: usize,
-        epi: &Epilogue,
-        out: &SharedOut,
-    ) {
-        let at = Place {
+    /// act(x Wᵀ + bias) rounded to bf16 in `next`'s input layout: a layer whose output only
+    /// feeds `next` (fc1 before fc2) writes half the bytes and `next` skips its rounding pass.
+    pub fn matmul_for(&self, a: &Rounded, epi: &Epilogue, next: &PackedWeight) -> Rounded {
+        assert_eq!(
+            next.k, self.n,
+            "next takes {} inputs, this gives {}",
+            next.k, self.n
+        );
+        assert!(epi.residual.is_none(), "a rounded output takes no residual");
+        let m = a.m;
+        let mut lines = Lines::zeros(m.next_multiple_of(BLOCK) * next.x_stride());
+        let out = SharedRounded(lines.as_mut_slice().as_mut_ptr());
+        self.units(a, |block, (row, col)| {
+            let at = self.place(row, col, m);
+            // SAFETY: as in matmul_rounded; nothing is stored to y.
+            unsafe { with_avx512(|| epilogue(block, &at, epi, None)) };
+            for (r, v) in block.chunks(BLOCK).take(at.rows).enumerate() {
+                let dst = next.offset(row + r, col);
+                // SAFETY: the unit owns these at.cols values of `next`'s row row + r; bf16 is
+                // written by round_into through a slice of exactly them.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(dst), at.cols) };
+                round_into(dst, &v[..at.cols]);
+            }
+        });
+        Rounded {
+            lines,
+            m,
+            k: next.k,
+        }
+    }
+
+    /// Runs the kernel over every 32×32 block of x Wᵀ, handing each (in cache) to `each` with
+    /// its first row and column.
+    fn units(&self, a: &Rounded, each: impl Fn(&mut [f32], (usize, usize)) + Sync) {
+        assert_eq!(a.k, self.k, "x was rounded for another layer");
+        let m_pad = a.m.next_multiple_of(BLOCK);
+        let (mb, nb) = (m_pad / BLOCK, self.n_pad / BLOCK);
+        let stride = self.x_stride();
+        let group = (X_GROUP_BYTES / (BLOCK * stride * 2)).max(1);
+        (0..mb * nb).into_par_iter().for_each(|u| {
+            let (i, j) = unit(u, mb, nb, group);
+            let a = &a.lines.as_slice()[i * BLOCK * stride..(i + 1) * BLOCK * stride];
+            let b = &self.tiles.as_slice()[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
+            let mut block = Block([0f32; BLOCK * BLOCK]);
+            // SAFETY: the kernel was found usable on this CPU; a holds 32 rows of k_pad, b two
+            // tiles, block 32 rows of 32.
+            unsafe { self.block(a, b, block.0.as_mut_ptr(), BLOCK) };
+            each(&mut block.0, (i * BLOCK, j * BLOCK));
+        });
+    }
+
+    /// Where the block at (row, col) goes in y ([m, n]).
+    fn place(&self, row: usize, col: usize, m: usize) -> Place {
+        Place {
             row,
             col,
             rows: BLOCK.min(m.saturating_sub(row)),
             cols: BLOCK.min(self.n - col.min(self.n)),
             n: self.n,
-        };
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: both kernels need AVX-512F, so a CPU that runs one has it.
-        unsafe {
-            avx512::epilogue(block, &at, epi, out)
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        epilogue(block, &at, epi, out)
+    }
+
+    /// Index of x's element (row, col) in this weight's input layout; col is a multiple of 32.
+    fn offset(&self, row: usize, col: usize) -> usize {
+        match self.kernel {
+            Kernel::Amx => ((row / 16) * (self.k_pad / 32) + col / 32) * 512 + (row % 16) * 32,
+            Kernel::Avx512Bf16 => row * self.x_stride() + col,
+        }
     }
 
     /// One 32×32 block of x Wᵀ from 32 rows of x and two tiles of W, into c (rows c_stride
@@ -329,10 +380,11 @@ struct Place {
     n: usize,
 }
 
-/// y[place] ← act(block + bias) + residual. Inlined into a caller compiled for the CPU's vector
-/// width: the activation's exp and division are most of the epilogue.
+/// block ← act(block + bias) + residual, then stored to y[place] when `out` is given. Inlined
+/// into a caller compiled for the CPU's vector width: the activation's exp and division are
+/// most of the epilogue.
 #[inline(always)]
-fn epilogue(block: &mut [f32], at: &Place, epi: &Epilogue, out: &SharedOut) {
+fn epilogue(block: &mut [f32], at: &Place, epi: &Epilogue, out: Option<&SharedOut>) {
     let (w, block) = (at.cols, &mut block[..at.rows * BLOCK]);
     if let Some(b) = epi.bias {
         for v in block.chunks_mut(BLOCK) {
@@ -348,9 +400,24 @@ fn epilogue(block: &mut [f32], at: &Place, epi: &Epilogue, out: &SharedOut) {
         if let Some(res) = epi.residual {
             v.iter_mut().zip(&res[i..i + w]).for_each(|(v, r)| *v += r);
         }
-        // SAFETY: y has capacity m·n and this block owns these w elements of row row + r.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at(i), w) };
+        if let Some(out) = out {
+            // SAFETY: y has capacity m·n and this block owns these w elements of row row + r.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.at(i), w) };
+        }
     }
+}
+
+/// Runs `f` compiled for AVX-512 where the build targets x86-64 (`f` must be inlined:
+/// closures and `#[inline(always)]` functions are).
+///
+/// # Safety
+/// On x86-64 the CPU must have AVX-512F (every CPU that runs a bf16 kernel has).
+#[inline(always)]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    return avx512::with(f);
+    #[cfg(not(target_arch = "x86_64"))]
+    f()
 }
 
 /// dst ← src rounded to bf16 (nearest, ties to even), as far as both go.
@@ -387,6 +454,26 @@ pub struct Epilogue<'a> {
 /// One 32×32 block of f32, aligned for the tile stores.
 #[repr(C, align(64))]
 struct Block([f32; BLOCK * BLOCK]);
+
+/// x rounded to bf16 in a packed weight's input layout ([`PackedWeight::round`]).
+pub struct Rounded {
+    lines: Lines,
+    m: usize,
+    k: usize,
+}
+
+/// Rounded x that units write in disjoint runs.
+struct SharedRounded(*mut bf16);
+
+impl SharedRounded {
+    /// The value at `offset` (a method, so closures capture the whole wrapper).
+    unsafe fn at(&self, offset: usize) -> *mut bf16 {
+        self.0.add(offset)
+    }
+}
+// SAFETY: every unit writes its own runs.
+unsafe impl Sync for SharedRounded {}
+unsafe impl Send for SharedRounded {}
 
 struct SharedOut(*mut f32);
 
@@ -478,15 +565,10 @@ mod avx512 {
     use half::bf16;
     use std::arch::x86_64::*;
 
-    /// `super::epilogue` compiled for AVX-512.
+    /// `f` compiled for AVX-512 (it is inlined here).
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn epilogue(
-        block: &mut [f32],
-        at: &super::Place,
-        epi: &super::Epilogue,
-        out: &super::SharedOut,
-    ) {
-        super::epilogue(block, at, epi, out)
+    pub(super) unsafe fn with<R>(f: impl FnOnce() -> R) -> R {
+        f()
     }
 
     /// `super::round_into` with `vcvtneps2bf16`, 16 values at a time.
@@ -638,6 +720,37 @@ mod tests {
                 }
                 let d = worst(&got, &want);
                 assert!(d < 2e-5, "{kernel:?} {act:?}: {d}");
+            }
+        }
+    }
+
+    /// fc1 writing straight into fc2's input layout gives exactly what the f32 hand-over does
+    /// (fc2 rounds fc1's output to bf16 either way), with padding in m, k and the middle.
+    #[test]
+    fn a_layer_feeding_the_next_in_its_layout_gives_the_same_result() {
+        for (m, k, mid, n) in [(37, 64, 96, 48), (50, 40, 80, 32)] {
+            let x = values(m * k, 7);
+            let (w1, w2) = (values(k * mid, 8), values(mid * n, 9));
+            let (b1, b2, res) = (values(mid, 10), values(n, 11), values(m * n, 12));
+            for &kernel in &available() {
+                let (p1, p2) = (
+                    PackedWeight::from_transposed(&w1, k, mid, kernel),
+                    PackedWeight::from_transposed(&w2, mid, n, kernel),
+                );
+                let first = Epilogue {
+                    bias: Some(&b1),
+                    act: Some(Activation::QuickGelu),
+                    residual: None,
+                };
+                let second = Epilogue {
+                    bias: Some(&b2),
+                    act: None,
+                    residual: Some(&res),
+                };
+                let apart = p2.matmul(&p1.matmul(&x, m, &first), m, &second);
+                let mid_rounded = p1.matmul_for(&p1.round(&x, m), &first, &p2);
+                let chained = p2.matmul_rounded(&mid_rounded, &second);
+                assert_eq!(apart, chained, "{kernel:?} {m}x{k}x{mid}x{n}");
             }
         }
     }

@@ -359,10 +359,48 @@ impl EncoderLayer {
         first_only: bool,
     ) -> Result<Tensor> {
         let h = self.attention(&self.ln1.forward(x)?, mask, x, first_only)?;
-        let a = self
-            .fc1
-            .apply(&self.ln2.forward(&h)?, Some(self.act), None)?;
+        let n = self.ln2.forward(&h)?;
+        if let Some(y) = self.packed_mlp(&n, &h)? {
+            return Ok(y);
+        }
+        let a = self.fc1.apply(&n, Some(self.act), None)?;
         self.fc2.apply(&a, None, Some(&h))
+    }
+
+    /// fc2(act(fc1(x))) + residual with fc1's output handed to fc2 already rounded to bf16 in
+    /// its input layout (half the bytes, and no rounding pass), when both are packed for one
+    /// kernel.
+    fn packed_mlp(&self, x: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
+        let (Weight::Packed(p1), Weight::Packed(p2)) = (&self.fc1.w, &self.fc2.w) else {
+            return Ok(None);
+        };
+        if p1.kernel() != p2.kernel() {
+            return Ok(None);
+        }
+        let rows = x.elem_count() / p1.in_dim();
+        let (b1, b2) = (self.fc1.b.as_ref(), self.fc2.b.as_ref());
+        let y = with_f32(x, |x| {
+            with_f32(residual, |res| {
+                with_f32_opt(b1, |b1| {
+                    with_f32_opt(b2, |b2| {
+                        let first = Epilogue {
+                            bias: b1,
+                            act: Some(self.act),
+                            residual: None,
+                        };
+                        let second = Epilogue {
+                            bias: b2,
+                            act: None,
+                            residual: Some(res),
+                        };
+                        let mid = p1.matmul_for(&p1.round(x, rows), &first, p2);
+                        p2.matmul_rounded(&mid, &second)
+                    })
+                })
+            })
+        })????;
+        let y = Tensor::from_vec(y, residual.shape(), residual.device())?;
+        Ok(Some(y))
     }
 
     /// residual + the fused CPU attention over q ([B, rows, D]), k and v, when it can run.
