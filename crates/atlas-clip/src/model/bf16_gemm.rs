@@ -13,6 +13,7 @@
 //! layout both instructions read: one AMX B tile (16 kp × 64 bytes) or one zmm per kp. k and n
 //! are padded with zeros to multiples of 32; x is rounded to bf16 into a buffer padded the same.
 
+use super::fast_math::with_scratch;
 use super::fused::activate_in_place;
 use crate::config::Activation;
 use half::bf16;
@@ -175,9 +176,15 @@ impl PackedWeight {
 
     /// x ([m, k], row-major) rounded to bf16 in this weight's input layout.
     pub fn round(&self, x: &[f32], m: usize) -> Rounded {
+        self.round_with(x, m, None)
+    }
+
+    /// [`PackedWeight::round`] of f(row) for each row of x: a LayerNorm whose output only
+    /// feeds this layer writes bf16 once instead of f32 and then bf16.
+    pub fn round_with(&self, x: &[f32], m: usize, f: Option<&RowFn<'_>>) -> Rounded {
         assert_eq!(x.len(), m * self.k, "x is not [m, k]");
         Rounded {
-            lines: self.round_rows(x, m.next_multiple_of(BLOCK)),
+            lines: self.round_rows(x, m.next_multiple_of(BLOCK), f),
             m,
             k: self.k,
         }
@@ -301,43 +308,46 @@ impl PackedWeight {
         }
     }
 
-    /// x rounded to bf16 in the kernel's layout, padded with zero rows and columns.
-    fn round_rows(&self, x: &[f32], m_pad: usize) -> Lines {
-        if self.kernel == Kernel::Amx {
-            return self.round_tiles(x, m_pad);
-        }
+    /// x (each row through f, when given) rounded to bf16 in the kernel's layout, padded with
+    /// zero rows and columns; 16 rows per task.
+    fn round_rows(&self, x: &[f32], m_pad: usize, f: Option<&RowFn<'_>>) -> Lines {
         let stride = self.x_stride();
         let mut a = Lines::zeros(m_pad * stride);
-        let rows_per_task = (1 << 14) / stride + 1;
         a.as_mut_slice()
-            .par_chunks_mut(stride * rows_per_task)
-            .zip(x.par_chunks(self.k * rows_per_task))
-            .for_each(|(dst, src)| {
-                for (d, s) in dst.chunks_mut(stride).zip(src.chunks(self.k)) {
-                    round_into(d, s);
-                }
+            .par_chunks_mut(16 * stride)
+            .enumerate()
+            .for_each(|(t, dst)| {
+                with_scratch(self.k, |row_buf| {
+                    for r in 0..16 {
+                        let row = 16 * t + r;
+                        let Some(src) = x.get(row * self.k..(row + 1) * self.k) else {
+                            break;
+                        };
+                        let src = match f {
+                            Some(f) => {
+                                f(src, row_buf);
+                                &*row_buf
+                            }
+                            None => src,
+                        };
+                        self.round_row(src, r, dst);
+                    }
+                })
             });
         a
     }
 
-    /// x rounded to bf16 as AMX tiles: for each 16 rows, for each 32 columns, 16 × 32 values.
-    fn round_tiles(&self, x: &[f32], m_pad: usize) -> Lines {
-        let mut a = Lines::zeros(m_pad * self.k_pad);
-        a.as_mut_slice()
-            .par_chunks_mut(16 * self.k_pad)
-            .enumerate()
-            .for_each(|(t, tiles)| {
-                for r in 0..16 {
-                    let row = 16 * t + r;
-                    let Some(src) = x.get(row * self.k..(row + 1) * self.k) else {
-                        break;
-                    };
-                    for (b, s) in src.chunks(32).enumerate() {
-                        round_into(&mut tiles[b * 512 + r * 32..][..32], s);
-                    }
+    /// Row r (of 16) of a group of rows in the kernel's layout: AMX tiles hold, for each 32
+    /// columns, 16 × 32 values; AVX-512 reads plain rows.
+    fn round_row(&self, src: &[f32], r: usize, dst: &mut [bf16]) {
+        match self.kernel {
+            Kernel::Amx => {
+                for (b, s) in src.chunks(32).enumerate() {
+                    round_into(&mut dst[b * 512 + r * 32..][..32], s);
                 }
-            });
-        a
+            }
+            Kernel::Avx512Bf16 => round_into(&mut dst[r * self.x_stride()..], src),
+        }
     }
 }
 
@@ -454,6 +464,9 @@ pub struct Epilogue<'a> {
 /// One 32×32 block of f32, aligned for the tile stores.
 #[repr(C, align(64))]
 struct Block([f32; BLOCK * BLOCK]);
+
+/// A transform of each row of x before it is rounded (input row, output row).
+pub type RowFn<'a> = dyn Fn(&[f32], &mut [f32]) + Sync + 'a;
 
 /// x rounded to bf16 in a packed weight's input layout ([`PackedWeight::round`]).
 pub struct Rounded {
@@ -805,7 +818,7 @@ mod speed {
                 let w = PackedWeight::from_transposed(&wt, k, n, kernel);
                 w.matmul(&x, m, &Epilogue::default());
                 let t = Instant::now();
-                let a = w.round_rows(&x, m.next_multiple_of(BLOCK));
+                let a = w.round(&x, m);
                 let conv = t.elapsed().as_secs_f64();
                 drop(a);
                 let reps = 10;

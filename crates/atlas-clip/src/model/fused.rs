@@ -158,6 +158,19 @@ fn lane_sum<T: Elem>(s: &[T], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// d ← LayerNorm(s) with weight w and bias b, in f32: the row transform the packed bf16 matmul
+/// applies while rounding its input (`bf16_gemm::PackedWeight::round_with`).
+#[inline(always)]
+pub(super) fn layer_norm_row(s: &[f32], w: &[f32], b: &[f32], eps: f32, d: &mut [f32]) {
+    let n = s.len();
+    let mean = lane_sum(s, |v| v) / n as f32;
+    let var = lane_sum(s, |v| (v - mean) * (v - mean)) / n as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((d, s), w), b) in d.iter_mut().zip(s).zip(w).zip(b) {
+        *d = (s - mean) * inv * w + b;
+    }
+}
+
 fn layer_norm_rows<T: Elem + Same>(x: &[T], w: &[T], b: &[T], eps: f32) -> Vec<T> {
     let n = w.len();
     rows(x, n, |s, d| {

@@ -1,7 +1,8 @@
 //! The layers of both towers: linear (with fused epilogues), LayerNorm, the q/k/v projections,
 //! the pre-LN encoder layer with its attention, and loading a stack of them.
 
-use super::bf16_gemm::{Epilogue, PackedWeight};
+use super::bf16_gemm::{Epilogue, PackedWeight, RowFn};
+use super::fused::layer_norm_row;
 use super::ops::{activate, layer_norm, repeat_rows, softmax_last};
 use super::{attention, fused, fused_grad, WeightSource};
 use crate::config::Activation;
@@ -72,6 +73,30 @@ impl Linear {
             w: Weight::Packed(Arc::new(packed)),
             b: self.b,
         })
+    }
+
+    /// norm(x) Wᵀ + b; with packed weights the norm is applied while rounding x (its f32
+    /// output is never written).
+    fn forward_normed(&self, x: &Tensor, norm: &Norm) -> Result<Tensor> {
+        let Weight::Packed(p) = &self.w else {
+            return self.forward(&norm.forward(x)?);
+        };
+        let mut out = x.dims().to_vec();
+        *out.last_mut().expect("non-empty") = p.out_dim();
+        let rows = x.elem_count() / p.in_dim();
+        let y = with_f32(x, |x| {
+            norm.with_row_fn(|f| {
+                let a = p.round_with(x, rows, Some(f));
+                with_f32_opt(self.b.as_ref(), |bias| {
+                    let epi = Epilogue {
+                        bias,
+                        ..Epilogue::default()
+                    };
+                    p.matmul_rounded(&a, &epi)
+                })
+            })
+        })???;
+        Ok(Tensor::from_vec(y, out, x.device())?)
     }
 
     /// Whether the layer takes the CPU inference path (transposed or packed weights).
@@ -250,6 +275,15 @@ impl Norm {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.w, &self.b, self.eps)
     }
+
+    /// f(the norm as a row transform, f32), for the packed matmuls that apply it while
+    /// rounding their input.
+    fn with_row_fn<R>(&self, f: impl FnOnce(&RowFn<'_>) -> R) -> Result<R> {
+        let eps = self.eps as f32;
+        with_f32(&self.w, |w| {
+            with_f32(&self.b, |b| f(&|s, d| layer_norm_row(s, w, b, eps, d)))
+        })?
+    }
 }
 
 /// The q/k/v projections: separate (differentiable, as loaded), or one matmul over the
@@ -358,29 +392,30 @@ impl EncoderLayer {
         mask: Option<&Tensor>,
         first_only: bool,
     ) -> Result<Tensor> {
-        let h = self.attention(&self.ln1.forward(x)?, mask, x, first_only)?;
-        let n = self.ln2.forward(&h)?;
-        if let Some(y) = self.packed_mlp(&n, &h)? {
+        let h = self.attention(x, mask, first_only)?;
+        if let Some(y) = self.packed_mlp(&h)? {
             return Ok(y);
         }
-        let a = self.fc1.apply(&n, Some(self.act), None)?;
+        let a = self
+            .fc1
+            .apply(&self.ln2.forward(&h)?, Some(self.act), None)?;
         self.fc2.apply(&a, None, Some(&h))
     }
 
-    /// fc2(act(fc1(x))) + residual with fc1's output handed to fc2 already rounded to bf16 in
-    /// its input layout (half the bytes, and no rounding pass), when both are packed for one
-    /// kernel.
-    fn packed_mlp(&self, x: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
+    /// h + fc2(act(fc1(ln2(h)))) when fc1 and fc2 are packed for one kernel: ln2 is applied
+    /// while rounding fc1's input, and fc1's output is handed to fc2 already rounded in its
+    /// input layout (half the bytes, and no rounding pass).
+    fn packed_mlp(&self, h: &Tensor) -> Result<Option<Tensor>> {
         let (Weight::Packed(p1), Weight::Packed(p2)) = (&self.fc1.w, &self.fc2.w) else {
             return Ok(None);
         };
         if p1.kernel() != p2.kernel() {
             return Ok(None);
         }
-        let rows = x.elem_count() / p1.in_dim();
+        let rows = h.elem_count() / p1.in_dim();
         let (b1, b2) = (self.fc1.b.as_ref(), self.fc2.b.as_ref());
-        let y = with_f32(x, |x| {
-            with_f32(residual, |res| {
+        let y = with_f32(h, |res| {
+            self.ln2.with_row_fn(|norm| {
                 with_f32_opt(b1, |b1| {
                     with_f32_opt(b2, |b2| {
                         let first = Epilogue {
@@ -393,13 +428,14 @@ impl EncoderLayer {
                             act: None,
                             residual: Some(res),
                         };
-                        let mid = p1.matmul_for(&p1.round(x, rows), &first, p2);
+                        let x = p1.round_with(res, rows, Some(norm));
+                        let mid = p1.matmul_for(&x, &first, p2);
                         p2.matmul_rounded(&mid, &second)
                     })
                 })
             })
         })????;
-        let y = Tensor::from_vec(y, residual.shape(), residual.device())?;
+        let y = Tensor::from_vec(y, h.shape(), h.device())?;
         Ok(Some(y))
     }
 
@@ -419,14 +455,9 @@ impl EncoderLayer {
         Ok(Some(self.out.apply(&ctx, None, Some(&residual))?))
     }
 
-    /// residual + attention(x), for token 0 alone when `first_only`.
-    fn attention(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        residual: &Tensor,
-        first_only: bool,
-    ) -> Result<Tensor> {
+    /// x + attention(ln1(x)), for token 0 alone when `first_only`.
+    fn attention(&self, x: &Tensor, mask: Option<&Tensor>, first_only: bool) -> Result<Tensor> {
+        let residual = x;
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
         let rows = if first_only { 1 } else { n };
@@ -437,6 +468,7 @@ impl EncoderLayer {
         };
         let (q, k, v) = match &self.qkv {
             Qkv::Separate { q, k, v } => {
+                let x = &self.ln1.forward(x)?;
                 let q = q.forward(&x.narrow(1, 0, rows)?)?;
                 let (k, v) = (k.forward(x)?, v.forward(x)?);
                 let scale = (hd as f64).powf(-0.5);
@@ -448,7 +480,7 @@ impl EncoderLayer {
                 (q, k, split(v, n)?)
             }
             Qkv::Stacked(qkv) => {
-                let t = qkv.forward(x)?;
+                let t = qkv.forward_normed(x, &self.ln1)?;
                 // On a GPU, one kernel from [B, N, 3·D] straight to [B, N, D].
                 if !first_only && attention::usable(&t, self.heads, mask) {
                     let ctx = attention::attention(&t, self.heads, mask)?;
@@ -603,6 +635,7 @@ mod speed {
             let Qkv::Stacked(qkv) = &l.qkv else { panic!() };
             let t = qkv.forward(&a).unwrap();
             time("qkv", || qkv.forward(&a).unwrap());
+            time("ln1+qkv", || qkv.forward_normed(&x, &l.ln1).unwrap());
             let q = t.narrow(2, 0, d).unwrap();
             let (k, v) = (t.narrow(2, d, d).unwrap(), t.narrow(2, 2 * d, d).unwrap());
             let ctx = fused_grad::attention::attention(&q, &k, &v, h, 1.0).unwrap();
@@ -618,6 +651,9 @@ mod speed {
             time("fc1", || l.fc1.apply(&a2, None, None).unwrap());
             time("fc1+gelu", || l.fc1.apply(&a2, Some(l.act), None).unwrap());
             time("fc2", || l.fc2.apply(&f, None, Some(&hres)).unwrap());
+            time("ln2+mlp", || {
+                l.packed_mlp(&hres).unwrap().unwrap_or(hres.clone())
+            });
             time("layer", || l.forward(&x, None).unwrap());
             time("last layer", || l.forward_rows(&x, None, true).unwrap());
         }
