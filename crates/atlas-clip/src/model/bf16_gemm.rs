@@ -129,7 +129,10 @@ impl PackedWeight {
     /// `kernel`, which this CPU must have (`available`): the kernels run its instructions.
     pub fn from_transposed(wt: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
         assert_eq!(wt.len(), k * n, "Wᵀ is not [k, n]");
-        assert!(available().contains(&kernel), "this CPU cannot run {kernel:?}");
+        assert!(
+            available().contains(&kernel),
+            "this CPU cannot run {kernel:?}"
+        );
         let (n_pad, k_pad) = (n.next_multiple_of(BLOCK), k.next_multiple_of(BLOCK));
         let mut tiles = Lines::zeros(n_pad * k_pad);
         // Tile t is k_pad·16 values: kp-major, then column j, then the pair.
