@@ -207,7 +207,7 @@ impl PackedWeight {
             "residual is not [m, n]"
         );
         let mut y = Vec::with_capacity(m * self.n);
-        let out = SharedOut(y.as_mut_ptr());
+        let out = Shared(y.as_mut_ptr());
         self.units(a, |block, (row, col)| {
             let at = self.place(row, col, m);
             // SAFETY: both kernels need AVX-512F, so a CPU that runs one has it; the unit owns
@@ -230,7 +230,7 @@ impl PackedWeight {
         assert!(epi.residual.is_none(), "a rounded output takes no residual");
         let m = a.m;
         let mut lines = Lines::zeros(m.next_multiple_of(BLOCK) * next.x_stride());
-        let out = SharedRounded(lines.as_mut_slice().as_mut_ptr());
+        let out = Shared(lines.as_mut_slice().as_mut_ptr());
         self.units(a, |block, (row, col)| {
             let at = self.place(row, col, m);
             // SAFETY: as in matmul_rounded; nothing is stored to y.
@@ -399,7 +399,7 @@ struct Place {
 /// into a caller compiled for the CPU's vector width: the activation's exp and division are
 /// most of the epilogue.
 #[inline(always)]
-fn epilogue(block: &mut [f32], at: &Place, epi: &Epilogue, out: Option<&SharedOut>) {
+fn epilogue(block: &mut [f32], at: &Place, epi: &Epilogue, out: Option<&Shared<f32>>) {
     let (w, block) = (at.cols, &mut block[..at.rows * BLOCK]);
     if let Some(b) = epi.bias {
         for v in block.chunks_mut(BLOCK) {
@@ -480,30 +480,18 @@ pub struct Rounded {
     k: usize,
 }
 
-/// Rounded x that units write in disjoint runs.
-struct SharedRounded(*mut bf16);
+/// An output (y, or rounded x for the next layer) that units write in disjoint parts.
+struct Shared<T>(*mut T);
 
-impl SharedRounded {
-    /// The value at `offset` (a method, so closures capture the whole wrapper).
-    unsafe fn at(&self, offset: usize) -> *mut bf16 {
+impl<T> Shared<T> {
+    /// The element at `offset` (a method, so closures capture the whole wrapper).
+    unsafe fn at(&self, offset: usize) -> *mut T {
         self.0.add(offset)
     }
 }
-// SAFETY: every unit writes its own runs.
-unsafe impl Sync for SharedRounded {}
-unsafe impl Send for SharedRounded {}
-
-struct SharedOut(*mut f32);
-
-impl SharedOut {
-    /// The output at element `offset` (a method, so closures capture the whole wrapper).
-    unsafe fn at(&self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
-}
-// SAFETY: every unit writes its own block of the output.
-unsafe impl Sync for SharedOut {}
-unsafe impl Send for SharedOut {}
+// SAFETY: every unit writes its own part of the output, which outlives the units.
+unsafe impl<T> Sync for Shared<T> {}
+unsafe impl<T> Send for Shared<T> {}
 
 #[cfg(target_arch = "x86_64")]
 mod amx {
