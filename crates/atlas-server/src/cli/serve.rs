@@ -132,8 +132,8 @@ fn load_options(c: &Config) -> anyhow::Result<LoadOptions> {
                 k.name()
             ),
             None => eprintln!(
-                "atlas-serve: bf16 on the CPU: no bf16 kernel (this CPU has neither AMX nor \
-                 AVX512-BF16, or ATLAS_CPU_BF16 turned them off): the f32 path runs"
+                "atlas-serve: bf16 on the CPU: no bf16 kernel (this CPU has no AMX, and \
+                 ATLAS_CPU_BF16 names no other it has): the f32 path runs"
             ),
         }
     }
