@@ -92,7 +92,7 @@ impl Backbone {
             device: &opts.device,
             dtype: opts.tensor_dtype(),
         };
-        let text = TextTower::new(&text_cfg, cfg.projection_dim, &*opts.source(&text_src))?;
+        let text = TextTower::new(&text_cfg, cfg.projection_dim, &opts.source(&text_src))?;
         let tokenizer = match &ckpt.files.tokenizer {
             Some(p) => Some(ClipTokenizer::from_file(p)?),
             None => None,
@@ -183,7 +183,7 @@ impl Backbone {
     /// The image tower over any weight source that has the manifest's tensors.
     pub fn vision(&self, src: &dyn WeightSource) -> Result<VisionTower> {
         let src = self.opts.source(src);
-        VisionTower::new(&self.config.vision, Some(self.config.projection_dim), &*src)
+        VisionTower::new(&self.config.vision, Some(self.config.projection_dim), &src)
     }
 
     /// The pre-trained image tower.
@@ -373,20 +373,8 @@ impl LoadOptions {
     }
 
     /// `src` as the towers read it: with packed bf16 matmuls where `bf16_kernel` names one.
-    pub fn source<'a>(&self, src: &'a dyn WeightSource) -> Box<dyn WeightSource + 'a> {
-        match self.bf16_kernel() {
-            Some(kernel) => Box::new(Bf16Matmuls(src, kernel)),
-            None => Box::new(Plain(src)),
-        }
-    }
-}
-
-/// A weight source as it is.
-struct Plain<'a>(&'a dyn WeightSource);
-
-impl WeightSource for Plain<'_> {
-    fn find(&self, name: &str) -> Option<Tensor> {
-        self.0.find(name)
+    pub fn source<'a>(&self, src: &'a dyn WeightSource) -> Bf16Matmuls<'a> {
+        Bf16Matmuls(src, self.bf16_kernel())
     }
 }
 

@@ -60,16 +60,16 @@ pub trait WeightSource {
     }
 }
 
-/// `src` with its towers' CPU matmuls on a bf16 kernel, which the caller has checked the CPU
-/// has (`bf16_gemm::available`).
-pub struct Bf16Matmuls<'a>(pub &'a dyn WeightSource, pub bf16_gemm::Kernel);
+/// `src` with its towers' CPU matmuls on a bf16 kernel when one is given (the caller has
+/// checked the CPU has it: `bf16_gemm::available`), on the f32 path otherwise.
+pub struct Bf16Matmuls<'a>(pub &'a dyn WeightSource, pub Option<bf16_gemm::Kernel>);
 
 impl WeightSource for Bf16Matmuls<'_> {
     fn find(&self, name: &str) -> Option<Tensor> {
         self.0.find(name)
     }
     fn bf16_kernel(&self) -> Option<bf16_gemm::Kernel> {
-        Some(self.1)
+        self.1
     }
 }
 

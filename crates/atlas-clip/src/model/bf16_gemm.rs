@@ -172,10 +172,6 @@ impl PackedWeight {
     pub fn kernel(&self) -> Kernel {
         self.kernel
     }
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.tiles.as_slice().len() * 2
-    }
 
     /// y = act(x Wᵀ + bias) + residual for x row-major [m, k]; y is [m, n]. The epilogue runs
     /// on each 32×32 block while it is in cache, so y is written once.

@@ -41,7 +41,7 @@ pub fn has_kernels(d: &candle_core::Device) -> bool {
 }
 
 /// An element type the kernels read and write; arithmetic is always f32.
-trait Elem: Copy + Send + Sync + 'static {
+pub(super) trait Elem: Copy + Send + Sync + 'static {
     fn get(self) -> f32;
     fn put(v: f32) -> Self;
 }
@@ -158,29 +158,22 @@ fn lane_sum<T: Elem>(s: &[T], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// d ← LayerNorm(s) with weight w and bias b, in f32: the row transform the packed bf16 matmul
-/// applies while rounding its input (`bf16_gemm::PackedWeight::round_with`).
+/// d ← LayerNorm(s) with weight w and bias b, arithmetic in f32: one row of the fused op, and
+/// the row transform the packed bf16 matmul applies while rounding its input
+/// (`bf16_gemm::PackedWeight::round_with`).
 #[inline(always)]
-pub(super) fn layer_norm_row(s: &[f32], w: &[f32], b: &[f32], eps: f32, d: &mut [f32]) {
+pub(super) fn layer_norm_row<T: Elem>(s: &[T], w: &[T], b: &[T], eps: f32, d: &mut [T]) {
     let n = s.len();
     let mean = lane_sum(s, |v| v) / n as f32;
     let var = lane_sum(s, |v| (v - mean) * (v - mean)) / n as f32;
     let inv = 1.0 / (var + eps).sqrt();
     for (((d, s), w), b) in d.iter_mut().zip(s).zip(w).zip(b) {
-        *d = (s - mean) * inv * w + b;
+        *d = T::put((s.get() - mean) * inv * w.get() + b.get());
     }
 }
 
 fn layer_norm_rows<T: Elem + Same>(x: &[T], w: &[T], b: &[T], eps: f32) -> Vec<T> {
-    let n = w.len();
-    rows(x, n, |s, d| {
-        let mean = lane_sum(s, |v| v) / n as f32;
-        let var = lane_sum(s, |v| (v - mean) * (v - mean)) / n as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for (((d, s), w), b) in d.iter_mut().zip(s).zip(w).zip(b) {
-            *d = T::put((s.get() - mean) * inv * w.get() + b.get());
-        }
-    })
+    rows(x, w.len(), |s, d| layer_norm_row(s, w, b, eps, d))
 }
 
 impl CustomOp3 for LayerNorm {

@@ -1,7 +1,7 @@
 //! The layers of both towers: linear (with fused epilogues), LayerNorm, the q/k/v projections,
 //! the pre-LN encoder layer with its attention, and loading a stack of them.
 
-use super::bf16_gemm::{Epilogue, PackedWeight, RowFn};
+use super::bf16_gemm::{Epilogue, PackedWeight};
 use super::fused::layer_norm_row;
 use super::ops::{activate, layer_norm, repeat_rows, softmax_last};
 use super::{attention, fused, fused_grad, WeightSource};
@@ -67,8 +67,9 @@ impl Linear {
             return Ok(self);
         }
         let (k, n) = wt.dims2()?;
-        let data = wt.flatten_all()?.to_vec1::<f32>()?;
-        let packed = PackedWeight::from_transposed(&data, k, n, kernel);
+        let packed = with_f32s([wt], [], |[wt], []| {
+            PackedWeight::from_transposed(wt, k, n, kernel)
+        })?;
         Ok(Linear {
             w: Weight::Packed(Arc::new(packed)),
             b: self.b,
@@ -84,18 +85,18 @@ impl Linear {
         let mut out = x.dims().to_vec();
         *out.last_mut().expect("non-empty") = p.out_dim();
         let rows = x.elem_count() / p.in_dim();
-        let y = with_f32(x, |x| {
-            norm.with_row_fn(|f| {
-                let a = p.round_with(x, rows, Some(f));
-                with_f32_opt(self.b.as_ref(), |bias| {
-                    let epi = Epilogue {
-                        bias,
-                        ..Epilogue::default()
-                    };
-                    p.matmul_rounded(&a, &epi)
-                })
-            })
-        })???;
+        let y = with_f32s(
+            [x, &norm.w, &norm.b],
+            [self.b.as_ref()],
+            |[x, nw, nb], [bias]| {
+                let a = p.round_with(x, rows, Some(&norm.row_fn(nw, nb)));
+                let epi = Epilogue {
+                    bias,
+                    ..Epilogue::default()
+                };
+                p.matmul_rounded(&a, &epi)
+            },
+        )?;
         Ok(Tensor::from_vec(y, out, x.device())?)
     }
 
@@ -141,18 +142,18 @@ impl Linear {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let rows = x2.dim(0)?;
-        let y = with_f32(x2, |x| {
-            with_f32_opt(self.b.as_ref(), |bias| {
-                with_f32_opt(residual, |residual| {
-                    let epi = Epilogue {
-                        bias,
-                        act,
-                        residual,
-                    };
-                    p.matmul(x, rows, &epi)
-                })
-            })
-        })???;
+        let y = with_f32s(
+            [x2],
+            [self.b.as_ref(), residual],
+            |[x], [bias, residual]| {
+                let epi = Epilogue {
+                    bias,
+                    act,
+                    residual,
+                };
+                p.matmul(x, rows, &epi)
+            },
+        )?;
         Ok(Tensor::from_vec(y, (rows, p.out_dim()), x2.device())?)
     }
 }
@@ -236,25 +237,37 @@ impl Linear {
     }
 }
 
-/// f(the contiguous f32 data of t), without a copy when t is already so.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets())
-    else {
-        return Err(
-            candle_core::Error::Msg("packed matmul: expected f32 on the CPU".into()).into(),
-        );
-    };
-    Ok(f(&v[a..b]))
-}
-
-/// [`with_f32`] over an optional tensor.
-fn with_f32_opt<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
-    match t {
-        Some(t) => with_f32(t, |v| f(Some(v))),
-        None => Ok(f(None)),
+/// f(the contiguous f32 data of each tensor given, and of each optional one given), for the
+/// packed matmuls that read candle's storage in place (no copy when a tensor is already
+/// contiguous f32 on the CPU).
+fn with_f32s<const N: usize, const M: usize, R>(
+    given: [&Tensor; N],
+    optional: [Option<&Tensor>; M],
+    f: impl FnOnce([&[f32]; N], [Option<&[f32]>; M]) -> R,
+) -> Result<R> {
+    let all = given.into_iter().map(Some).chain(optional);
+    let owned = all
+        .map(|t| t.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned
+        .iter()
+        .map(|t| t.as_ref().map(Tensor::storage_and_layout))
+        .collect();
+    let mut slices = Vec::with_capacity(N + M);
+    for g in &guards {
+        slices.push(match g {
+            Some((s, l)) => match (&**s, l.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
+                _ => {
+                    let e = "packed matmul: expected f32 on the CPU";
+                    return Err(candle_core::Error::Msg(e.into()).into());
+                }
+            },
+            None => None,
+        });
     }
+    let given = std::array::from_fn(|i| slices[i].expect("given"));
+    Ok(f(given, std::array::from_fn(|i| slices[N + i])))
 }
 
 #[derive(Debug, Clone)]
@@ -276,13 +289,11 @@ impl Norm {
         layer_norm(x, &self.w, &self.b, self.eps)
     }
 
-    /// f(the norm as a row transform, f32), for the packed matmuls that apply it while
-    /// rounding their input.
-    fn with_row_fn<R>(&self, f: impl FnOnce(&RowFn<'_>) -> R) -> Result<R> {
+    /// The norm as a row transform over its weight and bias as f32 (from `with_f32s`), for
+    /// the packed matmuls that apply it while rounding their input.
+    fn row_fn<'a>(&self, w: &'a [f32], b: &'a [f32]) -> impl Fn(&[f32], &mut [f32]) + Sync + 'a {
         let eps = self.eps as f32;
-        with_f32(&self.w, |w| {
-            with_f32(&self.b, |b| f(&|s, d| layer_norm_row(s, w, b, eps, d)))
-        })?
+        move |s, d| layer_norm_row(s, w, b, eps, d)
     }
 }
 
@@ -413,28 +424,22 @@ impl EncoderLayer {
             return Ok(None);
         }
         let rows = h.elem_count() / p1.in_dim();
-        let (b1, b2) = (self.fc1.b.as_ref(), self.fc2.b.as_ref());
-        let y = with_f32(h, |res| {
-            self.ln2.with_row_fn(|norm| {
-                with_f32_opt(b1, |b1| {
-                    with_f32_opt(b2, |b2| {
-                        let first = Epilogue {
-                            bias: b1,
-                            act: Some(self.act),
-                            residual: None,
-                        };
-                        let second = Epilogue {
-                            bias: b2,
-                            act: None,
-                            residual: Some(res),
-                        };
-                        let x = p1.round_with(res, rows, Some(norm));
-                        let mid = p1.matmul_for(&x, &first, p2);
-                        p2.matmul_rounded(&mid, &second)
-                    })
-                })
-            })
-        })????;
+        let (ln, b1, b2) = (&self.ln2, self.fc1.b.as_ref(), self.fc2.b.as_ref());
+        let y = with_f32s([h, &ln.w, &ln.b], [b1, b2], |[res, nw, nb], [b1, b2]| {
+            let first = Epilogue {
+                bias: b1,
+                act: Some(self.act),
+                residual: None,
+            };
+            let second = Epilogue {
+                bias: b2,
+                act: None,
+                residual: Some(res),
+            };
+            let x = p1.round_with(res, rows, Some(&ln.row_fn(nw, nb)));
+            let mid = p1.matmul_for(&x, &first, p2);
+            p2.matmul_rounded(&mid, &second)
+        })?;
         let y = Tensor::from_vec(y, h.shape(), h.device())?;
         Ok(Some(y))
     }
@@ -622,7 +627,9 @@ mod speed {
         let batch = std::env::var("BATCH").map_or(32, |b| b.parse().unwrap());
         let x = rand(&[batch, 50, d], 0.0, 5);
         let kernels = bf16_gemm::available();
-        let packed = kernels.first().map(|&k| crate::model::Bf16Matmuls(&w, k));
+        let packed = kernels
+            .first()
+            .map(|&k| crate::model::Bf16Matmuls(&w, Some(k)));
         let srcs: Vec<(&str, &dyn WeightSource)> = match &packed {
             Some(pk) => vec![("f32", &w), ("bf16", pk)],
             None => vec![("f32", &w)],

@@ -61,7 +61,7 @@ fn random_tower(cfg: &VisionConfig, opts: &LoadOptions) -> anyhow::Result<Vision
         weights.insert(spec.name, t);
     }
     let src = opts.source(&weights);
-    Ok(VisionTower::new(cfg, Some(cfg.projection_dim), &*src)?)
+    Ok(VisionTower::new(cfg, Some(cfg.projection_dim), &src)?)
 }
 
 /// Per-pass times in ms of one figure.
