@@ -17,6 +17,7 @@ pub mod eval;
 pub mod finetune;
 pub mod job;
 pub mod learner;
+pub mod merge_data;
 pub mod optim;
 pub mod output;
 pub mod recipe;

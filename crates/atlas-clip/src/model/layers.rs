@@ -413,6 +413,58 @@ impl EncoderLayer {
         self.fc2.apply(&a, None, Some(&h))
     }
 
+    /// As `forward`, unfused, handing each linear layer's input to `record` first, by the
+    /// names of the weights that read it (`{prefix}.self_attn.q_proj.weight`, …; q, k and v
+    /// share one input). RegMean's statistics; slower than `forward`.
+    pub(super) fn forward_recording(
+        &self,
+        x: &Tensor,
+        prefix: &str,
+        record: &mut dyn FnMut(&[String], &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let names = |ns: &[&str]| -> Vec<String> {
+            ns.iter().map(|n| format!("{prefix}.{n}.weight")).collect()
+        };
+        let (b, n, d) = x.dims3()?;
+        let xn = self.ln1.forward(x)?;
+        record(
+            &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            &xn,
+        )?;
+        let hd = d / self.heads;
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => {
+                let q = (q.forward(&xn)? * (hd as f64).powf(-0.5))?;
+                (q, k.forward(&xn)?, v.forward(&xn)?)
+            }
+            // The scale is folded into the stacked q.
+            Qkv::Stacked(l) => {
+                let t = l.forward(&xn)?;
+                (
+                    t.narrow(2, 0, d)?,
+                    t.narrow(2, d, d)?,
+                    t.narrow(2, 2 * d, d)?,
+                )
+            }
+        };
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let ctx = softmax_last(&scores)?.matmul(&v)?;
+        let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, n, d))?;
+        record(&names(&["self_attn.out_proj"]), &ctx)?;
+        let h = self.out.apply(&ctx, None, Some(x))?;
+        let hn = self.ln2.forward(&h)?;
+        record(&names(&["mlp.fc1"]), &hn)?;
+        let a = self.fc1.apply(&hn, Some(self.act), None)?;
+        record(&names(&["mlp.fc2"]), &a)?;
+        self.fc2.apply(&a, None, Some(&h))
+    }
+
     /// h + fc2(act(fc1(ln2(h)))) when fc1 and fc2 are packed for one kernel: ln2 is applied
     /// while rounding fc1's input, and fc1's output is handed to fc2 already rounded in its
     /// input layout (half the bytes, and no rounding pass).

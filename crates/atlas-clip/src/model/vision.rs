@@ -72,15 +72,8 @@ impl VisionTower {
     /// Image embeddings (projected when the tower has a projection), not normalised:
     /// `pixels` is `[B, C, H, W]` at the config's image size.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = pixels.dims4()?;
-        let (p, s) = (self.cfg.patch_size, self.cfg.image_size);
-        if c != self.cfg.num_channels || h != s || w != s {
-            return Err(ClipError::Image(format!(
-                "pixel batch has shape {:?}, expected [B, {}, {s}, {s}]",
-                pixels.dims(),
-                self.cfg.num_channels
-            )));
-        }
+        self.check_pixels(pixels)?;
+        let b = pixels.dim(0)?;
         if b > CPU_CHUNK
             && self.patch.cpu_inference()
             && fused::usable(&[pixels])
@@ -92,6 +85,49 @@ impl VisionTower {
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&parts, 0)?);
         }
+        let mut x = self.embed(pixels)?;
+        if let Some((last, rest)) = self.layers.split_last() {
+            for layer in rest {
+                x = layer.forward(&x, None)?;
+            }
+            x = last.forward_rows(&x, None, true)?;
+        }
+        self.pool(&x)
+    }
+
+    /// As [`VisionTower::forward`], unfused, handing each encoder linear layer's input
+    /// (`[B, N, in]`) to `record` with the names of the weights that read it: RegMean's
+    /// statistics. The patch embedding (a convolution) and the projection are not recorded.
+    pub fn forward_recording(
+        &self,
+        pixels: &Tensor,
+        record: &mut dyn FnMut(&[String], &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.check_pixels(pixels)?;
+        let mut x = self.embed(pixels)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_recording(&x, &layer_prefix(i), record)?;
+        }
+        self.pool(&x)
+    }
+
+    fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
+        let (_, c, h, w) = pixels.dims4()?;
+        let s = self.cfg.image_size;
+        if c != self.cfg.num_channels || h != s || w != s {
+            return Err(ClipError::Image(format!(
+                "pixel batch has shape {:?}, expected [B, {}, {s}, {s}]",
+                pixels.dims(),
+                self.cfg.num_channels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Patch and position embeddings with the class token, after the pre-LayerNorm.
+    fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.cfg.patch_size;
         let pixels = pixels.to_dtype(self.patch.input_dtype())?;
         let (gh, gw) = (h / p, w / p);
         let patches = pixels
@@ -105,14 +141,12 @@ impl VisionTower {
             .class_embedding
             .reshape((1, 1, d))?
             .broadcast_as((b, 1, d))?;
-        let mut x = repeat_rows(&Tensor::cat(&[&cls, &tokens], 1)?, &self.position, false)?;
-        x = self.pre.forward(&x)?;
-        if let Some((last, rest)) = self.layers.split_last() {
-            for layer in rest {
-                x = layer.forward(&x, None)?;
-            }
-            x = last.forward_rows(&x, None, true)?;
-        }
+        let x = repeat_rows(&Tensor::cat(&[&cls, &tokens], 1)?, &self.position, false)?;
+        self.pre.forward(&x)
+    }
+
+    /// The class token after the post-LayerNorm, projected when the tower has a projection.
+    fn pool(&self, x: &Tensor) -> Result<Tensor> {
         let pooled = self.post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
         match &self.projection {
             Some(proj) => Ok(proj.forward(&pooled)?),
@@ -168,6 +202,34 @@ mod tests {
         let (a, b) = (fast.forward(&px).unwrap(), slow.forward(&px).unwrap());
         assert!(!a.track_op() && b.track_op());
         assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
+    }
+
+    /// The recording pass computes what the fused passes compute (stacked and separate q/k/v)
+    /// and hands over each encoder linear layer's input, named by the weights that read it.
+    #[test]
+    fn the_recording_pass_matches_forward_and_names_every_linear_input() {
+        for track in [false, true] {
+            let tower = VisionTower::new(&tiny(), Some(8), &tiny_weights(track)).unwrap();
+            let px = rand(&[3, 3, 8, 8], 0.0, 11);
+            let mut seen: Vec<(Vec<String>, Vec<usize>)> = Vec::new();
+            let recorded = tower
+                .forward_recording(&px, &mut |names, x| {
+                    seen.push((names.to_vec(), x.dims().to_vec()));
+                    Ok(())
+                })
+                .unwrap();
+            let d = max_diff(&recorded, &tower.forward(&px).unwrap());
+            assert!(d < 1e-5, "track {track}: {d}");
+            assert_eq!(seen.len(), 8);
+            let l1 = "vision_model.encoder.layers.1";
+            assert_eq!(
+                seen[4].0,
+                ["q_proj", "k_proj", "v_proj"].map(|p| format!("{l1}.self_attn.{p}.weight"))
+            );
+            assert_eq!(seen[4].1, [3, 5, 16]);
+            assert_eq!(seen[7].0, [format!("{l1}.mlp.fc2.weight")]);
+            assert_eq!(seen[7].1, [3, 5, 32]);
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@
 
 mod breadcrumbs;
 pub mod dare;
+mod fisher;
 mod iso;
 mod params;
+mod regmean;
 pub mod ties;
 mod tsv;
 mod wudi;
@@ -22,7 +24,10 @@ use serde_json::{json, Map, Value};
 
 pub use breadcrumbs::Breadcrumbs;
 pub use dare::{Dare, Keep};
+pub use fisher::{Fisher, FisherSums};
 pub use iso::Iso;
+pub use params::Examples;
+pub use regmean::{Gram, RegMean, RegMeanSums};
 pub use ties::{MergeFunc, Ties};
 pub use tsv::{Alpha, Tsv};
 pub use wudi::Wudi;
@@ -40,6 +45,8 @@ pub const METHODS: &[&str] = &[
     "iso_cts",
     "tsv_m",
     "wudi",
+    "regmean",
+    "fisher_merging",
 ];
 
 /// A merge method with its parameters resolved (defaults filled in).
@@ -66,6 +73,10 @@ pub enum Method {
     Iso(Iso),
     Tsv(Tsv),
     Wudi(Wudi),
+    /// Needs each input's Gram matrices on its task's data ([`RegMeanSums`]).
+    RegMean(RegMean),
+    /// Needs each input's Fisher on its task's data ([`FisherSums`]).
+    Fisher(Fisher),
 }
 
 /// What a merge produces.
@@ -134,6 +145,8 @@ impl Method {
             "iso_cts" => Method::Iso(Iso::parse(&mut p, true)?),
             "tsv_m" => Method::Tsv(Tsv::parse(&mut p, n_inputs)?),
             "wudi" => Method::Wudi(Wudi::parse(&mut p)?),
+            "regmean" => Method::RegMean(RegMean::parse(&mut p)?),
+            "fisher_merging" => Method::Fisher(Fisher::parse(&mut p)?),
             _ => {
                 return Err(CoreError::Invalid(format!(
                     "method \"{}\" is not known; known are {METHODS:?}",
@@ -163,6 +176,8 @@ impl Method {
             Method::Iso(_) => "iso_c",
             Method::Tsv(_) => "tsv_m",
             Method::Wudi(_) => "wudi",
+            Method::RegMean(_) => "regmean",
+            Method::Fisher(_) => "fisher_merging",
         }
     }
 
@@ -183,6 +198,8 @@ impl Method {
             Method::Iso(i) => i.params(),
             Method::Tsv(t) => t.params(),
             Method::Wudi(w) => w.params(),
+            Method::RegMean(r) => r.params(),
+            Method::Fisher(f) => f.params(),
         }
     }
 
@@ -191,6 +208,15 @@ impl Method {
         match self {
             Method::Wudi(w) => w.check(manifest),
             _ => Ok(()),
+        }
+    }
+
+    /// How many examples of each input's task the merge reads, if it reads data.
+    pub fn examples(&self) -> Option<Examples> {
+        match self {
+            Method::RegMean(r) => Some(r.examples),
+            Method::Fisher(f) => Some(f.examples),
+            _ => None,
         }
     }
 
@@ -265,6 +291,13 @@ pub fn merge_with(
         Method::Iso(i) => i.merge(&plain),
         Method::Tsv(t) => t.merge(&plain),
         Method::Wudi(w) => w.merge(&plain, &|_, _| {})?,
+        Method::RegMean(_) | Method::Fisher(_) => {
+            return Err(CoreError::Invalid(format!(
+                "{} reads each input's task data: run it with its sums ({})",
+                method.name(),
+                "RegMeanSums, FisherSums"
+            )))
+        }
     })
 }
 

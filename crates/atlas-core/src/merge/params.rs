@@ -161,3 +161,58 @@ impl<'a> Params<'a> {
         }
     }
 }
+
+/// How many of a task's examples a data-dependent merge reads, and in what batches:
+/// FusionBench's `num_*_examples` and `dataloader_kwargs.batch_size`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Examples {
+    pub count: usize,
+    pub batch_size: usize,
+}
+
+/// Most examples per input a data merge may ask for; the server bounds what is uploaded.
+pub const MAX_EXAMPLES: u64 = 1 << 20;
+/// Largest batch a data merge runs.
+pub const MAX_BATCH: u64 = 1024;
+
+impl Examples {
+    /// Reads `key` (default 256) and `dataloader_kwargs` ({"batch_size": 32, "num_workers": …};
+    /// the workers are threads here, so their number is read and ignored).
+    pub(crate) fn parse(p: &mut Params, key: &'static str) -> Result<Examples> {
+        let count = p.integer(key, 256, MAX_EXAMPLES)? as usize;
+        if count == 0 {
+            return Err(p.bad(key, "must be at least 1"));
+        }
+        let kwargs = "dataloader_kwargs";
+        let batch_size = match p.get(kwargs) {
+            None => 32,
+            Some(Value::Object(m)) => {
+                let mut inner = Params::new(kwargs, m);
+                let read = |inner: &mut Params| -> Result<u64> {
+                    let bs = inner.integer("batch_size", 32, MAX_BATCH)?;
+                    inner.integer("num_workers", 0, u64::MAX)?;
+                    Ok(bs)
+                };
+                let bs = read(&mut inner).map_err(|e| p.bad(kwargs, e))?;
+                inner.finish().map_err(|e| p.bad(kwargs, e))?;
+                if bs == 0 {
+                    return Err(p.bad(kwargs, "batch_size must be at least 1"));
+                }
+                bs as usize
+            }
+            Some(v) => return Err(p.bad(kwargs, format!("must be an object, got {v}"))),
+        };
+        Ok(Examples { count, batch_size })
+    }
+
+    /// How many of `available` examples are read: whole batches until `count` are seen, as
+    /// FusionBench's loops stop.
+    pub fn used(&self, available: usize) -> usize {
+        let batches = self.count.div_ceil(self.batch_size);
+        available.min(batches * self.batch_size)
+    }
+
+    pub fn params(&self, key: &str) -> Value {
+        serde_json::json!({ key: self.count, "dataloader_kwargs": { "batch_size": self.batch_size } })
+    }
+}
