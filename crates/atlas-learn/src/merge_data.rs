@@ -9,8 +9,8 @@
 //! delta for fine-tunes that leave it, FusionBench's result.
 
 use crate::augment::View;
+use crate::data::Dataset;
 use crate::eval::batch_pixels;
-use crate::job::Task;
 use crate::{LearnError, Result};
 use atlas_clip::grad::Leaves;
 use atlas_clip::loss::log_softmax;
@@ -32,33 +32,38 @@ pub struct Watch<'a> {
     pub cancel: &'a AtomicBool,
 }
 
-/// Merges `inputs` by a data-dependent `method`; `tasks[i]` holds input i's images (and, for
-/// Fisher merging, its head).
+/// Merges `inputs` by a data-dependent `method`; `data[i]` holds input i's images and, for
+/// Fisher merging, `heads[i]` its classes' head (RegMean takes none).
 pub fn merge_on_data(
     backbone: &Backbone,
     method: &Method,
     inputs: &[Arc<TaskVector>],
-    tasks: &[&Task],
+    data: &[&Dataset],
+    heads: &[&ZeroShotHead],
     watch: Watch,
 ) -> Result<Merged> {
-    if inputs.len() != tasks.len() || inputs.is_empty() {
+    let heads_needed = match method {
+        Method::Fisher(_) => inputs.len(),
+        _ => 0,
+    };
+    if inputs.len() != data.len() || inputs.is_empty() || heads.len() != heads_needed {
         return Err(LearnError::Job(format!(
-            "{} needs one task per task vector: {} task vectors, {} tasks",
+            "{} needs one task per task vector: {} task vectors, {} tasks, {} heads",
             method.name(),
             inputs.len(),
-            tasks.len()
+            data.len(),
+            heads.len()
         )));
     }
     let examples = method
         .examples()
         .ok_or_else(|| LearnError::Job(format!("{} reads no data", method.name())))?;
     let pre = Preprocess::from_config(backbone.config.vision.image_size);
-    let batches: Vec<Vec<Tensor>> = tasks
+    let batches: Vec<Vec<Tensor>> = data
         .iter()
-        .map(|t| task_batches(backbone, &pre, t, &examples))
+        .map(|d| task_batches(backbone, &pre, d, &examples))
         .collect::<Result<_>>()?;
-    let heads: Vec<&ZeroShotHead> = tasks.iter().map(|t| &t.head).collect();
-    merge_batches(backbone, method, inputs, &batches, &heads, watch)
+    merge_batches(backbone, method, inputs, &batches, heads, watch)
 }
 
 /// As [`merge_on_data`], on pixel batches given per input (`[B, 3, S, S]`).
@@ -134,11 +139,11 @@ impl Counter<'_, '_> {
 fn task_batches(
     backbone: &Backbone,
     pre: &Preprocess,
-    task: &Task,
+    data: &Dataset,
     examples: &Examples,
 ) -> Result<Vec<Tensor>> {
-    let used = examples.used(task.data.items.len());
-    let items: Vec<_> = task.data.items.iter().take(used).enumerate().collect();
+    let used = examples.used(data.items.len());
+    let items: Vec<_> = data.items.iter().take(used).enumerate().collect();
     items
         .chunks(examples.batch_size)
         .map(|chunk| batch_pixels(pre, chunk, View::Plain, 0, 0, backbone.device()))

@@ -873,7 +873,107 @@ fn merge_battery(b: &mut Battery) {
             "coefficients",
         ),
     ];
-    for (what, body, needle) in cases {
+    let img = b64(&png(4));
+    let tasks = |n: usize, classes: bool| -> Value {
+        let t = match classes {
+            true => json!({"classes": CLASSES, "examples": [{"image": img}]}),
+            false => json!({"examples": [{"image": img}]}),
+        };
+        Value::Array(vec![t; n])
+    };
+    let data = |method: &str, tasks: Value, params: Value| json!({"method": method, "task_vectors": TV_NAMES, "tasks": tasks, "params": params});
+    let n = TV_NAMES.len();
+    let data_cases = [
+        ("regmean without tasks", m("regmean", json!({})), "tasks"),
+        (
+            "one task too few",
+            data("regmean", tasks(n - 1, false), json!({})),
+            "one task per task vector",
+        ),
+        (
+            "fisher without classes",
+            data("fisher_merging", tasks(n, false), json!({})),
+            "task 0",
+        ),
+        (
+            "tasks for a data-free merge",
+            data("magmax", tasks(n, true), json!({})),
+            "reads no data",
+        ),
+        (
+            "a task without examples",
+            data(
+                "regmean",
+                json!(vec![json!({"examples": []}); n]),
+                json!({}),
+            ),
+            "task 0 has no examples",
+        ),
+        (
+            "a corrupt example",
+            data(
+                "regmean",
+                json!(vec![json!({"examples": [{"image": "AAAA"}]}); n]),
+                json!({}),
+            ),
+            "task 0 example 0",
+        ),
+        (
+            "ratio above 1",
+            data(
+                "regmean",
+                tasks(n, false),
+                json!({"reduce_non_diagonal_ratio": 1.5}),
+            ),
+            "params.reduce_non_diagonal_ratio",
+        ),
+        (
+            "weight_transpose false",
+            data(
+                "regmean",
+                tasks(n, false),
+                json!({"weight_transpose": false}),
+            ),
+            "params.weight_transpose",
+        ),
+        (
+            "an exclusion regex",
+            data(
+                "fisher_merging",
+                tasks(n, true),
+                json!({"exclude_param_names_regex": ["x"]}),
+            ),
+            "params.exclude_param_names_regex",
+        ),
+        (
+            "batch size text",
+            data(
+                "fisher_merging",
+                tasks(n, true),
+                json!({"dataloader_kwargs": {"batch_size": "x"}}),
+            ),
+            "params.dataloader_kwargs",
+        ),
+        (
+            "an unknown loader setting",
+            data(
+                "regmean",
+                tasks(n, false),
+                json!({"dataloader_kwargs": {"shuffle": true}}),
+            ),
+            "shuffle",
+        ),
+        (
+            "minimal weight 0",
+            data(
+                "fisher_merging",
+                tasks(n, true),
+                json!({"minimal_fisher_weight": 0}),
+            ),
+            "params.minimal_fisher_weight",
+        ),
+    ];
+    for (what, body, needle) in cases.into_iter().chain(data_cases) {
         b.json(
             &format!("merge: {what}"),
             "/compositions",

@@ -16,27 +16,37 @@ fn atlas_serve(args: &[&str]) -> Output {
 }
 
 fn merge(method: &str, params: &str, out: &std::path::Path) -> Output {
+    merge_with(method, params, out, &[])
+}
+
+fn merge_with(method: &str, params: &str, out: &std::path::Path, extra: &[&str]) -> Output {
     let clip = fixtures().join("clip").display().to_string();
     let [a, b, c] = ["ft_a", "ft_b", "ft_c"].map(|f| fixtures().join(f).display().to_string());
-    atlas_serve(&[
-        "merge",
-        "--base",
-        &clip,
-        "--method",
-        method,
-        "--tv",
-        &a,
-        "--tv",
-        &b,
-        "--tv",
-        &c,
-        "--params",
-        params,
-        "--store",
-        "f32",
-        "--out",
-        out.to_str().unwrap(),
-    ])
+    atlas_serve(
+        &[
+            "merge",
+            "--base",
+            &clip,
+            "--method",
+            method,
+            "--tv",
+            &a,
+            "--tv",
+            &b,
+            "--tv",
+            &c,
+            "--params",
+            params,
+            "--store",
+            "f32",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>(),
+    )
 }
 
 fn manifest() -> std::sync::Arc<Manifest> {
@@ -95,4 +105,115 @@ fn merge_refuses_bad_parameters_naming_them() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("params.threshold"), "{stderr}");
     assert!(!out.exists());
+}
+
+/// Three ImageFolder directories (two classes each), one per fine-tune.
+fn image_folders(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    (0..3u32)
+        .map(|t| {
+            let dir = root.join(format!("task{t}"));
+            for (c, class) in ["cat", "dog"].iter().enumerate() {
+                std::fs::create_dir_all(dir.join(class)).unwrap();
+                for i in 0..3u32 {
+                    let img = image::RgbImage::from_fn(36, 36, |x, y| {
+                        let k = t * 40 + c as u32 * 90 + i * 11;
+                        image::Rgb([
+                            (x * 7 + k) as u8,
+                            (y * 5 + k) as u8,
+                            (x ^ y) as u8 + k as u8,
+                        ])
+                    });
+                    img.save(dir.join(class).join(format!("{i}.png"))).unwrap();
+                }
+            }
+            dir
+        })
+        .collect()
+}
+
+/// `--data` per `--tv` for RegMean and Fisher merging: the written task vector is the merge
+/// the library computes on the same folders; a missing folder is refused.
+#[test]
+fn data_merges_read_one_image_folder_per_input() {
+    use atlas_clip::checkpoint::Checkpoint;
+    use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
+    use atlas_core::merge::{Merged, Method};
+    use atlas_learn::merge_data::{merge_on_data, Watch};
+    use atlas_learn::Dataset;
+    let dir = tempfile::tempdir().unwrap();
+    let folders = image_folders(dir.path());
+    let folder_args: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
+    let clip = fixtures().join("clip").display().to_string();
+    let bb = Backbone::load(&clip, LoadOptions::default()).unwrap();
+    let manifest = bb.manifest().clone();
+    let tvs: Vec<_> = ["ft_a", "ft_b", "ft_c"]
+        .iter()
+        .map(|n| {
+            let ck = Checkpoint::open(fixtures().join(n).to_str().unwrap()).unwrap();
+            std::sync::Arc::new(
+                bb.task_vector_from_checkpoint(ck, n, StorageDType::F32)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let pre = atlas_clip::preprocess::Preprocess::from_config(bb.config.vision.image_size);
+    let data: Vec<Dataset> = folders
+        .iter()
+        .map(|f| Dataset::from_image_folder(f, &pre).unwrap())
+        .collect();
+    for method in ["regmean", "fisher_merging"] {
+        let out = dir.path().join(format!("{method}.safetensors"));
+        let mut extra = Vec::new();
+        for f in &folder_args {
+            extra.extend(["--data", f.as_str()]);
+        }
+        let run = merge_with(method, "{}", &out, &extra);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let tv = TaskVector::load(&out, &manifest, StorageDType::F32, &may_be_missing).unwrap();
+        let m = Method::parse(method, &serde_json::Map::new(), 3).unwrap();
+        let heads: Vec<ZeroShotHead> = match method {
+            "fisher_merging" => data
+                .iter()
+                .map(|d| {
+                    let t = atlas_clip::templates::default_templates();
+                    ZeroShotHead::build(&bb, &d.classes, t).unwrap()
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let want = merge_on_data(
+            &bb,
+            &m,
+            &tvs,
+            &data.iter().collect::<Vec<_>>(),
+            &heads.iter().collect::<Vec<_>>(),
+            Watch {
+                progress: &mut |_, _| {},
+                cancel: &cancel,
+            },
+        )
+        .unwrap();
+        let Merged::Delta { blocks, .. } = want else {
+            panic!("a delta")
+        };
+        for (b, want) in blocks.iter().enumerate() {
+            let ours = tv.block(b).to_f32_vec();
+            let worst = ours
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-6, "{method} block {b}: {worst:e}");
+        }
+    }
+    let out = dir.path().join("x.safetensors");
+    let run = merge_with("regmean", "{}", &out, &["--data", &folder_args[0]]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("one --data directory per --tv"), "{stderr}");
 }

@@ -279,3 +279,168 @@ fn adamerging_learns_one_merge_from_unlabelled_images_of_several_tasks() {
         "{r}"
     );
 }
+
+/// Our own RegMean or Fisher merge of the tiny fine-tunes on `images[i]` (task i), in process:
+/// the block norms the server's job must reproduce.
+fn in_process_norms(
+    method: &str,
+    images: &[Vec<Vec<u8>>],
+) -> std::collections::HashMap<String, f64> {
+    use atlas_clip::checkpoint::Checkpoint;
+    use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
+    use atlas_core::merge::{Merged, Method};
+    use atlas_learn::merge_data::{merge_on_data, Watch};
+    use atlas_learn::Dataset;
+    let bb = Backbone::load(
+        fixtures().join("clip").to_str().unwrap(),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let tvs: Vec<_> = ["ft_a", "ft_b", "ft_c"]
+        .iter()
+        .map(|n| {
+            let ck = Checkpoint::open(fixtures().join(n).to_str().unwrap()).unwrap();
+            std::sync::Arc::new(
+                bb.task_vector_from_checkpoint(ck, n, atlas_core::StorageDType::F32)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let pre = atlas_clip::preprocess::Preprocess::from_config(bb.config.vision.image_size);
+    let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
+    let data: Vec<Dataset> = images
+        .iter()
+        .map(|imgs| {
+            let items = imgs.iter().map(|b| (b.clone(), None)).collect();
+            Dataset::from_bytes(classes.clone(), items, &pre).unwrap()
+        })
+        .collect();
+    let templates = atlas_clip::templates::default_templates();
+    let heads: Vec<ZeroShotHead> = match method {
+        "fisher_merging" => (0..3)
+            .map(|_| ZeroShotHead::build(&bb, &classes, templates).unwrap())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let method = Method::parse(method, &serde_json::Map::new(), 3).unwrap();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let merged = merge_on_data(
+        &bb,
+        &method,
+        &tvs,
+        &data.iter().collect::<Vec<_>>(),
+        &heads.iter().collect::<Vec<_>>(),
+        Watch {
+            progress: &mut |_, _| {},
+            cancel: &cancel,
+        },
+    )
+    .unwrap();
+    let Merged::Delta { blocks, .. } = merged else {
+        panic!("a delta")
+    };
+    bb.manifest()
+        .blocks()
+        .iter()
+        .zip(blocks)
+        .map(|(b, x)| {
+            let norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            (b.name.clone(), norm)
+        })
+        .collect()
+}
+
+/// RegMean and Fisher merging are jobs on uploaded images, one task per task vector: the
+/// derived task vector is the merge the library computes on the same images, and bad tasks
+/// or parameters are 400s naming them.
+#[test]
+fn regmean_and_fisher_merge_on_each_task_vectors_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let images: Vec<Vec<Vec<u8>>> = (0..3u8)
+        .map(|t| (0..5u8).map(|i| png(t * 50 + i * 7)).collect())
+        .collect();
+    let tasks = |classes: bool| -> serde_json::Value {
+        images
+            .iter()
+            .map(|imgs| {
+                let examples: Vec<_> = imgs.iter().map(|b| json!({"image": b64(b)})).collect();
+                match classes {
+                    true => json!({"classes": CLASSES, "examples": examples}),
+                    false => json!({"examples": examples}),
+                }
+            })
+            .collect()
+    };
+    for (method, with_classes) in [("regmean", false), ("fisher_merging", true)] {
+        let body = json!({"method": method, "task_vectors": ["a", "b", "c"],
+            "tasks": tasks(with_classes)});
+        let (code, c) = s.post("/compositions", &body);
+        assert_eq!(code, 202, "{method}: {c}");
+        assert!(c["provenance"]["data_hash"].is_string(), "{c}");
+        let done = s.wait_final(
+            c["id"].as_str().unwrap(),
+            std::time::Duration::from_secs(300),
+        );
+        assert_eq!(done["status"], "succeeded", "{done}");
+        let progress = &done["progress"];
+        assert_eq!(progress["step"], progress["total_steps"], "{done}");
+        assert_eq!(done["coefficients"], json!([1.0]));
+        let params = &done["provenance"]["merge"]["params"];
+        assert_eq!(params["dataloader_kwargs"]["batch_size"], 32, "{params}");
+        let derived = done["task_vectors"][0].as_str().unwrap();
+        assert!(derived.starts_with(method), "{derived}");
+        let (_, tv) = s.get(&format!("/task-vectors/{derived}"));
+        let want = in_process_norms(method, &images);
+        for b in tv["blocks"].as_array().unwrap() {
+            let name = b["name"].as_str().unwrap();
+            let (ours, w) = (b["norm"].as_f64().unwrap(), want[name]);
+            assert!(
+                (ours - w).abs() <= 1e-5 * w.max(1.0),
+                "{method} {name}: {ours} vs {w}"
+            );
+        }
+        assert_eq!(classify(&s, done["id"].as_str().unwrap()), 200);
+    }
+    let bad = [
+        (
+            json!({"method": "regmean", "task_vectors": ["a", "b"]}),
+            "tasks",
+        ),
+        (
+            json!({"method": "regmean", "task_vectors": ["a", "b"], "tasks": tasks(false)}),
+            "one task per task vector",
+        ),
+        (
+            json!({"method": "fisher_merging", "task_vectors": ["a", "b", "c"],
+                   "tasks": tasks(false)}),
+            "task 0",
+        ),
+        (
+            json!({"method": "ties_merging", "task_vectors": ["a", "b", "c"],
+                   "tasks": tasks(true)}),
+            "reads no data",
+        ),
+        (
+            json!({"method": "regmean", "task_vectors": ["a", "b", "c"], "tasks": tasks(false),
+                   "params": {"reduce_non_diagonal_ratio": 2}}),
+            "reduce_non_diagonal_ratio",
+        ),
+        (
+            json!({"method": "fisher_merging", "task_vectors": ["a", "b", "c"],
+                   "tasks": tasks(true), "params": {"dataloader_kwargs": {"batch_size": 0}}}),
+            "dataloader_kwargs",
+        ),
+        (
+            json!({"method": "fisher_merging", "task_vectors": ["a", "b", "c"],
+                   "tasks": tasks(true), "params": {"num_fisher_examples": 0}}),
+            "num_fisher_examples",
+        ),
+    ];
+    for (body, named) in bad {
+        let (code, r) = s.post("/compositions", &body);
+        assert_eq!(code, 400, "{body}: {r}");
+        let detail = r["detail"].as_str().unwrap();
+        assert!(detail.contains(named), "{named}: {detail}");
+    }
+}

@@ -6,10 +6,15 @@ use super::progress::Progress;
 use super::task_vector::{load_backbone, print_summary, save};
 use anyhow::{bail, Context};
 use atlas_clip::checkpoint::Checkpoint;
-use atlas_clip::Backbone;
+use atlas_clip::preprocess::Preprocess;
+use atlas_clip::{Backbone, ZeroShotHead};
 use atlas_core::merge::{self, Method};
 use atlas_core::{StorageDType, TaskVector, TaskVectorMeta};
+use atlas_learn::merge_data::{merge_on_data, Watch};
+use atlas_learn::Dataset;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,7 +23,7 @@ pub struct Args {
     base: String,
     /// FusionBench's method name: simple_average, task_arithmetic, ties_merging,
     /// dare_task_arithmetic, dare_ties_merging, breadcrumbs (mergekit's), magmax, iso_c,
-    /// iso_cts, tsv_m or wudi.
+    /// iso_cts, tsv_m, wudi, regmean or fisher_merging.
     #[arg(long)]
     method: String,
     /// An input: a task-vector file, or a fine-tuned checkpoint directory. Repeat, in order.
@@ -28,6 +33,13 @@ pub struct Args {
     /// '{"threshold": 20, "merge_func": "sum"}'; absent ones take its defaults.
     #[arg(long, default_value = "{}")]
     params: String,
+    /// regmean and fisher_merging: an ImageFolder directory per --tv, in the same order (one
+    /// subfolder per class; Fisher merging's head is built from the folder names).
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
+    /// Prompt templates of Fisher merging's heads: a data set's name or "default".
+    #[arg(long, default_value = "default")]
+    templates: String,
     /// Output file (.safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -58,12 +70,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let report = |done: usize, total: usize| {
         let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
         if !p.1 {
-            p.0.stage(&format!("{} tensors", method.name()), total as u64);
+            let unit = match method.examples() {
+                Some(_) => "batches read, then layers solved",
+                None => "tensors",
+            };
+            p.0.stage(&format!("{} {unit}", method.name()), total as u64);
             p.1 = true;
         }
         p.0.tick(done as u64, "");
     };
-    let merged = merge::merge_reporting(&method, backbone.manifest(), &refs, &report)?;
+    let merged = match method.examples() {
+        Some(_) => on_data(&a, &backbone, &method, inputs.clone(), &report)?,
+        None if !a.data.is_empty() => bail!("--data: {} reads no data", method.name()),
+        None => merge::merge_reporting(&method, backbone.manifest(), &refs, &report)?,
+    };
     progress
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -87,6 +107,53 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     save(&tv, &a.out, backbone.manifest())?;
     print_summary(&tv, &a.out, backbone.manifest());
     Ok(())
+}
+
+/// RegMean or Fisher merging: input i read on the images of `--data` i.
+fn on_data(
+    a: &Args,
+    backbone: &Backbone,
+    method: &Method,
+    inputs: Vec<TaskVector>,
+    report: &(dyn Fn(usize, usize) + Sync),
+) -> anyhow::Result<merge::Merged> {
+    if a.data.len() != inputs.len() {
+        bail!(
+            "{} reads one --data directory per --tv, in order: {} --tv, {} --data",
+            method.name(),
+            inputs.len(),
+            a.data.len()
+        );
+    }
+    let pre = Preprocess::from_config(backbone.config.vision.image_size);
+    let data = a
+        .data
+        .iter()
+        .map(|d| Dataset::from_image_folder(d, &pre).with_context(|| d.display().to_string()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let templates = atlas_clip::templates::resolve(std::slice::from_ref(&a.templates))
+        .map_err(anyhow::Error::msg)?;
+    let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
+    let heads = match method {
+        Method::Fisher(_) => data
+            .iter()
+            .map(|d| ZeroShotHead::build(backbone, &d.classes, &t_refs))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => Vec::new(),
+    };
+    let inputs: Vec<Arc<TaskVector>> = inputs.into_iter().map(Arc::new).collect();
+    let cancel = AtomicBool::new(false);
+    Ok(merge_on_data(
+        backbone,
+        method,
+        &inputs,
+        &data.iter().collect::<Vec<_>>(),
+        &heads.iter().collect::<Vec<_>>(),
+        Watch {
+            progress: &mut |d, t| report(d, t),
+            cancel: &cancel,
+        },
+    )?)
 }
 
 /// A task-vector file, or τ = θ_ft − θ0 of a fine-tuned checkpoint directory, at f32.

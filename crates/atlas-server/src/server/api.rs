@@ -91,6 +91,8 @@ pub struct Example {
 pub struct TaskData {
     #[serde(default)]
     pub name: Option<String>,
+    /// Required by every objective and by Fisher merging (its head); RegMean reads images only.
+    #[serde(default)]
     pub classes: Vec<String>,
     #[serde(default)]
     pub templates: Templates,
@@ -213,6 +215,10 @@ pub struct MergeRequest {
     /// Name of the derived task vector a delta-producing merge adds to the library.
     #[serde(default)]
     pub task_vector: Option<String>,
+    /// Data-dependent merges (regmean, fisher_merging): one task per task vector, in order,
+    /// its images read by that task vector's model (Fisher merging also uses its classes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskData>,
 }
 
 /// How a merged composition was made: the method, every parameter used (defaults included)

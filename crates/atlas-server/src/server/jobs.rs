@@ -538,6 +538,24 @@ fn build_job(backbone: &Backbone, req: &LearnRequest, dir: &Path) -> Result<Job,
 }
 
 fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task, LearnError> {
+    let data = dataset(backbone, t, dir)?;
+    let templates = templates(t)?;
+    let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
+    let name = t.name.clone().unwrap_or_else(|| format!("task{i}"));
+    Task::new(backbone, &name, data, &t_refs)
+}
+
+/// A stored task's templates, resolved.
+pub(crate) fn templates(t: &TaskData) -> Result<Vec<String>, LearnError> {
+    super::heads::resolve_templates(&t.templates).map_err(|e| LearnError::Job(e.detail))
+}
+
+/// A stored task's examples, read from the job's directory.
+pub(crate) fn dataset(
+    backbone: &Backbone,
+    t: &TaskData,
+    dir: &Path,
+) -> Result<Dataset, LearnError> {
     let items = t
         .examples
         .iter()
@@ -549,12 +567,7 @@ fn task(backbone: &Backbone, i: usize, t: &TaskData, dir: &Path) -> Result<Task,
         })
         .collect::<Result<Vec<_>, LearnError>>()?;
     let pre = Preprocess::from_config(backbone.config.vision.image_size);
-    let data = Dataset::from_bytes(t.classes.clone(), items, &pre)?;
-    let templates =
-        super::heads::resolve_templates(&t.templates).map_err(|e| LearnError::Job(e.detail))?;
-    let t_refs: Vec<&str> = templates.iter().map(String::as_str).collect();
-    let name = t.name.clone().unwrap_or_else(|| format!("task{i}"));
-    Task::new(backbone, &name, data, &t_refs)
+    Dataset::from_bytes(t.classes.clone(), items, &pre)
 }
 
 /// Time between a running job's progress lines in the log.

@@ -14,7 +14,7 @@ use atlas_learn::LearnConfig;
 use axum::http::{HeaderMap, StatusCode};
 
 /// Largest number of tasks in one multi-task merge.
-const MAX_TASKS: usize = 64;
+pub(crate) const MAX_TASKS: usize = 64;
 
 pub(super) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(v) = headers.get("idempotency-key") else {

@@ -5,22 +5,29 @@
 //! composition of it with the method's scaling factor, so caching, heat maps, provenance,
 //! deletion and digest bindings are those of any composition.
 //!
-//! Merges whose work is minutes on ViT-B/32 (the SVD merges, WUDI's gradient steps) run as
-//! jobs on the learning workers: 202 with a queued composition whose progress is followed
-//! like a learning job's; the others run in the request (201).
+//! Merges whose work is minutes on ViT-B/32 (the SVD merges, WUDI's gradient steps) and those
+//! that read each input model on its task's images (RegMean, Fisher merging: `tasks`, one per
+//! task vector, stored like a learning job's examples) run as jobs on the learning workers:
+//! 202 with a queued composition whose progress is followed like a learning job's; the others
+//! run in the request (201).
 
-use super::learning::{check_queue, queue_full};
+use super::examples::store_examples;
+use super::learning::{check_queue, queue_full, MAX_TASKS};
 use super::{check_name, insert_bound, new_id, provenance, select};
 use crate::server::api::*;
 use crate::server::background::{self, Pool};
+use crate::server::body::FilePart;
+use crate::server::body::{parse, Body};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::now;
 use crate::server::store::{Inserted, Store, StoreError};
 use crate::server::task_vectors::{self, add_derived};
+use crate::server::{heads, jobs};
 use crate::server::{AppState, Model};
-use atlas_clip::Backbone;
+use atlas_clip::{Backbone, ZeroShotHead};
 use atlas_core::merge::{self, Merged, Method};
 use atlas_core::{Layout, Library, Manifest, StorageDType, TaskVector, TaskVectorMeta};
+use atlas_learn::merge_data::{merge_on_data, Watch};
 use atlas_learn::{Event, EventKind, LearnError};
 use axum::http::StatusCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,7 +37,11 @@ use std::time::{Duration, Instant};
 /// Whether the method runs as a job: its work grows with the square or cube of a layer's width
 /// (an SVD per tensor, or WUDI's products per step), minutes on ViT-B/32.
 fn runs_as_job(method: &Method) -> bool {
-    matches!(method, Method::Iso(_) | Method::Tsv(_) | Method::Wudi(_))
+    matches!(method, Method::Iso(_) | Method::Tsv(_) | Method::Wudi(_)) || reads_data(method)
+}
+
+fn reads_data(method: &Method) -> bool {
+    method.examples().is_some()
 }
 
 /// One merge at a time: each reads every input in full and holds its result (a model's worth
@@ -40,8 +51,9 @@ static MERGING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 pub(super) async fn merge(
     s: &AppState,
     model: &Model,
-    req: MergeRequest,
+    body: Body,
 ) -> ApiResult<(StatusCode, Composition)> {
+    let req: MergeRequest = parse(body.json, "merge request")?;
     check_name(&req.name)?;
     if req.method == "adamerging" {
         return Err(ApiError::bad(
@@ -60,6 +72,7 @@ pub(super) async fn merge(
     let method = Method::parse(&req.method, &req.params, inputs.len())
         .and_then(|m| m.check(model.backbone.manifest()).map(|()| m))
         .map_err(|e| ApiError::bad(e.to_string()))?;
+    check_tasks(s, &req, &method)?;
     let record = MergeRecord {
         method: method.name().into(),
         params: method.params(),
@@ -67,7 +80,8 @@ pub(super) async fn merge(
         input_digests: inputs.iter().map(|t| t.digest().to_string()).collect(),
     };
     if runs_as_job(&method) {
-        return queue(s, model, req, record, &inputs).map(|c| (StatusCode::ACCEPTED, c));
+        let c = queue(s, model, req, record, &inputs, body.files).await?;
+        return Ok((StatusCode::ACCEPTED, c));
     }
     let _one_at_a_time = MERGING.try_acquire().map_err(|_| {
         s.metrics.rejected.with_label_values(&["merge_busy"]).inc();
@@ -107,14 +121,54 @@ pub(super) async fn merge(
     Ok((StatusCode::CREATED, c))
 }
 
+/// A data merge reads one task per task vector, each with images (and for Fisher merging
+/// class names for its head), within the server's bounds on examples; other merges read none.
+fn check_tasks(s: &AppState, req: &MergeRequest, method: &Method) -> ApiResult<()> {
+    if !reads_data(method) {
+        return match req.tasks.is_empty() {
+            true => Ok(()),
+            false => Err(ApiError::bad(format!(
+                "tasks: {} reads no data (only regmean and fisher_merging do)",
+                method.name()
+            ))),
+        };
+    }
+    if req.tasks.len() != req.task_vectors.len() || req.tasks.len() > MAX_TASKS {
+        return Err(ApiError::bad(format!(
+            "tasks: {} reads one task per task vector, in order (at most {MAX_TASKS}): {} task vectors, {} tasks",
+            method.name(),
+            req.task_vectors.len(),
+            req.tasks.len()
+        )));
+    }
+    let total: usize = req.tasks.iter().map(|t| t.examples.len()).sum();
+    if total > s.config.max_examples {
+        return Err(ApiError::bad(format!(
+            "tasks: {total} examples in all; at most {} per job",
+            s.config.max_examples
+        )));
+    }
+    for (i, t) in req.tasks.iter().enumerate() {
+        if t.examples.is_empty() {
+            return Err(ApiError::bad(format!("task {i} has no examples")));
+        }
+        if matches!(method, Method::Fisher(_)) {
+            heads::head_for(s, t.classes.clone(), &t.templates)
+                .map_err(|e| ApiError::bad(format!("task {i}: {}", e.detail)))?;
+        }
+    }
+    Ok(())
+}
+
 /// Queues a merge job: the composition names its inputs until the job replaces them with the
-/// derived task vector.
-fn queue(
+/// derived task vector. A data merge's images are stored first, like a learning job's.
+async fn queue(
     s: &AppState,
     model: &Model,
-    req: MergeRequest,
+    mut req: MergeRequest,
     record: MergeRecord,
     inputs: &[Arc<TaskVector>],
+    files: Vec<FilePart>,
 ) -> ApiResult<Composition> {
     check_queue(s)?;
     let mut c = composition(
@@ -125,8 +179,18 @@ fn queue(
             ..provenance(model, inputs)
         },
     );
+    if !req.tasks.is_empty() {
+        let what = |i, j| format!("task {i} example {j}");
+        let size = model.backbone.config.vision.image_size;
+        let hash = store_examples(s, &c.id, &mut req.tasks, &what, files, size).await?;
+        c.provenance.data_hash = Some(hash);
+    }
     c.request = Some(JobRequest::Merge(req));
-    match insert_bound(s, model, &c, None, Some(s.config.job_queue))? {
+    let inserted = insert_bound(s, model, &c, None, Some(s.config.job_queue));
+    if !matches!(inserted, Ok(Inserted::New)) {
+        let _ = std::fs::remove_dir_all(s.store.job_dir(&c.id));
+    }
+    match inserted? {
         Inserted::QueueFull(queued) => Err(queue_full(s, queued)),
         _ => {
             model.workers.notify();
@@ -207,7 +271,10 @@ impl MergeJob<'_> {
         }
         let method = Method::parse(&req.method, &req.params, inputs.len())
             .map_err(|e| job(e.to_string()))?;
-        let merged = self.compute(&method, &inputs, cancel, record)?;
+        let merged = match reads_data(&method) {
+            true => self.compute_on_data(c, req, &method, &inputs, cancel, record)?,
+            false => self.compute(&method, &inputs, cancel, record)?,
+        };
         let Merged::Delta { blocks, scale } = merged else {
             return Err(job("a merge job's method gives a delta".into()));
         };
@@ -274,6 +341,59 @@ impl MergeJob<'_> {
             return Err(LearnError::Cancelled);
         }
         Ok(merged)
+    }
+
+    /// A data merge: each input model read on its task's stored images, progress recorded
+    /// every `PROGRESS_EVERY`, cancelled between batches and between layers solved.
+    fn compute_on_data(
+        &self,
+        c: &Composition,
+        req: &MergeRequest,
+        method: &Method,
+        inputs: &[Arc<TaskVector>],
+        cancel: &AtomicBool,
+        record: &mut dyn FnMut(&Event) -> Result<(), StoreError>,
+    ) -> Result<Merged, LearnError> {
+        let dir = self.store.job_dir(&c.id);
+        let data = req
+            .tasks
+            .iter()
+            .map(|t| jobs::dataset(self.backbone, t, &dir))
+            .collect::<Result<Vec<_>, _>>()?;
+        let heads = match method {
+            Method::Fisher(_) => req
+                .tasks
+                .iter()
+                .map(|t| {
+                    let templates = jobs::templates(t)?;
+                    let refs: Vec<&str> = templates.iter().map(String::as_str).collect();
+                    Ok(ZeroShotHead::build(self.backbone, &t.classes, &refs)?)
+                })
+                .collect::<Result<Vec<_>, LearnError>>()?,
+            _ => Vec::new(),
+        };
+        let started = Instant::now();
+        let mut last: Option<Instant> = None;
+        let mut progress = |done: usize, total: usize| {
+            if last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) && done < total {
+                return;
+            }
+            last = Some(Instant::now());
+            if let Err(e) = record(&step_event(done, total, started)) {
+                eprintln!("atlas-serve: recording a merge's progress: {e}");
+            }
+        };
+        merge_on_data(
+            self.backbone,
+            method,
+            inputs,
+            &data.iter().collect::<Vec<_>>(),
+            &heads.iter().collect::<Vec<_>>(),
+            Watch {
+                progress: &mut progress,
+                cancel,
+            },
+        )
     }
 
     /// Adds the derived task vector to the library (kept durably first), or the one already

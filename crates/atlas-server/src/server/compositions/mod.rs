@@ -37,8 +37,7 @@ pub async fn create(
         let key = idempotency_key(&headers)?;
         learn(&s, model, body, key).await?
     } else if body.json.get("method").is_some() {
-        let req: MergeRequest = parse(body.json, "merge request")?;
-        merge(&s, model, req).await?
+        merge(&s, model, body).await?
     } else {
         let req: ExplicitRequest = parse(body.json, "explicit composition")?;
         (StatusCode::CREATED, explicit(&s, model, req)?)
