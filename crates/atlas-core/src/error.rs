@@ -10,6 +10,8 @@ pub enum CoreError {
     File { path: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T> = std::result::Result<T, CoreError>;

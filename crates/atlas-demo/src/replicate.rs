@@ -15,6 +15,7 @@ use crate::tasks::Example;
 use crate::world::{Progress, World};
 use crate::Result;
 use atlas_core::{merge, Coefficients, Layout, StorageDType, TaskVector};
+use atlas_learn::merge_data::{merge_on_data, Watch};
 use atlas_learn::{evaluate, learn, Dataset, Event, Job, LearnConfig, Task};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
@@ -249,6 +250,33 @@ struct Runner<'a> {
     cancel: &'a AtomicBool,
 }
 
+/// One merge's test accuracy per task and the time it took (statistics included).
+#[derive(Debug, Clone)]
+pub struct MergeResult {
+    pub name: String,
+    pub accs: Vec<f64>,
+    pub secs: f64,
+}
+
+/// FusionBench's methods `names` at their default parameters over the world's task vectors,
+/// each scored on every task's test split.
+pub fn merges(world: &World, names: &[&str], cancel: &AtomicBool) -> Result<Vec<MergeResult>> {
+    let config = ReplicateConfig::paper(world.tasks.len());
+    let r = Runner {
+        world,
+        config: &config,
+        cancel,
+    };
+    let n = world.tasks.len();
+    let mut tasks = Vec::with_capacity(n);
+    let mut tests = Vec::with_capacity(n);
+    for i in 0..n {
+        tasks.push(r.task(i, r.dataset(i, &world.tasks[i].val, true)?, None)?);
+        tests.push(r.test_set(i)?);
+    }
+    names.iter().map(|m| r.merge(m, &tasks, &tests)).collect()
+}
+
 /// Accuracies of one method on every task, and their means.
 struct Row {
     name: String,
@@ -406,58 +434,65 @@ impl Runner<'_> {
         })
     }
 
-    /// Every data-free merge of atlas-core (FusionBench's methods at their default
-    /// parameters) over the six task vectors: test accuracy per task and the merge's time.
+    /// Every merge of atlas-core (FusionBench's methods at their default parameters) and
+    /// AdaMerging over the six task vectors: test accuracy per task and each merge's time.
     fn merges(&self, progress: &mut dyn Progress) -> Result<String> {
         let w = self.world;
         let n = w.tasks.len();
-        let manifest = w.backbone.manifest();
         let mut tasks = Vec::with_capacity(n);
         let mut tests = Vec::with_capacity(n);
         for i in 0..n {
-            let val = self.dataset(i, &w.tasks[i].val, true)?;
-            tasks.push(self.task(i, val, None)?);
+            tasks.push(self.task(i, self.dataset(i, &w.tasks[i].val, true)?, None)?);
             tests.push(self.test_set(i)?);
         }
-        let inputs: Vec<&TaskVector> = self.tvs().iter().map(Arc::as_ref).collect();
         let mut rows = Vec::new();
         let mut times = String::new();
         progress.stage("merges", merge::METHODS.len() as u64);
         for (k, &name) in merge::METHODS.iter().enumerate() {
-            let method = merge::Method::parse(name, &Default::default(), n)?;
-            let started = Instant::now();
-            let merged = merge::merge(&method, manifest, &inputs)?;
-            let secs = started.elapsed().as_secs_f64();
-            let (tvs, coefs) = match merged {
-                merge::Merged::Coefficients(c) => (
-                    self.tvs().to_vec(),
-                    Coefficients::isotropic(c, self.n_blocks())?,
-                ),
-                merge::Merged::Delta { blocks, scale } => {
-                    let meta = inputs[0].meta.clone();
-                    let tv = merge::to_task_vector(manifest, meta, StorageDType::F32, &blocks)?;
-                    let c = Coefficients::isotropic(vec![scale], self.n_blocks())?;
-                    (vec![Arc::new(tv)], c)
-                }
-            };
-            let accs = tasks
-                .iter()
-                .zip(&tests)
-                .map(|(t, d)| self.accuracy(&tvs, &coefs, t, d))
-                .collect::<Result<Vec<_>>>()?;
-            let _ = write!(times, "{name} {secs:.2} s, ");
+            let r = self.merge(name, &tasks, &tests)?;
+            let _ = write!(times, "{name} {:.2} s, ", r.secs);
             rows.push(Row {
                 name: format!("`{name}`"),
-                accs,
+                accs: r.accs,
             });
             progress.tick(k as u64 + 1, name);
+        }
+        for (layout, name) in [
+            (Layout::Isotropic, "task-wise"),
+            (Layout::PerBlock, "layer-wise"),
+        ] {
+            let started = Instant::now();
+            let unlabelled = tests
+                .iter()
+                .enumerate()
+                .map(|(i, d)| self.task(i, d.unlabelled(), None))
+                .collect::<Result<Vec<_>>>()?;
+            let out = self.learn(
+                self.tvs(),
+                &Job::AdaMerging(unlabelled),
+                |c| c.layout = layout,
+                progress,
+                &format!("adamerging {name}"),
+            )?;
+            let _ = write!(
+                times,
+                "adamerging {name} {:.2} s, ",
+                started.elapsed().as_secs_f64()
+            );
+            rows.push(Row {
+                name: format!("`adamerging` ({name})"),
+                accs: self.accuracies(&tasks, &out.coefs, &tests)?,
+            });
         }
         let finetuned: Vec<f64> = w.report.tasks.iter().map(|t| t.finetuned).collect();
         let names: Vec<&str> = w.tasks.iter().map(|t| t.spec.name).collect();
         let mut md = String::from("\n## Merges that yield one model (FusionBench's methods)\n\n");
-        md += "Each of atlas-core's data-free merges over the six task vectors at FusionBench's \
-               default parameters (no search on val), served as one composed model; the same \
-               test splits and normalisation as the task-addition table above.\n\n";
+        md += "Each of atlas-core's merges over the six task vectors at FusionBench's default \
+               parameters (no search on val), served as one composed model; the same test \
+               splits and normalisation as the task-addition table above. `regmean` and \
+               `fisher_merging` read each task's train images (the first 256, batches of 32); \
+               AdaMerging learns from the test images without their labels, as its paper \
+               does, with the objective's recipe.\n\n";
         md += &table(&names, &rows, &finetuned);
         let _ = writeln!(
             md,
@@ -465,6 +500,61 @@ impl Runner<'_> {
             times.trim_end_matches(", ")
         );
         Ok(md)
+    }
+
+    /// FusionBench's method `name` at its defaults over the six task vectors (RegMean and
+    /// Fisher merging read each task's train images, as FusionBench does), scored on `tests`.
+    fn merge(&self, name: &str, tasks: &[Task], tests: &[Dataset]) -> Result<MergeResult> {
+        let w = self.world;
+        let n = w.tasks.len();
+        let manifest = w.backbone.manifest();
+        let method = merge::Method::parse(name, &Default::default(), n)?;
+        let started = Instant::now();
+        let merged = match method.examples() {
+            Some(_) => {
+                let trains = (0..n)
+                    .map(|i| self.dataset(i, &w.tasks[i].train, false))
+                    .collect::<Result<Vec<_>>>()?;
+                merge_on_data(
+                    &w.backbone,
+                    &method,
+                    self.tvs(),
+                    &trains.iter().collect::<Vec<_>>(),
+                    &tasks.iter().map(|t| &t.head).collect::<Vec<_>>(),
+                    Watch {
+                        progress: &mut |_, _| {},
+                        cancel: self.cancel,
+                    },
+                )?
+            }
+            None => {
+                let inputs: Vec<&TaskVector> = self.tvs().iter().map(Arc::as_ref).collect();
+                merge::merge(&method, manifest, &inputs)?
+            }
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let (tvs, coefs) = match merged {
+            merge::Merged::Coefficients(c) => (
+                self.tvs().to_vec(),
+                Coefficients::isotropic(c, self.n_blocks())?,
+            ),
+            merge::Merged::Delta { blocks, scale } => {
+                let meta = self.tvs()[0].meta.clone();
+                let tv = merge::to_task_vector(manifest, meta, StorageDType::F32, &blocks)?;
+                let c = Coefficients::isotropic(vec![scale], self.n_blocks())?;
+                (vec![Arc::new(tv)], c)
+            }
+        };
+        let accs = tasks
+            .iter()
+            .zip(tests)
+            .map(|(t, d)| self.accuracy(&tvs, &coefs, t, d))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MergeResult {
+            name: name.to_string(),
+            accs,
+            secs,
+        })
     }
 
     /// Test accuracy on task `i` of aTLAS per block over the other task vectors, learned on

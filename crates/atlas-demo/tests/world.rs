@@ -4,7 +4,8 @@
 //! task vector is left out, and a second open loads the cached world instead of rebuilding.
 //! The recipes' defaults learn (issue 19): negation lowers every target and keeps its control,
 //! test-time adaptation improves or says it kept the start, and the default view does not
-//! flip labels away.
+//! flip labels away. TIES, RegMean and Fisher merging beat task arithmetic, as in FusionBench's
+//! table.
 
 use atlas_clip::model::bf16_gemm;
 use atlas_clip::{Backbone, LoadOptions};
@@ -425,5 +426,60 @@ fn bf16_matmuls_keep_accuracy_within_half_a_point() {
             worst <= 0.02,
             "fine-tuned {fine_tuned}: a task moved by {worst:.4}"
         );
+    }
+}
+
+/// Mean test accuracy of each merge over the ci world's tasks.
+fn merge_means(w: &World, names: &[&str]) -> Vec<(String, f64)> {
+    atlas_demo::replicate::merges(w, names, &AtomicBool::new(false))
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name, mean(&r.accs)))
+        .collect()
+}
+
+/// FusionBench's CLIP ViT-B/32 table puts TIES (72.2), Fisher merging (70.6) and RegMean
+/// (82.4) above task arithmetic (68.0). On ci worlds of seeds 1 to 4
+/// (`merge_ordering_across_seeds`) at FusionBench's defaults, TIES beat task arithmetic by
+/// 2.5 to 7.6 points of mean accuracy, RegMean by 5.1 to 12.1 and Fisher merging by 4.6 to
+/// 14.8: asserted here with smaller margins.
+#[test]
+fn merges_keep_fusionbenchs_ordering_over_task_arithmetic() {
+    let w = &built().world;
+    let names = [
+        "task_arithmetic",
+        "ties_merging",
+        "regmean",
+        "fisher_merging",
+    ];
+    let means = merge_means(w, &names);
+    eprintln!("merges: {means:?}");
+    let ta = means[0].1;
+    for ((name, m), margin) in means[1..].iter().zip([0.01, 0.02, 0.02]) {
+        assert!(
+            *m > ta + margin,
+            "{name} {m:.3}, task arithmetic {ta:.3}: {means:?}"
+        );
+    }
+}
+
+/// Which of FusionBench's orderings hold on ci worlds of other seeds: run by hand
+/// (`cargo test -p atlas-demo --test world merge_ordering_across_seeds -- --ignored
+/// --nocapture`) to choose what `merges_keep_fusionbenchs_ordering` asserts.
+#[test]
+#[ignore]
+fn merge_ordering_across_seeds() {
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    for seed in 1..=4 {
+        let root = tempfile::tempdir().unwrap();
+        let params = WorldParams {
+            seed,
+            ..WorldParams::preset(Preset::Ci)
+        };
+        let (w, _) =
+            World::open(&params, root.path(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+        let means = merge_means(&w, atlas_core::merge::METHODS);
+        eprintln!("seed {seed}: {means:?}");
     }
 }

@@ -32,8 +32,9 @@ pub struct Watch<'a> {
     pub cancel: &'a AtomicBool,
 }
 
-/// Merges `inputs` by a data-dependent `method`; `data[i]` holds input i's images and, for
-/// Fisher merging, `heads[i]` its classes' head (RegMean takes none).
+/// Merges `inputs` by a data-dependent `method`; `data[i]` holds input i's images and
+/// `heads[i]` its classes' head, which Fisher merging needs (RegMean reads none: it may be
+/// given no heads).
 pub fn merge_on_data(
     backbone: &Backbone,
     method: &Method,
@@ -42,11 +43,9 @@ pub fn merge_on_data(
     heads: &[&ZeroShotHead],
     watch: Watch,
 ) -> Result<Merged> {
-    let heads_needed = match method {
-        Method::Fisher(_) => inputs.len(),
-        _ => 0,
-    };
-    if inputs.len() != data.len() || inputs.is_empty() || heads.len() != heads_needed {
+    let heads_ok =
+        heads.len() == inputs.len() || (heads.is_empty() && !matches!(method, Method::Fisher(_)));
+    if inputs.len() != data.len() || inputs.is_empty() || !heads_ok {
         return Err(LearnError::Job(format!(
             "{} needs one task per task vector: {} task vectors, {} tasks, {} heads",
             method.name(),

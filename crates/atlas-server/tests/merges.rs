@@ -444,3 +444,37 @@ fn regmean_and_fisher_merge_on_each_task_vectors_images() {
         assert!(detail.contains(named), "{named}: {detail}");
     }
 }
+
+/// A long merge job stops between tensors when cancelled, well before its work would end.
+#[test]
+fn a_cancelled_merge_job_stops_between_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    // At most 100,000 Adam steps per tensor: minutes of work on the tiny model.
+    let body = json!({"method": "wudi", "task_vectors": ["a", "b", "c"],
+        "params": {"iter_num": 100_000}});
+    let (code, c) = s.post("/compositions", &body);
+    assert_eq!(code, 202, "{c}");
+    let id = c["id"].as_str().unwrap();
+    let started = std::time::Instant::now();
+    while s.get(&format!("/compositions/{id}")).1["status"] != "running" {
+        assert!(started.elapsed().as_secs() < 60, "never ran");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let asked = std::time::Instant::now();
+    let (code, _) = s.post(&format!("/compositions/{id}/cancel"), &json!({}));
+    assert_eq!(code, 202);
+    let done = s.wait_final(id, std::time::Duration::from_secs(120));
+    assert_eq!(done["status"], "cancelled", "{done}");
+    let took = asked.elapsed().as_secs_f64();
+    let (_, tvs) = s.get("/task-vectors");
+    assert!(
+        !tvs.to_string().contains("wudi-"),
+        "a cancelled merge added a task vector: {tvs}"
+    );
+    eprintln!("cancelled after {took:.1} s: {}", done["progress"]);
+    assert!(took < 30.0, "the cancel took {took:.1} s");
+    // The whole job takes about 14 s here; it stopped with tensors left undone.
+    let (step, total) = (&done["progress"]["step"], &done["progress"]["total_steps"]);
+    assert!(step.as_u64() < total.as_u64(), "{step} of {total}");
+}

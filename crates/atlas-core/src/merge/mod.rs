@@ -21,6 +21,7 @@ use crate::{CoreError, Manifest, Result, StorageDType, TaskVector, TaskVectorMet
 use params::Params;
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use breadcrumbs::Breadcrumbs;
 pub use dare::{Dare, Keep};
@@ -239,19 +240,28 @@ pub fn merge(method: &Method, manifest: &Manifest, inputs: &[&TaskVector]) -> Re
 }
 
 /// As [`merge`], calling `progress(done, total)` as a long merge (WUDI's gradient steps)
-/// finishes each of its parts.
+/// finishes each of its parts, and stopping between blocks once `cancel` is set
+/// ([`CoreError::Cancelled`]): an SVD merge or WUDI on ViT-B/32 takes minutes.
 pub fn merge_reporting(
     method: &Method,
     manifest: &Manifest,
     inputs: &[&TaskVector],
     progress: &(dyn Fn(usize, usize) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<Merged> {
-    match method {
+    let merged = match method {
         Method::Wudi(w) => {
             check_inputs(manifest, inputs)?;
-            w.merge(&Rows::new(manifest, inputs, None)?, progress)
+            w.merge(
+                &Rows::new(manifest, inputs, None)?.cancelled_by(cancel),
+                progress,
+            )
         }
-        _ => merge_with(method, manifest, inputs, None),
+        _ => merge_rows(method, manifest, inputs, None, Some(cancel)),
+    };
+    match cancel.load(Ordering::Relaxed) {
+        true => Err(CoreError::Cancelled),
+        false => merged,
     }
 }
 
@@ -263,9 +273,26 @@ pub fn merge_with(
     inputs: &[&TaskVector],
     masks: Option<&[Vec<bool>]>,
 ) -> Result<Merged> {
+    merge_rows(method, manifest, inputs, masks, None)
+}
+
+fn merge_rows(
+    method: &Method,
+    manifest: &Manifest,
+    inputs: &[&TaskVector],
+    masks: Option<&[Vec<bool>]>,
+    cancel: Option<&AtomicBool>,
+) -> Result<Merged> {
     check_inputs(manifest, inputs)?;
     let n = inputs.len();
-    let plain = Rows::new(manifest, inputs, None)?;
+    let rows = |drop| -> Result<Rows> {
+        let r = Rows::new(manifest, inputs, drop)?;
+        Ok(match cancel {
+            Some(c) => r.cancelled_by(c),
+            None => r,
+        })
+    };
+    let plain = rows(None)?;
     Ok(match method {
         Method::SimpleAverage => Merged::Coefficients(vec![1.0 / n as f64; n]),
         Method::TaskArithmetic { scaling_factor } => Merged::Coefficients(vec![*scaling_factor; n]),
@@ -273,16 +300,11 @@ pub fn merge_with(
         Method::DareTaskArithmetic {
             dare,
             scaling_factor,
-        } => {
-            let rows = Rows::new(manifest, inputs, Some(dare.keep(masks)))?;
-            Merged::Delta {
-                blocks: rows.sum(),
-                scale: *scaling_factor,
-            }
-        }
-        Method::DareTies { dare, ties } => {
-            ties.merge(&Rows::new(manifest, inputs, Some(dare.keep(masks)))?)
-        }
+        } => Merged::Delta {
+            blocks: rows(Some(dare.keep(masks)))?.sum(),
+            scale: *scaling_factor,
+        },
+        Method::DareTies { dare, ties } => ties.merge(&rows(Some(dare.keep(masks)))?),
         Method::Breadcrumbs(b) => b.merge(&plain),
         Method::MagMax { scaling_factor } => Merged::Delta {
             blocks: plain.magmax(),
@@ -338,6 +360,8 @@ pub struct Rows<'a> {
     drop: Option<(&'a Dare, Keep<'a>)>,
     /// Offset of each block in the flattened manifest (where DARE's draws are indexed).
     offsets: Vec<usize>,
+    /// Once set, blocks not yet merged are skipped (zeros): the result is then discarded.
+    cancel: Option<&'a AtomicBool>,
 }
 
 impl<'a> Rows<'a> {
@@ -369,7 +393,15 @@ impl<'a> Rows<'a> {
             inputs,
             drop,
             offsets,
+            cancel: None,
         })
+    }
+
+    pub fn cancelled_by(self, cancel: &'a AtomicBool) -> Self {
+        Rows {
+            cancel: Some(cancel),
+            ..self
+        }
     }
 
     pub fn n_inputs(&self) -> usize {
@@ -454,6 +486,9 @@ impl<'a> Rows<'a> {
         (0..self.n_blocks())
             .into_par_iter()
             .map(|b| {
+                if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    return vec![0.0; self.manifest.blocks()[b].numel()];
+                }
                 let rows: Vec<Vec<f32>> = (0..self.n_inputs()).map(|i| self.block(i, b)).collect();
                 f(b, &rows)
             })

@@ -349,7 +349,7 @@ impl GraphComposition {
 }
 
 /// Peak resident set size of this process (VmHWM), GiB.
-fn peak_rss_gib() -> f64 {
+pub(super) fn peak_rss_gib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kb: f64 = status
         .lines()

@@ -7,6 +7,7 @@ mod compose;
 mod compose_device;
 mod kernels;
 mod learn;
+mod merge;
 mod write_model;
 
 #[derive(clap::Subcommand)]
@@ -25,6 +26,9 @@ pub enum Command {
     Kernels(kernels::KernelsArgs),
     /// One aTLAS learning step on ViT-B/32-shaped random weights: time and peak memory.
     Learn(learn::LearnArgs),
+    /// One FusionBench merge over random task vectors on a ViT image tower: time and peak
+    /// memory (RegMean and Fisher merging on random images).
+    Merge(merge::MergeArgs),
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
@@ -34,5 +38,6 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::WriteModel(a) => write_model::run(a),
         Command::Kernels(a) => kernels::run(a),
         Command::Learn(a) => learn::run(a),
+        Command::Merge(a) => merge::run(a),
     }
 }

@@ -82,7 +82,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let merged = match method.examples() {
         Some(_) => on_data(&a, &backbone, &method, inputs.clone(), &report)?,
         None if !a.data.is_empty() => bail!("--data: {} reads no data", method.name()),
-        None => merge::merge_reporting(&method, backbone.manifest(), &refs, &report)?,
+        None => {
+            let never = AtomicBool::new(false);
+            merge::merge_reporting(&method, backbone.manifest(), &refs, &report, &never)?
+        }
     };
     progress
         .lock()

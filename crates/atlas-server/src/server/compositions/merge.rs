@@ -241,7 +241,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 impl MergeJob<'_> {
     /// Runs the merge of job `c` (its inputs must still have the digests it was queued with),
     /// recording progress per tensor, then adds the derived task vector and makes the job's
-    /// composition serve it. A cancel takes effect when the merge's computation ends.
+    /// composition serve it. A cancel takes effect between blocks (data merges: between
+    /// batches and layers).
     pub fn run(
         &self,
         c: &Composition,
@@ -315,10 +316,11 @@ impl MergeJob<'_> {
         let merged = std::thread::scope(|scope| {
             let work = scope.spawn(|| {
                 let refs: Vec<&TaskVector> = inputs.iter().map(Arc::as_ref).collect();
-                merge::merge_reporting(method, manifest, &refs, &|d, t| {
+                let progress = |d, t| {
                     done.store(d, Ordering::Relaxed);
                     total.store(t, Ordering::Relaxed);
-                })
+                };
+                merge::merge_reporting(method, manifest, &refs, &progress, cancel)
             });
             let mut recorded = 0;
             while !work.is_finished() {
@@ -334,13 +336,11 @@ impl MergeJob<'_> {
             }
             work.join()
         });
-        let merged = merged
-            .map_err(|_| LearnError::Job("the merge panicked".into()))?
-            .map_err(|e| LearnError::Job(e.to_string()))?;
-        if cancel.load(Ordering::Relaxed) {
-            return Err(LearnError::Cancelled);
+        match merged.map_err(|_| LearnError::Job("the merge panicked".into()))? {
+            _ if cancel.load(Ordering::Relaxed) => Err(LearnError::Cancelled),
+            Err(e) => Err(LearnError::Job(e.to_string())),
+            Ok(merged) => Ok(merged),
         }
-        Ok(merged)
     }
 
     /// A data merge: each input model read on its task's stored images, progress recorded
