@@ -185,14 +185,20 @@ impl World {
         assert!(worst <= TOLERANCE, "{case}: max difference {worst:e}");
     }
 
-    /// The masks torch drew for DARE, flattened in manifest order.
-    fn dare_masks(&self) -> Vec<Vec<bool>> {
+    /// The masks torch drew for DARE (`{prefix}/keep{i}/…`), flattened in manifest order; a
+    /// tensor torch drew none for is all kept.
+    fn dare_masks(&self, prefix: &str) -> Vec<Vec<bool>> {
+        let st = SafeTensors::deserialize(&self.oracle).unwrap();
         (0..self.inputs.len())
             .map(|i| {
                 self.manifest
                     .tensor_specs()
-                    .flat_map(|(t, _)| self.bytes(&format!("dare/keep{i}/{}", t.name)))
-                    .map(|b| b != 0)
+                    .flat_map(
+                        |(t, _)| match st.tensor(&format!("{prefix}/keep{i}/{}", t.name)) {
+                            Ok(v) => v.data().iter().map(|&b| b != 0).collect(),
+                            Err(_) => vec![true; t.numel()],
+                        },
+                    )
                     .collect()
             })
             .collect()
@@ -325,9 +331,51 @@ fn iso_cts_oracle_tells_apart_another_common_space() {
 #[test]
 fn dare_merges_match_fusionbench_given_its_masks() {
     let w = world();
-    let masks = w.dare_masks();
+    let masks = w.dare_masks("dare");
     for case in ["dare_task_arithmetic", "dare_ties_merging"] {
         w.check(case, &w.method(case, case), Some(&masks));
+    }
+}
+
+/// `only_on_linear_weights`: torch drew masks for the linear layers' weights alone (the
+/// projection included), which are the tensors we drop; the others are summed whole, with no
+/// rescale.
+#[test]
+fn dare_on_linear_weights_matches_fusionbench_given_its_masks() {
+    let w = world();
+    let masked: Vec<&str> = w.cases["dare_linear"]["masked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    let method = w.method("dare_linear", "dare_task_arithmetic");
+    let Method::DareTaskArithmetic { dare, .. } = &method else {
+        panic!("{method:?}")
+    };
+    assert!(dare.only_on_linear_weights);
+    for (t, _) in w.manifest.tensor_specs() {
+        assert_eq!(
+            dare.drops(t),
+            masked.contains(&t.name.as_str()),
+            "{}",
+            t.name
+        );
+    }
+    w.check("dare_linear", &method, Some(&w.dare_masks("dare_linear")));
+}
+
+/// `exclude_keys` of Iso-C, Iso-CTS and TSV-M: the excluded 2-D tensor is averaged, the
+/// others merged as without it.
+#[test]
+fn excluded_tensors_are_averaged_as_fusionbench_does() {
+    let w = world();
+    for (case, name) in [
+        ("iso_c_exclude", "iso_c"),
+        ("iso_cts_exclude", "iso_cts"),
+        ("tsv_m_exclude", "tsv_m"),
+    ] {
+        w.check(case, &w.method(case, name), None);
     }
 }
 

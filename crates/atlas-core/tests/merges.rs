@@ -216,7 +216,7 @@ fn bad_parameters_are_named() {
         ("dare_task_arithmetic", json!({"seed": -1}), "params.seed"),
         (
             "dare_ties_merging",
-            json!({"only_on_linear_weights": true}),
+            json!({"only_on_linear_weights": "yes"}),
             "params.only_on_linear_weights",
         ),
         ("breadcrumbs", json!({"weight": [1, 2, 3]}), "params.weight"),
@@ -227,11 +227,7 @@ fn bad_parameters_are_named() {
             json!({"scaling_factor": 1}),
             "params.scaling_factor",
         ),
-        (
-            "iso_c",
-            json!({"exclude_keys": ["x"]}),
-            "params.exclude_keys",
-        ),
+        ("iso_c", json!({"exclude_keys": "x"}), "params.exclude_keys"),
         (
             "iso_cts",
             json!({"common_space_fraction": 1.2}),

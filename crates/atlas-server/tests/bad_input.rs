@@ -830,11 +830,13 @@ fn merge_battery(b: &mut Battery) {
         ),
         (
             "linear weights only",
-            m(
-                "dare_task_arithmetic",
-                json!({"only_on_linear_weights": true}),
-            ),
+            m("dare_task_arithmetic", json!({"only_on_linear_weights": 1})),
             "params.only_on_linear_weights",
+        ),
+        (
+            "an unknown excluded tensor",
+            m("iso_c", json!({"exclude_keys": ["no.such.tensor"]})),
+            "params.exclude_keys",
         ),
         (
             "weights count",

@@ -2,19 +2,24 @@
 //! each input is kept when a uniform draw exceeds `sparsity_ratio`, and kept elements are
 //! divided by 1 − sparsity_ratio when `rescale` is set.
 //!
+//! With `only_on_linear_weights`, only linear layers' weights are dropped (and rescaled): the
+//! 2-D tensors named `*.weight`, except embeddings (a name with `embed`), as transformers names
+//! them; every other tensor is kept whole.
+//!
 //! The draws are a function of (seed, input position, element index in the flattened
 //! manifest) only, so a merge is repeatable and can run block by block. torch's generator
 //! cannot be reproduced here; tests give both implementations the same masks instead.
 
 use super::params::Params;
 use crate::parts::splitmix64;
-use crate::Result;
+use crate::{Result, TensorSpec};
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dare {
     pub sparsity_ratio: f64,
     pub rescale: bool,
+    pub only_on_linear_weights: bool,
     pub seed: u64,
 }
 
@@ -37,11 +42,12 @@ impl Dare {
             |x| (0.0..1.0).contains(&x) || (x == 1.0 && !rescale),
             "in [0, 1) (or 1 without rescale)",
         )?;
-        p.only_default("only_on_linear_weights", &json!(false))?;
+        let only_on_linear_weights = p.boolean("only_on_linear_weights", false)?;
         let seed = p.seed("seed")?;
         Ok(Dare {
             sparsity_ratio,
             rescale,
+            only_on_linear_weights,
             seed,
         })
     }
@@ -50,7 +56,7 @@ impl Dare {
         json!({
             "sparsity_ratio": self.sparsity_ratio,
             "rescale": self.rescale,
-            "only_on_linear_weights": false,
+            "only_on_linear_weights": self.only_on_linear_weights,
             "seed": self.seed,
         })
     }
@@ -59,6 +65,11 @@ impl Dare {
     pub fn keep<'a>(&'a self, given: Option<&'a [Vec<bool>]>) -> (&'a Dare, Keep<'a>) {
         let keep = given.map_or(Keep::Seeded(self.seed), Keep::Given);
         (self, keep)
+    }
+
+    /// Whether the drop applies to tensor `t`.
+    pub fn drops(&self, t: &TensorSpec) -> bool {
+        !self.only_on_linear_weights || is_linear_weight(t)
     }
 
     /// Drops and rescales `values`, elements `offset..` of input `input`'s flattened row.
@@ -76,6 +87,11 @@ impl Dare {
             }
         }
     }
+}
+
+/// A linear layer's weight by transformers' naming: 2-D, `*.weight`, not an embedding.
+pub fn is_linear_weight(t: &TensorSpec) -> bool {
+    t.shape.len() == 2 && t.name.ends_with(".weight") && !t.name.contains("embed")
 }
 
 /// A uniform draw in [0, 1) for element `index` of input `input`.

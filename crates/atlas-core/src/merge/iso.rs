@@ -18,6 +18,8 @@ pub struct Iso {
     pub scaling_factor: f64,
     /// None for Iso-C, the common space's share for Iso-CTS.
     pub common_space_fraction: Option<f64>,
+    /// 2-D tensors averaged instead, as the others.
+    pub exclude_keys: Vec<String>,
 }
 
 impl Iso {
@@ -29,15 +31,18 @@ impl Iso {
         } else {
             None
         };
-        p.only_default("exclude_keys", &Value::Null)?;
         Ok(Iso {
             scaling_factor,
             common_space_fraction,
+            exclude_keys: p.strings("exclude_keys")?,
         })
     }
 
     pub fn params(&self) -> Value {
         let mut v = json!({ "scaling_factor": self.scaling_factor });
+        if !self.exclude_keys.is_empty() {
+            v["exclude_keys"] = json!(self.exclude_keys);
+        }
         if let Some(f) = self.common_space_fraction {
             v["common_space_fraction"] = json!(f);
         }
@@ -45,8 +50,8 @@ impl Iso {
     }
 
     pub(crate) fn merge(&self, rows: &Rows) -> Merged {
-        let blocks = rows.per_tensor(|shape, inputs| match shape {
-            [m, n] => {
+        let blocks = rows.per_named_tensor(|name, shape, inputs| match shape {
+            [m, n] if !self.exclude_keys.iter().any(|k| k == name) => {
                 let mats: Vec<DMatrix<f64>> = inputs
                     .iter()
                     .map(|x| DMatrix::from_row_iterator(*m, *n, x.iter().map(|&v| v as f64)))

@@ -206,8 +206,11 @@ impl Method {
 
     /// Checks what depends on the model (names of its tensors), before any work.
     pub fn check(&self, manifest: &Manifest) -> Result<()> {
+        let name = self.name();
         match self {
-            Method::Wudi(w) => w.check(manifest),
+            Method::Wudi(w) => check_tensor_names(manifest, name, &w.exclude_keys),
+            Method::Iso(i) => check_tensor_names(manifest, name, &i.exclude_keys),
+            Method::Tsv(t) => check_tensor_names(manifest, name, &t.exclude_keys),
             _ => Ok(()),
         }
     }
@@ -224,6 +227,16 @@ impl Method {
     /// Whether the result is coefficients rather than a new delta.
     pub fn gives_coefficients(&self) -> bool {
         matches!(self, Method::SimpleAverage | Method::TaskArithmetic { .. })
+    }
+}
+
+/// Every name in `exclude_keys` is a tensor of the model.
+fn check_tensor_names(manifest: &Manifest, method: &str, names: &[String]) -> Result<()> {
+    match names.iter().find(|k| manifest.spec(k).is_none()) {
+        Some(key) => Err(CoreError::Invalid(format!(
+            "params.exclude_keys of {method}: {key:?} is not a tensor of the model"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -284,6 +297,7 @@ fn merge_rows(
     cancel: Option<&AtomicBool>,
 ) -> Result<Merged> {
     check_inputs(manifest, inputs)?;
+    method.check(manifest)?;
     let n = inputs.len();
     let rows = |drop| -> Result<Rows> {
         let r = Rows::new(manifest, inputs, drop)?;
@@ -418,7 +432,14 @@ impl<'a> Rows<'a> {
     pub fn block(&self, i: usize, b: usize) -> Vec<f32> {
         let mut v = self.inputs[i].block(b).to_f32_vec();
         if let Some((dare, keep)) = &self.drop {
-            dare.drop_in_place(&mut v, keep, i, self.offsets[b]);
+            let mut at = 0;
+            for t in &self.manifest.blocks()[b].tensors {
+                let n = t.numel();
+                if dare.drops(t) {
+                    dare.drop_in_place(&mut v[at..at + n], keep, i, self.offsets[b] + at);
+                }
+                at += n;
+            }
         }
         v
     }

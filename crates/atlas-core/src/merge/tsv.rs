@@ -19,6 +19,8 @@ pub struct Tsv {
     /// FusionBench's `alpha`: a number scales the merged delta; a list (one per input)
     /// scales each input before the SVDs.
     pub alpha: Alpha,
+    /// 2-D tensors averaged instead, as the others.
+    pub exclude_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -33,16 +35,24 @@ impl Tsv {
             Some(Value::Array(_)) => Alpha::PerInput(p.per_input("alpha", n_inputs)?),
             _ => Alpha::After(p.number("alpha", 1.0, |_| true, "or a list of numbers")?),
         };
-        p.only_default("exclude_keys", &Value::Null)?;
+        let exclude_keys = p.strings("exclude_keys")?;
         p.only_default("return_single_task_models", &json!(false))?;
-        Ok(Tsv { alpha })
+        Ok(Tsv {
+            alpha,
+            exclude_keys,
+        })
     }
 
     pub fn params(&self) -> Value {
-        match &self.alpha {
-            Alpha::After(a) => json!({ "alpha": a }),
-            Alpha::PerInput(a) => json!({ "alpha": a }),
+        let alpha = match &self.alpha {
+            Alpha::After(a) => json!(a),
+            Alpha::PerInput(a) => json!(a),
+        };
+        let mut v = json!({ "alpha": alpha });
+        if !self.exclude_keys.is_empty() {
+            v["exclude_keys"] = json!(self.exclude_keys);
         }
+        v
     }
 
     pub(crate) fn merge(&self, rows: &Rows) -> Merged {
@@ -50,14 +60,14 @@ impl Tsv {
             Alpha::After(a) => (vec![1.0; rows.n_inputs()], *a),
             Alpha::PerInput(a) => (a.clone(), 1.0),
         };
-        let blocks = rows.per_tensor(|shape, inputs| {
+        let blocks = rows.per_named_tensor(|name, shape, inputs| {
             let scaled: Vec<Vec<f64>> = inputs
                 .iter()
                 .zip(&weights)
                 .map(|(x, &w)| x.iter().map(|&v| (v as f64) * w).collect())
                 .collect();
             match shape {
-                [m, n] => tsv(&scaled, *m, *n),
+                [m, n] if !self.exclude_keys.iter().any(|k| k == name) => tsv(&scaled, *m, *n),
                 _ => mean(&scaled),
             }
         });

@@ -15,7 +15,7 @@
 
 use super::params::Params;
 use super::{Merged, Rows};
-use crate::{CoreError, Result};
+use crate::Result;
 use nalgebra::DMatrix;
 use serde_json::{json, Value};
 
@@ -41,22 +41,6 @@ impl Wudi {
         })
     }
 
-    /// Every excluded name is a tensor of the model.
-    pub(crate) fn check(&self, manifest: &crate::Manifest) -> Result<()> {
-        let known = |key: &String| {
-            manifest
-                .blocks()
-                .iter()
-                .any(|b| b.tensors.iter().any(|t| &t.name == key))
-        };
-        match self.exclude_keys.iter().find(|k| !known(k)) {
-            Some(key) => Err(CoreError::Invalid(format!(
-                "wudi: exclude_keys names {key:?}, not a tensor of the model"
-            ))),
-            None => Ok(()),
-        }
-    }
-
     pub fn params(&self) -> Value {
         json!({ "iter_num": self.iter_num, "exclude_keys": self.exclude_keys })
     }
@@ -68,7 +52,7 @@ impl Wudi {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Merged> {
         let manifest = rows.manifest();
-        self.check(manifest)?;
+        super::check_tensor_names(manifest, "wudi", &self.exclude_keys)?;
         let total = manifest
             .blocks()
             .iter()
