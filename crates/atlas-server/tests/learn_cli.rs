@@ -245,3 +245,38 @@ fn learn_and_finetune_take_the_demo_world_by_name() {
         "{stderr}"
     );
 }
+
+/// AdaMerging from the command line: one folder per task, read without labels, a layer-wise
+/// merge judged by the tasks' mean mutual information.
+#[test]
+fn adamerging_learns_a_merge_over_several_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    image_folder(&a);
+    image_folder(&b);
+    let out_file = dir.path().join("coefs.json");
+    let out = learn(&[
+        "--objective",
+        "adamerging",
+        "--data",
+        a.to_str().unwrap(),
+        "--data",
+        b.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = CoefficientsFile::load(&out_file).unwrap();
+    assert_eq!(file.summary["metric"], "mean_mutual_information");
+    assert_eq!(
+        file.coefficients.values.len(),
+        2 * file.blocks.len(),
+        "per block by default"
+    );
+}

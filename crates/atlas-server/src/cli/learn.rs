@@ -35,7 +35,8 @@ pub struct Args {
     /// takes the target then the control.
     #[arg(long = "data", required = true)]
     data: Vec<PathBuf>,
-    /// few-shot, task-addition (or multi-task), negation, entropy or ufm.
+    /// few-shot, task-addition (or multi-task), negation, entropy, ufm or adamerging (one
+    /// --data per task; its labels are not read).
     #[arg(long, default_value = "few-shot")]
     objective: Objective,
     #[arg(long, value_enum, default_value = "per-block")]
