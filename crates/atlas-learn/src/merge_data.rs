@@ -16,7 +16,7 @@ use atlas_clip::grad::Leaves;
 use atlas_clip::loss::log_softmax;
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::{Backbone, ZeroShotHead};
-use atlas_core::merge::{Examples, FisherSums, Gram, Merged, Method, RegMeanSums};
+use atlas_core::merge::{Examples, FisherSums, Gram, Merged, Method, RegMean, RegMeanSums};
 use atlas_core::{Coefficients, TaskVector};
 use candle_core::{DType, Tensor, D};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,23 +75,34 @@ pub fn merge_batches(
     mut watch: Watch,
 ) -> Result<Merged> {
     let manifest = backbone.manifest();
-    let layer_inputs = 4 * backbone.config.vision.num_hidden_layers;
+    let layers = backbone.config.vision.num_hidden_layers;
     let reads: usize = batches.iter().map(Vec::len).sum();
+    let total = match method {
+        Method::RegMean(_) => reads + 4 * layers,
+        // Each layer reads every batch, then is solved.
+        Method::RegMeanPlusPlus(_) => layers * (reads + 1),
+        _ => reads,
+    };
     let mut counter = Counter {
         done: 0,
-        total: reads
-            + if matches!(method, Method::RegMean(_)) {
-                layer_inputs
-            } else {
-                0
-            },
+        total,
         watch: &mut watch,
     };
     match method {
+        Method::RegMeanPlusPlus(rm) => {
+            regmean_plus_plus(backbone, rm, inputs, batches, &mut counter)
+        }
         Method::RegMean(rm) => {
             let mut sums = RegMeanSums::new(manifest, rm);
             for (tv, b) in inputs.iter().zip(batches) {
-                sums.add(tv, grams(backbone, tv, b, &mut counter)?)?;
+                let tower =
+                    backbone.composed_vision(std::slice::from_ref(tv), &input_model(backbone)?)?;
+                let mut grams = GramSums::default();
+                for pixels in b {
+                    tower.forward_recording(pixels, &mut grams.recorder())?;
+                    counter.tick()?;
+                }
+                sums.add(tv, grams.finish()?)?;
             }
             // Solving takes a while on a real model: progress and cancel between layers.
             let merged = sums.finish(&mut |_, _| counter.tick().is_ok())?;
@@ -157,46 +168,151 @@ fn input_model(backbone: &Backbone) -> Result<Coefficients> {
     )?)
 }
 
-/// Mean x xᵀ over the tokens of every encoder linear layer's input, for model θ0 + τ.
-fn grams(
-    backbone: &Backbone,
-    tv: &Arc<TaskVector>,
-    batches: &[Tensor],
-    counter: &mut Counter,
-) -> Result<Vec<Gram>> {
-    let coefs = input_model(backbone)?;
-    let tower = backbone.composed_vision(std::slice::from_ref(tv), &coefs)?;
-    let mut sums: Vec<(Vec<String>, Tensor)> = Vec::new();
-    let mut rows = 0;
-    for pixels in batches {
+/// Σ x xᵀ per recorded layer input (the weights reading it, the sum, the rows summed), over
+/// the passes each [`GramSums::recorder`] watches.
+#[derive(Default)]
+struct GramSums {
+    sites: Vec<(Vec<String>, Tensor, usize)>,
+}
+
+impl GramSums {
+    /// A recorder for one pass: its k-th input adds to the k-th site.
+    fn recorder(&mut self) -> impl FnMut(&[String], &Tensor) -> atlas_clip::Result<()> + '_ {
         let mut k = 0;
-        let mut seen_rows = 0;
-        tower.forward_recording(pixels, &mut |names, x| {
+        move |names, x| {
             let d = x.dim(D::Minus1)?;
             let x = x.to_dtype(DType::F32)?.reshape(((), d))?;
-            seen_rows = x.dim(0)?;
+            let rows = x.dim(0)?;
             let g = x.t()?.matmul(&x)?;
-            match sums.get_mut(k) {
-                Some((_, s)) => *s = (&*s + g)?,
-                None => sums.push((names.to_vec(), g)),
+            match self.sites.get_mut(k) {
+                Some((_, s, n)) => {
+                    *s = (&*s + g)?;
+                    *n += rows;
+                }
+                None => self.sites.push((names.to_vec(), g, rows)),
             }
             k += 1;
             Ok(())
-        })?;
-        rows += seen_rows;
-        counter.tick()?;
+        }
     }
-    sums.into_iter()
-        .map(|(weights, s)| {
-            let dim = s.dim(0)?;
-            let values = (s / rows as f64)?.flatten_all()?.to_vec1::<f32>()?;
-            Ok(Gram {
-                weights,
-                dim,
-                values,
+
+    /// Mean x xᵀ over the tokens each site read.
+    fn finish(self) -> Result<Vec<Gram>> {
+        self.sites
+            .into_iter()
+            .map(|(weights, s, rows)| {
+                let dim = s.dim(0)?;
+                let values = (s / rows as f64)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(Gram {
+                    weights,
+                    dim,
+                    values,
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
+}
+
+/// Tensors FusionBench's RegMean++ averages before the first layer.
+fn embedding(name: &str) -> bool {
+    name.starts_with("vision_model.embeddings") || name.starts_with("vision_model.pre_layrnorm")
+}
+
+/// RegMean++ (FusionBench's `RegMeanAlgorithmForCLIPPlusPlus`): the embeddings averaged, then
+/// layer by layer, each input model's own layer l reads its task's activations as the layers
+/// merged so far leave them, the layer is merged by RegMean, and the activations advance
+/// through the merged layer. The tensors after the last layer (post-LayerNorm, projection)
+/// stay θ0's, as there.
+fn regmean_plus_plus(
+    backbone: &Backbone,
+    rm: &RegMean,
+    inputs: &[Arc<TaskVector>],
+    batches: &[Vec<Tensor>],
+    counter: &mut Counter,
+) -> Result<Merged> {
+    let manifest = backbone.manifest();
+    let mut delta: Vec<Vec<f32>> = manifest
+        .blocks()
+        .iter()
+        .map(|b| vec![0.0; b.numel()])
+        .collect();
+    let mean = {
+        let mut sums = RegMeanSums::new(manifest, rm);
+        for tv in inputs {
+            sums.add(tv, Vec::new())?;
+        }
+        delta_blocks(sums.finish(&mut |_, _| true)?)?
+    };
+    copy_tensors(manifest, &mean, &mut delta, embedding);
+    let mut merged = merged_tower(backbone, &delta)?;
+    let mut xs: Vec<Vec<Tensor>> = batches
+        .iter()
+        .map(|b| b.iter().map(|p| Ok(merged.embed(p)?)).collect())
+        .collect::<Result<_>>()?;
+    let coefs = input_model(backbone)?;
+    for l in 0..merged.n_layers() {
+        let mut sums = RegMeanSums::new(manifest, rm);
+        for (tv, x) in inputs.iter().zip(&xs) {
+            let tower = backbone.composed_vision(std::slice::from_ref(tv), &coefs)?;
+            let mut grams = GramSums::default();
+            for x in x {
+                tower.forward_layer(l, x, Some(&mut grams.recorder()))?;
+                counter.tick()?;
+            }
+            sums.add(tv, grams.finish()?)?;
+        }
+        let layer = delta_blocks(sums.finish(&mut |_, _| true)?)?;
+        counter.tick()?;
+        let prefix = format!("{}.", atlas_clip::manifest::layer_prefix(l));
+        copy_tensors(manifest, &layer, &mut delta, |n| n.starts_with(&prefix));
+        merged = merged_tower(backbone, &delta)?;
+        if l + 1 < merged.n_layers() {
+            for x in xs.iter_mut().flatten() {
+                *x = merged.forward_layer(l, x, None)?;
+            }
+        }
+    }
+    Ok(Merged::Delta {
+        blocks: delta,
+        scale: 1.0,
+    })
+}
+
+fn delta_blocks(merged: Option<Merged>) -> Result<Vec<Vec<f32>>> {
+    match merged {
+        Some(Merged::Delta { blocks, .. }) => Ok(blocks),
+        _ => Err(LearnError::Job("regmean gave no delta".into())),
+    }
+}
+
+/// Copies the tensors `which` picks from `from` into `to` (blocks of the manifest).
+fn copy_tensors(
+    manifest: &atlas_core::Manifest,
+    from: &[Vec<f32>],
+    to: &mut [Vec<f32>],
+    which: impl Fn(&str) -> bool,
+) {
+    for (spec, loc) in manifest.tensor_specs() {
+        if which(&spec.name) {
+            let r = loc.offset..loc.offset + loc.numel;
+            to[loc.block][r.clone()].copy_from_slice(&from[loc.block][r]);
+        }
+    }
+}
+
+/// The image tower of θ0 + `delta`.
+fn merged_tower(backbone: &Backbone, delta: &[Vec<f32>]) -> Result<atlas_clip::VisionTower> {
+    let meta = atlas_core::TaskVectorMeta {
+        name: "merged".into(),
+        ..Default::default()
+    };
+    let tv = atlas_core::merge::to_task_vector(
+        backbone.manifest(),
+        meta,
+        atlas_core::StorageDType::F32,
+        delta,
+    )?;
+    Ok(backbone.composed_vision(&[Arc::new(tv)], &input_model(backbone)?)?)
 }
 
 /// The diagonal Fisher of model θ0 + τ per block (None outside the merged model): the squared

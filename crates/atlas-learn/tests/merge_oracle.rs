@@ -1,6 +1,7 @@
-//! RegMean and Fisher merging against FusionBench's own `regmean_merging` and
-//! `fisher_merging`, run by tests/fixtures/merge/generate_data.py on the tiny CLIP fixtures
-//! with fixed pixels and heads: every merged tensor must match to 1e-5 in f32.
+//! RegMean, RegMean++ and Fisher merging against FusionBench's own `regmean_merging`,
+//! `RegMeanAlgorithmForCLIPPlusPlus` and `fisher_merging`, run by
+//! tests/fixtures/merge/generate_data.py on the tiny CLIP fixtures with fixed pixels and heads:
+//! every merged tensor must match to 1e-5 in f32.
 
 use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
@@ -164,6 +165,18 @@ fn regmean_matches_fusion_bench() {
         "regmean",
         json!({"num_regmean_examples": 100, "reduce_non_diagonal_ratio": 0.5,
                "dataloader_kwargs": bs}),
+    );
+}
+
+/// Layer by layer, each layer's inputs coming through the layers merged before it; the
+/// post-LayerNorm stays θ0's.
+#[test]
+fn regmean_plusplus_matches_fusion_bench() {
+    let o = oracle();
+    o.check(
+        "regmean_plusplus",
+        "regmean_plusplus",
+        json!({"num_regmean_examples": 6, "dataloader_kwargs": {"batch_size": 4}}),
     );
 }
 

@@ -350,7 +350,7 @@ fn in_process_norms(
         .collect()
 }
 
-/// RegMean and Fisher merging are jobs on uploaded images, one task per task vector: the
+/// RegMean, RegMean++ and Fisher merging are jobs on uploaded images, one task per task vector: the
 /// derived task vector is the merge the library computes on the same images, and bad tasks
 /// or parameters are 400s naming them.
 #[test]
@@ -372,7 +372,11 @@ fn regmean_and_fisher_merge_on_each_task_vectors_images() {
             })
             .collect()
     };
-    for (method, with_classes) in [("regmean", false), ("fisher_merging", true)] {
+    for (method, with_classes) in [
+        ("regmean", false),
+        ("regmean_plusplus", false),
+        ("fisher_merging", true),
+    ] {
         let body = json!({"method": method, "task_vectors": ["a", "b", "c"],
             "tasks": tasks(with_classes)});
         let (code, c) = s.post("/compositions", &body);

@@ -111,6 +111,32 @@ impl VisionTower {
         self.pool(&x)
     }
 
+    /// Encoder layers, for passes that go layer by layer.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Encoder layer `l` on `x` (`[B, N, D]`, every token), handing each of its linear layers'
+    /// inputs to `record` when given (as [`VisionTower::forward_recording`]).
+    pub fn forward_layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        record: Option<&mut dyn FnMut(&[String], &Tensor) -> Result<()>>,
+    ) -> Result<Tensor> {
+        let layer = self.layers.get(l).ok_or_else(|| {
+            ClipError::Config(format!(
+                "the tower has {} layers, not {}",
+                self.layers.len(),
+                l + 1
+            ))
+        })?;
+        match record {
+            Some(r) => layer.forward_recording(x, &layer_prefix(l), r),
+            None => layer.forward(x, None),
+        }
+    }
+
     fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
         let (_, c, h, w) = pixels.dims4()?;
         let s = self.cfg.image_size;
@@ -124,8 +150,10 @@ impl VisionTower {
         Ok(())
     }
 
-    /// Patch and position embeddings with the class token, after the pre-LayerNorm.
-    fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// Patch and position embeddings with the class token, after the pre-LayerNorm: the first
+    /// encoder layer's input, `[B, N, D]`.
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.check_pixels(pixels)?;
         let (b, c, h, w) = pixels.dims4()?;
         let p = self.cfg.patch_size;
         let pixels = pixels.to_dtype(self.patch.input_dtype())?;

@@ -47,6 +47,7 @@ pub const METHODS: &[&str] = &[
     "tsv_m",
     "wudi",
     "regmean",
+    "regmean_plusplus",
     "fisher_merging",
 ];
 
@@ -76,6 +77,8 @@ pub enum Method {
     Wudi(Wudi),
     /// Needs each input's Gram matrices on its task's data ([`RegMeanSums`]).
     RegMean(RegMean),
+    /// RegMean layer by layer, each layer's inputs from the layers merged before it.
+    RegMeanPlusPlus(RegMean),
     /// Needs each input's Fisher on its task's data ([`FisherSums`]).
     Fisher(Fisher),
 }
@@ -147,6 +150,7 @@ impl Method {
             "tsv_m" => Method::Tsv(Tsv::parse(&mut p, n_inputs)?),
             "wudi" => Method::Wudi(Wudi::parse(&mut p)?),
             "regmean" => Method::RegMean(RegMean::parse(&mut p)?),
+            "regmean_plusplus" => Method::RegMeanPlusPlus(RegMean::parse(&mut p)?),
             "fisher_merging" => Method::Fisher(Fisher::parse(&mut p)?),
             _ => {
                 return Err(CoreError::Invalid(format!(
@@ -178,6 +182,7 @@ impl Method {
             Method::Tsv(_) => "tsv_m",
             Method::Wudi(_) => "wudi",
             Method::RegMean(_) => "regmean",
+            Method::RegMeanPlusPlus(_) => "regmean_plusplus",
             Method::Fisher(_) => "fisher_merging",
         }
     }
@@ -199,7 +204,7 @@ impl Method {
             Method::Iso(i) => i.params(),
             Method::Tsv(t) => t.params(),
             Method::Wudi(w) => w.params(),
-            Method::RegMean(r) => r.params(),
+            Method::RegMean(r) | Method::RegMeanPlusPlus(r) => r.params(),
             Method::Fisher(f) => f.params(),
         }
     }
@@ -218,7 +223,7 @@ impl Method {
     /// How many examples of each input's task the merge reads, if it reads data.
     pub fn examples(&self) -> Option<Examples> {
         match self {
-            Method::RegMean(r) => Some(r.examples),
+            Method::RegMean(r) | Method::RegMeanPlusPlus(r) => Some(r.examples),
             Method::Fisher(f) => Some(f.examples),
             _ => None,
         }
@@ -327,7 +332,7 @@ fn merge_rows(
         Method::Iso(i) => i.merge(&plain),
         Method::Tsv(t) => t.merge(&plain),
         Method::Wudi(w) => w.merge(&plain, &|_, _| {})?,
-        Method::RegMean(_) | Method::Fisher(_) => {
+        Method::RegMean(_) | Method::RegMeanPlusPlus(_) | Method::Fisher(_) => {
             return Err(CoreError::Invalid(format!(
                 "{} reads each input's task data: run it with its sums ({})",
                 method.name(),

@@ -23,7 +23,7 @@ pub struct Args {
     base: String,
     /// FusionBench's method name: simple_average, task_arithmetic, ties_merging,
     /// dare_task_arithmetic, dare_ties_merging, breadcrumbs (mergekit's), magmax, iso_c,
-    /// iso_cts, tsv_m, wudi, regmean or fisher_merging.
+    /// iso_cts, tsv_m, wudi, regmean, regmean_plusplus or fisher_merging.
     #[arg(long)]
     method: String,
     /// An input: a task-vector file, or a fine-tuned checkpoint directory. Repeat, in order.
@@ -33,7 +33,7 @@ pub struct Args {
     /// '{"threshold": 20, "merge_func": "sum"}'; absent ones take its defaults.
     #[arg(long, default_value = "{}")]
     params: String,
-    /// regmean and fisher_merging: an ImageFolder directory per --tv, in the same order (one
+    /// regmean, regmean_plusplus and fisher_merging: an ImageFolder directory per --tv, in order (one
     /// subfolder per class; Fisher merging's head is built from the folder names).
     #[arg(long = "data")]
     data: Vec<PathBuf>,
