@@ -28,7 +28,7 @@ mod vision;
 pub(crate) use ops::{causal_mask, softmax_ops};
 pub use ops::{layer_norm, normalize, softmax_last};
 pub use text::TextTower;
-pub use vision::VisionTower;
+pub use vision::{Recorder, VisionTower};
 
 use crate::{ClipError, Result};
 use candle_core::Tensor;

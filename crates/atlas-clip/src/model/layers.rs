@@ -420,7 +420,7 @@ impl EncoderLayer {
         &self,
         x: &Tensor,
         prefix: &str,
-        record: &mut dyn FnMut(&[String], &Tensor) -> Result<()>,
+        record: &mut super::vision::Recorder,
     ) -> Result<Tensor> {
         let names = |ns: &[&str]| -> Vec<String> {
             ns.iter().map(|n| format!("{prefix}.{n}.weight")).collect()

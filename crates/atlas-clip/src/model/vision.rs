@@ -9,6 +9,9 @@ use crate::manifest::{layer_prefix, vision_tensors, VISUAL_PROJECTION};
 use crate::{ClipError, Result};
 use candle_core::Tensor;
 
+/// Takes each linear layer's input (`[B, N, in]`) with the names of the weights that read it.
+pub type Recorder<'a> = dyn FnMut(&[String], &Tensor) -> Result<()> + 'a;
+
 /// Largest batch one CPU inference pass runs; larger ones go in chunks of this size, whose
 /// activations stay in cache and in glibc's heap (B/32 at batch 256: 13.9 images/s in one pass,
 /// 17.8 at batch 32).
@@ -98,11 +101,7 @@ impl VisionTower {
     /// As [`VisionTower::forward`], unfused, handing each encoder linear layer's input
     /// (`[B, N, in]`) to `record` with the names of the weights that read it: RegMean's
     /// statistics. The patch embedding (a convolution) and the projection are not recorded.
-    pub fn forward_recording(
-        &self,
-        pixels: &Tensor,
-        record: &mut dyn FnMut(&[String], &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+    pub fn forward_recording(&self, pixels: &Tensor, record: &mut Recorder) -> Result<Tensor> {
         self.check_pixels(pixels)?;
         let mut x = self.embed(pixels)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -122,7 +121,7 @@ impl VisionTower {
         &self,
         l: usize,
         x: &Tensor,
-        record: Option<&mut dyn FnMut(&[String], &Tensor) -> Result<()>>,
+        record: Option<&mut Recorder>,
     ) -> Result<Tensor> {
         let layer = self.layers.get(l).ok_or_else(|| {
             ClipError::Config(format!(
