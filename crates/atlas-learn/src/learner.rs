@@ -11,7 +11,7 @@ use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use crate::recipe::LearnConfig;
 use crate::{LearnError, Result};
 use atlas_clip::grad::coefficient_gradient;
-use atlas_clip::loss::{cross_entropy, log_softmax};
+use atlas_clip::loss::{cross_entropy, entropy, log_softmax};
 use atlas_clip::preprocess::Preprocess;
 use atlas_clip::{Backbone, VisionTower};
 use atlas_core::{Coefficients, TaskVector};
@@ -661,10 +661,7 @@ fn stream_loss(stream: &Stream, logits: &Tensor, idx: &[usize]) -> atlas_clip::R
             cross_entropy(logits, &Tensor::new(labels, dev)?)
         }
         Role::Entropy => reliable_entropy(logits),
-        Role::MeanEntropy => {
-            let lp = log_softmax(logits)?;
-            Ok((lp.exp()? * &lp)?.sum(D::Minus1)?.mean_all()?.neg()?)
-        }
+        Role::MeanEntropy => entropy(logits),
         Role::Soft(targets) => {
             let c = logits.dim(1)?;
             let flat: Vec<f32> = idx

@@ -1,12 +1,14 @@
 //! Merges that read each input model on its own task's data, as FusionBench runs them: RegMean
-//! (the Gram matrices of every encoder linear layer's input) and Fisher merging (the diagonal
-//! Fisher of the model's own predictions). Input i is θ0 + τ_i, read on task i's first images
-//! in batches until the method's example count is reached; its statistics are added to the
-//! method's sums (atlas-core) and dropped before the next input is read.
+//! (the Gram matrices of every encoder linear layer's input), RegMean++ (the same, layer by
+//! layer, on activations that come through the layers merged so far) and Fisher merging (the
+//! diagonal Fisher of the model's own predictions). Input i is θ0 + τ_i, read on task i's first
+//! images in batches until the method's example count is reached; its statistics are added to
+//! the method's sums (atlas-core) and dropped before the next input is read.
 //!
 //! FusionBench merges the `CLIPVisionModel`; the visual projection is outside it (it keeps the
-//! pre-trained one), so here the projection carries no statistics and is averaged: a zero
-//! delta for fine-tunes that leave it, FusionBench's result.
+//! pre-trained one), so here the projection carries no statistics and is averaged (RegMean,
+//! Fisher merging) or kept (RegMean++): a zero delta for fine-tunes that leave it, FusionBench's
+//! result.
 
 use crate::augment::View;
 use crate::data::Dataset;

@@ -196,3 +196,73 @@ fn fisher_merging_matches_fusion_bench() {
                "dataloader_kwargs": bs}),
     );
 }
+
+/// AdaMerging's objective as the learner computes it (per task, the batch's mean prediction
+/// entropy, `atlas_clip::loss::entropy`; summed over tasks), differentiated with respect to
+/// the coefficients at their prior 0.3: per block (layer-wise) and per task vector
+/// (task-wise), against FusionBench's `LayerWiseMergedModel` and `TaskWiseMergedModel` with
+/// its `entropy_loss` on the same images and heads.
+#[test]
+fn adamerging_gradients_match_fusion_bench() {
+    use atlas_clip::grad::coefficient_gradient;
+    use atlas_clip::loss::entropy;
+    use atlas_core::{Coefficients, Layout};
+    let o = oracle();
+    let manifest = o.backbone.manifest().clone();
+    let nb = manifest.len();
+    let pixels: Vec<Tensor> = (0..3)
+        .map(|i| o.tensor(&format!("pixels/{i}")).narrow(0, 0, 4).unwrap())
+        .collect();
+    let heads: Vec<ZeroShotHead> = (0..3).map(|i| o.head(i)).collect();
+    let gradient = |layout: Layout, values: Vec<f64>| {
+        let coefs = Coefficients::new(layout, 3, nb, values).unwrap();
+        coefficient_gradient::<f32>(&o.backbone, &o.inputs, &coefs, |tower| {
+            let mut total: Option<Tensor> = None;
+            for (p, h) in pixels.iter().zip(&heads) {
+                let l = entropy(&h.logits(&tower.forward(p)?)?)?;
+                total = Some(match total {
+                    Some(t) => (t + l)?,
+                    None => l,
+                });
+            }
+            Ok(total.unwrap())
+        })
+        .unwrap()
+    };
+    let spec = &o.cases["adamerging_layer_wise"];
+    let want_loss = spec["loss"].as_f64().unwrap();
+    let names: Vec<&str> = spec["param_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    let theirs = &o.tensors["adamerging_layer_wise/grad"].1;
+    let scale = theirs.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let (loss, grad) = gradient(Layout::PerBlock, vec![0.3; 3 * nb]);
+    assert!(
+        (loss - want_loss).abs() <= 1e-5 * want_loss,
+        "{loss} vs {want_loss}"
+    );
+    let mut compared = 0;
+    for (i, row) in theirs.chunks(names.len()).enumerate() {
+        for (name, &g) in names.iter().zip(row) {
+            let b = manifest.block_index(name).unwrap();
+            let ours = grad[i * nb + b];
+            // Absolute, against the largest entry: the key biases' gradients are 0 exactly.
+            let diff = (ours - g as f64).abs();
+            assert!(diff <= 1e-4 * scale, "input {i} {name}: {ours} vs {g}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 3 * 39);
+    let theirs = &o.tensors["adamerging_task_wise/grad"].1;
+    let (loss, grad) = gradient(Layout::Isotropic, vec![0.3; 3]);
+    assert!(
+        (loss - want_loss).abs() <= 1e-5 * want_loss,
+        "{loss} vs {want_loss}"
+    );
+    for (ours, g) in grad.iter().zip(theirs) {
+        assert!((ours - *g as f64).abs() <= 1e-4 * scale, "{ours} vs {g}");
+    }
+}

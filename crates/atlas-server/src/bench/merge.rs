@@ -25,6 +25,10 @@ pub struct MergeArgs {
     /// Image tower: B/32, B/16, L/14 or tiny.
     #[arg(long, default_value = "B/32")]
     model: String,
+    /// Encoder layers to build (default: the model's). The per-tensor merges (SVDs, WUDI) and
+    /// the statistics grow linearly with layers, so a slow method can be timed on a few.
+    #[arg(long)]
+    layers: Option<usize>,
     #[arg(long, default_value_t = 8)]
     n_tv: usize,
     /// Images per input for RegMean and Fisher merging (FusionBench: 256).
@@ -41,7 +45,9 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
         .as_object()
         .ok_or_else(|| anyhow::anyhow!("--params must be a JSON object"))?;
     let method = Method::parse(&a.method, params, a.n_tv)?;
-    let vision = vision_config(&a.model)?;
+    let mut vision = vision_config(&a.model)?;
+    let full_layers = vision.num_hidden_layers;
+    vision.num_hidden_layers = a.layers.unwrap_or(full_layers);
     let cfg = ClipConfig {
         projection_dim: vision.projection_dim,
         vision: vision.clone(),
@@ -116,7 +122,8 @@ pub fn run(a: MergeArgs) -> anyhow::Result<()> {
     drop(merged);
     let out = json!({
         "bench": "merge", "method": method.name(), "params": method.params(),
-        "model": a.model, "n_tv": a.n_tv, "store": format!("{:?}", a.store),
+        "model": a.model, "layers": vision.num_hidden_layers, "model_layers": full_layers,
+        "n_tv": a.n_tv, "store": format!("{:?}", a.store),
         "examples": method.examples().map(|e| e.used(a.examples)),
         "seconds": secs, "setup_seconds": setup_s,
         "peak_rss_gib_after_setup": rss_setup, "peak_rss_gib": super::learn::peak_rss_gib(),
