@@ -267,13 +267,7 @@ pub fn merges(world: &World, names: &[&str], cancel: &AtomicBool) -> Result<Vec<
         config: &config,
         cancel,
     };
-    let n = world.tasks.len();
-    let mut tasks = Vec::with_capacity(n);
-    let mut tests = Vec::with_capacity(n);
-    for i in 0..n {
-        tasks.push(r.task(i, r.dataset(i, &world.tasks[i].val, true)?, None)?);
-        tests.push(r.test_set(i)?);
-    }
+    let (tasks, tests) = r.merge_sets()?;
     names.iter().map(|m| r.merge(m, &tasks, &tests)).collect()
 }
 
@@ -438,13 +432,7 @@ impl Runner<'_> {
     /// AdaMerging over the six task vectors: test accuracy per task and each merge's time.
     fn merges(&self, progress: &mut dyn Progress) -> Result<String> {
         let w = self.world;
-        let n = w.tasks.len();
-        let mut tasks = Vec::with_capacity(n);
-        let mut tests = Vec::with_capacity(n);
-        for i in 0..n {
-            tasks.push(self.task(i, self.dataset(i, &w.tasks[i].val, true)?, None)?);
-            tests.push(self.test_set(i)?);
-        }
+        let (tasks, tests) = self.merge_sets()?;
         let mut rows = Vec::new();
         let mut times = String::new();
         progress.stage("merges", merge::METHODS.len() as u64);
@@ -500,6 +488,18 @@ impl Runner<'_> {
             times.trim_end_matches(", ")
         );
         Ok(md)
+    }
+
+    /// Each task (its head, val images) and its test split, as the merges are scored.
+    fn merge_sets(&self) -> Result<(Vec<Task>, Vec<Dataset>)> {
+        let w = self.world;
+        let mut tasks = Vec::with_capacity(w.tasks.len());
+        let mut tests = Vec::with_capacity(w.tasks.len());
+        for i in 0..w.tasks.len() {
+            tasks.push(self.task(i, self.dataset(i, &w.tasks[i].val, true)?, None)?);
+            tests.push(self.test_set(i)?);
+        }
+        Ok((tasks, tests))
     }
 
     /// FusionBench's method `name` at its defaults over the six task vectors (RegMean and

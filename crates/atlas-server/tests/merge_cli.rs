@@ -135,31 +135,15 @@ fn image_folders(root: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// the library computes on the same folders; a missing folder is refused.
 #[test]
 fn data_merges_read_one_image_folder_per_input() {
-    use atlas_clip::checkpoint::Checkpoint;
-    use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
-    use atlas_core::merge::{Merged, Method};
-    use atlas_learn::merge_data::{merge_on_data, Watch};
-    use atlas_learn::Dataset;
     let dir = tempfile::tempdir().unwrap();
     let folders = image_folders(dir.path());
     let folder_args: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
-    let clip = fixtures().join("clip").display().to_string();
-    let bb = Backbone::load(&clip, LoadOptions::default()).unwrap();
+    let bb = common::data_merge::backbone();
     let manifest = bb.manifest().clone();
-    let tvs: Vec<_> = ["ft_a", "ft_b", "ft_c"]
-        .iter()
-        .map(|n| {
-            let ck = Checkpoint::open(fixtures().join(n).to_str().unwrap()).unwrap();
-            std::sync::Arc::new(
-                bb.task_vector_from_checkpoint(ck, n, StorageDType::F32)
-                    .unwrap(),
-            )
-        })
-        .collect();
     let pre = atlas_clip::preprocess::Preprocess::from_config(bb.config.vision.image_size);
-    let data: Vec<Dataset> = folders
+    let data: Vec<atlas_learn::Dataset> = folders
         .iter()
-        .map(|f| Dataset::from_image_folder(f, &pre).unwrap())
+        .map(|f| atlas_learn::Dataset::from_image_folder(f, &pre).unwrap())
         .collect();
     for method in ["regmean", "fisher_merging"] {
         let out = dir.path().join(format!("{method}.safetensors"));
@@ -174,33 +158,7 @@ fn data_merges_read_one_image_folder_per_input() {
             String::from_utf8_lossy(&run.stderr)
         );
         let tv = TaskVector::load(&out, &manifest, StorageDType::F32, &may_be_missing).unwrap();
-        let m = Method::parse(method, &serde_json::Map::new(), 3).unwrap();
-        let heads: Vec<ZeroShotHead> = match method {
-            "fisher_merging" => data
-                .iter()
-                .map(|d| {
-                    let t = atlas_clip::templates::default_templates();
-                    ZeroShotHead::build(&bb, &d.classes, t).unwrap()
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let cancel = std::sync::atomic::AtomicBool::new(false);
-        let want = merge_on_data(
-            &bb,
-            &m,
-            &tvs,
-            &data.iter().collect::<Vec<_>>(),
-            &heads.iter().collect::<Vec<_>>(),
-            Watch {
-                progress: &mut |_, _| {},
-                cancel: &cancel,
-            },
-        )
-        .unwrap();
-        let Merged::Delta { blocks, .. } = want else {
-            panic!("a delta")
-        };
+        let blocks = common::data_merge::merged(&bb, method, &data);
         for (b, want) in blocks.iter().enumerate() {
             let ours = tv.block(b).to_f32_vec();
             let worst = ours

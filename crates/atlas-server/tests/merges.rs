@@ -280,65 +280,23 @@ fn adamerging_learns_one_merge_from_unlabelled_images_of_several_tasks() {
     );
 }
 
-/// Our own RegMean or Fisher merge of the tiny fine-tunes on `images[i]` (task i), in process:
-/// the block norms the server's job must reproduce.
+/// The library's own merge on `images[i]` (task i), in process: the block norms the server's
+/// job must reproduce.
 fn in_process_norms(
     method: &str,
     images: &[Vec<Vec<u8>>],
 ) -> std::collections::HashMap<String, f64> {
-    use atlas_clip::checkpoint::Checkpoint;
-    use atlas_clip::{Backbone, LoadOptions, ZeroShotHead};
-    use atlas_core::merge::{Merged, Method};
-    use atlas_learn::merge_data::{merge_on_data, Watch};
-    use atlas_learn::Dataset;
-    let bb = Backbone::load(
-        fixtures().join("clip").to_str().unwrap(),
-        LoadOptions::default(),
-    )
-    .unwrap();
-    let tvs: Vec<_> = ["ft_a", "ft_b", "ft_c"]
-        .iter()
-        .map(|n| {
-            let ck = Checkpoint::open(fixtures().join(n).to_str().unwrap()).unwrap();
-            std::sync::Arc::new(
-                bb.task_vector_from_checkpoint(ck, n, atlas_core::StorageDType::F32)
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let bb = common::data_merge::backbone();
     let pre = atlas_clip::preprocess::Preprocess::from_config(bb.config.vision.image_size);
     let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
-    let data: Vec<Dataset> = images
+    let data: Vec<atlas_learn::Dataset> = images
         .iter()
         .map(|imgs| {
             let items = imgs.iter().map(|b| (b.clone(), None)).collect();
-            Dataset::from_bytes(classes.clone(), items, &pre).unwrap()
+            atlas_learn::Dataset::from_bytes(classes.clone(), items, &pre).unwrap()
         })
         .collect();
-    let templates = atlas_clip::templates::default_templates();
-    let heads: Vec<ZeroShotHead> = match method {
-        "fisher_merging" => (0..3)
-            .map(|_| ZeroShotHead::build(&bb, &classes, templates).unwrap())
-            .collect(),
-        _ => Vec::new(),
-    };
-    let method = Method::parse(method, &serde_json::Map::new(), 3).unwrap();
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let merged = merge_on_data(
-        &bb,
-        &method,
-        &tvs,
-        &data.iter().collect::<Vec<_>>(),
-        &heads.iter().collect::<Vec<_>>(),
-        Watch {
-            progress: &mut |_, _| {},
-            cancel: &cancel,
-        },
-    )
-    .unwrap();
-    let Merged::Delta { blocks, .. } = merged else {
-        panic!("a delta")
-    };
+    let blocks = common::data_merge::merged(&bb, method, &data);
     bb.manifest()
         .blocks()
         .iter()

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod data_merge;
 pub mod oracle;
 pub mod postgres;
 pub mod spec;
