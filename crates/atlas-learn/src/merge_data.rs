@@ -59,12 +59,13 @@ pub fn merge_on_data(
     let examples = method
         .examples()
         .ok_or_else(|| LearnError::Job(format!("{} reads no data", method.name())))?;
-    let pre = Preprocess::from_config(backbone.config.vision.image_size);
-    let batches: Vec<Vec<Tensor>> = data
-        .iter()
-        .map(|d| task_batches(backbone, &pre, d, &examples))
-        .collect::<Result<_>>()?;
-    merge_batches(backbone, method, inputs, &batches, heads, watch)
+    let batches = Batches::Images {
+        backbone,
+        data,
+        examples,
+        pre: Preprocess::from_config(backbone.config.vision.image_size),
+    };
+    merge_from(backbone, method, inputs, &batches, heads, watch)
 }
 
 /// As [`merge_on_data`], on pixel batches given per input (`[B, 3, S, S]`).
@@ -74,11 +75,65 @@ pub fn merge_batches(
     inputs: &[Arc<TaskVector>],
     batches: &[Vec<Tensor>],
     heads: &[&ZeroShotHead],
+    watch: Watch,
+) -> Result<Merged> {
+    merge_from(
+        backbone,
+        method,
+        inputs,
+        &Batches::Given(batches),
+        heads,
+        watch,
+    )
+}
+
+/// Each input's pixel batches: given, or made from its images as that input is read, so that
+/// one input's pixels are held at a time (ViT-B/32: 256 images are 154 MB of f32 pixels).
+enum Batches<'a> {
+    Given(&'a [Vec<Tensor>]),
+    Images {
+        backbone: &'a Backbone,
+        data: &'a [&'a Dataset],
+        examples: Examples,
+        pre: Preprocess,
+    },
+}
+
+impl Batches<'_> {
+    /// Batches of input `i`.
+    fn count(&self, i: usize) -> usize {
+        match self {
+            Batches::Given(b) => b[i].len(),
+            Batches::Images { data, examples, .. } => examples
+                .used(data[i].items.len())
+                .div_ceil(examples.batch_size),
+        }
+    }
+
+    fn of(&self, i: usize) -> Result<std::borrow::Cow<'_, [Tensor]>> {
+        Ok(match self {
+            Batches::Given(b) => std::borrow::Cow::Borrowed(&b[i]),
+            Batches::Images {
+                backbone,
+                data,
+                examples,
+                pre,
+            } => std::borrow::Cow::Owned(task_batches(backbone, pre, data[i], examples)?),
+        })
+    }
+}
+
+fn merge_from(
+    backbone: &Backbone,
+    method: &Method,
+    inputs: &[Arc<TaskVector>],
+    batches: &Batches,
+    heads: &[&ZeroShotHead],
     mut watch: Watch,
 ) -> Result<Merged> {
     let manifest = backbone.manifest();
     let layers = backbone.config.vision.num_hidden_layers;
-    let reads: usize = batches.iter().map(Vec::len).sum();
+    let reads: usize = (0..inputs.len()).map(|i| batches.count(i)).sum();
     let total = match method {
         Method::RegMean(_) => reads + 4 * layers,
         // Each layer reads every batch, then is solved.
@@ -96,11 +151,12 @@ pub fn merge_batches(
         }
         Method::RegMean(rm) => {
             let mut sums = RegMeanSums::new(manifest, rm);
-            for (tv, b) in inputs.iter().zip(batches) {
+            for (i, tv) in inputs.iter().enumerate() {
+                let b = batches.of(i)?;
                 let tower =
                     backbone.composed_vision(std::slice::from_ref(tv), &input_model(backbone)?)?;
                 let mut grams = GramSums::default();
-                for pixels in b {
+                for pixels in b.iter() {
                     tower.forward_recording(pixels, &mut grams.recorder())?;
                     counter.tick()?;
                 }
@@ -112,8 +168,9 @@ pub fn merge_batches(
         }
         Method::Fisher(f) => {
             let mut sums = FisherSums::new(manifest, f);
-            for ((tv, b), head) in inputs.iter().zip(batches).zip(heads) {
-                sums.add(tv, &fisher(backbone, tv, head, b, &mut counter)?)?;
+            for (i, (tv, head)) in inputs.iter().zip(heads).enumerate() {
+                let b = batches.of(i)?;
+                sums.add(tv, &fisher(backbone, tv, head, &b, &mut counter)?)?;
             }
             Ok(sums.finish()?)
         }
@@ -229,7 +286,7 @@ fn regmean_plus_plus(
     backbone: &Backbone,
     rm: &RegMean,
     inputs: &[Arc<TaskVector>],
-    batches: &[Vec<Tensor>],
+    batches: &Batches,
     counter: &mut Counter,
 ) -> Result<Merged> {
     let manifest = backbone.manifest();
@@ -247,9 +304,16 @@ fn regmean_plus_plus(
     };
     copy_tensors(manifest, &mean, &mut delta, embedding);
     let mut merged = merged_tower(backbone, &delta)?;
-    let mut xs: Vec<Vec<Tensor>> = batches
-        .iter()
-        .map(|b| b.iter().map(|p| Ok(merged.embed(p)?)).collect())
+    // The activations of every input are kept (ViT-B/32: 39 MB per 256 images and layer), the
+    // pixels only while they are embedded.
+    let mut xs: Vec<Vec<Tensor>> = (0..inputs.len())
+        .map(|i| {
+            batches
+                .of(i)?
+                .iter()
+                .map(|p| Ok(merged.embed(p)?))
+                .collect()
+        })
         .collect::<Result<_>>()?;
     let coefs = input_model(backbone)?;
     for l in 0..merged.n_layers() {
