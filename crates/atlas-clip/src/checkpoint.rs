@@ -175,3 +175,34 @@ impl Checkpoint {
         Self::read(resolve(model)?)
     }
 }
+
+/// Writes a transformers `CLIPVisionModel` checkpoint into `dir`: `config.json` (the vision
+/// config, `model_type` clip_vision_model) and `model.safetensors` with `tensors` (`vision_model.*`
+/// names, f32), as `CLIPVisionModel.from_pretrained(dir)` loads it.
+pub fn write_vision_model(
+    dir: &Path,
+    config: &crate::VisionConfig,
+    tensors: &[RawTensor],
+) -> Result<()> {
+    let io = |e: std::io::Error| ClipError::file(dir, e);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut doc = serde_json::to_value(config).map_err(|e| ClipError::Config(e.to_string()))?;
+    doc["model_type"] = "clip_vision_model".into();
+    doc["architectures"] = serde_json::json!(["CLIPVisionModel"]);
+    doc["torch_dtype"] = "float32".into();
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| ClipError::Config(e.to_string()))?;
+    safetensors_io::write_durably(&dir.join("config.json"), text.as_bytes()).map_err(io)?;
+    let out: Vec<safetensors_io::OutTensor> = tensors
+        .iter()
+        .map(|t| safetensors_io::OutTensor {
+            name: t.name.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: t.shape.clone(),
+            bytes: t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+        .collect();
+    // transformers reads "format": "pt" to know the layout is PyTorch's.
+    let metadata = [("format".to_string(), "pt".to_string())].into();
+    safetensors_io::write_file(&dir.join("model.safetensors"), &out, metadata)?;
+    Ok(())
+}

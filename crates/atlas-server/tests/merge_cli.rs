@@ -175,3 +175,57 @@ fn data_merges_read_one_image_folder_per_input() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("one --data directory per --tv"), "{stderr}");
 }
+
+/// `--checkpoint DIR` writes the merged model as a CLIPVisionModel checkpoint: it loads as
+/// one (config and `vision_model.*` tensors), and its tensors are θ0 plus FusionBench's merged
+/// delta.
+#[test]
+fn merge_writes_a_clip_vision_model_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("merged");
+    let out = dir.path().join("ties.safetensors");
+    let run = merge_with(
+        "ties_merging",
+        r#"{"scaling_factor": 0.3, "threshold": 20}"#,
+        &out,
+        &["--checkpoint", ckpt.to_str().unwrap()],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let loaded = atlas_clip::checkpoint::Checkpoint::open(ckpt.to_str().unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "clip_vision_model");
+    assert_eq!(config["architectures"][0], "CLIPVisionModel");
+    let bb = common::data_merge::backbone();
+    assert_eq!(loaded.config.vision, bb.config.vision);
+    let manifest = bb.manifest();
+    let oracle = common::oracle::case("ties_sum");
+    let mut compared = 0;
+    for t in &loaded.tensors {
+        assert!(t.name.starts_with("vision_model."), "{}", t.name);
+        let loc = manifest.locate(&t.name).unwrap();
+        let base = &bb.base_blocks()[loc.block][loc.offset..loc.offset + loc.numel];
+        let want: Vec<f32> = base
+            .iter()
+            .zip(&oracle[&t.name])
+            .map(|(b, d)| b + d)
+            .collect();
+        let worst = t
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{}: {worst:e}", t.name);
+        compared += 1;
+    }
+    assert_eq!(
+        compared,
+        manifest.tensor_specs().count() - 1,
+        "all but the projection"
+    );
+}

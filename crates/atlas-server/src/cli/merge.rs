@@ -43,6 +43,10 @@ pub struct Args {
     /// Output file (.safetensors).
     #[arg(long)]
     out: PathBuf,
+    /// Also write the merged model θ0 + τ_merged as a transformers CLIPVisionModel checkpoint
+    /// (config.json, model.safetensors at f32) into this directory.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Name of the merged task vector (default: the output's file stem).
     #[arg(long)]
     name: Option<String>,
@@ -109,6 +113,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tv = merge::to_task_vector(backbone.manifest(), meta, a.store, &blocks)?;
     save(&tv, &a.out, backbone.manifest())?;
     print_summary(&tv, &a.out, backbone.manifest());
+    if let Some(dir) = &a.checkpoint {
+        write_checkpoint(&backbone, &blocks, dir)?;
+    }
     Ok(())
 }
 
@@ -157,6 +164,38 @@ fn on_data(
             cancel: &cancel,
         },
     )?)
+}
+
+/// θ0 + `delta` as a CLIPVisionModel checkpoint. The projection is outside that model (as in
+/// FusionBench's merged models): a merge that moved it says so, since the checkpoint drops it.
+fn write_checkpoint(backbone: &Backbone, delta: &[Vec<f32>], dir: &Path) -> anyhow::Result<()> {
+    let mut tensors = Vec::new();
+    for (spec, loc) in backbone.manifest().tensor_specs() {
+        let range = loc.offset..loc.offset + loc.numel;
+        let (base, d) = (
+            &backbone.base_blocks()[loc.block][range.clone()],
+            &delta[loc.block][range],
+        );
+        if !spec.name.starts_with("vision_model.") {
+            if d.iter().any(|x| *x != 0.0) {
+                eprintln!(
+                    "atlas-serve merge: {} is outside CLIPVisionModel and not written to the                      checkpoint, though the merge moved it (the task vector keeps it)",
+                    spec.name
+                );
+            }
+            continue;
+        }
+        tensors.push(atlas_core::safetensors_io::RawTensor {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            dtype: safetensors::Dtype::F32,
+            data: base.iter().zip(d).map(|(b, x)| b + x).collect(),
+        });
+    }
+    atlas_clip::checkpoint::write_vision_model(dir, &backbone.config.vision, &tensors)
+        .with_context(|| format!("writing the checkpoint {}", dir.display()))?;
+    println!("wrote the merged CLIPVisionModel to {}", dir.display());
+    Ok(())
 }
 
 /// A task-vector file, or τ = θ_ft − θ0 of a fine-tuned checkpoint directory, at f32.
