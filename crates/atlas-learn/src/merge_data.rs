@@ -151,10 +151,10 @@ fn merge_from(
         }
         Method::RegMean(rm) => {
             let mut sums = RegMeanSums::new(manifest, rm);
+            let coefs = input_model(backbone)?;
             for (i, tv) in inputs.iter().enumerate() {
                 let b = batches.of(i)?;
-                let tower =
-                    backbone.composed_vision(std::slice::from_ref(tv), &input_model(backbone)?)?;
+                let tower = backbone.composed_vision(std::slice::from_ref(tv), &coefs)?;
                 let mut grams = GramSums::default();
                 for pixels in b.iter() {
                     tower.forward_recording(pixels, &mut grams.recorder())?;
@@ -302,7 +302,11 @@ fn regmean_plus_plus(
         }
         delta_blocks(sums.finish(&mut |_, _| true)?)?
     };
-    copy_tensors(manifest, &mean, &mut delta, embedding);
+    // Each layer's tensors other than its linear weights are averaged too, as RegMean does;
+    // layers after the one being merged do not reach the activations, so they can be set now.
+    copy_tensors(manifest, &mean, &mut delta, |n| {
+        embedding(n) || n.starts_with("vision_model.encoder.layers.")
+    });
     let mut merged = merged_tower(backbone, &delta)?;
     // The activations of every input are kept (ViT-B/32: 39 MB per 256 images and layer), the
     // pixels only while they are embedded.
@@ -317,7 +321,8 @@ fn regmean_plus_plus(
         .collect::<Result<_>>()?;
     let coefs = input_model(backbone)?;
     for l in 0..merged.n_layers() {
-        let mut sums = RegMeanSums::new(manifest, rm);
+        let mut sums = RegMeanSums::solving_only(manifest, rm);
+        let mut solved = Vec::new();
         for (tv, x) in inputs.iter().zip(&xs) {
             let tower = backbone.composed_vision(std::slice::from_ref(tv), &coefs)?;
             let mut grams = GramSums::default();
@@ -325,12 +330,15 @@ fn regmean_plus_plus(
                 tower.forward_layer(l, x, Some(&mut grams.recorder()))?;
                 counter.tick()?;
             }
-            sums.add(tv, grams.finish()?)?;
+            let grams = grams.finish()?;
+            solved = grams.iter().flat_map(|g| g.weights.clone()).collect();
+            sums.add(tv, grams)?;
         }
         let layer = delta_blocks(sums.finish(&mut |_, _| true)?)?;
         counter.tick()?;
-        let prefix = format!("{}.", atlas_clip::manifest::layer_prefix(l));
-        copy_tensors(manifest, &layer, &mut delta, |n| n.starts_with(&prefix));
+        copy_tensors(manifest, &layer, &mut delta, |n| {
+            solved.iter().any(|w| w == n)
+        });
         merged = merged_tower(backbone, &delta)?;
         if l + 1 < merged.n_layers() {
             for x in xs.iter_mut().flatten() {

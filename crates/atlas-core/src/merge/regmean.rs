@@ -64,8 +64,8 @@ pub struct RegMeanSums<'a> {
     grams: Vec<Gram>,
     /// Σ τ G̃ per weight (`[out, in]`, as the weight).
     products: HashMap<String, Vec<f32>>,
-    /// Σ τ per block, for the tensors that are averaged.
-    sum: Vec<Vec<f32>>,
+    /// Σ τ per block, for the tensors that are averaged (None: they are left at zero).
+    sum: Option<Vec<Vec<f32>>>,
     inputs: usize,
 }
 
@@ -76,12 +76,23 @@ impl<'a> RegMeanSums<'a> {
             ratio: method.reduce_non_diagonal_ratio as f32,
             grams: Vec::new(),
             products: HashMap::new(),
-            sum: manifest
-                .blocks()
-                .iter()
-                .map(|b| vec![0.0; b.numel()])
-                .collect(),
+            sum: Some(
+                manifest
+                    .blocks()
+                    .iter()
+                    .map(|b| vec![0.0; b.numel()])
+                    .collect(),
+            ),
             inputs: 0,
+        }
+    }
+
+    /// As [`RegMeanSums::new`], solving the weights the Grams name and leaving every other
+    /// tensor at zero: for a caller that merges one layer at a time and averages the rest once.
+    pub fn solving_only(manifest: &'a Manifest, method: &RegMean) -> Self {
+        RegMeanSums {
+            sum: None,
+            ..Self::new(manifest, method)
         }
     }
 
@@ -90,7 +101,7 @@ impl<'a> RegMeanSums<'a> {
     pub fn add(&mut self, tv: &TaskVector, grams: Vec<Gram>) -> Result<()> {
         tv.check_manifest(self.manifest)?;
         self.check_weights(&grams)?;
-        for (b, s) in self.sum.iter_mut().enumerate() {
+        for (b, s) in self.sum.iter_mut().flatten().enumerate() {
             let x = tv.block(b).to_f32_vec();
             s.iter_mut().zip(x).for_each(|(s, x)| *s += x);
         }
@@ -179,11 +190,18 @@ impl<'a> RegMeanSums<'a> {
             ));
         }
         let n = self.inputs as f32;
-        let mut blocks: Vec<Vec<f32>> = self
-            .sum
-            .into_iter()
-            .map(|b| b.into_iter().map(|x| x / n).collect())
-            .collect();
+        let mut blocks: Vec<Vec<f32>> = match self.sum {
+            Some(sum) => sum
+                .into_iter()
+                .map(|b| b.into_iter().map(|x| x / n).collect())
+                .collect(),
+            None => self
+                .manifest
+                .blocks()
+                .iter()
+                .map(|b| vec![0.0; b.numel()])
+                .collect(),
+        };
         let total = self.grams.len();
         for (k, g) in self.grams.iter().enumerate() {
             let s = DMatrix::from_row_iterator(g.dim, g.dim, g.values.iter().map(|&x| x as f64));
