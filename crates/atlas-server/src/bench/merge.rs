@@ -1,6 +1,6 @@
 //! `atlas-serve bench merge`: one FusionBench merge over random task vectors on a ViT image
 //! tower (B/32 by default, 8 task vectors, as FusionBench's table), timed, with peak memory.
-//! RegMean and Fisher merging read random images per input (`--examples`, in batches of the
+//! The data merges (RegMean, RegMean++, Fisher merging) read random images per input (`--examples`, in batches of the
 //! method's batch size). Run each method in its own process: peak RSS (VmHWM) is per process.
 
 use super::common::{machine, random_blocks, random_task_vector, vision_config};
@@ -31,7 +31,7 @@ pub struct MergeArgs {
     layers: Option<usize>,
     #[arg(long, default_value_t = 8)]
     n_tv: usize,
-    /// Images per input for RegMean and Fisher merging (FusionBench: 256).
+    /// Images per input for the data merges (FusionBench: 256).
     #[arg(long, default_value_t = 256)]
     examples: usize,
     /// Task-vector storage: f16, bf16 or f32.

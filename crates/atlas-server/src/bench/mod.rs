@@ -27,7 +27,7 @@ pub enum Command {
     /// One aTLAS learning step on ViT-B/32-shaped random weights: time and peak memory.
     Learn(learn::LearnArgs),
     /// One FusionBench merge over random task vectors on a ViT image tower: time and peak
-    /// memory (RegMean and Fisher merging on random images).
+    /// memory (the data merges on random images).
     Merge(merge::MergeArgs),
 }
 

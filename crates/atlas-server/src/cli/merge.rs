@@ -119,7 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// RegMean or Fisher merging: input i read on the images of `--data` i.
+/// A data merge (RegMean, RegMean++, Fisher merging): input i read on the images of `--data` i.
 fn on_data(
     a: &Args,
     backbone: &Backbone,

@@ -6,7 +6,7 @@
 //! deletion and digest bindings are those of any composition.
 //!
 //! Merges whose work is minutes on ViT-B/32 (the SVD merges, WUDI's gradient steps) and those
-//! that read each input model on its task's images (RegMean, Fisher merging: `tasks`, one per
+//! that read each input model on its task's images (RegMean, RegMean++, Fisher merging: `tasks`, one per
 //! task vector, stored like a learning job's examples) run as jobs on the learning workers:
 //! 202 with a queued composition whose progress is followed like a learning job's; the others
 //! run in the request (201).
@@ -16,8 +16,7 @@ use super::learning::{check_queue, queue_full, MAX_TASKS};
 use super::{check_name, insert_bound, new_id, provenance, select};
 use crate::server::api::*;
 use crate::server::background::{self, Pool};
-use crate::server::body::FilePart;
-use crate::server::body::{parse, Body};
+use crate::server::body::{parse, Body, FilePart};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::now;
 use crate::server::store::{Inserted, Store, StoreError};
@@ -128,7 +127,7 @@ fn check_tasks(s: &AppState, req: &MergeRequest, method: &Method) -> ApiResult<(
         return match req.tasks.is_empty() {
             true => Ok(()),
             false => Err(ApiError::bad(format!(
-                "tasks: {} reads no data (only regmean and fisher_merging do)",
+                "tasks: {} reads no data (only regmean, regmean_plusplus and fisher_merging do)",
                 method.name()
             ))),
         };
