@@ -92,13 +92,56 @@ def median(xs):
 
 
 def learn(out):
+    learn_f32(out)
+    learn_bf16(out)
+
+
+def learn_bf16(out):
+    """atlas-serve's bf16 step against PyTorch's bf16 autocast and its faster configuration."""
     runs = {}
-    for path in glob.glob(os.path.join(out, "candle-b*-r*.json")):
+    for path in glob.glob(os.path.join(out, "candle-bf16-b*-r*.json")):
+        b, r = os.path.basename(path)[len("candle-bf16-b"):-len(".json")].split("-r")
+        c = json.loads(open(path).read().strip().splitlines()[-1])
+        t = json.load(open(os.path.join(out, f"torch-bf16-b{b}-r{r}.json")))
+        runs.setdefault(int(b), []).append((int(r), c, t))
+    if not runs:
+        return
+    machine = next(iter(runs.values()))[0][2]["machine"]
+    print(f"\nbf16 (atlas-serve `--dtype bf16`: linear products on the {next(iter(runs.values()))[0][1].get('bf16_kernel')} "
+          f"kernel; PyTorch torch.autocast(cpu, bfloat16)), {machine['cpu']}, "
+          f"features {', '.join(machine['features'])}:\n")
+    print("| batch | round | atlas-serve bf16 ms/step (median, range) | PyTorch bf16 autocast "
+          "| PyTorch f32 (same process) | vs autocast | vs PyTorch's faster |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    summary = []
+    for b in sorted(runs):
+        vs_amp, vs_best = [], []
+        for r, c, t in sorted(runs[b], key=lambda x: x[0]):
+            ours = c["ms_per_step_median"]
+            lo, hi = min(c["ms_per_step_all"]), max(c["ms_per_step_all"])
+            amp = t[f"learn8_stacked_bs{b}_bf16amp_ms_per_step"]
+            f32 = t[f"learn8_stacked_bs{b}_fp32_ms_per_step"]
+            vs_amp.append(ours / amp)
+            vs_best.append(ours / min(amp, f32))
+            print(f"| {b} | {r} | {ours:,.0f} ({lo:,.0f}–{hi:,.0f}) | {amp:,.0f} | {f32:,.0f} "
+                  f"| {ours / amp:.2f} | {ours / min(amp, f32):.2f} |")
+        summary.append((b, median(vs_amp), median(vs_best)))
+    print()
+    for b, a, best in summary:
+        print(f"batch {b} bf16: time ratio vs PyTorch bf16 autocast, median of rounds **{a:.2f}**; "
+              f"vs PyTorch's faster configuration **{best:.2f}**")
+
+
+def learn_f32(out):
+    runs = {}
+    for path in glob.glob(os.path.join(out, "candle-b[0-9]*-r*.json")):
         b, r = os.path.basename(path)[len("candle-b"):-len(".json")].split("-r")
         c = json.loads(open(path).read().strip().splitlines()[-1])
         t = json.load(open(os.path.join(out, f"torch-b{b}-r{r}.json")))
         rss = int(open(os.path.join(out, f"torch-b{b}-r{r}.rss")).read().split()[-1]) / 2**20
         runs.setdefault(int(b), []).append((int(r), c, t, rss))
+    if not runs:
+        return
     print("| batch | round | atlas-serve ms/step (median, range) | PyTorch stacked | PyTorch loop "
           "| time vs stacked | vs loop | peak RSS atlas-serve / PyTorch |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

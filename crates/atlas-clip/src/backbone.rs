@@ -179,6 +179,10 @@ impl Backbone {
     pub fn dtype(&self) -> DType {
         self.opts.dtype
     }
+    /// The bf16 kernel the towers' CPU matmuls (and a learning step's products) run on.
+    pub fn bf16_kernel(&self) -> Option<bf16_gemm::Kernel> {
+        self.opts.bf16_kernel()
+    }
 
     /// The image tower over any weight source that has the manifest's tensors.
     pub fn vision(&self, src: &dyn WeightSource) -> Result<VisionTower> {

@@ -460,6 +460,11 @@ mod tests {
     /// A tiny image tower with fused q/k/v blocks (blocks of several tensors) and two f16 task
     /// vectors.
     fn setup() -> (Backbone, Vec<Arc<TaskVector>>) {
+        setup_in(DType::F32)
+    }
+
+    /// The tiny tower with its towers in `dtype` (bf16 on the CPU: bf16 matmuls).
+    fn setup_in(dtype: DType) -> (Backbone, Vec<Arc<TaskVector>>) {
         let vision = VisionConfig {
             hidden_size: 16,
             intermediate_size: 24,
@@ -485,6 +490,7 @@ mod tests {
         };
         let opts = LoadOptions {
             qkv: QkvBlocks::Fused,
+            dtype,
             ..LoadOptions::default()
         };
         let bb = Backbone::from_vision_blocks("tiny", cfg, base, opts).unwrap();
@@ -620,6 +626,36 @@ mod tests {
                     coefs.layout
                 );
             }
+        }
+    }
+
+    /// With bf16 on a CPU that has a bf16 kernel the step's linear products run on it
+    /// (autocast): ∂L/∂Λ stays within bf16's rounding of the f32 step's, and is not it. On a
+    /// CPU without one (or with `ATLAS_CPU_BF16=off`) the step is the f32 step.
+    #[test]
+    fn a_bf16_backbone_learns_with_bf16_products_close_to_f32() {
+        let (bb32, tvs) = setup();
+        let (bb16, _) = setup_in(DType::BF16);
+        let pixels = Tensor::new(pseudo(13, 4 * 3 * 8 * 8, 1.0), &Device::Cpu)
+            .unwrap()
+            .reshape((4, 3, 8, 8))
+            .unwrap();
+        let loss = |t: &VisionTower| Ok(t.forward(&pixels)?.sqr()?.sum_all()?);
+        for coefs in layouts(bb32.manifest().len()) {
+            let (v32, g32) = coefficient_gradient::<f32>(&bb32, &tvs, &coefs, loss).unwrap();
+            let (v16, g16) = coefficient_gradient::<f32>(&bb16, &tvs, &coefs, loss).unwrap();
+            let Some(kernel) = bb16.bf16_kernel() else {
+                assert_eq!((v16, &g16), (v32, &g32));
+                continue;
+            };
+            assert!((v16 - v32).abs() <= 1e-2 * v32.abs(), "{v16} vs {v32}");
+            let scale = g32.iter().fold(0f64, |m, w| m.max(w.abs()));
+            let worst = g16
+                .iter()
+                .zip(&g32)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 2e-2 * scale, "{kernel:?}: {worst} of {scale}");
+            assert!(worst > 0.0, "{kernel:?}: the step did not run in bf16");
         }
     }
 }

@@ -384,6 +384,12 @@ impl World {
         })
     }
 
+    /// The world's backbone loaded again with `opts` (another device or compute dtype); its
+    /// task vectors fit it as they are.
+    pub fn backbone_with(&self, opts: LoadOptions) -> Result<Backbone> {
+        load_backbone_with(&self.dir.join("backbone"), opts)
+    }
+
     /// The zero-shot head of task `i` (its class names and templates).
     pub fn head(&self, i: usize) -> Result<ZeroShotHead> {
         head(&self.backbone, &self.tasks[i].spec)
@@ -400,10 +406,14 @@ fn tv_path(dir: &Path, task: &str) -> PathBuf {
 }
 
 fn load_backbone(dir: &Path) -> Result<Backbone> {
+    load_backbone_with(dir, LoadOptions::default())
+}
+
+fn load_backbone_with(dir: &Path, opts: LoadOptions) -> Result<Backbone> {
     let s = dir
         .to_str()
         .ok_or_else(|| DemoError::file(dir, "path is not UTF-8"))?;
-    Ok(Backbone::load(s, LoadOptions::default())?)
+    Ok(Backbone::load(s, opts)?)
 }
 
 /// All tasks' splits, regenerated from the seed.

@@ -80,7 +80,9 @@ fn choose(wanted: Option<&str>, available: &[Kernel]) -> Option<Kernel> {
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_bf16_usable() -> bool {
+    // Every CPU with AVX512-BF16 has AVX512-BW, which packing uses to interleave pairs.
     std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512bf16")
 }
 
@@ -133,26 +135,50 @@ impl PackedWeight {
     /// `kernel`, which this CPU must have (`available`): the kernels run its instructions.
     pub fn from_transposed(wt: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
         assert_eq!(wt.len(), k * n, "Wᵀ is not [k, n]");
+        Self::pack(k, n, kernel, |t, cols, tile| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a CPU with a kernel has the instructions (`avx512_bf16_usable`); the
+            // tile is t's of a [k, n] matrix.
+            unsafe {
+                avx512::tile_from_transposed(tile, wt, (k, n), (t, cols))
+            }
+        })
+    }
+
+    /// Packs W given row-major as [n, k] (a learned weight as candle holds it), as
+    /// [`PackedWeight::from_transposed`] packs its transpose.
+    pub fn from_rows(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
+        assert_eq!(w.len(), n * k, "W is not [n, k]");
+        Self::pack(k, n, kernel, |t, cols, tile| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in from_transposed; the tile is t's of an [n, k] matrix.
+            unsafe {
+                avx512::tile_from_rows(tile, w, (n, k), (t, cols))
+            }
+        })
+    }
+
+    /// Packs a [k, n] matrix: `fill(t, cols, tile)` writes tile t (its first `cols` columns
+    /// are inside the matrix) into zeros, k_pad·16 values: kp-major, then column j, then the
+    /// pair (value 32·kp + 2·j + e is row 2·kp + e).
+    fn pack(
+        k: usize,
+        n: usize,
+        kernel: Kernel,
+        fill: impl Fn(usize, usize, &mut [bf16]) + Sync,
+    ) -> Self {
         assert!(
             available().contains(&kernel),
             "this CPU cannot run {kernel:?}"
         );
         let (n_pad, k_pad) = (n.next_multiple_of(BLOCK), k.next_multiple_of(BLOCK));
         let mut tiles = Lines::zeros(n_pad * k_pad);
-        // Tile t is k_pad·16 values: kp-major, then column j, then the pair.
         tiles
             .as_mut_slice()
             .par_chunks_mut(k_pad * 16)
             .enumerate()
-            .for_each(|(t, tile)| {
-                for (i, v) in tile.iter_mut().enumerate() {
-                    let (kp, j, e) = (i / 32, (i / 2) % 16, i % 2);
-                    let (row, col) = (2 * kp + e, 16 * t + j);
-                    if row < k && col < n {
-                        *v = bf16::from_f32(wt[row * n + col]);
-                    }
-                }
-            });
+            .filter(|(t, _)| 16 * t < n)
+            .for_each(|(t, tile)| fill(t, 16.min(n - 16 * t), tile));
         PackedWeight {
             n,
             k,
@@ -592,6 +618,83 @@ mod avx512 {
         }
     }
 
+    /// Word 2j + e of a tile's pair line takes word j + 16e of `vcvtne2ps2bf16(odd, even)`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pair_order() -> __m512i {
+        let idx: [i16; 32] = std::array::from_fn(|w| (w / 2 + 16 * (w % 2)) as i16);
+        _mm512_loadu_si512(idx.as_ptr().cast())
+    }
+
+    /// One tile of `super::PackedWeight::pack` from rows: `even(kp)` and `odd(kp)` are the 16
+    /// values of rows 2kp and 2kp + 1 (zero where the matrix ends), for kp < pairs.
+    #[inline(always)]
+    unsafe fn pairs_into(
+        tile: &mut [bf16],
+        pairs: usize,
+        even: impl Fn(usize) -> __m512,
+        odd: impl Fn(usize) -> __m512,
+    ) {
+        let order = pair_order();
+        for kp in 0..pairs {
+            let both = _mm512_cvtne2ps_pbh(odd(kp), even(kp));
+            let line =
+                _mm512_permutexvar_epi16(order, std::mem::transmute::<__m512bh, __m512i>(both));
+            _mm512_storeu_si512(tile.as_mut_ptr().add(32 * kp).cast(), line);
+        }
+    }
+
+    /// `super::PackedWeight::from_transposed`'s tile t of Wᵀ ([k, n], `cols` of its 16
+    /// columns inside n): rows 2kp and 2kp + 1 rounded and interleaved.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn tile_from_transposed(
+        tile: &mut [bf16],
+        wt: &[f32],
+        (k, n): (usize, usize),
+        (t, cols): (usize, usize),
+    ) {
+        let mask: __mmask16 = (1u32 << cols).wrapping_sub(1) as u16;
+        // SAFETY (loads): only rows < k are read, and only the `cols` columns of the mask.
+        let row = |r: usize| {
+            if r < k {
+                _mm512_maskz_loadu_ps(mask, wt.as_ptr().add(r * n + 16 * t))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        pairs_into(tile, k.div_ceil(2), |kp| row(2 * kp), |kp| row(2 * kp + 1));
+    }
+
+    /// `super::PackedWeight::from_rows`' tile t of W ([n, k], `cols` of its 16 rows inside
+    /// n): each pair of columns gathered from the 16 rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn tile_from_rows(
+        tile: &mut [bf16],
+        w: &[f32],
+        (n, k): (usize, usize),
+        (t, cols): (usize, usize),
+    ) {
+        debug_assert!(16 * t + cols <= n);
+        let mask: __mmask16 = (1u32 << cols).wrapping_sub(1) as u16;
+        let starts: [i32; 16] = std::array::from_fn(|j| (j * k) as i32);
+        let starts = _mm512_loadu_si512(starts.as_ptr().cast());
+        let base = w.as_ptr().add(16 * t * k);
+        // SAFETY (gathers): only the `cols` rows of the mask, at columns < k.
+        let column = |c: usize| {
+            if c < k {
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, starts, base.add(c))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        pairs_into(
+            tile,
+            k.div_ceil(2),
+            |kp| column(2 * kp),
+            |kp| column(2 * kp + 1),
+        );
+    }
+
     /// Rows per register block: 8 rows × 2 zmm of columns = 16 accumulators.
     const ROWS: usize = 8;
 
@@ -704,6 +807,20 @@ mod tests {
     }
 
     #[test]
+    fn a_weight_packed_from_its_rows_is_the_weight_packed_from_its_transpose() {
+        for (k, n) in [(40, 48), (768, 96), (31, 17)] {
+            let wt = values(k * n, 5);
+            let w: Vec<f32> = (0..n * k).map(|i| wt[(i % k) * n + i / k]).collect();
+            for &kernel in &available() {
+                let a = PackedWeight::from_transposed(&wt, k, n, kernel);
+                let b = PackedWeight::from_rows(&w, n, k, kernel);
+                assert_eq!(a.tiles.as_slice(), b.tiles.as_slice(), "{kernel:?} {k}x{n}");
+                assert_eq!((b.in_dim(), b.out_dim()), (k, n));
+            }
+        }
+    }
+
+    #[test]
     fn the_epilogue_adds_the_bias_activates_and_adds_the_residual() {
         let (m, k, n) = (37, 64, 48);
         let (x, wt) = (values(m * k, 3), values(k * n, 4));
@@ -798,6 +915,42 @@ mod speed {
     use super::*;
     use std::time::Instant;
 
+    #[test]
+    #[ignore]
+    fn backward_parts() {
+        let kernel = available()[0];
+        for (m, k, n) in [(400, 768, 3072), (400, 3072, 768), (400, 768, 2304)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let g: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32 * 0.1).collect();
+            for _ in 0..3 {
+                let t = Instant::now();
+                let pw = PackedWeight::from_rows(&w, n, k, kernel);
+                let t1 = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let y = pw.matmul(&x, m, &Epilogue::default());
+                let t2 = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let pt = PackedWeight::from_transposed(&w, n, k, kernel);
+                let t3 = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let dx = pt.matmul(&g, m, &Epilogue::default());
+                let t4 = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let gt: Vec<f32> = (0..n * m).map(|i| g[(i % m) * n + i / m]).collect();
+                let t5 = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let px = PackedWeight::from_transposed(&x, m, k, kernel);
+                let t6 = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let dw = px.matmul(&gt, n, &Epilogue::default());
+                let t7 = t.elapsed().as_secs_f64() * 1e3;
+                eprintln!("{m}x{k}x{n}: pack W {t1:.2} fwd {t2:.2} | pack Wt {t3:.2} dx {t4:.2} | gt {t5:.2} pack x {t6:.2} dw {t7:.2}");
+                std::hint::black_box((y, dx, dw));
+            }
+        }
+    }
+
     /// `cargo test --release -p atlas-clip --lib bf16_gemm::speed -- --ignored --nocapture`
     #[test]
     #[ignore]
@@ -812,7 +965,17 @@ mod speed {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
             let wt: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
             for kernel in available() {
+                let t = Instant::now();
                 let w = PackedWeight::from_transposed(&wt, k, n, kernel);
+                let pack_t = t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                drop(PackedWeight::from_rows(&wt, n, k, kernel));
+                let pack_r = t.elapsed().as_secs_f64();
+                eprintln!(
+                    "{kernel:?} packing {k}x{n}: {:.2} ms from Wᵀ, {:.2} ms from W",
+                    pack_t * 1e3,
+                    pack_r * 1e3
+                );
                 w.matmul(&x, m, &Epilogue::default());
                 let t = Instant::now();
                 let a = w.round(&x, m);

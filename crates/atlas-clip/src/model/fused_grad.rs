@@ -786,7 +786,7 @@ mod tests {
                 let w = rand(&[out, inp], 0.0, 11, dt);
                 check(
                     &[x, w],
-                    &|t| Ok(matmul_wt(&t[0], &t[1])?),
+                    &|t| Ok(matmul_wt(&t[0], &t[1], None)?),
                     &|t| Ok(t[0].matmul(&t[1].t()?)?),
                     tol,
                 );
@@ -804,10 +804,62 @@ mod tests {
                 let b = rand(&[out], 0.5, 19, dt);
                 check(
                     &[x, w, b],
-                    &|t| Ok(matmul_wt_bias(&t[0], &t[1], &t[2])?),
+                    &|t| Ok(matmul_wt_bias(&t[0], &t[1], &t[2], None)?),
                     &|t| Ok(t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])?),
                     tol,
                 );
+            }
+        }
+    }
+
+    /// `t` rounded to bf16 (nearest even) and widened back.
+    fn bf16(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    #[test]
+    fn autocast_products_are_f32_products_of_bf16_operands_on_every_kernel() {
+        let kernels = crate::model::bf16_gemm::available();
+        eprintln!("bf16 kernels on this CPU: {kernels:?}");
+        // Padding in every dimension (rows, inputs, outputs), an odd number of inputs (a
+        // pair half outside), and a transformer's shape.
+        for (rows, inp, out) in [(700, 24, 10), (70, 100, 50), (33, 33, 17), (64, 96, 128)] {
+            let x = rand(&[rows, inp], 0.0, 21, DType::F32);
+            let w = rand(&[out, inp], 0.0, 22, DType::F32);
+            let b = rand(&[out], 0.5, 23, DType::F32);
+            // value_and_grads' upstream gradient.
+            let r = rand(&[rows, out], 0.0, 99, DType::F32);
+            let (rx, rw, rr) = (bf16(&x), bf16(&w), bf16(&r));
+            let want = [
+                rx.matmul(&rw.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b)
+                    .unwrap(),
+                rr.matmul(&rw).unwrap(),
+                rr.t().unwrap().matmul(&rx).unwrap(),
+                r.sum(0).unwrap(),
+            ];
+            for &kernel in &kernels {
+                let (y, g) = value_and_grads(&[x.clone(), w.clone(), b.clone()], &|t| {
+                    Ok(matmul_wt_bias(&t[0], &t[1], &t[2], Some(kernel))?)
+                });
+                for (i, (got, want)) in [&y, &g[0], &g[1], &g[2]].into_iter().zip(&want).enumerate()
+                {
+                    let d = max_diff(got, want);
+                    assert!(d < 1e-4, "{kernel:?} {rows}x{inp}x{out}, output {i}: {d}");
+                }
+                // Without the bias, from a constant input: no ∂x, the same ∂W.
+                let wv = Var::from_tensor(&w).unwrap();
+                let y = matmul_wt(&x, wv.as_tensor(), Some(kernel)).unwrap();
+                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(grads.get(&x).is_none());
+                let d = max_diff(grads.get(wv.as_tensor()).unwrap(), &want[2]);
+                assert!(d < 1e-4, "{kernel:?} {rows}x{inp}x{out}, ∂W alone: {d}");
+                let d = max_diff(&y.broadcast_add(&b).unwrap(), &want[0]);
+                assert!(d < 1e-4, "{kernel:?} {rows}x{inp}x{out}, value alone: {d}");
             }
         }
     }
@@ -816,7 +868,7 @@ mod tests {
     fn matmul_wt_skips_the_input_gradient_of_a_constant_input() {
         let x = rand(&[6, 5], 0.0, 12, DType::F64);
         let w = Var::from_tensor(&rand(&[4, 5], 0.0, 13, DType::F64)).unwrap();
-        let y = matmul_wt(&x, w.as_tensor()).unwrap();
+        let y = matmul_wt(&x, w.as_tensor(), None).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_none());
         let want = Tensor::ones((6, 4), DType::F64, &Device::Cpu)
@@ -861,10 +913,10 @@ mod tests {
         let w = Var::from_tensor(&rand(&[4, 5], 0.0, 15, DType::F64)).unwrap();
         // W used twice: its contributions add up in the sink as they do in the store.
         let loss = || {
-            let y = matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
+            let y = matmul_wt(x.as_tensor(), w.as_tensor(), None).unwrap();
             let c = rand(&[3, 6], 0.0, 16, DType::F64);
-            let z = matmul_wt(&y.sqr().unwrap().t().unwrap(), &c).unwrap();
-            let again = matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
+            let z = matmul_wt(&y.sqr().unwrap().t().unwrap(), &c, None).unwrap();
+            let again = matmul_wt(x.as_tensor(), w.as_tensor(), None).unwrap();
             (z.sum_all().unwrap() + again.sum_all().unwrap()).unwrap()
         };
         let plain = loss().backward().unwrap();

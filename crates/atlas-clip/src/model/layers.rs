@@ -1,7 +1,7 @@
 //! The layers of both towers: linear (with fused epilogues), LayerNorm, the q/k/v projections,
 //! the pre-LN encoder layer with its attention, and loading a stack of them.
 
-use super::bf16_gemm::{Epilogue, PackedWeight};
+use super::bf16_gemm::{Epilogue, Kernel, PackedWeight};
 use super::fused::layer_norm_row;
 use super::ops::{activate, layer_norm, repeat_rows, softmax_last};
 use super::{attention, fused, fused_grad, WeightSource};
@@ -28,6 +28,10 @@ pub(super) enum Weight {
     Transposed(Tensor),
     /// W in bf16, packed once for the CPU's bf16 kernels (`bf16_gemm`).
     Packed(Arc<PackedWeight>),
+    /// W ([out, in]) a graph leaf on the CPU whose products run on a bf16 kernel, as PyTorch's
+    /// bf16 autocast runs them: packed afresh in each forward and backward, since a learned
+    /// weight changes every step.
+    Autocast(Tensor, Kernel),
 }
 
 impl Linear {
@@ -58,8 +62,17 @@ impl Linear {
     }
 
     /// The layer with W packed for `src`'s bf16 kernel when it names one and the layer runs
-    /// CPU inference in f32; unchanged otherwise.
+    /// CPU inference in f32, or autocast to it when W is an f32 graph leaf on the CPU;
+    /// unchanged otherwise.
     pub(super) fn packed_for(self, src: &dyn WeightSource) -> Result<Self> {
+        if let (Weight::Plain(w), Some(kernel)) = (&self.w, src.bf16_kernel()) {
+            if w.track_op() && w.dtype() == DType::F32 && fused_grad::usable(&[w]) {
+                return Ok(Linear {
+                    w: Weight::Autocast(w.clone(), kernel),
+                    b: self.b,
+                });
+            }
+        }
         let (Weight::Transposed(wt), Some(kernel)) = (&self.w, src.bf16_kernel()) else {
             return Ok(self);
         };
@@ -102,20 +115,29 @@ impl Linear {
 
     /// Whether the layer takes the CPU inference path (transposed or packed weights).
     pub(super) fn cpu_inference(&self) -> bool {
-        !matches!(self.w, Weight::Plain(_))
+        !matches!(self.w, Weight::Plain(_) | Weight::Autocast(..))
+    }
+
+    /// W when it is a graph leaf, with the bf16 kernel its products autocast to.
+    fn leaf(&self) -> Option<(&Tensor, Option<Kernel>)> {
+        match &self.w {
+            Weight::Plain(w) => Some((w, None)),
+            Weight::Autocast(w, kernel) => Some((w, Some(*kernel))),
+            _ => None,
+        }
     }
 
     /// The dtype inputs are given in.
     pub(super) fn input_dtype(&self) -> DType {
         match &self.w {
-            Weight::Plain(w) | Weight::Transposed(w) => w.dtype(),
+            Weight::Plain(w) | Weight::Transposed(w) | Weight::Autocast(w, _) => w.dtype(),
             Weight::Packed(_) => DType::F32,
         }
     }
 
     fn out_dim(&self) -> Result<usize> {
         Ok(match &self.w {
-            Weight::Plain(w) => w.dim(0)?,
+            Weight::Plain(w) | Weight::Autocast(w, _) => w.dim(0)?,
             Weight::Transposed(w) => w.dim(1)?,
             Weight::Packed(p) => p.out_dim(),
         })
@@ -123,11 +145,13 @@ impl Linear {
 
     /// x2 ([rows, in]) Wᵀ, without the bias.
     fn product(&self, x2: &Tensor) -> Result<Tensor> {
-        Ok(match &self.w {
-            Weight::Plain(w) if w.track_op() && fused_grad::usable(&[x2, w]) => {
-                fused_grad::matmul_wt(x2, w)?
+        if let Some((w, kernel)) = self.leaf() {
+            if w.track_op() && fused_grad::usable(&[x2, w]) {
+                return Ok(fused_grad::matmul_wt(x2, w, kernel)?);
             }
-            Weight::Plain(w) => x2.matmul(&w.t()?)?,
+        }
+        Ok(match &self.w {
+            Weight::Plain(w) | Weight::Autocast(w, _) => x2.matmul(&w.t()?)?,
             Weight::Transposed(wt) => x2.matmul(wt)?,
             Weight::Packed(p) => self.packed_apply(p, x2, None, None)?,
         })
@@ -176,9 +200,9 @@ impl Linear {
         let last = out[out.len() - 1];
         let x2 = x.reshape(((), last))?;
         *out.last_mut().expect("non-empty") = self.out_dim()?;
-        if let (Weight::Plain(w), Some(b), None, None) = (&self.w, &self.b, act, residual) {
+        if let (Some((w, kernel)), Some(b), None, None) = (self.leaf(), &self.b, act, residual) {
             if w.track_op() && fused_grad::usable(&[&x2, w, b]) {
-                return Ok(fused_grad::matmul_wt_bias(&x2, w, b)?.reshape(out)?);
+                return Ok(fused_grad::matmul_wt_bias(&x2, w, b, kernel)?.reshape(out)?);
             }
         }
         let residual = match residual {
@@ -240,11 +264,11 @@ impl Linear {
 /// f(the contiguous f32 data of each tensor given, and of each optional one given), for the
 /// packed matmuls that read candle's storage in place (no copy when a tensor is already
 /// contiguous f32 on the CPU).
-fn with_f32s<const N: usize, const M: usize, R>(
+pub(super) fn with_f32s<const N: usize, const M: usize, R>(
     given: [&Tensor; N],
     optional: [Option<&Tensor>; M],
     f: impl FnOnce([&[f32]; N], [Option<&[f32]>; M]) -> R,
-) -> Result<R> {
+) -> candle_core::Result<R> {
     let all = given.into_iter().map(Some).chain(optional);
     let owned = all
         .map(|t| t.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose())
@@ -260,7 +284,7 @@ fn with_f32s<const N: usize, const M: usize, R>(
                 (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
                 _ => {
                     let e = "packed matmul: expected f32 on the CPU";
-                    return Err(candle_core::Error::Msg(e.into()).into());
+                    return Err(candle_core::Error::Msg(e.into()));
                 }
             },
             None => None,

@@ -55,6 +55,10 @@ pub struct LearnArgs {
     /// cpu, or cuda (GPU 0; needs a build with the `cuda` feature). Peak RSS stays the host's.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The backbone's dtype. bf16 on a CPU with a bf16 kernel runs the linear layers' products
+    /// in bf16 (autocast); the rest of the step stays f32.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 pub fn run(a: LearnArgs) -> anyhow::Result<()> {
@@ -74,8 +78,10 @@ pub fn run(a: LearnArgs) -> anyhow::Result<()> {
     let base = random_blocks(&cfg, 0, 0.02, true);
     let opts = LoadOptions {
         device: dev.clone(),
+        dtype: crate::device::compute_dtype(&a.dtype)?,
         ..LoadOptions::default()
     };
+    let bf16_kernel = opts.bf16_kernel().map(|k| k.name());
     let bb = Backbone::from_vision_blocks("random", cfg.clone(), base, opts)?;
     let nb = bb.manifest().len();
     let tvs: Vec<Arc<TaskVector>> = (0..a.n_tv)
@@ -188,7 +194,7 @@ pub fn run(a: LearnArgs) -> anyhow::Result<()> {
         eprintln!("  {:<9} {:8.1} ms", "other", step_ms - accounted);
     }
     let out = serde_json::json!({
-        "mode": a.mode, "device": a.device, "batch": a.batch, "n_tv": a.n_tv, "store": a.store, "tiny": a.tiny,
+        "mode": a.mode, "device": a.device, "dtype": a.dtype, "bf16_kernel": bf16_kernel, "batch": a.batch, "n_tv": a.n_tv, "store": a.store, "tiny": a.tiny,
         "threads": rayon::current_num_threads(), "setup_s": setup_s, "machine": super::common::machine(),
         "ms_per_step_median": step_ms, "ms_per_step_all": times,
         "phase_ms_median": phase_ms.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms)))

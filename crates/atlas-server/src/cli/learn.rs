@@ -65,10 +65,18 @@ pub struct Args {
     /// Where to write the learned coefficients (JSON).
     #[arg(long)]
     out: PathBuf,
+    /// Compute dtype: f32, or bf16 (on a CPU with AMX or AVX512-BF16 the linear layers'
+    /// products run in bf16 with f32 sums, as PyTorch's bf16 autocast; elsewhere f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (backbone, demo_tvs) = super::model::load(&a.model, LoadOptions::default())?;
+    let opts = LoadOptions {
+        dtype: crate::device::compute_dtype(&a.dtype)?,
+        ..LoadOptions::default()
+    };
+    let (backbone, demo_tvs) = super::model::load(&a.model, opts)?;
     let tvs = task_vectors(&a.tvs, &backbone, demo_tvs)?;
     let job = job(&a, &backbone)?;
     let config = config(&a, &job)?;

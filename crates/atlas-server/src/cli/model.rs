@@ -27,8 +27,9 @@ pub fn demo_preset(model: &str) -> anyhow::Result<Option<Preset>> {
     }
 }
 
-/// The demo world of `preset`: loaded from the cache, or built there first.
-pub fn demo_world(preset: Preset) -> anyhow::Result<World> {
+/// The demo world of `preset`: loaded from the cache, or built there first; its backbone on
+/// `opts`' device and compute dtype.
+pub fn demo_world(preset: Preset, opts: LoadOptions) -> anyhow::Result<World> {
     let params = WorldParams::preset(preset);
     let root = atlas_demo::world::default_cache_root()?;
     let dir = atlas_demo::world::world_dir(&root, &params);
@@ -51,6 +52,11 @@ pub fn demo_world(preset: Preset) -> anyhow::Result<World> {
     if built {
         eprintln!("atlas-serve: demo world built");
     }
+    // The world is built and kept at f32 on the CPU.
+    if !opts.device.is_cpu() || opts.dtype != candle_core::DType::F32 {
+        let backbone = world.backbone_with(opts)?;
+        return Ok(World { backbone, ..world });
+    }
     Ok(world)
 }
 
@@ -65,7 +71,7 @@ pub fn load(
                 backbone,
                 task_vectors,
                 ..
-            } = demo_world(preset)?;
+            } = demo_world(preset, options)?;
             Ok((backbone, Some(task_vectors)))
         }
         None => {

@@ -85,7 +85,7 @@ fn load(state: &AppState) -> anyhow::Result<()> {
         super::model::demo_preset(&c.model)?
     };
     let (backbone, mut library) = if let Some(preset) = demo {
-        demo_world(preset)?
+        demo_world(preset, load_options(c)?)?
     } else {
         let backbone = Backbone::load(&c.model, load_options(c)?)
             .with_context(|| format!("loading {}", c.model))?;
@@ -168,8 +168,11 @@ fn safetensors_in(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// The demo world and its task vectors as the library.
-fn demo_world(preset: atlas_demo::Preset) -> anyhow::Result<(Backbone, Library)> {
-    let world = super::model::demo_world(preset)?;
+fn demo_world(
+    preset: atlas_demo::Preset,
+    opts: LoadOptions,
+) -> anyhow::Result<(Backbone, Library)> {
+    let world = super::model::demo_world(preset, opts)?;
     let mut library = Library::new(
         world.backbone.manifest().clone(),
         world.backbone.base_digest(),

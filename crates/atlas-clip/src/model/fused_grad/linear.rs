@@ -4,10 +4,17 @@
 //! reached the product through a transposed view and candle's backward zero-filled and added a
 //! gradient for every node: two to three passes over each weight's gradient instead of one.
 //!
+//! With a bf16 kernel (autocast, as PyTorch's `torch.autocast(dtype=bfloat16)` runs a linear
+//! layer) the three products take bf16 operands on that kernel and sum in f32: W is packed for
+//! the forward and again, transposed, for ∂x; x is packed for ∂W. Inputs, outputs and
+//! gradients stay f32.
+//!
 //! While [`backward_with_weight_sink`] runs, the gradients of weights that are variables (the
 //! composed leaves) go to a sink instead of candle's gradient store.
 
 use super::{slice, ColumnSum, Num};
+use crate::model::bf16_gemm::{Epilogue, Kernel, PackedWeight};
+use crate::model::layers::with_f32s;
 use candle_core::backprop::GradStore;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
@@ -21,17 +28,18 @@ use std::rc::Rc;
 /// Below, the product is too short to repay the transposition.
 const MIN_ROWS_TO_TRANSPOSE: usize = 128;
 
-/// x Wᵀ over x [M, K] and W [N, K]: [M, N], differentiable in both.
-pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// x Wᵀ over x [M, K] and W [N, K]: [M, N], differentiable in both; on `bf16`'s kernel when
+/// given and the tensors are f32.
+pub fn matmul_wt(x: &Tensor, w: &Tensor, bf16: Option<Kernel>) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    x.apply_op2(&w, LinearWt)
+    x.apply_op2(&w, LinearWt { bf16 })
 }
 
 /// x Wᵀ + b, b [N]: the bias is where gemm's output starts (no pass of its own), and its
 /// gradient a column sum; one graph node instead of two.
-pub fn matmul_wt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn matmul_wt_bias(x: &Tensor, w: &Tensor, b: &Tensor, bf16: Option<Kernel>) -> Result<Tensor> {
     let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
-    x.apply_op3(&w, &b, LinearWt)
+    x.apply_op3(&w, &b, LinearWt { bf16 })
 }
 
 /// (m, k, n) of x [m, k] and W [n, k].
@@ -42,11 +50,12 @@ fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// [`product`] in the storage's float type.
+/// [`product`] in the storage's float type, or on the bf16 kernel for f32.
 fn forward(
     (x, xl): (&CpuStorage, &Layout),
     (w, wl): (&CpuStorage, &Layout),
     bias: Option<(&CpuStorage, &Layout)>,
+    bf16: Option<Kernel>,
 ) -> Result<(CpuStorage, Shape)> {
     let (m, k, n) = dims(xl, wl)?;
     if let Some((_, bl)) = bias {
@@ -67,12 +76,31 @@ fn forward(
         let bias = bias.map(|(b, bl)| slice::<T>(b, bl)).transpose()?;
         Ok(T::wrap(product(slice(x, xl)?, slice(w, wl)?, bias, mkn)))
     }
-    let y = by_float!(x, run((x, xl), (w, wl), bias, (m, k, n)));
+    let y = match (bf16, x) {
+        (Some(kernel), CpuStorage::F32(_)) => {
+            let bias = bias.map(|(b, bl)| slice::<f32>(b, bl)).transpose()?;
+            let packed = PackedWeight::from_rows(slice(w, wl)?, n, k, kernel);
+            let epi = Epilogue {
+                bias,
+                ..Epilogue::default()
+            };
+            CpuStorage::F32(packed.matmul(slice(x, xl)?, m, &epi))
+        }
+        _ => by_float!(x, run((x, xl), (w, wl), bias, (m, k, n))),
+    };
     Ok((y, Shape::from((m, n))))
 }
 
 /// ∂x (when x is part of the graph) and ∂W (to the sink, when one is set).
-fn input_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+fn input_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    bf16: Option<Kernel>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if let Some(kernel) = bf16.filter(|_| g.dtype() == candle_core::DType::F32) {
+        return bf16_input_grads(x, w, g, kernel);
+    }
     let dx = if x.track_op() {
         Some(g.matmul(w)?)
     } else {
@@ -81,7 +109,35 @@ fn input_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Op
     Ok((dx, set_aside(w, g.t()?.matmul(x)?)?))
 }
 
-struct LinearWt;
+/// [`input_grads`] on a bf16 kernel: ∂x = g W with W packed as the product's right side
+/// ([n, k] is "Wᵀ" of a layer from n inputs to k outputs), ∂W = gᵀ x with x packed so.
+fn bf16_input_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    kernel: Kernel,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+    let dx = if x.track_op() {
+        let dx = with_f32s([g, w], [], |[g, w], []| {
+            PackedWeight::from_transposed(w, n, k, kernel).matmul(g, m, &Epilogue::default())
+        })?;
+        Some(Tensor::from_vec(dx, (m, k), x.device())?)
+    } else {
+        None
+    };
+    let dw = with_f32s([g, x], [], |[g, x], []| {
+        let mut gt = vec![0f32; m * n];
+        transpose_into(g, (m, n), &mut gt);
+        PackedWeight::from_transposed(x, m, k, kernel).matmul(&gt, n, &Epilogue::default())
+    })?;
+    Ok((dx, set_aside(w, Tensor::from_vec(dw, (n, k), x.device())?)?))
+}
+
+/// y = x Wᵀ (+ b), differentiable; on a bf16 kernel when one is given (f32 only).
+struct LinearWt {
+    bf16: Option<Kernel>,
+}
 
 impl CustomOp2 for LinearWt {
     fn name(&self) -> &'static str {
@@ -95,7 +151,7 @@ impl CustomOp2 for LinearWt {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        forward((s1, l1), (s2, l2), None)
+        forward((s1, l1), (s2, l2), None, self.bf16)
     }
 
     fn bwd(
@@ -105,7 +161,7 @@ impl CustomOp2 for LinearWt {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        input_grads(x, w, &g.contiguous()?)
+        input_grads(x, w, &g.contiguous()?, self.bf16)
     }
 }
 
@@ -123,7 +179,7 @@ impl CustomOp3 for LinearWt {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        forward((s1, l1), (s2, l2), Some((s3, l3)))
+        forward((s1, l1), (s2, l2), Some((s3, l3)), self.bf16)
     }
 
     fn bwd(
@@ -135,7 +191,7 @@ impl CustomOp3 for LinearWt {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (dx, dw) = input_grads(x, w, &g)?;
+        let (dx, dw) = input_grads(x, w, &g, self.bf16)?;
         let db = g.apply_op1_no_bwd(&ColumnSum(b.elem_count()))?;
         Ok((dx, dw, Some(db)))
     }
