@@ -5,28 +5,38 @@
 //! 2e-7 over [−87.3, 88]; inputs below give about 1e-38 instead of 0 (harmless in the sums
 //! and products where it is used), inputs above give e⁸⁸, NaN stays NaN.
 
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-/// Adding and subtracting 1.5·2²³ rounds to the nearest integer without a call.
-const ROUND: f32 = 12_582_912.0;
+/// The constants of [`exp1`], shared with the AVX-512 version in `bf16_gemm`.
+pub(super) mod exp_consts {
+    pub const LOW: f32 = -87.3;
+    pub const HIGH: f32 = 88.0;
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Adding and subtracting 1.5·2²³ rounds to the nearest integer without a call.
+    pub const ROUND: f32 = 12_582_912.0;
+    /// Cephes' polynomial for (eʳ − 1 − r) / r², highest power first.
+    pub const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5e-1,
+    ];
+}
 
 /// exp(x) for one value, inlined so that loops calling it vectorise for their target features.
 #[inline(always)]
 pub(super) fn exp1(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.0);
+    use exp_consts::*;
+    let x = x.clamp(LOW, HIGH);
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
     // t's low mantissa bits hold n as an integer: no saturating float-to-int conversion,
     // which does not vectorise.
     let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5e-1;
+    let p = POLY[1..].iter().fold(POLY[0], |p, &k| p * r + k);
     let p = p * r * r + r + 1.0;
     p * f32::from_bits(((ni + 127) as u32) << 23)
 }
