@@ -133,4 +133,30 @@ fn few_shot_learning_over_http_beats_the_pretrained_model_on_held_out_images() {
         "classify batch 1, cached composition: p50 {:.2} ms, p99 {:.2} ms",
         times[25], times[49]
     );
+    drop(s);
+
+    // The demo world honours --dtype: bf16 runs on the CPU's bf16 kernel where it has one (and
+    // says so), and keeps the pre-trained model's accuracy.
+    let s = start(
+        &dir.path().join("data-bf16"),
+        &["--model".into(), "demo:ci".into(), "--dtype".into(), "bf16".into()],
+        &[
+            ("ATLAS_CACHE", &cache_env),
+            ("CANDLE_NUM_THREADS", "1"),
+            ("RAYON_NUM_THREADS", "1"),
+        ],
+    );
+    assert!(
+        s.log_text().contains("bf16 on the CPU"),
+        "{}",
+        s.log_text()
+    );
+    let (code, head) = s.post(
+        "/heads",
+        &json!({"classes": task.spec.classes, "templates": task.spec.templates}),
+    );
+    assert_eq!(code, 201, "{head}");
+    let bf16_base = accuracy(&s, "base", head["id"].as_str().unwrap(), &test);
+    eprintln!("held-out accuracy of the pre-trained model: f32 {base:.3}, bf16 {bf16_base:.3}");
+    assert!((bf16_base - base).abs() <= 0.02, "f32 {base:.3}, bf16 {bf16_base:.3}");
 }
