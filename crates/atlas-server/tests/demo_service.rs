@@ -139,18 +139,19 @@ fn few_shot_learning_over_http_beats_the_pretrained_model_on_held_out_images() {
     // says so), and keeps the pre-trained model's accuracy.
     let s = start(
         &dir.path().join("data-bf16"),
-        &["--model".into(), "demo:ci".into(), "--dtype".into(), "bf16".into()],
+        &[
+            "--model".into(),
+            "demo:ci".into(),
+            "--dtype".into(),
+            "bf16".into(),
+        ],
         &[
             ("ATLAS_CACHE", &cache_env),
             ("CANDLE_NUM_THREADS", "1"),
             ("RAYON_NUM_THREADS", "1"),
         ],
     );
-    assert!(
-        s.log_text().contains("bf16 on the CPU"),
-        "{}",
-        s.log_text()
-    );
+    assert!(s.log_text().contains("bf16 on the CPU"), "{}", s.log_text());
     let (code, head) = s.post(
         "/heads",
         &json!({"classes": task.spec.classes, "templates": task.spec.templates}),
@@ -158,5 +159,8 @@ fn few_shot_learning_over_http_beats_the_pretrained_model_on_held_out_images() {
     assert_eq!(code, 201, "{head}");
     let bf16_base = accuracy(&s, "base", head["id"].as_str().unwrap(), &test);
     eprintln!("held-out accuracy of the pre-trained model: f32 {base:.3}, bf16 {bf16_base:.3}");
-    assert!((bf16_base - base).abs() <= 0.02, "f32 {base:.3}, bf16 {bf16_base:.3}");
+    assert!(
+        (bf16_base - base).abs() <= 0.02,
+        "f32 {base:.3}, bf16 {bf16_base:.3}"
+    );
 }

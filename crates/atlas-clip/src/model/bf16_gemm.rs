@@ -660,7 +660,10 @@ mod avx512 {
         let x = _mm512_min_ps(_mm512_max_ps(x, c(LOW)), c(HIGH));
         let t = _mm512_fmadd_ps(x, c(LOG2E), c(ROUND));
         let n = _mm512_sub_ps(t, c(ROUND));
-        let ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(ROUND.to_bits() as i32));
+        let ni = _mm512_sub_epi32(
+            _mm512_castps_si512(t),
+            _mm512_set1_epi32(ROUND.to_bits() as i32),
+        );
         let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
         let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
         let mut p = c(POLY[0]);
@@ -877,7 +880,9 @@ mod tests {
     #[test]
     fn the_vector_quick_gelu_is_the_scalar_one() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
-            return eprintln!("no AVX-512F on this CPU: the epilogue's vector quick_gelu never runs");
+            return eprintln!(
+                "no AVX-512F on this CPU: the epilogue's vector quick_gelu never runs"
+            );
         }
         // Both tails, zero, the range where the sigmoid bends, and a length with a remainder.
         let x: Vec<f32> = (0..4001)
