@@ -22,15 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-FLAGS = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16"]
-
-
-def machine():
-    info = open("/proc/cpuinfo").read().splitlines()
-    field = lambda k: next((l.split(":", 1)[1].strip() for l in info
-                            if l.split(":")[0].strip() == k), "unknown")
-    flags = field("flags").split()
-    return {"cpu": field("model name"), "features": [f for f in FLAGS if f in flags]}
+from torch_cpu_bf16 import machine  # beside this script: the CPU model and its bf16 flags
 
 
 def main():
