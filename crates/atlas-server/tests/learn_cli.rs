@@ -100,6 +100,7 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
             "no templates for data set",
         ),
         (["--epochs", "100000"], "epochs must be at most"),
+        (["--dtype", "f16"], "--dtype \"f16\": use f32 or bf16"),
     ] {
         let mut args = vec!["--data", data.to_str().unwrap(), "--out", "unused.json"];
         args.extend(flags);
@@ -107,6 +108,27 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(says), "{stderr}");
     }
+
+    // bf16: the linear products on the CPU's bf16 kernel where it has one (f32 elsewhere).
+    let out = learn(&[
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--dtype",
+        "bf16",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = CoefficientsFile::load(&out_file).unwrap();
+    assert!(file.coefficients.values.iter().all(|v| v.is_finite()));
 
     // A directory with no class folders is refused with a message naming it.
     let empty = dir.path().join("empty");

@@ -72,8 +72,14 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // Learning runs in f32 on the CPU; bf16 only moves the linear products to its kernel.
+    let dtype = match a.dtype.as_str() {
+        "f32" | "float32" => candle_core::DType::F32,
+        "bf16" | "bfloat16" => candle_core::DType::BF16,
+        other => bail!("--dtype {other:?}: use f32 or bf16"),
+    };
     let opts = LoadOptions {
-        dtype: crate::device::compute_dtype(&a.dtype)?,
+        dtype,
         ..LoadOptions::default()
     };
     let (backbone, demo_tvs) = super::model::load(&a.model, opts)?;
