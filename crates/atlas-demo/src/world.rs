@@ -341,16 +341,33 @@ impl World {
         progress: &mut dyn Progress,
         cancel: &AtomicBool,
     ) -> Result<(World, bool)> {
+        World::open_with(params, root, progress, cancel, LoadOptions::default())
+    }
+
+    /// [`World::open`] with the backbone loaded under `opts` (a device or compute dtype); the
+    /// world is built, and kept, at f32 on the CPU.
+    pub fn open_with(
+        params: &WorldParams,
+        root: &Path,
+        progress: &mut dyn Progress,
+        cancel: &AtomicBool,
+        opts: LoadOptions,
+    ) -> Result<(World, bool)> {
         let dir = world_dir(root, params);
         if dir.join("world.json").is_file() {
-            return Ok((World::load(&dir)?, false));
+            return Ok((World::load_with(&dir, opts)?, false));
         }
         build(params, &dir, progress, cancel)?;
-        Ok((World::load(&dir)?, true))
+        Ok((World::load_with(&dir, opts)?, true))
     }
 
     /// Loads a built world directory.
     pub fn load(dir: &Path) -> Result<World> {
+        World::load_with(dir, LoadOptions::default())
+    }
+
+    /// [`World::load`] with the backbone loaded under `opts`.
+    pub fn load_with(dir: &Path, opts: LoadOptions) -> Result<World> {
         let path = dir.join("world.json");
         let text = std::fs::read_to_string(&path).map_err(|e| DemoError::file(&path, e))?;
         let file: WorldFile = serde_json::from_str(&text).map_err(|e| DemoError::file(&path, e))?;
@@ -363,7 +380,7 @@ impl World {
                 ),
             ));
         }
-        let backbone = load_backbone(&dir.join("backbone"))?;
+        let backbone = load_backbone(&dir.join("backbone"), opts)?;
         let tasks = task_data(&file.params)?;
         let task_vectors = tasks
             .iter()
@@ -384,12 +401,6 @@ impl World {
         })
     }
 
-    /// The world's backbone loaded again with `opts` (another device or compute dtype); its
-    /// task vectors fit it as they are.
-    pub fn backbone_with(&self, opts: LoadOptions) -> Result<Backbone> {
-        load_backbone_with(&self.dir.join("backbone"), opts)
-    }
-
     /// The zero-shot head of task `i` (its class names and templates).
     pub fn head(&self, i: usize) -> Result<ZeroShotHead> {
         head(&self.backbone, &self.tasks[i].spec)
@@ -405,11 +416,7 @@ fn tv_path(dir: &Path, task: &str) -> PathBuf {
     dir.join("task_vectors").join(format!("{task}.safetensors"))
 }
 
-fn load_backbone(dir: &Path) -> Result<Backbone> {
-    load_backbone_with(dir, LoadOptions::default())
-}
-
-fn load_backbone_with(dir: &Path, opts: LoadOptions) -> Result<Backbone> {
+fn load_backbone(dir: &Path, opts: LoadOptions) -> Result<Backbone> {
     let s = dir
         .to_str()
         .ok_or_else(|| DemoError::file(dir, "path is not UTF-8"))?;
@@ -508,7 +515,7 @@ fn build_into(
     let (model, pretrain_loss) = pretrain_model(params, &vocab, progress, cancel)?;
     model.save(&bb_dir, &vocab.json)?;
     let pretrain_secs = start.elapsed().as_secs_f64();
-    let backbone = load_backbone(&bb_dir)?;
+    let backbone = load_backbone(&bb_dir, LoadOptions::default())?;
     let tasks = task_data(params)?;
     let mut reports = Vec::new();
     for (i, task) in tasks.iter().enumerate() {

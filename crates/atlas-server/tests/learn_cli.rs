@@ -122,11 +122,7 @@ fn learns_over_an_image_folder_and_writes_coefficients() {
         "--out",
         out_file.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let file = CoefficientsFile::load(&out_file).unwrap();
     assert!(file.coefficients.values.iter().all(|v| v.is_finite()));
 
@@ -289,11 +285,7 @@ fn adamerging_learns_a_merge_over_several_folders() {
         "--out",
         out_file.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let file = CoefficientsFile::load(&out_file).unwrap();
     assert_eq!(file.summary["metric"], "mean_mutual_information");
     assert_eq!(

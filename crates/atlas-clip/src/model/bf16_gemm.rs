@@ -998,42 +998,6 @@ mod speed {
     use super::*;
     use std::time::Instant;
 
-    #[test]
-    #[ignore]
-    fn backward_parts() {
-        let kernel = available()[0];
-        for (m, k, n) in [(400, 768, 3072), (400, 3072, 768), (400, 768, 2304)] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
-            let g: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32 * 0.1).collect();
-            for _ in 0..3 {
-                let t = Instant::now();
-                let pw = PackedWeight::from_rows(&w, n, k, kernel);
-                let t1 = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                let y = pw.matmul(&x, m, &Epilogue::default());
-                let t2 = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                let pt = PackedWeight::from_transposed(&w, n, k, kernel);
-                let t3 = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                let dx = pt.matmul(&g, m, &Epilogue::default());
-                let t4 = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                let gt: Vec<f32> = (0..n * m).map(|i| g[(i % m) * n + i / m]).collect();
-                let t5 = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                let px = PackedWeight::from_transposed(&x, m, k, kernel);
-                let t6 = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                let dw = px.matmul(&gt, n, &Epilogue::default());
-                let t7 = t.elapsed().as_secs_f64() * 1e3;
-                eprintln!("{m}x{k}x{n}: pack W {t1:.2} fwd {t2:.2} | pack Wt {t3:.2} dx {t4:.2} | gt {t5:.2} pack x {t6:.2} dw {t7:.2}");
-                std::hint::black_box((y, dx, dw));
-            }
-        }
-    }
-
     /// `cargo test --release -p atlas-clip --lib bf16_gemm::speed -- --ignored --nocapture`
     #[test]
     #[ignore]

@@ -43,19 +43,15 @@ pub fn demo_world(preset: Preset, opts: LoadOptions) -> anyhow::Result<World> {
         preset.name(),
         dir.display()
     );
-    let (world, built) = World::open(
+    let (world, built) = World::open_with(
         &params,
         &root,
         &mut super::progress::Progress::new("atlas-serve: demo world"),
         &std::sync::atomic::AtomicBool::new(false),
+        opts,
     )?;
     if built {
         eprintln!("atlas-serve: demo world built");
-    }
-    // The world is built and kept at f32 on the CPU.
-    if !opts.device.is_cpu() || opts.dtype != candle_core::DType::F32 {
-        let backbone = world.backbone_with(opts)?;
-        return Ok(World { backbone, ..world });
     }
     Ok(world)
 }
