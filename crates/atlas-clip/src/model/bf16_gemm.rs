@@ -642,37 +642,13 @@ mod avx512 {
         for i in (0..whole).step_by(16) {
             let p = v.as_mut_ptr().add(i);
             let x = _mm512_loadu_ps(p);
-            let e = exp(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
+            let e = crate::model::fast_math::exp512(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
             let d = _mm512_add_ps(e, _mm512_set1_ps(1.0));
             let r = _mm512_rcp14_ps(d);
             let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)));
             _mm512_storeu_ps(p, _mm512_mul_ps(x, r));
         }
         super::activate_in_place(&mut v[whole..], Some(super::Activation::QuickGelu));
-    }
-
-    /// `fast_math::exp1` on 16 values.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn exp(x: __m512) -> __m512 {
-        use crate::model::fast_math::exp_consts::*;
-        let c = _mm512_set1_ps;
-        let x = _mm512_min_ps(_mm512_max_ps(x, c(LOW)), c(HIGH));
-        let t = _mm512_fmadd_ps(x, c(LOG2E), c(ROUND));
-        let n = _mm512_sub_ps(t, c(ROUND));
-        let ni = _mm512_sub_epi32(
-            _mm512_castps_si512(t),
-            _mm512_set1_epi32(ROUND.to_bits() as i32),
-        );
-        let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
-        let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
-        let mut p = c(POLY[0]);
-        for &k in &POLY[1..] {
-            p = _mm512_fmadd_ps(p, r, c(k));
-        }
-        let p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, c(1.0)));
-        let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127)));
-        _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
     }
 
     /// Word 2j + e of a tile's pair line takes word j + 16e of `vcvtne2ps2bf16(odd, even)`.

@@ -68,6 +68,35 @@ pub fn exp_in_place(v: &mut [f32]) {
     exp_loop(v)
 }
 
+/// [`exp1`] on 16 values (the same range reduction and polynomial), for AVX-512 kernels.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use exp_consts::*;
+    use std::arch::x86_64::*;
+    let c = _mm512_set1_ps;
+    let x = _mm512_min_ps(_mm512_max_ps(x, c(LOW)), c(HIGH));
+    let t = _mm512_fmadd_ps(x, c(LOG2E), c(ROUND));
+    let n = _mm512_sub_ps(t, c(ROUND));
+    let ni = _mm512_sub_epi32(
+        _mm512_castps_si512(t),
+        _mm512_set1_epi32(ROUND.to_bits() as i32),
+    );
+    let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
+    let mut p = c(POLY[0]);
+    for &k in &POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, c(k));
+    }
+    let p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, c(1.0)));
+    let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127)));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
+}
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }

@@ -124,6 +124,10 @@ unsafe fn product<T: Num>(
     rhs: View<T>,
     beta: T,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if head_product(dst, dst_rs, (rows, inner, cols), lhs, rhs, beta) {
+        return;
+    }
     gemm(
         rows,
         cols,
@@ -147,12 +151,74 @@ unsafe fn product<T: Num>(
     )
 }
 
+/// Whether `product`'s f32 products take the AVX-512 kernels (the tests turn them off to
+/// compare against gemm).
+#[cfg(target_arch = "x86_64")]
+pub(super) static HEAD_KERNELS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+
+/// True when T is f32, the CPU has AVX-512F and the tests have not turned the kernels off.
+#[cfg(target_arch = "x86_64")]
+fn on_head_kernels<T: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && HEAD_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+        && super::head_gemm::usable()
+}
+
+/// `product` on `head_gemm`'s kernels when they run (`on_head_kernels`); false when the caller
+/// must run gemm.
+///
+/// # Safety
+/// As `product`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn head_product<T: Num>(
+    dst: *mut T,
+    dst_rs: usize,
+    (rows, inner, cols): (usize, usize, usize),
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+) -> bool {
+    use super::head_gemm::{a_b, a_bt, Operand};
+    if !on_head_kernels::<T>() {
+        return false;
+    }
+    let s = beta.to_f32().unwrap_or(f32::NAN);
+    let (dst, a) = (
+        dst.cast::<f32>(),
+        Operand(lhs.0.cast(), lhs.1 as usize, lhs.2 as usize),
+    );
+    if rhs.2 == 1 && cols.is_multiple_of(16) {
+        a_b(
+            dst,
+            dst_rs,
+            (rows, inner, cols),
+            a,
+            Operand(rhs.0.cast(), rhs.1 as usize, 1),
+            s,
+        );
+    } else {
+        // B = rhsᵀ: B[j, c] is rhs[c, j].
+        let b = Operand(rhs.0.cast(), rhs.2 as usize, rhs.1 as usize);
+        a_bt(dst, dst_rs, (rows, inner, cols), a, b, s, false);
+    }
+    true
+}
+
 /// P = softmax(scale · Q_h K_hᵀ) into `p` (Nq × Nk).
 ///
 /// # Safety
 /// `q` and `k` point at the pair's head in [B, N, D] tensors of the sizes in `dims`.
 unsafe fn probabilities<T: Num>(p: &mut [T], q: *const T, k: *const T, dims: &Dims, scale: T) {
     let (hd, nq, nk) = (dims.hd(), dims.nq, dims.nk);
+    #[cfg(target_arch = "x86_64")]
+    if on_head_kernels::<T>() {
+        use super::head_gemm::{a_bt, Operand};
+        let [qs, ks, _] = dims.rs;
+        let (q, k) = (Operand(q.cast(), qs, 1), Operand(k.cast(), ks, 1));
+        let s = scale.to_f32().unwrap_or(f32::NAN);
+        return a_bt(p.as_mut_ptr().cast(), nk, (nq, hd, nk), q, k, s, true);
+    }
     let [qs, ks, _] = dims.rs.map(|s| s as isize);
     // Kᵀ: element (c, j) is K[j, c].
     product(
@@ -186,7 +252,9 @@ impl<T> Shared<T> {
 
 fn forward<T: Num>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: f64) -> Vec<T> {
     let (d, hd, nq, nk) = (dims.d, dims.hd(), dims.nq, dims.nk);
-    let mut out = vec![T::zero(); dims.b * nq * d];
+    // Not zeroed: the pairs write every element (their heads' columns of every row).
+    let len = dims.b * nq * d;
+    let mut out = Vec::with_capacity(len);
     let o = Shared(out.as_mut_ptr());
     (0..dims.b * dims.heads).into_par_iter().for_each_init(
         || vec![T::zero(); nq * nk],
@@ -210,13 +278,17 @@ fn forward<T: Num>(q: &[T], k: &[T], v: &[T], dims: Dims, scale: f64) -> Vec<T> 
             }
         },
     );
+    // SAFETY: every element was written above.
+    unsafe { out.set_len(len) };
     out
 }
 
 /// The gradients of q, k and v from ∂out, packed as rows: [B·Nq + 2·B·Nk, D].
 fn backward<T: Num>(q: &[T], k: &[T], v: &[T], g: &[T], dims: Dims, scale: f64) -> Vec<T> {
     let (b, d, hd, nq, nk) = (dims.b, dims.d, dims.hd(), dims.nq, dims.nk);
-    let mut out = vec![T::zero(); (b * nq + 2 * b * nk) * d];
+    // Not zeroed, as in `forward`: each pair writes its head's columns of ∂q, ∂k and ∂v.
+    let len = (b * nq + 2 * b * nk) * d;
+    let mut out = Vec::with_capacity(len);
     let (dq, dk, dv) = (0, b * nq * d, (b * nq + b * nk) * d);
     let o = Shared(out.as_mut_ptr());
     (0..b * dims.heads).into_par_iter().for_each_init(
@@ -262,6 +334,8 @@ fn backward<T: Num>(q: &[T], k: &[T], v: &[T], g: &[T], dims: Dims, scale: f64) 
             }
         },
     );
+    // SAFETY: every element was written above.
+    unsafe { out.set_len(len) };
     out
 }
 
