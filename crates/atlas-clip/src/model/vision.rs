@@ -75,6 +75,17 @@ impl VisionTower {
     /// Image embeddings (projected when the tower has a projection), not normalised:
     /// `pixels` is `[B, C, H, W]` at the config's image size.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        if pixels.device().is_cpu() {
+            // On a rayon worker, each parallel kernel of the pass splits on this thread and wakes
+            // the other workers; from outside the pool every kernel is injected into it and this
+            // thread sleeps until it is woken again (B/32 at batch 1 with bf16 matmuls on two
+            // Xeon cores: 14.6 against 12.6 ms per image).
+            return rayon::scope(|_| self.forward_here(pixels));
+        }
+        self.forward_here(pixels)
+    }
+
+    fn forward_here(&self, pixels: &Tensor) -> Result<Tensor> {
         self.check_pixels(pixels)?;
         let b = pixels.dim(0)?;
         if b > CPU_CHUNK
@@ -84,7 +95,7 @@ impl VisionTower {
         {
             let parts = (0..b)
                 .step_by(CPU_CHUNK)
-                .map(|s| self.forward(&pixels.narrow(0, s, CPU_CHUNK.min(b - s))?))
+                .map(|s| self.forward_here(&pixels.narrow(0, s, CPU_CHUNK.min(b - s))?))
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&parts, 0)?);
         }
