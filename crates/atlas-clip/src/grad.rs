@@ -294,7 +294,7 @@ pub fn coefficient_gradient<T: Real + WithDType>(
     backbone: &Backbone,
     tvs: &[Arc<TaskVector>],
     coefs: &Coefficients,
-    loss: impl FnOnce(&VisionTower) -> Result<Tensor>,
+    loss: impl FnOnce(&VisionTower) -> Result<Tensor> + Send,
 ) -> Result<(f64, Vec<f64>)> {
     let (value, grad, _) = coefficient_gradient_timed::<T>(backbone, tvs, coefs, loss)?;
     Ok((value, grad))
@@ -302,6 +302,20 @@ pub fn coefficient_gradient<T: Real + WithDType>(
 
 /// [`coefficient_gradient`], with the time each phase took.
 pub fn coefficient_gradient_timed<T: Real + WithDType>(
+    backbone: &Backbone,
+    tvs: &[Arc<TaskVector>],
+    coefs: &Coefficients,
+    loss: impl FnOnce(&VisionTower) -> Result<Tensor> + Send,
+) -> Result<(f64, Vec<f64>, StepPhases)> {
+    if backbone.device().is_cpu() {
+        // On a rayon worker, as `VisionTower::forward`: the step's parallel kernels split on
+        // this thread instead of each being injected into the pool.
+        return rayon::scope(|_| step::<T>(backbone, tvs, coefs, loss));
+    }
+    step::<T>(backbone, tvs, coefs, loss)
+}
+
+fn step<T: Real + WithDType>(
     backbone: &Backbone,
     tvs: &[Arc<TaskVector>],
     coefs: &Coefficients,
