@@ -278,10 +278,18 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
+    /// Whether the kernels run here (the tests say so when they do not).
+    fn on_this_cpu() -> bool {
+        let yes = usable();
+        if !yes {
+            eprintln!("no AVX-512F: the kernels are not used on this CPU");
+        }
+        yes
+    }
+
     #[test]
     fn a_times_b_transposed_matches_the_plain_product() {
-        if !usable() {
-            eprintln!("no AVX-512F: the kernels are not used on this CPU");
+        if !on_this_cpu() {
             return;
         }
         for (rows, inner, cols) in [
@@ -328,8 +336,7 @@ mod tests {
 
     #[test]
     fn a_times_b_matches_the_plain_product_with_a_transposed_or_not() {
-        if !usable() {
-            eprintln!("no AVX-512F: the kernels are not used on this CPU");
+        if !on_this_cpu() {
             return;
         }
         for (rows, inner, cols) in [
