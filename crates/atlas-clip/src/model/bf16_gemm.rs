@@ -215,7 +215,17 @@ impl PackedWeight {
     pub fn round_with(&self, x: &[f32], m: usize, f: Option<&RowFn<'_>>) -> Rounded {
         assert_eq!(x.len(), m * self.k, "x is not [m, k]");
         Rounded {
-            lines: self.round_rows(x, m.next_multiple_of(BLOCK), f),
+            lines: self.round_rows(Rows::Slice(x, f), m.next_multiple_of(BLOCK)),
+            m,
+            k: self.k,
+        }
+    }
+
+    /// [`PackedWeight::round`] of m rows that `row(i, buf)` writes into buf (k values): an
+    /// input gathered from elsewhere (the patches of images) is rounded without an f32 copy.
+    pub fn round_from(&self, m: usize, row: &RowSource<'_>) -> Rounded {
+        Rounded {
+            lines: self.round_rows(Rows::From(row, m), m.next_multiple_of(BLOCK)),
             m,
             k: self.k,
         }
@@ -346,9 +356,9 @@ impl PackedWeight {
         }
     }
 
-    /// x (each row through f, when given) rounded to bf16 in the kernel's layout, padded with
-    /// zero rows and columns; 16 rows per task.
-    fn round_rows(&self, x: &[f32], m_pad: usize, f: Option<&RowFn<'_>>) -> Lines {
+    /// The rows of `rows` rounded to bf16 in the kernel's layout, padded with zero rows and
+    /// columns; 16 rows per task.
+    fn round_rows(&self, rows: Rows<'_>, m_pad: usize) -> Lines {
         let stride = self.x_stride();
         let mut a = Lines::zeros(m_pad * stride);
         a.as_mut_slice()
@@ -357,16 +367,8 @@ impl PackedWeight {
             .for_each(|(t, dst)| {
                 with_scratch(self.k, |row_buf| {
                     for r in 0..16 {
-                        let row = 16 * t + r;
-                        let Some(src) = x.get(row * self.k..(row + 1) * self.k) else {
+                        let Some(src) = rows.get(16 * t + r, self.k, row_buf) else {
                             break;
-                        };
-                        let src = match f {
-                            Some(f) => {
-                                f(src, row_buf);
-                                &*row_buf
-                            }
-                            None => src,
                         };
                         self.round_row(src, r, dst);
                     }
@@ -510,6 +512,39 @@ struct Block([f32; BLOCK * BLOCK]);
 
 /// A transform of each row of x before it is rounded (input row, output row).
 pub type RowFn<'a> = dyn Fn(&[f32], &mut [f32]) + Sync + 'a;
+
+/// Writes row i of an input into the buffer (k values).
+pub type RowSource<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
+
+/// Where the rows to round come from: x ([m, k]) through an optional transform, or a source of
+/// m rows.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Slice(&'a [f32], Option<&'a RowFn<'a>>),
+    From(&'a RowSource<'a>, usize),
+}
+
+impl Rows<'_> {
+    /// Row i (k values; in `buf` unless it is x's own), or None past the last row.
+    fn get<'b>(&'b self, i: usize, k: usize, buf: &'b mut [f32]) -> Option<&'b [f32]> {
+        match *self {
+            Rows::Slice(x, f) => {
+                let src = x.get(i * k..(i + 1) * k)?;
+                Some(match f {
+                    Some(f) => {
+                        f(src, buf);
+                        buf
+                    }
+                    None => src,
+                })
+            }
+            Rows::From(row, m) => (i < m).then(|| {
+                row(i, buf);
+                &*buf
+            }),
+        }
+    }
+}
 
 /// x rounded to bf16 in a packed weight's input layout ([`PackedWeight::round`]).
 pub struct Rounded {

@@ -1,13 +1,13 @@
 //! The layers of both towers: linear (with fused epilogues), LayerNorm, the q/k/v projections,
 //! the pre-LN encoder layer with its attention, and loading a stack of them.
 
-use super::bf16_gemm::{Epilogue, Kernel, PackedWeight};
+use super::bf16_gemm::{Epilogue, Kernel, PackedWeight, RowSource};
 use super::fused::layer_norm_row;
 use super::ops::{activate, layer_norm, repeat_rows, softmax_last};
 use super::{attention, fused, fused_grad, WeightSource};
 use crate::config::Activation;
 use crate::Result;
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use std::sync::Arc;
 
 /// y = x Wᵀ + b over the last dimension of a 2-D or 3-D input.
@@ -183,6 +183,31 @@ impl Linear {
 }
 
 impl Linear {
+    /// x Wᵀ + b for the m rows that `row` writes, when W is packed for a bf16 kernel (None
+    /// otherwise): each row is rounded as it is written, with no f32 copy of the input.
+    pub(super) fn packed_rows(
+        &self,
+        m: usize,
+        row: &RowSource<'_>,
+        dev: &Device,
+    ) -> Result<Option<Tensor>> {
+        let Weight::Packed(p) = &self.w else {
+            return Ok(None);
+        };
+        let y = with_f32s([], [self.b.as_ref()], |[], [bias]| {
+            let epi = Epilogue {
+                bias,
+                ..Epilogue::default()
+            };
+            p.matmul_rounded(&p.round_from(m, row), &epi)
+        })?;
+        Ok(Some(Tensor::from_vec(y, (m, p.out_dim()), dev)?))
+    }
+
+    pub(super) fn is_packed(&self) -> bool {
+        matches!(self.w, Weight::Packed(_))
+    }
+
     /// x Wᵀ + b.
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.apply(x, None, None)
