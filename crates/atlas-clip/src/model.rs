@@ -22,6 +22,8 @@ pub(crate) mod fused;
 pub(crate) mod fused_grad;
 mod layers;
 mod ops;
+#[cfg(target_arch = "x86_64")]
+mod small_gemm;
 mod text;
 mod vision;
 

@@ -112,8 +112,6 @@ macro_rules! by_float {
 }
 
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-mod head_gemm;
 mod linear;
 
 pub use linear::{backward_with_weight_sink, matmul_wt, matmul_wt_bias, WeightGradSink};

@@ -152,7 +152,10 @@ impl Linear {
         }
         Ok(match &self.w {
             Weight::Plain(w) | Weight::Autocast(w, _) => x2.matmul(&w.t()?)?,
-            Weight::Transposed(wt) => x2.matmul(wt)?,
+            Weight::Transposed(wt) => match few_rows_product(x2, wt)? {
+                Some(y) => y,
+                None => x2.matmul(wt)?,
+            },
             Weight::Packed(p) => self.packed_apply(p, x2, None, None)?,
         })
     }
@@ -284,6 +287,33 @@ impl Linear {
         };
         Ok(y.reshape(out)?)
     }
+}
+
+/// Rows up to which an f32 CPU product x Wᵀ runs on `small_gemm` instead of gemm, which packs
+/// all of Wᵀ on every call: a few rows (batch 1) cannot pay for that.
+const FEW_ROWS: usize = 128;
+
+/// x2 ([m, k]) Wᵀ from wt ([k, n]) on `small_gemm` when x2 has at most `FEW_ROWS` rows, both
+/// are f32 on a CPU with AVX-512F, outside any graph, and n is a multiple of 16; None otherwise.
+fn few_rows_product(x2: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ((m, k), n) = (x2.dims2()?, wt.dim(1)?);
+        let fits = m <= FEW_ROWS
+            && x2.device().is_cpu()
+            && n.is_multiple_of(16)
+            && fused::usable(&[x2, wt])
+            && x2.dtype() == DType::F32
+            && wt.dtype() == DType::F32
+            && super::small_gemm::usable();
+        if fits {
+            let y = with_f32s([x2, wt], [], |[x, w], []| {
+                super::small_gemm::rows_times(x, w, (m, k, n))
+            })?;
+            return Ok(Some(Tensor::from_vec(y, (m, n), x2.device())?));
+        }
+    }
+    Ok(None)
 }
 
 /// f(the contiguous f32 data of each tensor given, and of each optional one given), for the
@@ -673,6 +703,45 @@ mod tests {
                 assert!(d < 1e-5, "{act:?} residual {}: {d}", res.is_some());
             }
         }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod few_rows {
+    //! The few-rows product (`small_gemm::rows_times`) against gemm's.
+    use super::*;
+    use crate::model::test_values::{max_diff, rand};
+
+    /// Row counts at and around one register block and the limit, inner sizes across the
+    /// k-steps (300 leaves a remainder), widths of one and several column groups.
+    #[test]
+    fn the_few_rows_product_matches_gemm() {
+        for (m, k, n) in [
+            (1, 16, 16),
+            (5, 300, 80),
+            (50, 768, 144),
+            (FEW_ROWS, 130, 64),
+        ] {
+            let x = rand(&[m, k], 0.0, 1);
+            let wt = (rand(&[k, n], 0.0, 2) * 0.1).unwrap();
+            let fast = few_rows_product(&x, &wt).unwrap();
+            if !crate::model::small_gemm::usable() {
+                assert!(fast.is_none());
+                continue;
+            }
+            let d = max_diff(&fast.expect("few rows"), &x.matmul(&wt).unwrap());
+            assert!(d < 1e-4, "{m}×{k}×{n}: {d}");
+        }
+        let (x, wt) = (rand(&[FEW_ROWS + 1, 8], 0.0, 3), rand(&[8, 16], 0.0, 4));
+        assert!(
+            few_rows_product(&x, &wt).unwrap().is_none(),
+            "too many rows"
+        );
+        let (x, wt) = (rand(&[4, 8], 0.0, 3), rand(&[8, 20], 0.0, 4));
+        assert!(
+            few_rows_product(&x, &wt).unwrap().is_none(),
+            "width not a multiple of 16"
+        );
     }
 }
 

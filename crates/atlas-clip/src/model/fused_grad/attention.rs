@@ -154,7 +154,7 @@ unsafe fn product<T: Num>(
 /// Whether `product`'s f32 products take the AVX-512 kernels (the tests turn them off to
 /// compare against gemm).
 #[cfg(target_arch = "x86_64")]
-pub(super) static HEAD_KERNELS: std::sync::atomic::AtomicBool =
+pub(in crate::model) static HEAD_KERNELS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
 
 /// True when T is f32, the CPU has AVX-512F and the tests have not turned the kernels off.
@@ -162,10 +162,10 @@ pub(super) static HEAD_KERNELS: std::sync::atomic::AtomicBool =
 fn on_head_kernels<T: 'static>() -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && HEAD_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
-        && super::head_gemm::usable()
+        && crate::model::small_gemm::usable()
 }
 
-/// `product` on `head_gemm`'s kernels when they run (`on_head_kernels`); false when the caller
+/// `product` on `small_gemm`'s kernels when they run (`on_head_kernels`); false when the caller
 /// must run gemm.
 ///
 /// # Safety
@@ -179,7 +179,7 @@ unsafe fn head_product<T: Num>(
     rhs: View<T>,
     beta: T,
 ) -> bool {
-    use super::head_gemm::{a_b, a_bt, Operand};
+    use crate::model::small_gemm::{a_b, a_bt, Operand};
     if !on_head_kernels::<T>() {
         return false;
     }
@@ -213,7 +213,7 @@ unsafe fn probabilities<T: Num>(p: &mut [T], q: *const T, k: *const T, dims: &Di
     let (hd, nq, nk) = (dims.hd(), dims.nq, dims.nk);
     #[cfg(target_arch = "x86_64")]
     if on_head_kernels::<T>() {
-        use super::head_gemm::{a_bt, Operand};
+        use crate::model::small_gemm::{a_bt, Operand};
         let [qs, ks, _] = dims.rs;
         let (q, k) = (Operand(q.cast(), qs, 1), Operand(k.cast(), ks, 1));
         let s = scale.to_f32().unwrap_or(f32::NAN);

@@ -1,16 +1,20 @@
-//! The per-head products of fused attention in f32 on AVX-512: at one head of ViT-B/32 (50
-//! tokens × 64) gemm's small-matrix path spent more time packing and dispatching than
-//! multiplying (attention took 3.6 ms of a 19 ms bf16 layer at batch 32). Two shapes cover
-//! every product of the forward and backward, each a register block of up to 4 rows × 64
-//! columns accumulated in zmm registers:
+//! f32 products of small matrices on AVX-512, register-blocked, without gemm's packing:
+//! - attention's per-head products: at one head of ViT-B/32 (50 tokens × 64) gemm's
+//!   small-matrix path spent more time packing and dispatching than multiplying (attention took
+//!   3.6 ms of a 19 ms bf16 layer at batch 32);
+//! - linear layers at a few rows (batch 1), where gemm packed all of Wᵀ on every call.
+//!
+//! Two shapes cover them, each a register block of up to 4 rows × 64 columns accumulated in zmm
+//! registers:
 //! - [`a_bt`]: dst = s · A Bᵀ with A's and B's rows contiguous (scores, ∂P), B transposed once
 //!   into a zero-padded scratch;
-//! - [`a_b`]: dst = s · A B with B's rows contiguous and its width a multiple of 16 (P V and the
-//!   gradients of q, k and v), A read at any strides.
+//! - [`a_b`]: dst = s · A B with B's rows contiguous and its width a multiple of 16 (P V, the
+//!   gradients of q, k and v, x Wᵀ from Wᵀ), A read at any strides.
 //!
-//! Other shapes, other CPUs and other types take gemm (`attention::product`).
+//! Other shapes, other CPUs and other types take gemm.
 
 use crate::model::fast_math::exp512;
+use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -61,6 +65,7 @@ pub(super) unsafe fn a_bt(
                 s,
                 valid: cols - g,
                 softmax: in_block,
+                mode: Mode::default(),
             };
             match r {
                 4 => block::<4, 4>(out, inner, a, b, last),
@@ -131,11 +136,76 @@ unsafe fn softmax_row(p: *mut f32, n: usize) {
 pub(super) unsafe fn a_b(
     dst: *mut f32,
     dst_rs: usize,
-    (rows, inner, cols): (usize, usize, usize),
+    dims: (usize, usize, usize),
     a: Operand,
     b: Operand,
     s: f32,
 ) {
+    a_b_with(dst, dst_rs, dims, a, b, s, Mode::default())
+}
+
+/// y (m × n, row-major) = x (m × k) · b (k × n, row-major), n a multiple of 16, the 64-column
+/// groups shared among rayon's threads. b is a layer's Wᵀ, streamed from memory at batch 1:
+/// each group's columns are read once and prefetched `AHEAD` rows ahead.
+pub(super) fn rows_times(x: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+    assert!(x.len() == m * k && b.len() == k * n && n.is_multiple_of(16) && usable());
+    let mut y = vec![0f32; m * n];
+    // Addresses as integers, so the closure is Send; each group writes its own columns.
+    let (yp, xp, bp) = (
+        y.as_mut_ptr() as usize,
+        x.as_ptr() as usize,
+        b.as_ptr() as usize,
+    );
+    (0..n.div_ceil(GROUP)).into_par_iter().for_each(|g| {
+        let c0 = g * GROUP;
+        // K_STEP rows of b at a time for every row of x: their columns of this group (and the
+        // pages they are on) stay in L1 while all of x's rows pass over them; b's rows are
+        // n apart, a page or more at n ≥ 1024.
+        for k0 in (0..k).step_by(K_STEP) {
+            // SAFETY: the CPU has AVX-512F (asserted); x is m × k, b's columns c0.. hold k
+            // rows of n, y's columns c0.. are this group's.
+            unsafe {
+                let x = Operand((xp as *const f32).add(k0), k, 1);
+                let b = Operand((bp as *const f32).add(k0 * n + c0), n, 1);
+                let dims = (m, K_STEP.min(k - k0), GROUP.min(n - c0));
+                let mode = Mode {
+                    ahead: AHEAD,
+                    accumulate: k0 > 0,
+                };
+                a_b_with((yp as *mut f32).add(c0), n, dims, x, b, 1.0, mode);
+            }
+        }
+    });
+    y
+}
+
+/// Rows of B that [`rows_times`] multiplies into y before it moves on.
+const K_STEP: usize = 128;
+/// Rows of B that [`rows_times`] prefetches ahead of the one it multiplies.
+const AHEAD: usize = 8;
+
+/// How [`a_b_with`] runs: B prefetched `ahead` rows ahead (0: not), and the product added to
+/// dst instead of stored.
+#[derive(Clone, Copy, Default)]
+struct Mode {
+    ahead: usize,
+    accumulate: bool,
+}
+
+/// [`a_b`] run as `mode` says (accumulating only at s = 1).
+///
+/// # Safety
+/// As [`a_b`].
+unsafe fn a_b_with(
+    dst: *mut f32,
+    dst_rs: usize,
+    (rows, inner, cols): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    s: f32,
+    mode: Mode,
+) {
+    debug_assert!(!mode.accumulate || s == 1.0);
     debug_assert!(cols.is_multiple_of(16) && b.2 == 1);
     blocks(rows, cols, |i, g, r| {
         let a = Operand(a.0.add(i * a.1), a.1, a.2);
@@ -146,6 +216,7 @@ pub(super) unsafe fn a_b(
             s,
             valid: n,
             softmax: false,
+            mode,
         };
         macro_rules! by_width {
             ($r:literal) => {
@@ -175,13 +246,15 @@ fn blocks(rows: usize, cols: usize, mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
-/// What a block does with its sums: scale them by `s`, keep the first `valid` columns, and
-/// with `softmax` (the block holds whole rows) normalise each row.
+/// How a block runs: as `mode` says (prefetching, adding to out), its sums scaled by `s`, only
+/// the first `valid` columns kept, and with `softmax` (the block holds whole rows) each row
+/// normalised.
 #[derive(Clone, Copy)]
 struct Last {
     s: f32,
     valid: usize,
     softmax: bool,
+    mode: Mode,
 }
 
 /// out[r, 16t + l] = Σ_c a[r, c] · b[c, 16t + l] for r < R, t < C, finished by `last`; b's
@@ -195,9 +268,23 @@ unsafe fn block<const R: usize, const C: usize>(
     b: Operand,
     last: Last,
 ) {
+    let masks: [u16; C] = std::array::from_fn(|t| lane_mask(last.valid.saturating_sub(16 * t)));
     let mut acc = [[_mm512_setzero_ps(); C]; R];
+    if last.mode.accumulate {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (t, v) in acc.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(masks[t], out.add(r * out_rs + 16 * t));
+            }
+        }
+    }
     for c in 0..inner {
         let row = b.0.add(c * b.1);
+        if last.mode.ahead > 0 {
+            let next = row.wrapping_add(last.mode.ahead * b.1);
+            for t in 0..C {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(16 * t).cast());
+            }
+        }
         let bv: [__m512; C] = std::array::from_fn(|t| _mm512_loadu_ps(row.add(16 * t)));
         for (r, acc) in acc.iter_mut().enumerate() {
             let x = _mm512_set1_ps(*a.0.add(r * a.1 + c * a.2));
@@ -206,7 +293,6 @@ unsafe fn block<const R: usize, const C: usize>(
             }
         }
     }
-    let masks: [u16; C] = std::array::from_fn(|t| lane_mask(last.valid.saturating_sub(16 * t)));
     let s = _mm512_set1_ps(last.s);
     for (r, acc) in acc.iter_mut().enumerate() {
         for v in acc.iter_mut() {
@@ -383,10 +469,11 @@ mod speed {
             t.narrow(2, 1536, 768).unwrap(),
         );
         for on in [true, false, true, false] {
-            super::super::attention::HEAD_KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
+            crate::model::fused_grad::attention::HEAD_KERNELS
+                .store(on, std::sync::atomic::Ordering::Relaxed);
             let a = Instant::now();
             for _ in 0..50 {
-                super::super::attention::attention(&q, &k, &v, 12, 1.0).unwrap();
+                crate::model::fused_grad::attention::attention(&q, &k, &v, 12, 1.0).unwrap();
             }
             eprintln!(
                 "kernels {on}: {:.3} ms",
