@@ -456,6 +456,8 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
+    //! `cargo test --release -p atlas-clip --lib small_gemm::speed -- --ignored --nocapture`:
+    //! one B/32 layer's attention at batch 32 on these kernels and on gemm, alternating.
     use candle_core::{Device, Tensor};
     use std::time::Instant;
 
