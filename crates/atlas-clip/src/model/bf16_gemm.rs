@@ -27,6 +27,11 @@ const BLOCK: usize = 32;
 /// while W streams through once per group, so W is read from memory (or L3) m / group times.
 const X_GROUP_BYTES: usize = 1 << 20;
 
+/// M-blocks per group from which each unit loads part of the next n-block (`Ahead`). With
+/// fewer, each would load a large share per k-step and the prefetches queue behind each other
+/// (B/32 at batch 1: two m-blocks, 16 lines per step, slower than none).
+const AHEAD_FROM: usize = 4;
+
 /// The instructions a packed matmul runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
@@ -296,6 +301,7 @@ impl PackedWeight {
         let group = (X_GROUP_BYTES / (BLOCK * stride * 2)).max(1);
         (0..mb * nb).into_par_iter().for_each(|u| {
             let (i, j) = unit(u, mb, nb, group);
+            let ahead = self.ahead(i, j, (mb, nb), group);
             let a = &a.lines.as_slice()[i * BLOCK * stride..(i + 1) * BLOCK * stride];
             let b = &self.tiles.as_slice()[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
             // Not zeroed: the kernel writes every value (a 4 KB memset per block was measurable
@@ -306,11 +312,45 @@ impl PackedWeight {
             // tiles, c 32 rows of 32; both kernels store all 32 × 32 values of c, so it is
             // initialised after the call.
             let block = unsafe {
-                self.block(a, b, c, BLOCK);
+                self.block(a, b, c, BLOCK, ahead);
                 block.assume_init_mut()
             };
             each(&mut block.0, (i * BLOCK, j * BLOCK));
         });
+    }
+
+    /// The share of W that unit (i, j) loads into cache for the units after it: the units of
+    /// one n-block follow each other (one per m-block of its group), so each loads its part of
+    /// the next n-block's tiles and memory streams W while the block in cache is multiplied.
+    fn ahead(&self, i: usize, j: usize, (mb, nb): (usize, usize), group: usize) -> Ahead {
+        let (g, p) = (i / group, i % group);
+        let in_group = group.min(mb - g * group);
+        if in_group < AHEAD_FROM {
+            return Ahead::NONE;
+        }
+        let next = if j + 1 < nb {
+            j + 1
+        } else if (g + 1) * group < mb {
+            0
+        } else {
+            return Ahead::NONE;
+        };
+        let bytes = 64 * self.k_pad;
+        let lines = (bytes / 64).div_ceil(in_group);
+        let first = (p * lines).min(bytes / 64);
+        let lines = lines.min(bytes / 64 - first);
+        let steps = self.k_pad / 32;
+        // SAFETY (of the pointer): block `next` exists and `first` is a line inside it.
+        let at = unsafe {
+            self.tiles
+                .as_slice()
+                .as_ptr()
+                .add(next * 32 * self.k_pad + first * 32)
+        };
+        Ahead {
+            at: at.cast(),
+            per_step: lines.div_ceil(steps),
+        }
     }
 
     /// Where the block at (row, col) goes in y ([m, n]).
@@ -334,10 +374,10 @@ impl PackedWeight {
 
     /// One 32×32 block of x Wᵀ from 32 rows of x and two tiles of W, into c (rows c_stride
     /// apart).
-    unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32, c_stride: usize) {
+    unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32, c_stride: usize, ahead: Ahead) {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx => amx::block(a, b, self.k_pad, c, c_stride),
+            Kernel::Amx => amx::block(a, b, self.k_pad, c, c_stride, ahead),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16 => avx512::block(a, self.x_stride(), b, self.k_pad, c, c_stride),
             #[cfg(not(target_arch = "x86_64"))]
@@ -506,6 +546,21 @@ pub struct Epilogue<'a> {
     pub residual: Option<&'a [f32]>,
 }
 
+/// Lines of W to load into cache during a block's product: from `at` on, `per_step` lines
+/// with each k-step (prefetches do not fault, so the last step may run past the share).
+#[derive(Clone, Copy)]
+struct Ahead {
+    at: *const u8,
+    per_step: usize,
+}
+
+impl Ahead {
+    const NONE: Ahead = Ahead {
+        at: std::ptr::null(),
+        per_step: 0,
+    };
+}
+
 /// One 32×32 block of f32, aligned for the tile stores.
 #[repr(C, align(64))]
 struct Block([f32; BLOCK * BLOCK]);
@@ -596,7 +651,14 @@ mod amx {
 
     /// C[0..32, 0..32] = A[0..32, 0..k_pad] · B for two W tiles; a holds two rows of A tiles
     /// (16 × 32 values each, contiguous), c's rows are c_stride apart.
-    pub(super) unsafe fn block(a: &[bf16], b: &[bf16], k_pad: usize, c: *mut f32, c_stride: usize) {
+    pub(super) unsafe fn block(
+        a: &[bf16],
+        b: &[bf16],
+        k_pad: usize,
+        c: *mut f32,
+        c_stride: usize,
+        ahead: super::Ahead,
+    ) {
         if !CONFIGURED.get() {
             asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
             CONFIGURED.set(true);
@@ -622,6 +684,16 @@ mod amx {
             "prefetcht0 [{b1} + 4352]", "prefetcht0 [{b1} + 4416]", "prefetcht0 [{b1} + 4480]", "prefetcht0 [{b1} + 4544]",
             "prefetcht0 [{b1} + 4608]", "prefetcht0 [{b1} + 4672]", "prefetcht0 [{b1} + 4736]", "prefetcht0 [{b1} + 4800]",
             "prefetcht0 [{b1} + 4864]", "prefetcht0 [{b1} + 4928]", "prefetcht0 [{b1} + 4992]", "prefetcht0 [{b1} + 5056]",
+            // The next units' share of W (`Ahead`), per_step lines with each step.
+            "mov {t}, {per_step}",
+            "test {t}, {t}",
+            "jz 4f",
+            "3:",
+            "prefetcht0 [{pf}]",
+            "add {pf}, 64",
+            "dec {t}",
+            "jnz 3b",
+            "4:",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
@@ -645,6 +717,9 @@ mod amx {
             sc = in(reg) c_stride * 4,
             c0 = in(reg) c,
             c1 = in(reg) c.add(16 * c_stride),
+            pf = inout(reg) ahead.at => _,
+            per_step = in(reg) ahead.per_step,
+            t = out(reg) _,
             options(nostack),
         );
     }
@@ -1013,6 +1088,45 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_units_of_a_block_load_all_of_the_next_block_ahead() {
+        let Some(kernel) = available().first().copied() else {
+            return;
+        };
+        let (k, n) = (96, 4 * BLOCK);
+        let w = PackedWeight::from_transposed(&values(k * n, 3), k, n, kernel);
+        let (base, block) = (w.tiles.as_slice().as_ptr() as usize, 64 * w.k_pad);
+        let steps = w.k_pad / 32;
+        for (mb, group) in [(7usize, 21), (50, 21), (8, 4), (9, 4)] {
+            for (g, j) in (0..mb.div_ceil(group)).flat_map(|g| (0..4).map(move |j| (g, j))) {
+                let rows = g * group..mb.min((g + 1) * group);
+                let mut loaded = vec![0; block / 64];
+                for i in rows.clone() {
+                    let ahead = w.ahead(i, j, (mb, 4), group);
+                    if ahead.per_step == 0 {
+                        continue;
+                    }
+                    let at = ahead.at as usize - base;
+                    assert_eq!(at / block, (j + 1) % 4, "{mb} m-blocks, unit ({i}, {j})");
+                    let first = (at % block) / 64;
+                    let end = (first + ahead.per_step * steps).min(block / 64);
+                    loaded[first..end].iter_mut().for_each(|l| *l += 1);
+                }
+                // The last block of the last group has no next; nor do small groups.
+                let expected = rows.len() >= AHEAD_FROM && (j < 3 || rows.end < mb);
+                assert!(
+                    loaded.iter().all(|&l| (l >= 1) == expected),
+                    "{mb} m-blocks in groups of {group}, group {g}, block {j}: {loaded:?}"
+                );
+            }
+        }
+        let ahead = w.ahead(0, 0, (AHEAD_FROM - 1, 4), 21);
+        assert_eq!(
+            ahead.per_step, 0,
+            "fewer m-blocks than AHEAD_FROM load nothing ahead"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1063,6 +1177,62 @@ mod speed {
                     conv * 1e3
                 );
             }
+        }
+    }
+
+    /// W read from memory against W in cache at a few rows: 40 packed fc weights of B/32
+    /// (189 MB) in turn against one, beside a plain read of the 40.
+    /// `cargo test --release -p atlas-clip --lib bf16_gemm::speed::streaming -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn streaming() {
+        let Some(kernel) = chosen() else { return };
+        let (k, n, count) = (768, 3072, 40);
+        let wt: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let ws: Vec<PackedWeight> = (0..count)
+            .map(|_| PackedWeight::from_transposed(&wt, k, n, kernel))
+            .collect();
+        let bytes = (k * n * 2) as f64;
+        let best = |f: &dyn Fn()| {
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        rayon::scope(|_| {
+            let read = best(&|| {
+                let lines = |w: &PackedWeight| -> u64 {
+                    let t = w.tiles.as_slice();
+                    t.iter().step_by(32).map(|v| u64::from(v.to_bits())).sum()
+                };
+                std::hint::black_box(ws.par_iter().map(lines).sum::<u64>());
+            });
+            eprintln!("plain read: {:.1} GB/s", count as f64 * bytes / read / 1e9);
+        });
+        for m in [50, 64, 197, 400] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let a = ws[0].round(&x, m);
+            let run = |used: usize| {
+                let pass = || {
+                    for w in ws.iter().take(used).cycle().take(count) {
+                        std::hint::black_box(w.matmul_rounded(&a, &Epilogue::default()));
+                    }
+                };
+                rayon::scope(|_| best(&pass)) / count as f64
+            };
+            let (cold, warm) = (run(count), run(1));
+            let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+            eprintln!(
+                "m {m}: from memory {:.3} ms ({:.1} GB/s, {:.0} GFLOP/s), in cache {:.3} ms ({:.0} GFLOP/s)",
+                cold * 1e3,
+                bytes / cold / 1e9,
+                gf(cold),
+                warm * 1e3,
+                gf(warm)
+            );
         }
     }
 }
