@@ -40,6 +40,7 @@ WORKDIR /src
 # a manifest or the lock file changes. CI checks that these COPY lines name every member's
 # manifest and that the stand-ins resolve the same dependencies as the real sources.
 COPY Cargo.toml Cargo.lock ./
+COPY vendor ./vendor
 COPY crates/atlas-core/Cargo.toml crates/atlas-core/
 COPY crates/atlas-clip/Cargo.toml crates/atlas-clip/
 COPY crates/atlas-learn/Cargo.toml crates/atlas-learn/
