@@ -6,7 +6,8 @@
 #
 # Runs, in one sitting: `atlas-serve bench kernels --device cuda` (the custom kernels'
 # self-check, first; kernels.txt; on a failure the rest runs with ATLAS_CUDA_KERNELS=0, plain
-# candle ops), `atlas-serve bench compose --device cuda`, then `atlas-serve bench classify
+# candle ops), service.py (the server over HTTP on the CPU and the GPU, compared),
+# `atlas-serve bench compose --device cuda`, then `atlas-serve bench classify
 # --device cuda` and torch_reference.py on the same figures, alternating (classify.sh),
 # `atlas-serve bench learn --device cuda` at batch 8, 32 and 128, then torch_reference.py's
 # copy, compose and learn parts. Results and ratios land in the out dir (default $OUT, else
@@ -38,6 +39,12 @@ if ! "$here/atlas-serve" bench kernels --device cuda 2>&1 | tee "$out/kernels.tx
     tee -a "$out/kernels.txt"
   export ATLAS_CUDA_KERNELS=0
 fi
+# The service for real: the same HTTP requests (pre-trained, explicit, coefficient 100, a short
+# few-shot job) on the CPU at f32 and on the GPU at f16 and bf16, probabilities compared
+# (service.py; standard library only). A failure is recorded, the run goes on.
+"$py" "$here/service.py" --bin "$here/atlas-serve" --out "$out/service" \
+  --configs cpu:f32,cuda:f16,cuda:bf16 2>&1 | tee "$out/service.txt" ||
+  echo "service.py found a failure (service/service.json)" | tee -a "$out/service.txt"
 # Device-resident composition of 8 task vectors next to a device copy of the same bytes (it
 # checks the device result against the host's first; a failure is recorded, the run goes on).
 "$here/atlas-serve" bench compose --device cuda --n-tv 8 --out "$out/compose_cuda.json" 2>&1 |
