@@ -10,7 +10,8 @@ the engine ran (atlas_batch_size _sum/_count) and the engine's busy time
 (atlas_classify_batch_seconds_sum). The 1-minute load average is recorded before each level.
 
 Right after each level, the raw throughput of the same image tower at the mean batch the server
-ran (rounded): `atlas-serve bench classify --models M --dtypes f32 --batches B` (random weights;
+ran (rounded): `atlas-serve bench classify --models M --dtypes T --device D --batches B` (the
+server's --dtype and --device, default f32 on the CPU; random weights;
 times do not depend on values), while the server idles (its CPU seconds meanwhile are recorded,
 to show it does not compete). Figures seconds apart see the same foreign load on a shared
 machine. Both run with the same CANDLE_NUM_THREADS and RAYON_NUM_THREADS (--threads); the load
@@ -203,8 +204,8 @@ def raw_figure(bin_path, model, batch, env, a, server_pid):
     """`bench classify` at one batch size; the server (if any) idles meanwhile."""
     fd, path = tempfile.mkstemp(suffix=".jsonl")
     os.close(fd)
-    cmd = [bin_path, "bench", "classify", "--models", model, "--dtypes", "f32",
-           "--batches", str(batch), "--iters", str(a.raw_iters),
+    cmd = [bin_path, "bench", "classify", "--models", model, "--dtypes", a.dtype,
+           "--device", a.device, "--batches", str(batch), "--iters", str(a.raw_iters),
            "--max-seconds", str(a.raw_max_seconds), "--out", path]
     load1, cpu0 = os.getloadavg()[0], cpu_seconds(server_pid) if server_pid else None
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -224,6 +225,8 @@ def main():
     ap.add_argument("--model", help="model directory (bench write-model), with --bin")
     ap.add_argument("--vision", default="B/32", help="the image tower's name for bench classify")
     ap.add_argument("--serve-args", default="", help="extra flags for serve (one string)")
+    ap.add_argument("--device", default="cpu", help="device of the server and the raw figures")
+    ap.add_argument("--dtype", default="f32", help="dtype of the server and the raw figures")
     ap.add_argument("--threads", type=int, help="CANDLE_NUM_THREADS and RAYON_NUM_THREADS")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     ap.add_argument("--min-requests", type=int, default=16)
@@ -248,9 +251,10 @@ def main():
         log = os.path.join(data, "serve.log")
         listen = urllib.parse.urlparse(a.url).netloc
         cmd = [a.bin, "serve", "--model", a.model, "--listen", listen, "--data-dir",
-               os.path.join(data, "data")] + shlex.split(a.serve_args)
+               os.path.join(data, "data"), "--device", a.device, "--dtype", a.dtype]
+        cmd += shlex.split(a.serve_args)
         proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        started = {"serve_flags": ["--listen", listen, "--data-dir", "<tmp>"] + shlex.split(a.serve_args)}
+        started = {"serve_flags": ["--listen", listen, "--data-dir", "<tmp>"] + cmd[8:]}
         started["ready_s"] = wait_ready(a.url, proc, log)
     else:
         wait_ready(a.url, None, None, timeout=10)

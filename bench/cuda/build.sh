@@ -4,8 +4,9 @@
 #
 #   bench/cuda/build.sh [python]        # from the repository root
 #
-# Output: target/cuda-dist/ (atlas-serve, run.sh, service.py, classify.sh, ratios.py) and
-# target/cuda-dist.tar.gz. Copy that to the GPU machine and run bench/cuda/run.sh there.
+# Output: target/cuda-dist/ (atlas-serve, run.sh, service.py, classify.sh, ratios.py,
+# serve_load.py) and target/cuda-dist.tar.gz. Copy that to the GPU machine and run
+# bench/cuda/run.sh there.
 #
 # What it does (see docs in README "Benchmarks"):
 #  1. nvcc 13.0 and the CUDA headers from PyPI wheels (pip download, unpacked with zipfile:
@@ -36,7 +37,7 @@ dist=$root/target/cuda-dist
 rm -rf "$dist" && mkdir -p "$dist"
 cp target/cuda/release/atlas-serve "$dist/"
 strip "$dist/atlas-serve" 2>/dev/null || true
-cp bench/cuda/run.sh bench/cuda/service.py bench/classify.sh bench/ratios.py "$dist/"
+cp bench/cuda/run.sh bench/cuda/service.py bench/classify.sh bench/ratios.py bench/serve_load.py "$dist/"
 tar -C "$root/target" -czf "$root/target/cuda-dist.tar.gz" cuda-dist
 ls -la "$dist"
 echo "glibc symbols needed: $(objdump -T "$dist/atlas-serve" | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -1)"

@@ -6,12 +6,12 @@
 #
 # Runs, in one sitting: `atlas-serve bench kernels --device cuda` (the custom kernels'
 # self-check, first; kernels.txt; on a failure the rest runs with ATLAS_CUDA_KERNELS=0, plain
-# candle ops), service.py (the server over HTTP on the CPU and the GPU, compared),
-# `atlas-serve bench compose --device cuda`, then `atlas-serve bench classify
-# --device cuda` and torch_reference.py on the same figures, alternating (classify.sh),
-# `atlas-serve bench learn --device cuda` at batch 8, 32 and 128, then torch_reference.py's
-# copy, compose and learn parts. Results and ratios land in the out dir (default $OUT, else
-# ./results-gpu).
+# candle ops), service.py (the server over HTTP on the CPU and the GPU, compared), `atlas-serve
+# bench compose --device cuda`, then `atlas-serve bench classify --device cuda` and
+# torch_reference.py on the same figures, alternating (classify.sh), serve_load.py (served
+# /classify against the raw tower, f16), `atlas-serve bench learn --device cuda` at batch 8, 32
+# and 128, then torch_reference.py's copy, compose and learn parts. Results and ratios land in
+# the out dir (default $OUT, else ./results-gpu).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 ref=${1:?usage: run.sh <torch_reference.py> [python] [out dir]}
@@ -52,6 +52,13 @@ fi
 
 ATLAS=$here/atlas-serve DEVICE=cuda ITERS=${ITERS:-20} MAX_SECONDS=${MAX_SECONDS:-20} \
   "$here/classify.sh" "$ref" "$py" "$out/classify"
+# Served /classify throughput (single-image requests, concurrency 1 to 64) against the raw
+# tower at the batch the server ran, f16 on the GPU (serve_load.py).
+model=$(mktemp -d)
+"$here/atlas-serve" bench write-model --vision B/32 --out "$model" >/dev/null
+"$py" "$here/serve_load.py" --bin "$here/atlas-serve" --model "$model" --device cuda --dtype f16 \
+  --concurrency 1,8,32,64 --out "$out/serve_load_cuda_f16.json" 2>&1 | tee "$out/serve_load.txt" ||
+  echo "serve_load.py failed" | tee -a "$out/serve_load.txt"
 # One aTLAS learning step (8 task vectors, f32) at the reference's batch sizes, then PyTorch's.
 for b in 8 32 128; do
   "$here/atlas-serve" bench learn --device cuda --batch "$b" --iters 5 > "$out/learn_cuda_bs$b.json"
