@@ -941,13 +941,17 @@ mod tests {
     fn every_kernel_this_cpu_has_matches_the_plain_product() {
         let kernels = available();
         eprintln!("bf16 kernels on this CPU: {kernels:?}");
-        // Shapes with and without padding in m, k and n.
+        // Shapes with and without padding in m, k and n; the last two have groups of at least
+        // AHEAD_FROM m-blocks (one group of 7; two of 5 at k = 3072, where the last n-block of
+        // the first group loads the first n-block again for the second).
         for (m, k, n) in [
             (1, 32, 32),
             (50, 768, 96),
             (33, 40, 48),
             (64, 64, 16),
             (70, 96, 2304),
+            (200, 96, 160),
+            (320, 3072, 64),
         ] {
             let (x, wt) = (values(m * k, 1), values(k * n, 2));
             let want = reference(&x, &wt, m, k, n);
