@@ -436,7 +436,11 @@ fn a_cancelled_merge_job_stops_between_tensors() {
     );
     eprintln!("cancelled after {took:.1} s: {}", done["progress"]);
     assert!(took < 30.0, "the cancel took {took:.1} s");
-    // The whole job takes about 14 s here; it stopped with tensors left undone.
-    let (step, total) = (&done["progress"]["step"], &done["progress"]["total_steps"]);
-    assert!(step.as_u64() < total.as_u64(), "{step} of {total}");
+    // The whole job takes about 14 s here; it stopped with tensors left undone. A cancel that
+    // lands before the first tensor is done leaves no progress at all (none done).
+    let progress = &done["progress"];
+    if !progress.is_null() {
+        let (step, total) = (&progress["step"], &progress["total_steps"]);
+        assert!(step.as_u64() < total.as_u64(), "{step} of {total}");
+    }
 }
