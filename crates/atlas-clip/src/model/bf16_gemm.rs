@@ -335,10 +335,11 @@ impl PackedWeight {
         } else {
             return Ahead::NONE;
         };
-        let bytes = 64 * self.k_pad;
-        let lines = (bytes / 64).div_ceil(in_group);
-        let first = (p * lines).min(bytes / 64);
-        let lines = lines.min(bytes / 64 - first);
+        // An n-block is 32 columns × k_pad bf16: k_pad lines of 64 bytes.
+        let block_lines = self.k_pad;
+        let lines = block_lines.div_ceil(in_group);
+        let first = (p * lines).min(block_lines);
+        let lines = lines.min(block_lines - first);
         let steps = self.k_pad / 32;
         // SAFETY (of the pointer): block `next` exists and `first` is a line inside it.
         let at = unsafe {

@@ -212,10 +212,9 @@ impl VisionTower {
             };
             self.patch.packed_rows(b * n, &row, pixels.device())
         })??;
-        Ok(match tokens {
-            Some(t) => Some(t.reshape((b, n, self.cfg.hidden_size))?),
-            None => None,
-        })
+        Ok(tokens
+            .map(|t| t.reshape((b, n, self.cfg.hidden_size)))
+            .transpose()?)
     }
 
     /// The class token after the post-LayerNorm, projected when the tower has a projection.
