@@ -65,7 +65,8 @@ pub(super) unsafe fn a_bt(
                 s,
                 valid: cols - g,
                 softmax: in_block,
-                mode: Mode::default(),
+                accumulate: false,
+                share: None,
             };
             match r {
                 4 => block::<4, 4>(out, inner, a, b, last),
@@ -144,11 +145,24 @@ pub(super) unsafe fn a_b(
     a_b_with(dst, dst_rs, dims, a, b, s, Mode::default())
 }
 
-/// y (m × n, row-major) = x (m × k) · b (k × n, row-major), n a multiple of 16, the 64-column
-/// groups shared among rayon's threads. b is a layer's Wᵀ, streamed from memory at batch 1:
-/// each group's columns are read once and prefetched `AHEAD` rows ahead.
-pub(super) fn rows_times(x: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
-    assert!(x.len() == m * k && b.len() == k * n && n.is_multiple_of(16) && usable());
+/// y (m × n, row-major) = x (m × k) · b (k × n, rows `ld` apart), n a multiple of 16, the
+/// 64-column groups shared among rayon's threads. b is a layer's Wᵀ, streamed from memory at
+/// batch 1: each group's columns are read once, `K_STEP` rows at a time, and while x's rows
+/// pass over one chunk the next chunk's lines are loaded into L2 (the chunk after the last of
+/// a group is the next group's first). `ld` should not be a multiple of 4 KB's worth of f32
+/// (see `Weight::transposed`): rows that far apart fall in one L1 set and a chunk does not stay
+/// in L1.
+pub(super) fn rows_times(
+    x: &[f32],
+    b: &[f32],
+    ld: usize,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    assert!(x.len() == m * k && n.is_multiple_of(16) && ld >= n && usable());
+    assert!(
+        k == 0 || b.len() >= (k - 1) * ld + n,
+        "b is not k rows of ld"
+    );
     let mut y = vec![0f32; m * n];
     // Addresses as integers, so the closure is Send; each group writes its own columns.
     let (yp, xp, bp) = (
@@ -158,19 +172,27 @@ pub(super) fn rows_times(x: &[f32], b: &[f32], (m, k, n): (usize, usize, usize))
     );
     (0..n.div_ceil(GROUP)).into_par_iter().for_each(|g| {
         let c0 = g * GROUP;
-        // K_STEP rows of b at a time for every row of x: their columns of this group (and the
-        // pages they are on) stay in L1 while all of x's rows pass over them; b's rows are
-        // n apart, a page or more at n ≥ 1024.
         for k0 in (0..k).step_by(K_STEP) {
+            let steps = K_STEP.min(k - k0);
+            let (next_row, next_col) = match k0 + steps {
+                r if r < k => (r, c0),
+                _ => (0, c0 + GROUP),
+            };
+            let next = (next_col < n).then(|| Chunk {
+                at: bp + (next_row * ld + next_col) * 4,
+                rows: K_STEP.min(k - next_row),
+                row_lines: GROUP.min(n - next_col) / 16,
+                row_bytes: ld * 4,
+            });
             // SAFETY: the CPU has AVX-512F (asserted); x is m × k, b's columns c0.. hold k
-            // rows of n, y's columns c0.. are this group's.
+            // rows ld apart, y's columns c0.. are this group's; prefetches do not fault.
             unsafe {
                 let x = Operand((xp as *const f32).add(k0), k, 1);
-                let b = Operand((bp as *const f32).add(k0 * n + c0), n, 1);
-                let dims = (m, K_STEP.min(k - k0), GROUP.min(n - c0));
+                let b = Operand((bp as *const f32).add(k0 * ld + c0), ld, 1);
+                let dims = (m, steps, GROUP.min(n - c0));
                 let mode = Mode {
-                    ahead: AHEAD,
                     accumulate: k0 > 0,
+                    next,
                 };
                 a_b_with((yp as *mut f32).add(c0), n, dims, x, b, 1.0, mode);
             }
@@ -179,17 +201,76 @@ pub(super) fn rows_times(x: &[f32], b: &[f32], (m, k, n): (usize, usize, usize))
     y
 }
 
-/// Rows of B that [`rows_times`] multiplies into y before it moves on.
-const K_STEP: usize = 128;
-/// Rows of B that [`rows_times`] prefetches ahead of the one it multiplies.
-const AHEAD: usize = 8;
+/// Rows of B that [`rows_times`] multiplies into y before it moves on: 16 KB of one group's
+/// columns, which stay in L1 beside x's part while every row of x passes over them.
+const K_STEP: usize = 64;
 
-/// How [`a_b_with`] runs: B prefetched `ahead` rows ahead (0: not), and the product added to
-/// dst instead of stored.
+/// A chunk of B to load into L2: `rows` rows of `row_lines` cache lines from `at`, rows
+/// `row_bytes` apart.
+#[derive(Clone, Copy)]
+struct Chunk {
+    at: usize,
+    rows: usize,
+    row_lines: usize,
+    row_bytes: usize,
+}
+
+impl Chunk {
+    /// Where row block `block` of `blocks` starts loading, and how many lines it loads with
+    /// each of its `steps` steps: its share of the chunk's lines from its first on. It goes
+    /// on past its share to the end of its steps (into the next blocks' shares, the last into
+    /// the chunk after): asking for the share alone left W's product at 50 rows waiting on
+    /// memory (B/32 fc1, two Xeon cores: 1.25–1.32 against 1.01–1.04 ms).
+    fn share(self, block: usize, blocks: usize, steps: usize) -> Share {
+        let lines = self.rows * self.row_lines;
+        let each = lines.div_ceil(blocks.max(1));
+        let per_step = each.div_ceil(steps.max(1));
+        Share {
+            chunk: self,
+            next: self.at + (block * each / self.row_lines) * self.row_bytes,
+            rows: per_step,
+            wait: 1,
+        }
+    }
+}
+
+/// The rows of B one register block loads in order: `rows` whole rows every `row_lines`
+/// steps, about `rows` lines a step spread over the block's steps, counted down without a
+/// division (a line index divided per step cost more than the loads saved).
+#[derive(Clone, Copy)]
+struct Share {
+    chunk: Chunk,
+    /// The address of the next row.
+    next: usize,
+    rows: usize,
+    /// Steps until the next rows are loaded.
+    wait: usize,
+}
+
+impl Share {
+    /// The rows to load with this step (none on most steps), advancing past them.
+    fn step(&mut self) -> impl Iterator<Item = usize> + '_ {
+        self.wait -= 1;
+        let n = if self.wait == 0 {
+            self.wait = self.chunk.row_lines;
+            self.rows
+        } else {
+            0
+        };
+        (0..n).map(move |_| {
+            let at = self.next;
+            self.next += self.chunk.row_bytes;
+            at
+        })
+    }
+}
+
+/// How [`a_b_with`] runs: the product added to dst instead of stored, and the blocks loading
+/// the `next` chunk of B into L2 as they go.
 #[derive(Clone, Copy, Default)]
 struct Mode {
-    ahead: usize,
     accumulate: bool,
+    next: Option<Chunk>,
 }
 
 /// [`a_b`] run as `mode` says (accumulating only at s = 1).
@@ -207,16 +288,19 @@ unsafe fn a_b_with(
 ) {
     debug_assert!(!mode.accumulate || s == 1.0);
     debug_assert!(cols.is_multiple_of(16) && b.2 == 1);
+    let row_blocks = rows.div_ceil(4);
     blocks(rows, cols, |i, g, r| {
         let a = Operand(a.0.add(i * a.1), a.1, a.2);
         let b = Operand(b.0.add(g), b.1, 1);
         let out = (dst.add(i * dst_rs + g), dst_rs);
         let n = (cols - g).min(GROUP);
+        let share = mode.next.map(|chunk| chunk.share(i / 4, row_blocks, inner));
         let last = Last {
             s,
             valid: n,
             softmax: false,
-            mode,
+            accumulate: mode.accumulate,
+            share,
         };
         macro_rules! by_width {
             ($r:literal) => {
@@ -246,15 +330,16 @@ fn blocks(rows: usize, cols: usize, mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
-/// How a block runs: as `mode` says (prefetching, adding to out), its sums scaled by `s`, only
-/// the first `valid` columns kept, and with `softmax` (the block holds whole rows) each row
-/// normalised.
+/// How a block runs: its sums scaled by `s`, only the first `valid` columns kept, with
+/// `softmax` (the block holds whole rows) each row normalised, with `accumulate` added to out,
+/// and loading its `share` of the next chunk of B into L2 as it goes.
 #[derive(Clone, Copy)]
 struct Last {
     s: f32,
     valid: usize,
     softmax: bool,
-    mode: Mode,
+    accumulate: bool,
+    share: Option<Share>,
 }
 
 /// out[r, 16t + l] = Σ_c a[r, c] · b[c, 16t + l] for r < R, t < C, finished by `last`; b's
@@ -270,7 +355,8 @@ unsafe fn block<const R: usize, const C: usize>(
 ) {
     let masks: [u16; C] = std::array::from_fn(|t| lane_mask(last.valid.saturating_sub(16 * t)));
     let mut acc = [[_mm512_setzero_ps(); C]; R];
-    if last.mode.accumulate {
+    let mut share = last.share;
+    if last.accumulate {
         for (r, acc) in acc.iter_mut().enumerate() {
             for (t, v) in acc.iter_mut().enumerate() {
                 *v = _mm512_maskz_loadu_ps(masks[t], out.add(r * out_rs + 16 * t));
@@ -279,10 +365,12 @@ unsafe fn block<const R: usize, const C: usize>(
     }
     for c in 0..inner {
         let row = b.0.add(c * b.1);
-        if last.mode.ahead > 0 {
-            let next = row.wrapping_add(last.mode.ahead * b.1);
-            for t in 0..C {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(16 * t).cast());
+        if let Some(sh) = &mut share {
+            let lines = sh.chunk.row_lines;
+            for row in sh.step() {
+                for l in 0..lines {
+                    _mm_prefetch::<_MM_HINT_T1>((row + l * 64) as *const i8);
+                }
             }
         }
         let bv: [__m512; C] = std::array::from_fn(|t| _mm512_loadu_ps(row.add(16 * t)));
@@ -455,6 +543,53 @@ mod tests {
 }
 
 #[cfg(test)]
+mod shares {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The row blocks of a call load every line of the next chunk (rows of B `row_bytes`
+    /// apart) within their steps, and only lines of B's rows from the chunk's first on.
+    #[test]
+    fn the_row_blocks_load_every_line_of_the_next_chunk() {
+        for (rows, row_lines, blocks, steps) in [
+            (64, 4, 13, 64),
+            (64, 1, 13, 44),
+            (44, 3, 2, 64),
+            (3, 4, 32, 64),
+            (64, 4, 1, 1),
+        ] {
+            let (at, row_bytes) = (1 << 20, 12352);
+            let chunk = Chunk {
+                at,
+                rows,
+                row_lines,
+                row_bytes,
+            };
+            let line = |r: usize, l: usize| at + r * row_bytes + l * 64;
+            let wanted: BTreeSet<usize> = (0..rows)
+                .flat_map(|r| (0..row_lines).map(move |l| line(r, l)))
+                .collect();
+            let mut loaded = BTreeSet::new();
+            for b in 0..blocks {
+                let mut sh = chunk.share(b, blocks, steps);
+                for _ in 0..steps {
+                    let rows: Vec<usize> = sh.step().collect();
+                    loaded.extend(
+                        rows.iter()
+                            .flat_map(|&r| (0..row_lines).map(move |l| r + l * 64)),
+                    );
+                }
+            }
+            let label = format!("{rows} rows of {row_lines}, {blocks} blocks of {steps} steps");
+            assert!(loaded.is_superset(&wanted), "{label}: a line left out");
+            let in_rows =
+                |&a: &usize| a >= at && (a - at) % row_bytes < row_lines * 64 && (a - at) % 64 == 0;
+            assert!(loaded.iter().all(in_rows), "{label}: a line off B's rows");
+        }
+    }
+}
+
+#[cfg(test)]
 mod speed {
     //! `cargo test --release -p atlas-clip --lib small_gemm::speed -- --ignored --nocapture`:
     //! one B/32 layer's attention at batch 32 on these kernels and on gemm, alternating.
@@ -481,6 +616,52 @@ mod speed {
                 "kernels {on}: {:.3} ms",
                 a.elapsed().as_secs_f64() * 1e3 / 50.0
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod few_rows_speed {
+    use super::*;
+    use std::time::Instant;
+
+    /// The few-rows product at 50 rows over 40 B/32 fc1 weights in turn (377 MB, from
+    /// memory) and over one (in cache), with Wᵀ's rows n apart and n + 16 apart, alternating.
+    /// `cargo test --release -p atlas-clip --lib small_gemm::few_rows_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn streaming() {
+        if !usable() {
+            return;
+        }
+        let dim = |v: &str, d: usize| std::env::var(v).map_or(d, |s| s.parse().unwrap());
+        let (m, k, n, count) = (dim("M", 50), dim("K", 768), dim("N", 3072), 40);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        for round in 0..2 {
+            for ld in [n, n + 16] {
+                let ws: Vec<Vec<f32>> = (0..count)
+                    .map(|s| (0..k * ld).map(|i| ((i + s) % 5) as f32 * 0.1).collect())
+                    .collect();
+                let best = |used: usize| {
+                    let pass = || {
+                        let t = Instant::now();
+                        for w in ws.iter().take(used).cycle().take(count) {
+                            std::hint::black_box(rows_times(&x, w, ld, (m, k, n)));
+                        }
+                        t.elapsed().as_secs_f64() / count as f64
+                    };
+                    rayon::scope(|_| (0..5).map(|_| pass()).fold(f64::MAX, f64::min))
+                };
+                let (cold, warm) = (best(count), best(1));
+                let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+                eprintln!(
+                    "round {round}, rows {ld} apart: from memory {:.3} ms ({:.0} GFLOP/s), in cache {:.3} ms ({:.0} GFLOP/s)",
+                    cold * 1e3,
+                    gf(cold),
+                    warm * 1e3,
+                    gf(warm)
+                );
+            }
         }
     }
 }
