@@ -149,9 +149,9 @@ pub(super) unsafe fn a_b(
 /// 64-column groups shared among rayon's threads. b is a layer's Wᵀ, streamed from memory at
 /// batch 1: each group's columns are read once, `K_STEP` rows at a time, and while x's rows
 /// pass over one chunk the next chunk's lines are loaded into L2 (the chunk after the last of
-/// a group is the next group's first). `ld` should not be a multiple of 4 KB's worth of f32
-/// (see `Weight::transposed`): rows that far apart fall in one L1 set and a chunk does not stay
-/// in L1.
+/// a group is the next group's first). `ld` f32 should be an odd number of cache lines (see
+/// `Weight::transposed`): at a multiple of 16 lines the rows fall in a few L1 sets and a chunk
+/// does not stay in L1.
 pub(super) fn rows_times(
     x: &[f32],
     b: &[f32],
@@ -235,8 +235,8 @@ impl Chunk {
 }
 
 /// The rows of B one register block loads in order: `rows` whole rows every `row_lines`
-/// steps, about `rows` lines a step spread over the block's steps, counted down without a
-/// division (a line index divided per step cost more than the loads saved).
+/// steps, about `rows` lines a step spread over the block's steps, counted down so that a
+/// step does no division.
 #[derive(Clone, Copy)]
 struct Share {
     chunk: Chunk,
@@ -626,7 +626,8 @@ mod few_rows_speed {
     use std::time::Instant;
 
     /// The few-rows product at 50 rows over 40 B/32 fc1 weights in turn (377 MB, from
-    /// memory) and over one (in cache), with Wᵀ's rows n apart and n + 16 apart, alternating.
+    /// memory) and over one (in cache), with Wᵀ's rows n apart and n + 16 apart, alternating;
+    /// M, K and N in the environment set the shape (`K=3072 N=768`: fc2).
     /// `cargo test --release -p atlas-clip --lib small_gemm::few_rows_speed -- --ignored --nocapture`
     #[test]
     #[ignore]
