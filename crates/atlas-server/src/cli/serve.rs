@@ -132,8 +132,9 @@ fn load_options(c: &Config) -> anyhow::Result<LoadOptions> {
                 k.name()
             ),
             None => eprintln!(
-                "atlas-serve: bf16 on the CPU: no bf16 kernel (this CPU has no AMX, and \
-                 ATLAS_CPU_BF16 names no other it has): the f32 path runs"
+                "atlas-serve: bf16 on the CPU: no bf16 kernel (this CPU has no AMX, is not \
+                 AMD's with AVX512-BF16, and ATLAS_CPU_BF16 names no other it has): the f32 \
+                 path runs"
             ),
         }
     }
