@@ -90,8 +90,7 @@ fn choose(wanted: Option<&str>, available: &[Kernel], amd: bool) -> Option<Kerne
 /// Whether the CPU is AMD's (Hygon's are Zen cores too), from CPUID's vendor string.
 #[cfg(target_arch = "x86_64")]
 fn amd() -> bool {
-    // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-    let id = unsafe { std::arch::x86_64::__cpuid(0) };
+    let id = std::arch::x86_64::__cpuid(0);
     let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
         .iter()
         .flat_map(|r| r.to_le_bytes())

@@ -330,7 +330,8 @@ pub fn backward_with_weight_sink(
 mod speed {
     //! `cargo test --release -p atlas-clip --lib fused_grad::linear::speed -- --ignored
     //! --nocapture`: gemm's rate on the learning step's products (ViT-B/32 at batch 8, 400
-    //! rows), forward x Wᵀ and backward g W and gᵀ x, as the step calls them.
+    //! rows), forward x Wᵀ and backward g W and gᵀ x through candle's matmul, and the forward as
+    //! the step calls it.
     use candle_core::{Device, Tensor};
     use std::time::Instant;
 
@@ -357,6 +358,15 @@ mod speed {
             };
             rayon::scope(|_| {
                 let fwd = rate(&|| x.matmul(&w.t().unwrap()).unwrap());
+                let (xs, ws) = (
+                    x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                let prod = rate(&|| {
+                    let y = super::product(&xs, &ws, None, (m, k, n));
+                    Tensor::from_vec(y, (m, n), &dev).unwrap()
+                });
+                eprintln!("  the step's product (W transposed first where k ≥ 2n) {prod:.0}");
                 let dx = rate(&|| g.matmul(&w).unwrap());
                 let dw = rate(&|| g.t().unwrap().matmul(&x).unwrap());
                 eprintln!("{m}×{k}×{n}: x Wᵀ {fwd:.0}, g W {dx:.0}, gᵀ x {dw:.0} GFLOP/s");
