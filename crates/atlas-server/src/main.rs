@@ -1,5 +1,6 @@
 //! The `atlas-serve` binary: one subcommand per job.
 
+mod alloc;
 mod bench;
 mod cli;
 mod device;
@@ -8,12 +9,6 @@ mod server;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use cli::{demo, finetune, learn, merge, serve, task_vector};
-
-/// mimalloc keeps freed blocks in its pages for reuse: a forward pass frees and allocates the
-/// same activation buffers layer after layer, which glibc faulted in again page by page (a B/32
-/// layer at batch 32 with bf16 matmuls: 40–48 ms with glibc, 26 ms with mimalloc, on a Xeon).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +57,7 @@ fn one_elementwise_thread() {
 
 fn main() -> anyhow::Result<()> {
     one_elementwise_thread();
+    alloc::keep_freed_memory_longer();
     let command = Cli::command().mut_subcommand("serve", server::config::describe_flags);
     let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
