@@ -322,6 +322,7 @@ impl PackedWeight {
         (0..mb * nb).into_par_iter().for_each(|u| {
             let (i, j) = unit(u, mb, nb, group);
             let ahead = self.ahead(i, j, (mb, nb), group);
+            let used = a.m - i * BLOCK;
             let a = &a.lines.as_slice()[i * BLOCK * stride..(i + 1) * BLOCK * stride];
             let b = &self.tiles.as_slice()[j * 2 * 16 * self.k_pad..(j + 1) * 2 * 16 * self.k_pad];
             // Not zeroed: the kernel writes every value (a 4 KB memset per block was measurable
@@ -329,10 +330,11 @@ impl PackedWeight {
             let mut block = std::mem::MaybeUninit::<Block>::uninit();
             let c = block.as_mut_ptr().cast::<f32>();
             // SAFETY: the kernel was found usable on this CPU; a holds 32 rows of k_pad, b two
-            // tiles, c 32 rows of 32; both kernels store all 32 × 32 values of c, so it is
+            // tiles, c 32 rows of 32; both kernels store all 32 × 32 values of c (AVX-512:
+            // zeros in the 8-row blocks past x's rows), so it is
             // initialised after the call.
             let block = unsafe {
-                self.block(a, b, c, BLOCK, ahead);
+                self.block((a, used), b, c, BLOCK, ahead);
                 block.assume_init_mut()
             };
             each(&mut block.0, (i * BLOCK, j * BLOCK));
@@ -395,12 +397,23 @@ impl PackedWeight {
 
     /// One 32×32 block of x Wᵀ from 32 rows of x and two tiles of W, into c (rows c_stride
     /// apart).
-    unsafe fn block(&self, a: &[bf16], b: &[bf16], c: *mut f32, c_stride: usize, ahead: Ahead) {
+    /// Rows from `used` on are x's padding (the AVX-512 kernel skips them; AMX's tile product
+    /// costs the same at any number of rows).
+    unsafe fn block(
+        &self,
+        (a, used): (&[bf16], usize),
+        b: &[bf16],
+        c: *mut f32,
+        c_stride: usize,
+        ahead: Ahead,
+    ) {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx => amx::block(a, b, self.k_pad, c, c_stride, ahead),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Bf16 => avx512::block(a, self.x_stride(), b, self.k_pad, c, c_stride),
+            Kernel::Avx512Bf16 => {
+                avx512::block(a, self.x_stride(), b, self.k_pad, c, c_stride, used)
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no bf16 kernel off x86-64"),
         }
@@ -873,7 +886,9 @@ mod avx512 {
     /// Rows per register block: 8 rows × 2 zmm of columns = 16 accumulators.
     const ROWS: usize = 8;
 
-    /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles, in four blocks of 8 rows.
+    /// C[0..32, 0..32] = A[0..32, :] · B for two W tiles, in four blocks of 8 rows; blocks
+    /// wholly at or past row `used` (x's padding) are zeros, not products: at batch 1 (50 rows
+    /// in two m-blocks) that is one block of eight.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn block(
         a: &[bf16],
@@ -882,14 +897,22 @@ mod avx512 {
         k_pad: usize,
         c: *mut f32,
         c_stride: usize,
+        used: usize,
     ) {
         for r in (0..super::BLOCK).step_by(ROWS) {
+            let c = c.add(r * c_stride);
+            if r >= used {
+                for i in 0..ROWS {
+                    std::ptr::write_bytes(c.add(i * c_stride), 0, 32);
+                }
+                continue;
+            }
             rows(
                 a.as_ptr().add(r * a_stride),
                 a_stride,
                 b,
                 k_pad,
-                c.add(r * c_stride),
+                c,
                 c_stride,
             );
         }
