@@ -21,8 +21,8 @@ const KEEP_MS: c_long = 10_000;
 /// returned, and then returns everything freed by then, however recently. A learning step
 /// (about a second on 2 cores) frees and allocates the same large buffers again and again, so
 /// each sweep took buffers it was about to reuse and the step faulted them in again, zeroing
-/// them (ViT-B/32 at batch 8: about 3,900 page faults per step; none at 10 s, where the sweep
-/// comes every 10 s). Time per step: 1,524 → 1,493 ms, four of four alternating rounds faster
+/// them (ViT-B/32 at batch 8: about 3,900 page faults per step; about 70 at 10 s, where the
+/// sweep comes every 10 s). Time per step: 1,524 → 1,493 ms, four of four alternating rounds faster
 /// (`bench learn --batch 8`, AMD EPYC Zen 4, 2 cores); peak memory is unchanged, and memory
 /// goes back to the OS 10 s after a job ends instead of 1 s. `MIMALLOC_PURGE_DELAY` still
 /// decides where the user sets it.

@@ -331,8 +331,7 @@ impl PackedWeight {
             let c = block.as_mut_ptr().cast::<f32>();
             // SAFETY: the kernel was found usable on this CPU; a holds 32 rows of k_pad, b two
             // tiles, c 32 rows of 32; both kernels store all 32 × 32 values of c (AVX-512:
-            // zeros in the 8-row blocks past x's rows), so it is
-            // initialised after the call.
+            // zeros in the 8-row blocks past x's rows), so it is initialised after the call.
             let block = unsafe {
                 self.block((a, used), b, c, BLOCK, ahead);
                 block.assume_init_mut()
