@@ -7,7 +7,7 @@ mod common;
 use atlas_clip::checkpoint::Checkpoint;
 use atlas_clip::config::Activation;
 use atlas_clip::manifest::{vision_tensors, VISUAL_PROJECTION};
-use atlas_clip::model::normalize;
+use atlas_clip::model::{bf16_gemm, normalize};
 use atlas_clip::{
     vision_manifest, Backbone, ClipConfig, LoadOptions, QkvBlocks, TextConfig, VisionConfig,
     VisionTower,
@@ -893,8 +893,13 @@ fn half_precision_towers_stay_close_to_f32() {
         assert!(d_txt <= tol, "{dtype:?} text {d_txt}");
         assert!(d_log <= tol, "{dtype:?} logits {d_log}");
         assert!(d_comp <= tol, "{dtype:?} composed logits {d_comp}");
-        // Not trivially close: the half-precision result is not bit-identical to f32.
-        assert!(d_img > 0.0);
+        // Not trivially close: the half-precision result is not bit-identical to f32; except
+        // bf16 on a CPU without a bf16 kernel, which is the f32 path (cpu_bf16_off.rs).
+        if dtype == DType::BF16 && bf16_gemm::chosen().is_none() {
+            assert_eq!(d_img, 0.0);
+        } else {
+            assert!(d_img > 0.0);
+        }
     }
 }
 
