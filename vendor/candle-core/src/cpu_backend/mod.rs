@@ -1478,7 +1478,17 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // gemm writes every element of dst (read_dst is false) when k > 0, so dst is not
+        // zero-filled first: a pass over the output per product (atlas-serve's patch).
+        let mut dst = if k > 0 {
+            let mut v = Vec::with_capacity(b * m * n);
+            // SAFETY: T is a plain number type; the loop below writes all b * m * n elements
+            // before dst is read.
+            unsafe { v.set_len(b * m * n) };
+            v
+        } else {
+            vec![T::zero(); b * m * n]
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
