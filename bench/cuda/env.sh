@@ -30,11 +30,11 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$work/link"
 
 # 4. candle-core with cudarc's run-time loading of the CUDA 13 libraries.
 cargo fetch --locked >/dev/null
-# Copied once: a fresh copy has new mtimes, which would rebuild candle-core and everything above
-# it on every run.
-if ! grep -q '"dynamic-loading"' "$work/candle-core/Cargo.toml" 2>/dev/null; then
-  src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-0.11.1 | head -1)
-  rm -rf "$work/candle-core" && cp -r "$src" "$work/candle-core"
+# The workspace's own copy (vendor/candle-core, with its changes), copied again only when it
+# changes: a fresh copy has new mtimes, which would rebuild candle-core and everything above it.
+stamp=$(cd "$root" && find vendor/candle-core -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum)
+if [ "$(cat "$work/candle-core.stamp" 2>/dev/null)" != "$stamp" ]; then
+  rm -rf "$work/candle-core" && cp -r "$root/vendor/candle-core" "$work/candle-core"
   "$py" - "$work/candle-core/Cargo.toml" <<'PY'
 import sys
 p = sys.argv[1]
@@ -43,6 +43,7 @@ old = '"cuda-version-from-build-system",\n    "dynamic-linking",'
 assert old in s, "candle-core's cudarc features changed; update bench/cuda/env.sh"
 open(p, "w").write(s.replace(old, '"cuda-13000",\n    "dynamic-loading",'))
 PY
+  echo "$stamp" > "$work/candle-core.stamp"
 fi
 candle_patch="patch.crates-io.candle-core.path=\"$work/candle-core\""
 cp Cargo.lock "$work/Cargo.lock.orig"
