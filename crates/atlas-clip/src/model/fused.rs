@@ -11,8 +11,8 @@ use super::fast_math::{exp1, exp_in_place, with_scratch};
 use super::fused_grad::softmax_in_place;
 use crate::config::Activation;
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
-    Shape, Tensor,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2,
+    InplaceOp3, Layout, Result, Shape, Tensor,
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -99,6 +99,36 @@ fn rows<T: Elem>(src: &[T], n: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<
             }
         });
     dst
+}
+
+/// Applies `f(row)` to every row of length `n` of `dst` in place, in parallel over row groups.
+fn rows_in_place<T: Elem>(dst: &mut [T], n: usize, f: impl Fn(&mut [T]) + Sync) {
+    let per_task = n * MIN_ELEMS_PER_TASK.div_ceil(n.max(1));
+    dst.par_chunks_mut(per_task)
+        .for_each(|d| d.chunks_exact_mut(n).for_each(&f));
+}
+
+/// The contiguous data of `s` under layout `l`, writable, or an error naming the op.
+fn slice_mut<'a, T>(s: &'a mut [T], l: &Layout, op: &str) -> Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut s[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Runs a generic in-place kernel on the float storage it is given.
+macro_rules! by_dtype_mut {
+    ($s:expr, |$v:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32($v) => $body,
+            CpuStorage::F16($v) => $body,
+            CpuStorage::BF16($v) => $body,
+            other => candle_core::bail!(
+                "fused kernels take f32, f16 or bf16, not {:?}",
+                other.dtype()
+            ),
+        }
+    };
 }
 
 /// Dispatches a generic kernel over the float storages of the same dtype.
@@ -259,6 +289,10 @@ impl CustomOp1 for Softmax {
     }
 }
 
+/// The epilogue ops' names, for errors.
+const BIAS_ACT: &str = "fused-bias-act";
+const BIAS_RESIDUAL: &str = "fused-bias-residual";
+
 /// y + b, then the activation when there is one: the epilogue of fc1 (and of a linear layer
 /// with a bias and no activation).
 pub struct BiasAct(pub Option<Activation>);
@@ -300,25 +334,26 @@ fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
-fn bias_act_rows<T: Elem + Same>(y: &[T], b: &[T], a: Option<Activation>) -> Vec<T> {
+/// y ← act(y + b) over each row of y (b.len() values).
+fn bias_act_in_place<T: Elem>(y: &mut [T], b: &[T], a: Option<Activation>) {
     if a == Some(Activation::QuickGelu) {
-        return bias_quick_gelu_rows(y, b);
+        return bias_quick_gelu_in_place(y, b);
     }
-    rows(y, b.len(), |s, d| {
-        for ((d, s), b) in d.iter_mut().zip(s).zip(b) {
-            *d = T::put(act(s.get() + b.get(), a));
+    rows_in_place(y, b.len(), |d| {
+        for (d, b) in d.iter_mut().zip(b) {
+            *d = T::put(act(d.get() + b.get(), a));
         }
     })
 }
 
 /// act(y + b) for quick_gelu, (y + b)·σ(1.702(y + b)), with the vectorised exp.
-fn bias_quick_gelu_rows<T: Elem + Same>(y: &[T], b: &[T]) -> Vec<T> {
+fn bias_quick_gelu_in_place<T: Elem>(y: &mut [T], b: &[T]) {
     let n = b.len();
-    rows(y, n, |s, d| {
+    rows_in_place(y, n, |d| {
         with_scratch(2 * n, |buf| {
             let (v, e) = buf.split_at_mut(n);
-            for (((v, e), s), b) in v.iter_mut().zip(e.iter_mut()).zip(s).zip(b) {
-                *v = s.get() + b.get();
+            for (((v, e), d), b) in v.iter_mut().zip(e.iter_mut()).zip(d.iter()).zip(b) {
+                *v = d.get() + b.get();
                 *e = -1.702 * *v;
             }
             exp_in_place(e);
@@ -329,9 +364,30 @@ fn bias_quick_gelu_rows<T: Elem + Same>(y: &[T], b: &[T]) -> Vec<T> {
     })
 }
 
+impl InplaceOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        BIAS_ACT
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        by_dtype_mut!(s1, |y| {
+            let y = slice_mut(y, l1, BIAS_ACT)?;
+            let b = slice(Same::of(s2)?, l2, BIAS_ACT)?;
+            check_last_dim(l1, b.len(), BIAS_ACT)?;
+            bias_act_in_place(y, b, self.0);
+        });
+        Ok(())
+    }
+}
+
 impl CustomOp2 for BiasAct {
     fn name(&self) -> &'static str {
-        "fused-bias-act"
+        BIAS_ACT
     }
     fn cpu_fwd(
         &self,
@@ -340,12 +396,9 @@ impl CustomOp2 for BiasAct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!(s1, |y| {
-            let y = slice(y, l1, self.name())?;
-            let b = slice(Same::of(s2)?, l2, self.name())?;
-            check_last_dim(l1, b.len(), self.name())?;
-            bias_act_rows(y, b, self.0)
-        });
+        let mut out = by_dtype!(s1, |y| slice(y, l1, BIAS_ACT)?.to_vec());
+        let l = Layout::contiguous(l1.shape());
+        InplaceOp2::cpu_fwd(self, &mut out, &l, s2, l2)?;
         Ok((out, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -360,33 +413,78 @@ impl CustomOp2 for BiasAct {
     }
 }
 
+/// act(y + b) for a product y that nothing else holds: written over y on the CPU (no new
+/// buffer to allocate and zero), into a new tensor elsewhere. Every tensor sharing y's storage
+/// sees the change (a clone, or `to_dtype` at y's own dtype), hence "nothing else holds".
+pub(super) fn bias_act(y: Tensor, b: &Tensor, a: Option<Activation>) -> Result<Tensor> {
+    if !y.device().is_cpu() {
+        return y.apply_op2_no_bwd(b, &BiasAct(a));
+    }
+    y.inplace_op2(b, &BiasAct(a))?;
+    Ok(y)
+}
+
+/// y + b + r for a product y that nothing else holds, as [`bias_act`].
+pub(super) fn bias_residual(y: Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
+    if !y.device().is_cpu() {
+        return y.apply_op3_no_bwd(b, r, &BiasResidual);
+    }
+    y.inplace_op3(b, r, &BiasResidual)?;
+    Ok(y)
+}
+
 /// y + b + r: the epilogue of the attention output projection and of fc2, with the residual.
 pub struct BiasResidual;
 
-fn bias_residual_rows<T: Elem + Same>(y: &[T], b: &[T], r: &[T]) -> Vec<T> {
+/// y ← y + b + r, row by row (b.len() values per row; r is shaped as y).
+fn bias_residual_in_place<T: Elem>(y: &mut [T], b: &[T], r: &[T]) {
     let n = b.len();
     let per_task = n * MIN_ELEMS_PER_TASK.div_ceil(n);
-    let mut dst = vec![T::put(0.0); y.len()];
-    dst.par_chunks_mut(per_task)
-        .zip(y.par_chunks(per_task))
+    y.par_chunks_mut(per_task)
         .zip(r.par_chunks(per_task))
-        .for_each(|((d, y), r)| {
-            for ((d, y), r) in d
-                .chunks_exact_mut(n)
-                .zip(y.chunks_exact(n))
-                .zip(r.chunks_exact(n))
-            {
-                for (((d, y), b), r) in d.iter_mut().zip(y).zip(b).zip(r) {
-                    *d = T::put(y.get() + b.get() + r.get());
+        .for_each(|(y, r)| {
+            for (y, r) in y.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                for ((y, b), r) in y.iter_mut().zip(b).zip(r) {
+                    *y = T::put(y.get() + b.get() + r.get());
                 }
             }
         });
-    dst
+}
+
+impl InplaceOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        BIAS_RESIDUAL
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        if l1.shape() != l3.shape() {
+            candle_core::bail!(
+                "fused-bias-residual: output {:?} and residual {:?} differ",
+                l1.shape(),
+                l3.shape()
+            );
+        }
+        by_dtype_mut!(s1, |y| {
+            let y = slice_mut(y, l1, BIAS_RESIDUAL)?;
+            let b = slice(Same::of(s2)?, l2, BIAS_RESIDUAL)?;
+            let r = slice(Same::of(s3)?, l3, BIAS_RESIDUAL)?;
+            check_last_dim(l1, b.len(), BIAS_RESIDUAL)?;
+            bias_residual_in_place(y, b, r);
+        });
+        Ok(())
+    }
 }
 
 impl CustomOp3 for BiasResidual {
     fn name(&self) -> &'static str {
-        "fused-bias-residual"
+        BIAS_RESIDUAL
     }
     fn cpu_fwd(
         &self,
@@ -397,20 +495,9 @@ impl CustomOp3 for BiasResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l3.shape() {
-            candle_core::bail!(
-                "fused-bias-residual: output {:?} and residual {:?} differ",
-                l1.shape(),
-                l3.shape()
-            );
-        }
-        let out = by_dtype!(s1, |y| {
-            let y = slice(y, l1, self.name())?;
-            let b = slice(Same::of(s2)?, l2, self.name())?;
-            let r = slice(Same::of(s3)?, l3, self.name())?;
-            check_last_dim(l1, b.len(), self.name())?;
-            bias_residual_rows(y, b, r)
-        });
+        let mut out = by_dtype!(s1, |y| slice(y, l1, BIAS_RESIDUAL)?.to_vec());
+        let l = Layout::contiguous(l1.shape());
+        InplaceOp3::cpu_fwd(self, &mut out, &l, s2, l2, s3, l3)?;
         Ok((out, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]

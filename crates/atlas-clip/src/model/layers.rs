@@ -274,10 +274,10 @@ impl Linear {
         };
         let y = match (&self.b, &residual) {
             (Some(b), Some(r)) if act.is_none() && fusable(b) => {
-                y.apply_op3_no_bwd(b, &r.contiguous()?, &fused::BiasResidual)?
+                fused::bias_residual(y, b, &r.contiguous()?)?
             }
             (Some(b), _) if fusable(b) => {
-                let y = y.apply_op2_no_bwd(b, &fused::BiasAct(act))?;
+                let y = fused::bias_act(y, b, act)?;
                 match &residual {
                     Some(r) => (y + r)?,
                     None => y,

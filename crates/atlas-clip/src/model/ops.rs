@@ -154,6 +154,63 @@ mod tests {
         }
     }
 
+    /// The inference epilogues write over the product they are given (no new buffer) and give
+    /// what the primitive ops give, at every dtype and activation.
+    #[test]
+    fn in_place_epilogues_match_primitive_ops_and_reuse_the_product() {
+        let data_ptr = |t: &Tensor| {
+            let (s, _) = t.storage_and_layout();
+            match &*s {
+                candle_core::Storage::Cpu(c) => match c {
+                    candle_core::CpuStorage::F32(v) => v.as_ptr() as usize,
+                    candle_core::CpuStorage::F16(v) => v.as_ptr() as usize,
+                    candle_core::CpuStorage::BF16(v) => v.as_ptr() as usize,
+                    _ => unreachable!("float storages only"),
+                },
+                _ => unreachable!("CPU only"),
+            }
+        };
+        // 3 × 1500 rows: more than one rayon task per op (MIN_ELEMS_PER_TASK).
+        let (y0, b, r) = (
+            rand(&[3, 1500, 24], 0.0, 5),
+            rand(&[24], 0.0, 6),
+            rand(&[3, 1500, 24], 0.0, 7),
+        );
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let tol = if dtype == DType::F32 { 1e-6 } else { 2e-2 };
+            // A copy of its own: to_dtype at the same dtype shares the storage, which the
+            // in-place ops would then write through.
+            let cast = |t: &Tensor| t.to_dtype(dtype).unwrap().copy().unwrap();
+            for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
+                let y = cast(&y0);
+                let at = data_ptr(&y);
+                let fast = fused::bias_act(y, &cast(&b), act).unwrap();
+                assert_eq!(data_ptr(&fast), at, "{dtype:?} {act:?}: not in place");
+                let mut slow = upcast(&cast(&y0))
+                    .unwrap()
+                    .broadcast_add(&upcast(&cast(&b)).unwrap())
+                    .unwrap();
+                if let Some(a) = act {
+                    slow = activate(&slow, a).unwrap();
+                }
+                let d = max_diff(&upcast(&fast).unwrap(), &slow);
+                assert!(d < tol, "{dtype:?} {act:?}: {d}");
+            }
+            let y = cast(&y0);
+            let at = data_ptr(&y);
+            let fast = fused::bias_residual(y, &cast(&b), &cast(&r)).unwrap();
+            assert_eq!(data_ptr(&fast), at, "{dtype:?}: not in place");
+            let slow = (upcast(&cast(&y0))
+                .unwrap()
+                .broadcast_add(&upcast(&cast(&b)).unwrap())
+                .unwrap()
+                + upcast(&cast(&r)).unwrap())
+            .unwrap();
+            let d = max_diff(&upcast(&fast).unwrap(), &slow);
+            assert!(d < tol, "{dtype:?} residual: {d}");
+        }
+    }
+
     #[test]
     fn fused_kernels_reject_mismatched_shapes() {
         let y = rand(&[4, 8], 0.0, 1);
@@ -162,6 +219,10 @@ mod tests {
         let r = rand(&[4, 7], 0.0, 3);
         let b = rand(&[8], 0.0, 4);
         assert!(y.apply_op3_no_bwd(&b, &r, &fused::BiasResidual).is_err());
+        assert!(fused::bias_act(y.clone(), &short, None).is_err());
+        assert!(fused::bias_residual(y.clone(), &b, &r).is_err());
+        // A view that is not contiguous is refused, not written through.
+        assert!(fused::bias_act(y.t().unwrap(), &rand(&[4], 0.0, 5), None).is_err());
         assert!(y
             .apply_op3_no_bwd(&short, &short, &fused::LayerNorm { eps: 1e-5 })
             .is_err());
