@@ -519,7 +519,7 @@ fn epilogue(block: &mut [f32], at: &Place, epi: &Epilogue, out: Option<&Shared<f
     match epi.act {
         // SAFETY: the epilogue runs where AVX-512F is (see `with_avx512`).
         #[cfg(target_arch = "x86_64")]
-        Some(Activation::QuickGelu) => unsafe { avx512::quick_gelu(block) },
+        Some(Activation::QuickGelu) => unsafe { super::fast_math::quick_gelu512(block) },
         act => activate_in_place(block, act),
     }
     for (r, v) in block.chunks_mut(BLOCK).enumerate() {
@@ -784,27 +784,6 @@ mod avx512 {
         }
     }
 
-    /// v ← v·σ(1.702 v) (quick_gelu), 16 at a time: exp as `fast_math::exp1` (the same
-    /// range reduction and polynomial), and 1/(1 + e) by `vrcp14ps` and one Newton step
-    /// instead of a division (a zmm division issues once per 16 cycles or so: it was most of
-    /// the activation's time, 3.5 ms of fc1's 10 at ViT-B/32 batch 32). Agrees with
-    /// `fused::activate_in_place` to f32 rounding.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn quick_gelu(v: &mut [f32]) {
-        let whole = v.len() - v.len() % 16;
-        for i in (0..whole).step_by(16) {
-            let p = v.as_mut_ptr().add(i);
-            let x = _mm512_loadu_ps(p);
-            let e = crate::model::fast_math::exp512(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
-            let d = _mm512_add_ps(e, _mm512_set1_ps(1.0));
-            let r = _mm512_rcp14_ps(d);
-            let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)));
-            _mm512_storeu_ps(p, _mm512_mul_ps(x, r));
-        }
-        super::activate_in_place(&mut v[whole..], Some(super::Activation::QuickGelu));
-    }
-
     /// Word 2j + e of a tile's pair line takes word j + 16e of `vcvtne2ps2bf16(odd, even)`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -1019,32 +998,6 @@ mod tests {
                 assert_eq!((b.in_dim(), b.out_dim()), (k, n));
             }
         }
-    }
-
-    #[test]
-    fn the_vector_quick_gelu_is_the_scalar_one() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return eprintln!(
-                "no AVX-512F on this CPU: the epilogue's vector quick_gelu never runs"
-            );
-        }
-        // Both tails, zero, the range where the sigmoid bends, and a length with a remainder.
-        let x: Vec<f32> = (0..4001)
-            .map(|i| (i as f32 - 2000.0) * 0.013)
-            .chain([-1e30, -100.0, -60.0, 0.0, -0.0, 60.0, 1e30, 3.0e38])
-            .collect();
-        let mut want = x.clone();
-        activate_in_place(&mut want, Some(Activation::QuickGelu));
-        let mut got = x.clone();
-        // SAFETY: checked above.
-        unsafe { avx512::quick_gelu(&mut got) };
-        for ((g, w), x) in got.iter().zip(&want).zip(&x) {
-            let tol = 5e-7 * w.abs().max(1e-30);
-            assert!((g - w).abs() <= tol, "quick_gelu({x}): {g} vs {w}");
-        }
-        let mut nan = [f32::NAN; 17];
-        unsafe { avx512::quick_gelu(&mut nan) };
-        assert!(nan.iter().all(|v| v.is_nan()));
     }
 
     #[test]

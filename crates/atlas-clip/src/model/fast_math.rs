@@ -97,6 +97,49 @@ pub(super) unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::
     _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
 }
 
+/// v ← v·σ(1.702 v) (quick_gelu) over f32 values: [`quick_gelu512`] where the CPU has
+/// AVX-512F, else the scalar loop (which vectorises for the caller's features).
+pub(super) fn quick_gelu_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { quick_gelu512(v) };
+    }
+    quick_gelu_loop(v)
+}
+
+#[inline(always)]
+fn quick_gelu_loop(v: &mut [f32]) {
+    for x in v.iter_mut() {
+        *x /= 1.0 + exp1(-1.702 * *x);
+    }
+}
+
+/// quick_gelu 16 at a time: exp as [`exp512`], and 1/(1 + e) by `vrcp14ps` and one Newton step
+/// instead of a division (a zmm division issues once per 16 cycles or so: it was most of the
+/// activation's time, 3.5 ms of fc1's 10 at ViT-B/32 batch 32). Agrees with the scalar loop to
+/// f32 rounding.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn quick_gelu512(v: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let whole = v.len() - v.len() % 16;
+    for i in (0..whole).step_by(16) {
+        let p = v.as_mut_ptr().add(i);
+        let x = _mm512_loadu_ps(p);
+        let e = exp512(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
+        let d = _mm512_add_ps(e, _mm512_set1_ps(1.0));
+        let r = _mm512_rcp14_ps(d);
+        let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)));
+        _mm512_storeu_ps(p, _mm512_mul_ps(x, r));
+    }
+    quick_gelu_loop(&mut v[whole..]);
+}
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -136,5 +179,31 @@ mod tests {
         assert!(v[0] < 1e-37 && v[0] >= 0.0 && v[1] < 1e-37);
         assert_eq!(v[2], 1.0);
         assert!(v[3].is_nan());
+    }
+
+    #[test]
+    fn the_vector_quick_gelu_is_the_scalar_one() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return eprintln!(
+                "no AVX-512F on this CPU: the epilogue's vector quick_gelu never runs"
+            );
+        }
+        // Both tails, zero, the range where the sigmoid bends, and a length with a remainder.
+        let x: Vec<f32> = (0..4001)
+            .map(|i| (i as f32 - 2000.0) * 0.013)
+            .chain([-1e30, -100.0, -60.0, 0.0, -0.0, 60.0, 1e30, 3.0e38])
+            .collect();
+        let mut want = x.clone();
+        quick_gelu_loop(&mut want);
+        let mut got = x.clone();
+        // SAFETY: checked above.
+        unsafe { quick_gelu512(&mut got) };
+        for ((g, w), x) in got.iter().zip(&want).zip(&x) {
+            let tol = 5e-7 * w.abs().max(1e-30);
+            assert!((g - w).abs() <= tol, "quick_gelu({x}): {g} vs {w}");
+        }
+        let mut nan = [f32::NAN; 17];
+        unsafe { quick_gelu512(&mut nan) };
+        assert!(nan.iter().all(|v| v.is_nan()));
     }
 }

@@ -7,7 +7,7 @@
 //! takes the primitive-op path. The tests in `model.rs` compare every CPU kernel with that path;
 //! `atlas-serve bench kernels --device cuda` compares the CUDA kernels with it on the GPU.
 
-use super::fast_math::{exp1, exp_in_place, with_scratch};
+use super::fast_math::{exp1, exp_in_place, quick_gelu_in_place, with_scratch};
 use super::fused_grad::softmax_in_place;
 use crate::config::Activation;
 use candle_core::{
@@ -44,6 +44,13 @@ pub fn has_kernels(d: &candle_core::Device) -> bool {
 pub(super) trait Elem: Copy + Send + Sync + 'static {
     fn get(self) -> f32;
     fn put(v: f32) -> Self;
+    /// The values themselves when they are f32, for kernels with an f32 path of their own.
+    fn f32s(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn f32s_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -54,6 +61,12 @@ impl Elem for f32 {
     #[inline(always)]
     fn put(v: f32) -> Self {
         v
+    }
+    fn f32s(v: &[f32]) -> Option<&[f32]> {
+        Some(v)
+    }
+    fn f32s_mut(v: &mut [f32]) -> Option<&mut [f32]> {
+        Some(v)
     }
 }
 
@@ -346,9 +359,16 @@ fn bias_act_in_place<T: Elem>(y: &mut [T], b: &[T], a: Option<Activation>) {
     })
 }
 
-/// act(y + b) for quick_gelu, (y + b)·σ(1.702(y + b)), with the vectorised exp.
+/// act(y + b) for quick_gelu, (y + b)·σ(1.702(y + b)): f32 in one pass over each row
+/// (`quick_gelu_in_place`), f16 and bf16 through f32 scratch with the vectorised exp.
 fn bias_quick_gelu_in_place<T: Elem>(y: &mut [T], b: &[T]) {
     let n = b.len();
+    if let (Some(y), Some(b)) = (T::f32s_mut(y), T::f32s(b)) {
+        return rows_in_place(y, n, |d| {
+            d.iter_mut().zip(b).for_each(|(d, b)| *d += b);
+            quick_gelu_in_place(d);
+        });
+    }
     rows_in_place(y, n, |d| {
         with_scratch(2 * n, |buf| {
             let (v, e) = buf.split_at_mut(n);
