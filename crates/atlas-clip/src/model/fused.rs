@@ -159,6 +159,18 @@ macro_rules! by_dtype {
     };
 }
 
+/// An in-place kernel `f` run on a contiguous copy of y: the out-of-place form of an op.
+fn on_a_copy(
+    y: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f: impl FnOnce(&mut CpuStorage, &Layout) -> Result<()>,
+) -> Result<(CpuStorage, Shape)> {
+    let mut out = by_dtype!(y, |v| slice(v, l, op)?.to_vec());
+    f(&mut out, &Layout::contiguous(l.shape()))?;
+    Ok((out, l.shape().clone()))
+}
+
 /// The same-dtype slice of `s`, or an error.
 trait Same: Sized {
     fn of(s: &CpuStorage) -> Result<&[Self]>;
@@ -416,10 +428,9 @@ impl CustomOp2 for BiasAct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let mut out = by_dtype!(s1, |y| slice(y, l1, BIAS_ACT)?.to_vec());
-        let l = Layout::contiguous(l1.shape());
-        InplaceOp2::cpu_fwd(self, &mut out, &l, s2, l2)?;
-        Ok((out, l1.shape().clone()))
+        on_a_copy(s1, l1, BIAS_ACT, |y, l| {
+            InplaceOp2::cpu_fwd(self, y, l, s2, l2)
+        })
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -515,10 +526,9 @@ impl CustomOp3 for BiasResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let mut out = by_dtype!(s1, |y| slice(y, l1, BIAS_RESIDUAL)?.to_vec());
-        let l = Layout::contiguous(l1.shape());
-        InplaceOp3::cpu_fwd(self, &mut out, &l, s2, l2, s3, l3)?;
-        Ok((out, l1.shape().clone()))
+        on_a_copy(s1, l1, BIAS_RESIDUAL, |y, l| {
+            InplaceOp3::cpu_fwd(self, y, l, s2, l2, s3, l3)
+        })
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
