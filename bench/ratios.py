@@ -18,6 +18,13 @@ import sys
 TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
+def cpu_name(machine):
+    """The CPU's name with its family, model and stepping where the result has them (a virtual
+    machine's name alone often does not tell the core)."""
+    ids = [f"{k} {machine[k]}" for k in ("family", "model", "stepping") if machine.get(k) is not None]
+    return machine["cpu"] + (f" ({', '.join(ids)})" if ids else "")
+
+
 def classify(out):
     candle = [json.loads(l) for l in open(os.path.join(out, "candle.jsonl")) if l.strip()]
     torch = {}
@@ -31,7 +38,7 @@ def classify(out):
         os.path.join(out, "load.txt")) else []
     machine = next((r["machine"] for r in candle if "machine" in r), None)
     if machine:
-        print(f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
+        print(f"Machine: {cpu_name(machine)}, {machine['logical_cores']} logical cores, "
               f"features {', '.join(machine['features']) or 'none of note'}\n")
     print(f"PyTorch: {meta.get('torch', '?')} on {meta.get('device', '?')}, "
           f"{meta.get('threads', '?')} threads; candle: {candle[0]['threads'] if candle else '?'} threads\n")
@@ -108,7 +115,7 @@ def learn_bf16(out):
         return
     machine = next(iter(runs.values()))[0][2]["machine"]
     print(f"\nbf16 (atlas-serve `--dtype bf16`: linear products on the {next(iter(runs.values()))[0][1].get('bf16_kernel')} "
-          f"kernel; PyTorch torch.autocast(cpu, bfloat16)), {machine['cpu']}, "
+          f"kernel; PyTorch torch.autocast(cpu, bfloat16)), {cpu_name(machine)}, "
           f"features {', '.join(machine['features'])}:\n")
     print("| batch | round | atlas-serve bf16 ms/step (median, range) | PyTorch bf16 autocast "
           "| PyTorch f32 stacked (faster of the round's two runs) | vs autocast | vs PyTorch's fastest |")

@@ -79,9 +79,10 @@ pub(crate) fn vision_config(name: &str) -> anyhow::Result<VisionConfig> {
     })
 }
 
-/// The CPU a figure was measured on: its model name, logical cores and the instruction-set
-/// features that decide which kernels run (a lead on one CPU is not a lead on another, so
-/// every result carries this).
+/// The CPU a figure was measured on: its model name, vendor, family, model and stepping (a
+/// virtual machine often names its CPU "Intel(R) Xeon(R) Processor" alone; the numbers tell
+/// the core), logical cores and the instruction-set features that decide which kernels run (a
+/// lead on one CPU is not a lead on another, so every result carries this).
 pub(crate) fn machine() -> serde_json::Value {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
@@ -96,8 +97,13 @@ pub(crate) fn machine() -> serde_json::Value {
         .copied()
         .filter(|f| flags.split_whitespace().any(|g| g == *f))
         .collect();
+    let number = |name: &str| field(name).and_then(|v| v.parse::<u32>().ok());
     json!({
         "cpu": field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+        "vendor": field("vendor_id"),
+        "family": number("cpu family"),
+        "model": number("model"),
+        "stepping": number("stepping"),
         "logical_cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "features": present,
     })
@@ -124,5 +130,13 @@ mod tests {
         assert!(!m["cpu"].as_str().unwrap().is_empty());
         assert!(m["logical_cores"].as_u64().unwrap() >= 1);
         assert!(m["features"].is_array());
+        // x86-64 Linux names family, model and stepping in /proc/cpuinfo; "model" is not
+        // mistaken for "model name".
+        if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+            for k in ["family", "model", "stepping"] {
+                assert!(m[k].is_u64(), "{k}: {}", m[k]);
+            }
+            assert!(m["vendor"].is_string());
+        }
     }
 }
