@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+from ratios import cpu_name
+
 ORDER = ["simple_average", "task_arithmetic", "ties_merging", "dare_task_arithmetic",
          "dare_ties_merging", "breadcrumbs", "magmax", "iso_c", "iso_cts", "tsv_m", "wudi",
          "regmean", "regmean_plusplus", "fisher_merging"]
@@ -16,7 +18,7 @@ rows = [json.load(open(os.path.join(out, f"{m}.json"))) for m in ORDER
 r0 = rows[0]
 mc = r0["machine"]
 print(f"# Merge costs: {r0['model']} image tower, {r0['n_tv']} task vectors ({r0['store']})\n")
-print(f"Machine: {mc['cpu']}, {mc['logical_cores']} logical cores, {', '.join(mc['features'])}. "
+print(f"Machine: {cpu_name(mc)}, {mc['logical_cores']} logical cores, {', '.join(mc['features'])}. "
       "Command: `bench/merges.sh` (release build). Peak memory is the process's maximum RSS, "
       "the backbone (θ0 at f32) and the task vectors included; \"after setup\" is before the "
       "merge starts. Methods marked * were timed on fewer encoder layers (`--layers`) and their "

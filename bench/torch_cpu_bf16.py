@@ -37,7 +37,9 @@ def machine():
     field = lambda k: next((l.split(":", 1)[1].strip() for l in info
                             if l.split(":")[0].strip() == k), "unknown")
     flags = field("flags").split()
-    return {"cpu": field("model name"), "features": [f for f in FLAGS if f in flags]}
+    number = lambda k: int(field(k)) if field(k).isdigit() else None
+    return {"cpu": field("model name"), "family": number("cpu family"), "model": number("model"),
+            "stepping": number("stepping"), "features": [f for f in FLAGS if f in flags]}
 
 
 def images_per_second(model, batch, dtype, iters, max_seconds):
