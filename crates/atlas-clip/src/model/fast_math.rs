@@ -181,6 +181,22 @@ mod tests {
         assert!(v[3].is_nan());
     }
 
+    /// The path CPUs without AVX-512F take (and the AVX-512 path's tail), against the formula
+    /// in f64.
+    #[test]
+    fn the_scalar_quick_gelu_is_x_times_the_sigmoid_of_1_702_x() {
+        let x: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) * 0.02).collect();
+        let mut got = x.clone();
+        quick_gelu_loop(&mut got);
+        for (&g, &x) in got.iter().zip(&x) {
+            let want = x as f64 / (1.0 + (-1.702 * x as f64).exp());
+            assert!(
+                (g as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "quick_gelu({x}): {g} vs {want}"
+            );
+        }
+    }
+
     #[test]
     fn the_vector_quick_gelu_is_the_scalar_one() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
