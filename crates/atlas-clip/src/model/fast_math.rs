@@ -5,7 +5,7 @@
 //! 2e-7 over [−87.3, 88]; inputs below give about 1e-38 instead of 0 (harmless in the sums
 //! and products where it is used), inputs above give e⁸⁸, NaN stays NaN.
 
-/// The constants of [`exp1`], shared with the AVX-512 version in `bf16_gemm`.
+/// The constants of [`exp1`], shared with its AVX-512 version [`exp512`].
 pub(super) mod exp_consts {
     pub const LOW: f32 = -87.3;
     pub const HIGH: f32 = 88.0;
@@ -108,8 +108,9 @@ pub(super) fn quick_gelu_in_place(v: &mut [f32]) {
     quick_gelu_loop(v)
 }
 
+/// The scalar quick_gelu, inlined so that it vectorises for the caller's features.
 #[inline(always)]
-fn quick_gelu_loop(v: &mut [f32]) {
+pub(super) fn quick_gelu_loop(v: &mut [f32]) {
     for x in v.iter_mut() {
         *x /= 1.0 + exp1(-1.702 * *x);
     }
@@ -200,9 +201,7 @@ mod tests {
     #[test]
     fn the_vector_quick_gelu_is_the_scalar_one() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
-            return eprintln!(
-                "no AVX-512F on this CPU: the epilogue's vector quick_gelu never runs"
-            );
+            return eprintln!("no AVX-512F on this CPU: the vector quick_gelu never runs");
         }
         // Both tails, zero, the range where the sigmoid bends, and a length with a remainder.
         let x: Vec<f32> = (0..4001)

@@ -7,7 +7,7 @@
 //! takes the primitive-op path. The tests in `model.rs` compare every CPU kernel with that path;
 //! `atlas-serve bench kernels --device cuda` compares the CUDA kernels with it on the GPU.
 
-use super::fast_math::{exp1, exp_in_place, quick_gelu_in_place, with_scratch};
+use super::fast_math::{exp_in_place, quick_gelu_in_place, quick_gelu_loop, with_scratch};
 use super::fused_grad::softmax_in_place;
 use crate::config::Activation;
 use candle_core::{
@@ -338,11 +338,7 @@ fn act(v: f32, a: Option<Activation>) -> f32 {
 pub(super) fn activate_in_place(v: &mut [f32], a: Option<Activation>) {
     match a {
         None => {}
-        Some(Activation::QuickGelu) => {
-            for x in v.iter_mut() {
-                *x /= 1.0 + exp1(-1.702 * *x);
-            }
-        }
+        Some(Activation::QuickGelu) => quick_gelu_loop(v),
         Some(_) => v.iter_mut().for_each(|x| *x = act(*x, a)),
     }
 }
