@@ -4,10 +4,11 @@
 #   bench/classify.sh <torch_reference.py> [python] [out dir]
 #
 # For every (model, batch) of $PLAN it runs `atlas-serve bench classify` and then
-# torch_reference.py --only classify on the same figure, so the two alternate and share the
-# machine's load; the 1-minute load average is recorded before each run. Writes, under the out
-# dir (default bench/results/classify-<device>): candle.jsonl, torch-*.json, load.txt and
-# classify.md (table + candle/PyTorch ratios, also printed).
+# torch_reference.py --only classify on the same figure, ROUNDS times, so the two alternate and
+# share the machine's load; the 1-minute load average is recorded before each run. Writes, under
+# the out dir (default bench/results/classify-<device>): candle.jsonl (one record per round),
+# torch-<figure>-r<round>.json, load.txt and classify.md (table + candle/PyTorch ratios per
+# round and their median, also printed).
 #
 # Environment:
 #   PLAN     "model:batches ..." (default "B/32:1,8,32,256 B/16:1,8,32 L/14:1,8" on CPU)
@@ -18,6 +19,8 @@
 #   DEVICE   cpu or cuda (default cpu)
 #   THREADS  CPU threads for both (default: all cores)
 #   ITERS    timed passes per figure for both (default 3); MAX_SECONDS bounds candle's (60)
+#   ROUNDS   times each figure is taken on both sides, alternating (default 1): on a machine
+#            whose speed drifts over minutes, the median of the rounds' ratios
 #   ATLAS    the atlas-serve binary (default target/release/atlas-serve)
 set -euo pipefail
 ref=${1:?usage: bench/classify.sh <torch_reference.py> [python] [out dir]}
@@ -27,6 +30,7 @@ out=${3:-bench/results/classify-$device}
 atlas=${ATLAS:-target/release/atlas-serve}
 threads=${THREADS:-$(nproc)}
 iters=${ITERS:-3}
+rounds=${ROUNDS:-1}
 if [ "$device" = cpu ]; then
   plan=${PLAN:-"B/32:1,8,32,256 B/16:1,8,32 L/14:1,8"}
   dtypes=${DTYPES:-f32,bf16}
@@ -48,22 +52,24 @@ load() { cut -d' ' -f1 /proc/loadavg; }
 for item in $plan; do
   model=${item%%:*}
   for bs in $(echo "${item#*:}" | tr , " "); do
-    tag=$(echo "$model" | tr -d /)-bs$bs
-    echo "== $model batch $bs (load $(load))" >&2
-    echo "$tag candle $(load)" >> "$out/load.txt"
-    "$atlas" bench classify --device "$device" --models "$model" --dtypes "$dtypes" \
-      --batches "$bs" --iters "$iters" --max-seconds "${MAX_SECONDS:-60}" --out "$out/candle.jsonl" >&2
-    echo "$tag torch $(load)" >> "$out/load.txt"
-    if [ -n "$torch_dtypes" ]; then
-      "$py" "$ref" --only classify --models "$model" --dtypes "$torch_dtypes" --batches "$bs" \
-        --iters "$iters" --threads "$threads" > "$out/torch-$tag.json"
-    fi
-    if [ -n "$cpu_bf16" ]; then
-      echo "$tag torch-bf16 $(load)" >> "$out/load.txt"
-      "$py" "$(dirname "$0")/torch_cpu_bf16.py" --models "$model" --dtypes bfloat16 \
-        --batches "$bs" --iters "$iters" --threads "$threads" \
-        --out "$out/torch-bf16-$tag.json" > /dev/null
-    fi
+    for round in $(seq 1 "$rounds"); do
+      tag=$(echo "$model" | tr -d /)-bs$bs-r$round
+      echo "== $model batch $bs round $round (load $(load))" >&2
+      echo "$tag candle $(load)" >> "$out/load.txt"
+      "$atlas" bench classify --device "$device" --models "$model" --dtypes "$dtypes" \
+        --batches "$bs" --iters "$iters" --max-seconds "${MAX_SECONDS:-60}" --out "$out/candle.jsonl" >&2
+      echo "$tag torch $(load)" >> "$out/load.txt"
+      if [ -n "$torch_dtypes" ]; then
+        "$py" "$ref" --only classify --models "$model" --dtypes "$torch_dtypes" --batches "$bs" \
+          --iters "$iters" --threads "$threads" > "$out/torch-$tag.json"
+      fi
+      if [ -n "$cpu_bf16" ]; then
+        echo "$tag torch-bf16 $(load)" >> "$out/load.txt"
+        "$py" "$(dirname "$0")/torch_cpu_bf16.py" --models "$model" --dtypes bfloat16 \
+          --batches "$bs" --iters "$iters" --threads "$threads" \
+          --out "$out/torch-bf16-$tag.json" > /dev/null
+      fi
+    done
   done
 done
 echo "end $(load)" >> "$out/load.txt"

@@ -4,7 +4,8 @@
     python3 bench/ratios.py learn <out dir>
 
 Throughput ratio = candle images/s ÷ PyTorch images/s (above 1: candle is faster); both are
-the mean over the timed passes. Batch-1 latency is also given in ms.
+the mean over the timed passes. With several rounds (classify.sh's ROUNDS) the ratio is taken
+per round, the two sides having run back to back, and its median over the rounds reported.
 
 Learning-step time ratio = atlas-serve ms/step ÷ PyTorch stacked ms/step per round (below 1:
 atlas-serve is faster; the two ran back to back), and the median over the rounds; peak memory
@@ -25,15 +26,41 @@ def cpu_name(machine):
     return machine["cpu"] + (f" ({', '.join(ids)})" if ids else "")
 
 
-def classify(out):
-    candle = [json.loads(l) for l in open(os.path.join(out, "candle.jsonl")) if l.strip()]
-    torch = {}
+def torch_rounds(out):
+    """PyTorch's classify figures by key, one per round in round order: torch-<figure>-r<n>.json
+    and torch-bf16-<figure>-r<n>.json (older result dirs: one file per figure, round 1)."""
+    rounds = {}
     meta = {}
-    for path in sorted(glob.glob(os.path.join(out, "torch-*.json"))):
+    for path in glob.glob(os.path.join(out, "torch-*.json")):
+        stem = os.path.basename(path)[:-len(".json")]
+        head, sep, n = stem.rpartition("-r")
+        r = int(n) if sep and n.isdigit() else 1
         with open(path) as f:
             d = json.load(f)
-        torch.update({k: v for k, v in d.items() if k.startswith("classify_")})
-        meta = {k: d[k] for k in ("device", "threads", "torch") if k in d}
+        for k, v in d.items():
+            if k.startswith("classify_"):
+                rounds.setdefault(k, {})[r] = v
+        meta = meta or {k: d[k] for k in ("device", "threads", "torch") if k in d}
+    return {k: [v[r] for r in sorted(v)] for k, v in rounds.items()}, meta
+
+
+def candle_rounds(candle):
+    """candle's records by (model, dtype, batch), in the order they ran (one per round)."""
+    rounds = {}
+    for r in candle:
+        rounds.setdefault((r["model"], r["dtype"], r["batch"]), []).append(r)
+    return rounds
+
+
+def spread(xs, p=2):
+    """The median of xs, with their range when there are several."""
+    m = f"{median(xs):.{p}f}"
+    return m if len(xs) == 1 else f"{m} ({min(xs):.{p}f}–{max(xs):.{p}f})"
+
+
+def classify(out):
+    candle = [json.loads(l) for l in open(os.path.join(out, "candle.jsonl")) if l.strip()]
+    torch, meta = torch_rounds(out)
     loads = open(os.path.join(out, "load.txt")).read().split("\n") if os.path.exists(
         os.path.join(out, "load.txt")) else []
     machine = next((r["machine"] for r in candle if "machine" in r), None)
@@ -42,26 +69,30 @@ def classify(out):
               f"features {', '.join(machine['features']) or 'none of note'}\n")
     print(f"PyTorch: {meta.get('torch', '?')} on {meta.get('device', '?')}, "
           f"{meta.get('threads', '?')} threads; candle: {candle[0]['threads'] if candle else '?'} threads\n")
+    print("Figures with several rounds give the median over the rounds and, in brackets, their range; "
+          "the ratio is taken per round (the two sides ran back to back) and its median given.\n")
     print("| model | dtype | batch | candle img/s | PyTorch img/s | candle / PyTorch (throughput) "
-          "| candle ms/batch | PyTorch ms/batch | candle passes |")
+          "| candle ms/batch | PyTorch ms/batch | rounds × candle passes |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
-    for r in candle:
-        if "error" in r:
-            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | unsupported: {r['error']} | | | | | |")
+    for (model, dtype, batch), runs in candle_rounds(candle).items():
+        if "error" in runs[0]:
+            print(f"| {model} | {dtype} | {batch} | unsupported: {runs[0]['error']} | | | | | |")
             continue
-        key = f"classify_{r['model']}_{TORCH_DTYPE[r['dtype']]}_bs{r['batch']}_img_per_s"
-        t = torch.get(key)
-        ratio = r["img_per_s"] / t if t else None
-        if ratio is not None:
-            ratios.append(ratio)
-        fmt = lambda x, p=1: "–" if x is None else f"{x:.{p}f}"
-        t_ms = r["batch"] / t * 1e3 if t else None
-        print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {fmt(r['img_per_s'], 2)} | {fmt(t, 2)} "
-              f"| **{fmt(ratio, 2)}** | {fmt(r['ms_mean'])} | {fmt(t_ms)} | {r['passes']} |")
+        ours = [r["img_per_s"] for r in runs]
+        theirs = torch.get(f"classify_{model}_{TORCH_DTYPE[dtype]}_bs{batch}_img_per_s", [])
+        pairs = list(zip(ours, theirs))
+        per_round = [a / b for a, b in pairs]
+        if per_round:
+            ratios.append(median(per_round))
+        ms = lambda xs: spread([batch / x * 1e3 for x in xs], 1) if xs else "–"
+        print(f"| {model} | {dtype} | {batch} | {spread(ours)} | {spread(theirs) if theirs else '–'} "
+              f"| **{spread(per_round) if per_round else '–'}** | {ms(ours)} | {ms(theirs)} "
+              f"| {len(runs)} × {runs[0]['passes']} |")
     if ratios:
         print(f"\nlowest ratio {min(ratios):.2f}, highest {max(ratios):.2f} "
               f"({sum(1 for x in ratios if x >= 1.0)} of {len(ratios)} figures at or above 1.0)")
+    batch_one_share(candle, torch)
     best_vs_best(candle, torch)
     if loads:
         print("\n1-minute load average before each run:\n")
@@ -70,23 +101,44 @@ def classify(out):
         print("```")
 
 
+def batch_one_share(candle, torch):
+    """Batch 1's throughput per image as a share of batch 32's, each side, per round (the k-th
+    round of batch 1 against the k-th of batch 32)."""
+    rows = []
+    for (model, dtype, batch), runs in candle_rounds(candle).items():
+        big = candle_rounds(candle).get((model, dtype, 32))
+        if batch != 1 or not big or "error" in runs[0] or "error" in big[0]:
+            continue
+        ours = [a["img_per_s"] / b["img_per_s"] * 100 for a, b in zip(runs, big)]
+        key = f"classify_{model}_{TORCH_DTYPE[dtype]}_bs{{}}_img_per_s"
+        theirs = [a / b * 100 for a, b in zip(torch.get(key.format(1), []), torch.get(key.format(32), []))]
+        rows.append(f"| {model} | {dtype} | {spread(ours, 0)} % | "
+                    f"{spread(theirs, 0) + ' %' if theirs else '–'} |")
+    if rows:
+        print("\nBatch 1 per image as a share of batch 32's throughput (median over rounds, range):\n")
+        print("| model | dtype | candle | PyTorch |")
+        print("|---|---|---:|---:|")
+        print("\n".join(rows))
+
+
 def best_vs_best(candle, torch):
-    """Each side's fastest dtype per model and batch: what a user of either would run."""
+    """Each side's fastest dtype per model and batch (medians over rounds): what a user of
+    either would run."""
     best = {}
-    for r in candle:
-        if "error" not in r:
-            key = (r["model"], r["batch"])
-            if r["img_per_s"] > best.get(key, (0, ""))[0]:
-                best[key] = (r["img_per_s"], r["dtype"])
+    for (model, dtype, batch), runs in candle_rounds(candle).items():
+        if "error" not in runs[0]:
+            ips = median([r["img_per_s"] for r in runs])
+            if ips > best.get((model, batch), (0, ""))[0]:
+                best[(model, batch)] = (ips, dtype)
     rows = []
     for (model, batch), (ips, dt) in best.items():
-        theirs = [(v, k.split("_")[2]) for k, v in torch.items()
+        theirs = [(median(v), k.split("_")[2]) for k, v in torch.items()
                   if k.startswith(f"classify_{model}_") and k.endswith(f"_bs{batch}_img_per_s")]
         if theirs:
             t, tdt = max(theirs)
             rows.append(f"| {model} | {batch} | {ips:.1f} ({dt}) | {t:.1f} ({tdt}) | **{ips / t:.2f}** |")
     if rows:
-        print("\nBest against best (each side's fastest dtype):\n")
+        print("\nBest against best (each side's fastest dtype; medians over rounds):\n")
         print("| model | batch | candle img/s | PyTorch img/s | candle / PyTorch |")
         print("|---|---:|---:|---:|---:|")
         print("\n".join(rows))
