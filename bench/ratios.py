@@ -61,6 +61,7 @@ def spread(xs, p=2):
 def classify(out):
     candle = [json.loads(l) for l in open(os.path.join(out, "candle.jsonl")) if l.strip()]
     torch, meta = torch_rounds(out)
+    rounds = candle_rounds(candle)
     loads = open(os.path.join(out, "load.txt")).read().split("\n") if os.path.exists(
         os.path.join(out, "load.txt")) else []
     machine = next((r["machine"] for r in candle if "machine" in r), None)
@@ -75,7 +76,7 @@ def classify(out):
           "| candle ms/batch | PyTorch ms/batch | rounds × candle passes |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
-    for (model, dtype, batch), runs in candle_rounds(candle).items():
+    for (model, dtype, batch), runs in rounds.items():
         if "error" in runs[0]:
             print(f"| {model} | {dtype} | {batch} | unsupported: {runs[0]['error']} | | | | | |")
             continue
@@ -92,8 +93,8 @@ def classify(out):
     if ratios:
         print(f"\nlowest ratio {min(ratios):.2f}, highest {max(ratios):.2f} "
               f"({sum(1 for x in ratios if x >= 1.0)} of {len(ratios)} figures at or above 1.0)")
-    batch_one_share(candle, torch)
-    best_vs_best(candle, torch)
+    batch_one_share(rounds, torch)
+    best_vs_best(rounds, torch)
     if loads:
         print("\n1-minute load average before each run:\n")
         print("```")
@@ -101,12 +102,12 @@ def classify(out):
         print("```")
 
 
-def batch_one_share(candle, torch):
+def batch_one_share(rounds, torch):
     """Batch 1's throughput per image as a share of batch 32's, each side, per round (the k-th
-    round of batch 1 against the k-th of batch 32)."""
+    round of batch 1 against the k-th of batch 32); `rounds` as candle_rounds gives them."""
     rows = []
-    for (model, dtype, batch), runs in candle_rounds(candle).items():
-        big = candle_rounds(candle).get((model, dtype, 32))
+    for (model, dtype, batch), runs in rounds.items():
+        big = rounds.get((model, dtype, 32))
         if batch != 1 or not big or "error" in runs[0] or "error" in big[0]:
             continue
         ours = [a["img_per_s"] / b["img_per_s"] * 100 for a, b in zip(runs, big)]
@@ -121,11 +122,11 @@ def batch_one_share(candle, torch):
         print("\n".join(rows))
 
 
-def best_vs_best(candle, torch):
+def best_vs_best(rounds, torch):
     """Each side's fastest dtype per model and batch (medians over rounds): what a user of
     either would run."""
     best = {}
-    for (model, dtype, batch), runs in candle_rounds(candle).items():
+    for (model, dtype, batch), runs in rounds.items():
         if "error" not in runs[0]:
             ips = median([r["img_per_s"] for r in runs])
             if ips > best.get((model, batch), (0, ""))[0]:
